@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad config, a missing file, malformed data) raises a subclass
+of `WdlError` with a one-line message naming the culprit. The CLI prints it as
+`error: <message>` and exits with status 2; tracebacks are kept for real bugs.
+"""
+
+
+class WdlError(Exception):
+    """Base class of errors caused by user input; the message is one line."""
+
+
+class ConfigError(WdlError):
+    """A config file or override is invalid."""
+
+
+class DataError(WdlError):
+    """A data set, shard or input file is missing, incomplete or malformed."""
+
+
+class CheckpointError(WdlError):
+    """A checkpoint is missing, incomplete or incompatible with the config."""
