@@ -1,0 +1,159 @@
+import errno
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from wdl.data import writer as writer_mod
+from wdl.data.manifest import load_manifest
+from wdl.data.writer import DatasetWriter, RunningStats, column_stats
+from wdl.errors import DataError
+
+
+def _table(n, start=0):
+    x = np.arange(start, start + n)
+    return pa.table({"x": pa.array(x, pa.int64()),
+                     "d": pa.array(x.astype(np.float32)),
+                     "label": pa.array((x % 4 == 0).astype(np.int8))})
+
+
+COLUMNS = {"x": {"kind": "categorical", "vocab_size": 100}, "d": {"kind": "dense", "mean": 0.0, "std": 1.0}}
+
+
+def _commit(w):
+    return w.commit(source={"kind": "test"}, label="label", columns=COLUMNS, split={"kind": "random"})
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_writes_shards_row_groups_and_manifest(tmp_path):
+    out = tmp_path / "ds"
+    w = DatasetWriter(out, name="t", rows_per_file=10, row_group_rows=4)
+    for start, n in [(0, 3), (3, 5), (8, 15)]:  # 23 rows in uneven appends
+        w.write("train", _table(n, start))
+    w.write("test", _table(2))
+    assert w.write_vocab("x", ["a", "b"]) == "vocab/x.json"
+    assert _commit(w) == out
+    assert _siblings(out) == ["ds"]  # temp folder renamed away
+
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["format"] == "wdl-dataset/1" and raw["name"] == "t" and raw["created"].endswith("Z")
+    train = raw["splits"]["train"]
+    assert train["rows"] == 23
+    assert [f["rows"] for f in train["files"]] == [10, 10, 3]
+    assert [f["row_groups"] for f in train["files"]] == [3, 3, 1]
+    assert train["positive_rate"] == pytest.approx(6 / 23)
+    assert json.loads((out / "vocab/x.json").read_text()) == [None, "a", "b"]
+
+    pf = pq.ParquetFile(out / "train/part-00000.parquet")
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)] == [4, 4, 2]
+    got = pa.concat_tables(pq.read_table(out / f["path"]) for f in train["files"])
+    assert got.column("x").to_pylist() == list(range(23))
+
+    m = load_manifest(out)
+    assert m.splits["train"].files[1].path == out / "train/part-00001.parquet"
+    assert m.split("test").rows == 2
+
+
+def test_schema_mismatch_is_data_error(tmp_path):
+    with DatasetWriter(tmp_path / "ds", name="t") as w:
+        w.write("train", _table(3))
+        with pytest.raises(DataError, match="schema differs"):
+            w.write("train", _table(3).drop(["d"]))
+
+
+def test_empty_split_gets_schema_file(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", name="t")
+    w.write("train", _table(5))
+    w.write("test", _table(0))
+    _commit(w)
+    m = load_manifest(tmp_path / "ds")
+    assert m.split("test").rows == 0 and m.split("test").positive_rate == 0.0
+    assert pq.read_table(m.split("test").files[0].path).schema.names == ["x", "d", "label"]
+
+
+def test_exception_mid_write_leaves_nothing(tmp_path):
+    out = tmp_path / "ds"
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(out, name="t", row_group_rows=2) as w:
+            w.write("train", _table(5))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_data_set_refused_and_survives_failed_overwrite(tmp_path):
+    out = tmp_path / "ds"
+    w = DatasetWriter(out, name="old")
+    w.write("train", _table(4))
+    _commit(w)
+    with pytest.raises(DataError, match="already holds a data set"):
+        DatasetWriter(out, name="new")
+    w = DatasetWriter(out, name="new", overwrite=True)
+    w.write("train", _table(7))
+    with pytest.raises(DataError, match="lacks columns"):
+        w.commit(source={}, label="nope", columns={}, split={})
+    assert load_manifest(out).name == "old" and _siblings(out) == ["ds"]
+
+    w = DatasetWriter(out, name="new", overwrite=True)
+    w.write("train", _table(7))
+    _commit(w)
+    assert load_manifest(out).split("train").rows == 7 and _siblings(out) == ["ds"]
+
+
+def test_non_empty_foreign_folder_never_touched(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    with pytest.raises(DataError, match="not a wdl data set"):
+        DatasetWriter(out, name="t", overwrite=True)
+    assert (out / "precious.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    w = DatasetWriter(empty, name="t")
+    w.write("train", _table(1))
+    _commit(w)
+    assert (empty / "manifest.json").exists()
+
+
+def test_read_only_output_folder(tmp_path, monkeypatch):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):  # root ignores permissions: simulate the kernel's answer
+            def deny(self, *a, **k):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            monkeypatch.setattr(writer_mod.pathlib.Path, "mkdir", deny)
+        with pytest.raises(DataError) as e:
+            DatasetWriter(parent / "ds", name="t")
+        assert "Permission denied" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        parent.chmod(0o755)
+
+
+def test_disk_full_mid_write_is_one_line_and_cleans_up(tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    w = DatasetWriter(out, name="t", row_group_rows=2)
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer_mod.pq.ParquetWriter, "write_table", full)
+    with pytest.raises(DataError, match="No space left on device") as e:
+        w.write("train", _table(4))
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_column_stats_and_running_stats():
+    x = np.array([1.0, 2.0, 3.0, np.nan, 4.0])
+    assert column_stats(x) == pytest.approx({"mean": 2.5, "std": np.std([1, 2, 3, 4])})
+    big = 1.6e9 + np.arange(1000.0)
+    r = RunningStats()
+    for chunk in np.array_split(big, 7):
+        r.update(chunk)
+    assert r.result() == pytest.approx({"mean": big.mean(), "std": big.std()})

@@ -1,0 +1,338 @@
+"""Atomic writer of a `wdl` dataset folder (see docs/dataset-format.md).
+
+Everything goes into a temporary sibling folder `DIR.tmp-<pid>-<random>`; `manifest.json` is
+written last and the folder is renamed into place only when complete, so a crash, a full disk
+or Ctrl-C never leaves something at DIR that looks like a finished data set.
+
+    with DatasetWriter(out, name="criteo-kaggle") as w:
+        w.write("train", table)                      # any number of times, any sizes
+        w.write_vocab("c1", ["a", "b"])              # ids 1, 2 (0 = out-of-vocabulary)
+        w.commit(source={...}, label="label", columns={...}, split={...})
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import re
+import secrets
+import shutil
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from wdl.errors import DataError
+
+FORMAT = "wdl-dataset/1"
+MANIFEST = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def column_stats(values) -> dict[str, float]:
+    """Mean and (population) std of a dense column, ignoring NaN; what the manifest records."""
+    stats = RunningStats()
+    stats.update(values)
+    return stats.result()
+
+
+class RunningStats:
+    """Mean/std accumulated over chunks, for dense columns too large to hold at once.
+
+    Chunks are combined with Chan's parallel formula: sums of squares in float64 lose
+    everything for columns like timestamps (large mean, small spread).
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values) -> None:
+        x = np.asarray(values, dtype=np.float64).ravel()
+        x = x[~np.isnan(x)]
+        if x.size == 0:
+            return
+        n, mean = x.size, float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def result(self) -> dict[str, float]:
+        if self.count == 0:
+            return {"mean": 0.0, "std": 0.0}
+        return {"mean": self.mean, "std": math.sqrt(self.m2 / self.count)}
+
+
+def _os_error(what: str, err: OSError) -> DataError:
+    # One line naming the file: OSError's str() may be multi-line for pyarrow errors.
+    text = str(err).strip()
+    reason = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return DataError(f"{what}: {reason}{where}")
+
+
+def _fsync(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Split:
+    """Output state of one split: the open part file and row-group buffering."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.pending: list[pa.Table] = []  # rows not yet written, less than one row group
+        self.pending_rows = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.files: list[dict[str, Any]] = []  # {"path", "rows", "row_groups"}, relative paths
+
+
+class DatasetWriter:
+    """Writes splits of Parquet shards plus vocabularies, then a manifest, atomically.
+
+    Rows appended with `write` are buffered so that every row group (except the last of a
+    file) holds exactly `row_group_rows` rows whatever the sizes of the appended tables;
+    a new `part-NNNNN.parquet` starts every `rows_per_file` rows.
+    """
+
+    def __init__(self, out_dir, *, name: str, overwrite: bool = False,
+                 rows_per_file: int = 1_000_000, row_group_rows: int = 16384) -> None:
+        if rows_per_file < 1 or row_group_rows < 1:
+            raise DataError(f"rows_per_file and row_group_rows must be >= 1, got {rows_per_file}, {row_group_rows}")
+        self.out = pathlib.Path(out_dir).expanduser().absolute()
+        self.name = name
+        self.overwrite = overwrite
+        self.rows_per_file = rows_per_file
+        self.row_group_rows = row_group_rows
+        self._splits: dict[str, _Split] = {}
+        self._vocab_files: list[str] = []
+        self._done = False
+        self._check_target()
+        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise _os_error(f"cannot create data set folder next to {self.out}", e) from None
+
+    # -- target checks -------------------------------------------------------------------
+    def _check_target(self) -> None:
+        out = self.out
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise DataError(f"output {out} exists and is not a folder; choose another --out")
+        if not out.exists():
+            return
+        if (out / MANIFEST).exists():
+            if not self.overwrite:
+                raise DataError(f"output {out} already holds a data set; pass --overwrite to replace it")
+        elif any(out.iterdir()):
+            # Never delete what we did not write, even with overwrite.
+            raise DataError(f"output {out} exists, is not empty and is not a wdl data set; refusing to touch it")
+
+    # -- writing -------------------------------------------------------------------------
+    def write(self, split: str, table: pa.Table) -> None:
+        """Append `table` to `split`; its schema must equal the split's first table's."""
+        self._check_open()
+        if not _NAME_RE.match(split):
+            raise DataError(f"invalid split name {split!r}")
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        state = self._splits.get(split)
+        if state is None:
+            state = self._splits[split] = _Split(table.schema)
+        elif not table.schema.equals(state.schema, check_metadata=False):
+            raise DataError(f"split {split!r}: table schema differs from the first one written "
+                            f"({_schema_str(table.schema)} vs {_schema_str(state.schema)})")
+        if table.num_rows == 0:
+            return
+        state.pending.append(table)
+        state.pending_rows += table.num_rows
+        if state.pending_rows >= self.row_group_rows:
+            self._drain(split, state, final=False)
+
+    def _drain(self, split: str, state: _Split, *, final: bool) -> None:
+        table = pa.concat_tables(state.pending) if len(state.pending) > 1 else state.pending[0]
+        state.pending, state.pending_rows = [], 0
+        start, n = 0, table.num_rows
+        try:
+            while n - start >= self.row_group_rows or (final and start < n):
+                if state.writer is None:
+                    rel = f"{split}/part-{len(state.files):05d}.parquet"
+                    (self.tmp / split).mkdir(exist_ok=True)
+                    state.writer = pq.ParquetWriter(self.tmp / rel, state.schema)
+                    state.files.append({"path": rel, "rows": 0, "row_groups": 0})
+                info = state.files[-1]
+                size = min(self.row_group_rows, n - start, self.rows_per_file - info["rows"])
+                state.writer.write_table(table.slice(start, size), row_group_size=size)
+                info["rows"] += size
+                info["row_groups"] += 1
+                start += size
+                if info["rows"] >= self.rows_per_file:
+                    state.writer.close()
+                    state.writer = None
+        except OSError as e:
+            self.abort()
+            raise _os_error(f"cannot write split {split!r} of {self.out}", e) from None
+        if start < n:
+            state.pending, state.pending_rows = [table.slice(start)], n - start
+
+    def write_vocab(self, column: str, values: list) -> str:
+        """Write vocab/<column>.json and return its path relative to the data set.
+
+        `values` are the raw values of ids 1..len(values); the file stores `[null, *values]`
+        so that position i is id i and id 0 stays out-of-vocabulary. vocab_size is
+        len(values) + 1.
+        """
+        self._check_open()
+        if not _NAME_RE.match(column):
+            raise DataError(f"invalid vocabulary column name {column!r}")
+        rel = f"vocab/{column}.json"
+        try:
+            (self.tmp / "vocab").mkdir(exist_ok=True)
+            with open(self.tmp / rel, "w", encoding="utf-8") as f:
+                json.dump([None, *values], f, ensure_ascii=False, default=_json_default)
+        except OSError as e:
+            self.abort()
+            raise _os_error(f"cannot write vocabulary {rel} of {self.out}", e) from None
+        if rel not in self._vocab_files:
+            self._vocab_files.append(rel)
+        return rel
+
+    # -- finishing -----------------------------------------------------------------------
+    def commit(self, *, source: dict, label: str, columns: dict, split: dict,
+               extra: dict | None = None) -> pathlib.Path:
+        """Close files, write manifest.json last, fsync, and rename the folder into place."""
+        self._check_open()
+        try:
+            return self._commit(source, label, columns, split, extra or {})
+        except OSError as e:
+            self.abort()
+            raise _os_error(f"cannot finish data set {self.out}", e) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def _commit(self, source, label, columns, split_info, extra) -> pathlib.Path:
+        if not self._splits:
+            raise DataError(f"data set {self.out}: nothing was written")
+        for name, state in self._splits.items():
+            if state.pending_rows:
+                self._drain(name, state, final=True)
+            if state.writer is not None:
+                state.writer.close()
+                state.writer = None
+            if not state.files:  # an empty split still gets one (empty) file carrying the schema
+                (self.tmp / name).mkdir(exist_ok=True)
+                pq.write_table(state.schema.empty_table(), self.tmp / f"{name}/part-00000.parquet")
+                state.files.append({"path": f"{name}/part-00000.parquet", "rows": 0, "row_groups": 0})
+            missing = [c for c in [label, *columns] if c not in state.schema.names]
+            if missing:
+                raise DataError(f"data set {self.out}: split {name!r} lacks columns {missing}")
+        reserved = {"format", "name", "created", "source", "label", "columns", "split", "splits"}
+        if reserved & set(extra):
+            raise DataError(f"extra manifest keys may not replace {sorted(reserved & set(extra))}")
+        manifest = {
+            "format": FORMAT,
+            "name": self.name,
+            "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "source": source,
+            "label": label,
+            "columns": columns,
+            "split": split_info,
+            "splits": {name: self._split_entry(state, label) for name, state in self._splits.items()},
+            **extra,
+        }
+        # Data and vocab must be on disk before the manifest claims they are.
+        for state in self._splits.values():
+            for f in state.files:
+                _fsync(self.tmp / f["path"])
+        for rel in self._vocab_files:
+            _fsync(self.tmp / rel)
+        with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for d in [*(self.tmp / s for s in self._splits), self.tmp / "vocab", self.tmp]:
+            if d.is_dir():
+                _fsync(d)
+        self._move_into_place()
+        self._done = True
+        return self.out
+
+    def _split_entry(self, state: _Split, label: str) -> dict:
+        rows = sum(f["rows"] for f in state.files)
+        positives = 0.0
+        for f in state.files:
+            if f["rows"]:
+                col = pq.read_table(self.tmp / f["path"], columns=[label]).column(0)
+                positives += float(np.asarray(col.to_numpy(), dtype=np.float64).sum())
+        return {"rows": rows, "positive_rate": positives / rows if rows else 0.0,
+                "files": [dict(f) for f in state.files]}
+
+    def _move_into_place(self) -> None:
+        out = self.out
+        old = None
+        if out.exists():
+            if (out / MANIFEST).exists():
+                if not self.overwrite:  # someone finished the same folder while we worked
+                    raise DataError(f"output {out} already holds a data set; pass --overwrite to replace it")
+                old = out.with_name(f"{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+                os.rename(out, old)
+            elif any(out.iterdir()):
+                raise DataError(f"output {out} exists, is not empty and is not a wdl data set; refusing to touch it")
+        try:
+            os.rename(self.tmp, out)  # replaces an empty folder, fails on a non-empty one
+        except OSError:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        _fsync(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the temporary folder; the target folder is left as it was."""
+        for state in self._splits.values():
+            if state.writer is not None:
+                try:
+                    state.writer.close()
+                except Exception:  # already failing; the folder goes away anyway
+                    pass
+                state.writer = None
+        if not self._done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise DataError(f"data set writer for {self.out} is already committed or aborted")
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving the block without commit() (exception or not) must not leave a temp folder.
+        if not self._done:
+            self.abort()
+
+
+def _schema_str(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
