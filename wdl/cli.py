@@ -1,0 +1,38 @@
+"""`wdl` command line: train, data prepare/generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wdl.launch import add_train_arguments, run_guarded, train_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wdl", description="Wide & Deep recommendation models trained at scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (one process; use torchrun launch/train.py for many)")
+    add_train_arguments(p)
+    p.set_defaults(func=train_main)
+
+    data = sub.add_parser("data", help="prepare or generate data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", help="convert a public data set to wdl Parquet shards")
+    prepare_sub = prepare.add_subparsers(dest="source", required=True)
+
+    from wdl.data import movielens
+
+    ml = prepare_sub.add_parser("movielens", help="MovieLens 100k ... 32M from GroupLens archives")
+    movielens.add_prepare_arguments(ml)
+    ml.set_defaults(func=movielens.run_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""One typed config tree, loaded from YAML.
+
+Every component receives only its slice (`cfg.data`, `cfg.model`, ...). Unknown keys are
+errors that name the key; `a.b=c` overrides from the command line are parsed as YAML values
+and checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from wdl.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    seed: int = 2021
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class ColumnConfig:
+    """One input column. Sparse ids come from exactly one of vocab_size / hash_buckets / vocab_file."""
+
+    kind: Literal["categorical", "multi_hot", "dense"] = "categorical"
+    # Integer ids already in [0, vocab_size); anything else maps to the reserved id 0.
+    # "auto" reads the size from the data set's manifest.
+    vocab_size: Optional[Union[int, str]] = None
+    # Raw ints or strings hashed into this many buckets.
+    hash_buckets: Optional[int] = None
+    # JSON list of raw values; id = position, unknown values -> 0.
+    vocab_file: Optional[str] = None
+    # Dense only: standard (train mean/std from the manifest) | log1p | none.
+    normalize: Literal["standard", "log1p", "none"] = "standard"
+    fill: float = 0.0  # dense: value used for null
+
+
+@dataclass
+class CrossConfig:
+    """A wide cross-product feature: hash(v_1, ..., v_n) % hash_buckets."""
+
+    columns: list[str] = field(default_factory=list)
+    hash_buckets: int = 10_000
+
+
+@dataclass
+class FeaturesConfig:
+    label: str = "label"
+    columns: dict[str, ColumnConfig] = field(default_factory=dict)
+    crosses: dict[str, CrossConfig] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareConfig:
+    """How to create `data.path` when it does not exist yet (so `make train` needs no extra step)."""
+
+    source: Optional[Literal["movielens"]] = None
+    variant: str = "ml-100k"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/ml-100k"
+    train_split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 1024  # per rank: the global batch is batch_size * world_size
+    eval_batch_size: int = 16384
+    in_memory: bool = True  # hold the (small) data set as tensors on the device
+    shuffle_buffer: int = 65536  # rows; streaming mode only
+    num_workers: int = 0  # streaming mode: DataLoader worker processes per rank
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+@dataclass
+class WideConfig:
+    features: list[str] = field(default_factory=list)  # columns and crosses, each an embedding of dim 1
+
+
+@dataclass
+class DeepConfig:
+    embeddings: dict[str, int] = field(default_factory=dict)  # sparse column -> embedding dim
+    dense: list[str] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=lambda: [256, 128, 64])
+    dropout: float = 0.0
+    init_std: float = 0.01  # N(0, std) embeddings; PyTorch's default N(0, 1) overfits badly
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["wide_deep", "wide", "deep"] = "wide_deep"
+    embedding_backend: Literal["auto", "torchrec", "torch"] = "auto"
+    wide: WideConfig = field(default_factory=WideConfig)
+    deep: DeepConfig = field(default_factory=DeepConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["ftrl", "adagrad", "adam", "sgd"] = "adam"
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    # FTRL-Proximal (McMahan et al. 2013): lr is alpha.
+    l1: float = 0.0
+    l2: float = 0.0
+    beta: float = 1.0
+    eps: float = 1e-8  # adagrad / adam
+    initial_accumulator_value: float = 0.0  # adagrad
+
+
+@dataclass
+class OptimConfig:
+    wide: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="ftrl", lr=0.05))
+    deep: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adagrad", lr=0.05))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and smoke runs
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `a.b=c` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {_join(where, key)!r} (known here: {known})")
+    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not valid ({'; '.join(errors)})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, _join(where, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} at {where}")  # a bug in this module, not user input
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks: everything that can be known before touching data.
+
+
+def validate(cfg: Config) -> None:
+    cols = cfg.features.columns
+    sparse = {n for n, c in cols.items() if c.kind != "dense"}
+    for name, col in cols.items():
+        where = f"features.columns.{name}"
+        if col.kind == "dense":
+            continue
+        given = [k for k in ("vocab_size", "hash_buckets", "vocab_file") if getattr(col, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"{where}: give exactly one of vocab_size, hash_buckets, vocab_file")
+        if isinstance(col.vocab_size, str) and col.vocab_size != "auto":
+            raise ConfigError(f"{where}.vocab_size: expected an integer or 'auto', got {col.vocab_size!r}")
+        for k in ("vocab_size", "hash_buckets"):
+            v = getattr(col, k)
+            if isinstance(v, int) and v < 1:
+                raise ConfigError(f"{where}.{k}: must be >= 1, got {v}")
+    for name, cross in cfg.features.crosses.items():
+        where = f"features.crosses.{name}"
+        if name in cols:
+            raise ConfigError(f"{where}: a column has the same name")
+        if len(cross.columns) < 2:
+            raise ConfigError(f"{where}: a cross needs at least two columns")
+        for c in cross.columns:
+            if c not in sparse:
+                raise ConfigError(f"{where}: {c!r} is not a categorical or multi_hot column")
+        if sum(cols[c].kind == "multi_hot" for c in cross.columns) > 1:
+            raise ConfigError(f"{where}: at most one multi_hot column per cross")
+        if cross.hash_buckets < 1:
+            raise ConfigError(f"{where}.hash_buckets: must be >= 1")
+    m = cfg.model
+    wide_ok = sparse | set(cfg.features.crosses)
+    for f in m.wide.features:
+        if f not in wide_ok:
+            raise ConfigError(f"model.wide.features: {f!r} is not a sparse column or cross")
+    for f, dim in m.deep.embeddings.items():
+        if f not in wide_ok:
+            raise ConfigError(f"model.deep.embeddings: {f!r} is not a sparse column or cross")
+        if dim < 1:
+            raise ConfigError(f"model.deep.embeddings.{f}: dimension must be >= 1")
+    for f in m.deep.dense:
+        if f not in cols or cols[f].kind != "dense":
+            raise ConfigError(f"model.deep.dense: {f!r} is not a dense column")
+    if m.kind in ("wide_deep", "wide") and not m.wide.features:
+        raise ConfigError(f"model.kind={m.kind} needs model.wide.features")
+    if m.kind in ("wide_deep", "deep") and not (m.deep.embeddings or m.deep.dense):
+        raise ConfigError(f"model.kind={m.kind} needs model.deep.embeddings or model.deep.dense")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if not 0.0 <= m.deep.dropout < 1.0:
+        raise ConfigError(f"model.deep.dropout: must be in [0, 1), got {m.deep.dropout}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

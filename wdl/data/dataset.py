@@ -1,0 +1,68 @@
+"""From config to loaders: open (or first prepare) the data set, build the FeatureSpec, and
+give each rank its loaders for the train and eval splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from wdl.config import Config, DataConfig
+from wdl.data.features import FeatureSpec, FeatureTable
+from wdl.data.manifest import Manifest, load_manifest
+from wdl.data.parquet import InMemoryLoader, StreamingLoader, list_row_groups
+from wdl.errors import DataError
+
+
+def open_dataset(cfg: DataConfig, *, may_prepare: bool = True) -> Manifest:
+    """The data set at cfg.path; prepared first when missing and cfg.prepare names a source."""
+    root = Path(cfg.path)
+    if not (root / "manifest.json").exists() and may_prepare and cfg.prepare.source == "movielens":
+        from wdl.data.movielens import prepare_movielens
+
+        print(f"wdl: {root} has no data set yet; preparing MovieLens {cfg.prepare.variant} there", flush=True)
+        prepare_movielens(cfg.prepare.variant, root)
+    return load_manifest(root)
+
+
+def feature_spec(cfg: Config, manifest: Manifest) -> FeatureSpec:
+    """The spec of exactly what the model reads."""
+    m = cfg.model
+    sparse: list[str] = []
+    if m.kind in ("wide_deep", "wide"):
+        sparse += m.wide.features
+    dense: list[str] = []
+    if m.kind in ("wide_deep", "deep"):
+        sparse += list(m.deep.embeddings)
+        dense = list(m.deep.dense)
+    if cfg.features.label != manifest.label and manifest.label:
+        raise DataError(f"{manifest.root}: the data set's label column is {manifest.label!r}, the config says {cfg.features.label!r}")
+    return FeatureSpec(cfg.features, manifest.columns, sparse, dense, root=manifest.root)
+
+
+def load_table(files: list[Path], spec: FeatureSpec) -> FeatureTable:
+    """A whole (small) split as tensors, read row group by row group."""
+    parts = []
+    for u in list_row_groups(files, spec):
+        try:
+            t = pq.ParquetFile(u.path).read_row_group(u.index, columns=spec.columns)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
+        parts.append(spec.encode(t, str(u.path)))
+    if not parts:
+        raise DataError(f"no rows in {', '.join(map(str, files))}")
+    return FeatureTable.concat(parts)
+
+
+def build_loader(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, *, train: bool, rank: int,
+                 world_size: int, device: torch.device, seed: int) -> InMemoryLoader | StreamingLoader:
+    files = [f.path for f in manifest.split(split).files]
+    batch_size = cfg.batch_size if train else cfg.eval_batch_size
+    if cfg.in_memory:
+        table = load_table(files, spec).to(device)
+        return InMemoryLoader(table, batch_size, rank=rank, world_size=world_size, shuffle=train, seed=seed)
+    return StreamingLoader(files, spec, batch_size, rank=rank, world_size=world_size,
+                           num_workers=cfg.num_workers if train else 0, shuffle=train,
+                           shuffle_buffer=cfg.shuffle_buffer, seed=seed)

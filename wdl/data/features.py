@@ -1,0 +1,318 @@
+"""FeatureSpec: the single source of truth for columns, vocabularies, hashing and crosses.
+
+It turns Arrow record batches into `FeatureTable`s (columnar tensors), fully vectorised:
+pyarrow compute for nulls and vocab look-ups, numpy uint64 arithmetic for hashing. The
+model only learns the table sizes (`num_embeddings`) and the dense width from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+
+from wdl.config import FeaturesConfig
+from wdl.data.batch import Batch, Jagged, take_jagged
+from wdl.errors import ConfigError, DataError
+
+# ---------------------------------------------------------------------------------------------
+# Hashing. splitmix64's finaliser: cheap, vectorises in numpy (uint64 wraps), mixes well enough
+# that `% buckets` is uniform. Stable across processes and versions, unlike Python's hash().
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_ids(values: np.ndarray, buckets: int) -> np.ndarray:
+    """int64 ids in [0, buckets) for integer raw values."""
+    return (mix64(values.astype(np.int64).view(np.uint64)) % np.uint64(buckets)).astype(np.int64)
+
+
+def hash_strings(arr: pa.Array, buckets: int) -> np.ndarray:
+    """Hash a string column: only the distinct values go through Python (dictionary encoding)."""
+    enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
+    uniq = enc.dictionary.to_pylist()
+    digests = np.array(
+        [int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little") for u in uniq],
+        dtype=np.uint64,
+    )
+    h = digests[enc.indices.to_numpy(zero_copy_only=False)] if len(uniq) else np.zeros(len(arr), np.uint64)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+def cross_ids(parts: list[np.ndarray], buckets: int, salt: int) -> np.ndarray:
+    """hash(v_1, ..., v_n) % buckets for aligned int64 id arrays (TF crossed_column style)."""
+    h = np.full(parts[0].shape, np.uint64(salt))
+    for p in parts:
+        h = mix64(h ^ mix64(p.astype(np.int64).view(np.uint64)))
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseColumn:
+    name: str
+    kind: str  # categorical | multi_hot
+    num_embeddings: int
+    mode: str  # ids | hash | vocab
+    vocab: Optional[pa.Array] = None
+
+
+@dataclass
+class DenseColumn:
+    name: str
+    normalize: str
+    mean: float
+    std: float
+    fill: float
+
+
+@dataclass
+class Cross:
+    name: str
+    columns: list[str]
+    buckets: int
+    salt: int
+
+
+@dataclass
+class FeatureTable:
+    """N rows as columnar tensors; a Batch is cut from it by `take`/`slice`.
+
+    dense [N, D] float32, sparse name -> Jagged, labels [N] float32.
+    """
+
+    dense: Tensor
+    sparse: dict[str, Jagged]
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        # Per-row start offsets for multi-valued keys; None marks exactly-one-id keys.
+        self._offsets = {
+            k: None if bool((j.lengths == 1).all()) else j.offsets() for k, j in self.sparse.items()
+        }
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: Tensor) -> Batch:
+        return Batch(
+            dense=self.dense[idx],
+            sparse={k: take_jagged(j, self._offsets[k], idx) for k, j in self.sparse.items()},
+            labels=self.labels[idx],
+        )
+
+    def take_table(self, idx: Tensor) -> "FeatureTable":
+        b = self.take(idx)
+        return FeatureTable(b.dense, b.sparse, b.labels)
+
+    def to(self, device: torch.device) -> "FeatureTable":
+        return FeatureTable(self.dense.to(device), {k: v.to(device) for k, v in self.sparse.items()}, self.labels.to(device))
+
+    @staticmethod
+    def concat(tables: list["FeatureTable"]) -> "FeatureTable":
+        keys = tables[0].sparse.keys()
+        return FeatureTable(
+            dense=torch.cat([t.dense for t in tables]),
+            sparse={
+                k: Jagged(torch.cat([t.sparse[k].values for t in tables]), torch.cat([t.sparse[k].lengths for t in tables]))
+                for k in keys
+            },
+            labels=torch.cat([t.labels for t in tables]),
+        )
+
+    def as_batch(self) -> Batch:
+        return Batch(self.dense, dict(self.sparse), self.labels)
+
+
+class FeatureSpec:
+    """Which columns are read and how raw values become model inputs.
+
+    Args:
+        cfg: the `features` config slice.
+        manifest_columns: the data set manifest's `columns` (vocab sizes, dense statistics);
+            may be empty for a foreign Parquet set fully described by the config.
+        sparse_keys: the sparse columns and crosses the model reads.
+        dense_keys: the dense columns the model reads, in order.
+        root: folder that relative `vocab_file` paths are resolved against.
+    """
+
+    def __init__(
+        self,
+        cfg: FeaturesConfig,
+        manifest_columns: dict[str, dict],
+        sparse_keys: list[str],
+        dense_keys: list[str],
+        root: Path | None = None,
+    ) -> None:
+        self.label = cfg.label
+        self.sparse_keys = list(dict.fromkeys(sparse_keys))
+        self.dense: list[DenseColumn] = []
+        self.sparse: dict[str, SparseColumn] = {}
+        self.crosses: dict[str, Cross] = {}
+        for key in self.sparse_keys:
+            if key in cfg.crosses:
+                c = cfg.crosses[key]
+                for col in c.columns:
+                    self._add_sparse(col, cfg, manifest_columns, root)
+                salt = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little")
+                self.crosses[key] = Cross(key, list(c.columns), c.hash_buckets, salt)
+            else:
+                self._add_sparse(key, cfg, manifest_columns, root)
+        for key in dense_keys:
+            col = cfg.columns[key]
+            meta = manifest_columns.get(key, {})
+            if col.normalize == "standard" and "mean" not in meta:
+                raise ConfigError(
+                    f"features.columns.{key}: normalize=standard needs mean/std in the data set manifest; use log1p or none"
+                )
+            std = float(meta.get("std", 1.0)) or 1.0
+            self.dense.append(DenseColumn(key, col.normalize, float(meta.get("mean", 0.0)), std, col.fill))
+
+    def _add_sparse(self, name: str, cfg: FeaturesConfig, meta_cols: dict, root: Path | None) -> None:
+        if name in self.sparse:
+            return
+        col = cfg.columns[name]
+        meta = meta_cols.get(name, {})
+        if col.hash_buckets is not None:
+            self.sparse[name] = SparseColumn(name, col.kind, col.hash_buckets, "hash")
+        elif col.vocab_file is not None:
+            path = Path(col.vocab_file)
+            if not path.is_absolute() and root is not None:
+                path = root / path
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"features.columns.{name}.vocab_file: cannot read {path}: {e}") from None
+            # Position i holds the raw value of id i; position 0 is the reserved OOV id.
+            self.sparse[name] = SparseColumn(name, col.kind, len(values), "vocab", pa.array(values[1:]))
+        else:
+            size = col.vocab_size
+            if size == "auto":
+                if "vocab_size" not in meta:
+                    raise ConfigError(f"features.columns.{name}.vocab_size=auto but the manifest gives no vocab_size for it")
+                size = int(meta["vocab_size"])
+            self.sparse[name] = SparseColumn(name, col.kind, int(size), "ids")
+
+    # --- what the model needs to know -----------------------------------------------------------
+
+    def num_embeddings(self, key: str) -> int:
+        return self.crosses[key].buckets if key in self.crosses else self.sparse[key].num_embeddings
+
+    @property
+    def dense_dim(self) -> int:
+        return len(self.dense)
+
+    @property
+    def columns(self) -> list[str]:
+        """The Parquet columns to read."""
+        return [self.label, *self.sparse, *(d.name for d in self.dense)]
+
+    # --- Arrow -> tensors -----------------------------------------------------------------------
+
+    def check_schema(self, schema: pa.Schema, where: str) -> None:
+        names = set(schema.names)
+        for col in self.columns:
+            if col not in names:
+                raise DataError(f"{where}: column {col!r} named in the config is missing (has: {', '.join(schema.names)})")
+        for name, sc in self.sparse.items():
+            t = schema.field(name).type
+            is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+            if (sc.kind == "multi_hot") != is_list:
+                raise DataError(f"{where}: column {name!r} has type {t} but the config says {sc.kind}")
+
+    def encode(self, table: pa.Table | pa.RecordBatch, where: str) -> FeatureTable:
+        """Vectorised conversion of N rows; `where` names the source in error messages."""
+        n = table.num_rows
+        labels = self._labels(table.column(self.label), where)
+        ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, sc in self.sparse.items():
+            ids[name] = self._sparse_ids(table.column(name), sc, where)
+        sparse: dict[str, Jagged] = {}
+        for key in self.sparse_keys:
+            if key in self.crosses:
+                values, lengths = self._cross(self.crosses[key], ids, n)
+            else:
+                values, lengths = ids[key]
+            sparse[key] = Jagged(torch.from_numpy(values), torch.from_numpy(lengths))
+        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
+        for i, d in enumerate(self.dense):
+            dense[:, i] = self._dense(table.column(d.name), d, where)
+        return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels))
+
+    def _labels(self, col: pa.Array, where: str) -> np.ndarray:
+        y = np.asarray(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+        bad = ~((y == 0.0) | (y == 1.0))  # NaN and nulls (NaN after conversion) are bad too
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: label column {self.label!r} holds {y[row]!r} at row {row}; labels must be 0 or 1")
+        return y
+
+    @staticmethod
+    def _sparse_ids(col: pa.ChunkedArray | pa.Array, sc: SparseColumn, where: str) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        if sc.kind == "multi_hot":
+            lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int32)
+            flat = pc.list_flatten(col)
+        else:
+            lengths = np.ones(len(col), dtype=np.int32)
+            flat = col
+        if sc.mode == "hash":
+            if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
+                values = hash_strings(pc.fill_null(flat, ""), sc.num_embeddings)
+            else:
+                values = hash_ids(pc.fill_null(flat, 0).to_numpy(zero_copy_only=False), sc.num_embeddings)
+        elif sc.mode == "vocab":
+            idx = pc.index_in(flat, value_set=sc.vocab.cast(flat.type) if sc.vocab.type != flat.type else sc.vocab)
+            values = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            if not pa.types.is_integer(flat.type):
+                raise DataError(f"{where}: column {sc.name!r} has type {flat.type}; vocab_size needs integer ids (use hash_buckets)")
+            values = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            values[(values < 0) | (values >= sc.num_embeddings)] = 0  # reserved out-of-vocabulary id
+        return values, lengths
+
+    @staticmethod
+    def _cross(cross: Cross, ids: dict[str, tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+        # A multi-hot component yields one cross id per list element; the scalar components
+        # are repeated along its elements.
+        multi = [c for c in cross.columns if (ids[c][1] != 1).any()]
+        if not multi:
+            return cross_ids([ids[c][0] for c in cross.columns], cross.buckets, cross.salt), np.ones(n, np.int32)
+        m_values, m_lengths = ids[multi[0]]
+        parts = [m_values if c == multi[0] else np.repeat(ids[c][0], m_lengths) for c in cross.columns]
+        return cross_ids(parts, cross.buckets, cross.salt), m_lengths
+
+    @staticmethod
+    def _dense(col: pa.ChunkedArray, d: DenseColumn, where: str) -> np.ndarray:
+        x = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        x = np.where(np.isnan(x), d.fill, x)  # nulls arrive as NaN
+        if not np.isfinite(x).all():
+            row = int(np.flatnonzero(~np.isfinite(x))[0])
+            raise DataError(f"{where}: dense column {d.name!r} holds {x[row]} at row {row}")
+        if d.normalize == "standard":
+            x = (x - d.mean) / d.std
+        elif d.normalize == "log1p":
+            x = np.log1p(np.maximum(x, 0.0))
+        return x.astype(np.float32)

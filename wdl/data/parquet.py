@@ -1,0 +1,245 @@
+"""Loaders: Parquet shards -> Batches, streaming or held in memory.
+
+How rows are divided, the same in both modes. The split's rows, in an order fixed by
+(seed, epoch), are cut into P = world_size * num_workers contiguous parts whose sizes differ
+by at most one row. Every part yields the same number of batches S = ceil(floor(N/P) / B):
+S-1 batches of B rows, then one of the rest (1 to B+1 rows). So each row is read exactly
+once per epoch, every rank runs the same number of steps (no collective can hang on uneven
+shards), and no row is dropped.
+
+Streaming reads whole row groups with pyarrow (only the needed columns), converts a block of
+`shuffle_buffer` rows at a time to tensors, and shuffles within the block; the row groups'
+order is shuffled per epoch. The read position is (epoch, batches already yielded): resuming
+replays the deterministic stream and skips those batches, so nothing repeats or goes missing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from wdl.data.batch import Batch
+from wdl.data.features import FeatureSpec, FeatureTable
+from wdl.errors import DataError
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: Path
+    index: int
+    rows: int
+
+
+def list_row_groups(files: list[Path], spec: FeatureSpec) -> list[RowGroup]:
+    """Every row group of `files`, reading only Parquet footers; checks each file's schema."""
+    units = []
+    for path in files:
+        pf = _open(path)
+        spec.check_schema(pf.schema_arrow, str(path))
+        units += [RowGroup(path, i, pf.metadata.row_group(i).num_rows) for i in range(pf.num_row_groups)]
+    return units
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def part_sizes(total: int, parts: int, batch_size: int) -> tuple[list[int], int]:
+    """Rows per part and the common number of batches per part (see module docstring)."""
+    sizes = [(p + 1) * total // parts - p * total // parts for p in range(parts)]
+    steps = math.ceil(min(sizes) / batch_size)
+    return sizes, steps
+
+
+def batch_bounds(rows: int, steps: int, batch_size: int) -> list[int]:
+    """Cumulative row bounds of a part's batches: S-1 full batches, the last takes the rest."""
+    return [min(i * batch_size, rows) for i in range(steps)] + [rows]
+
+
+def _epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, *extra])
+
+
+class _Position:
+    """The part of loader state that checkpoints need: where in which epoch we are."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches_done = 0  # batches this rank has yielded in `epoch`
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+
+class InMemoryLoader(_Position):
+    """A split held as tensors (on the training device when it fits): no file reading per epoch."""
+
+    def __init__(self, table: FeatureTable, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        self.table, self.batch_size, self.rank, self.world_size = table, batch_size, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.num_rows = len(table)
+        self.sizes, self.steps_per_epoch = part_sizes(self.num_rows, world_size, batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.num_rows} rows cannot be split over {world_size} ranks")
+
+    def __iter__(self) -> Iterator[Batch]:
+        device = self.table.labels.device
+        if self.shuffle:
+            g = torch.Generator().manual_seed(int(_epoch_rng(self.seed, self.epoch).integers(2**62)))
+            order = torch.randperm(self.num_rows, generator=g).to(device)
+        else:
+            order = torch.arange(self.num_rows, device=device)
+        start = sum(self.sizes[: self.rank])
+        bounds = batch_bounds(self.sizes[self.rank], self.steps_per_epoch, self.batch_size)
+        while self.batches_done < self.steps_per_epoch:
+            i = self.batches_done
+            idx = order[start + bounds[i] : start + bounds[i + 1]]
+            self.batches_done += 1
+            yield self.table.take(idx)
+
+
+class _PartStream:
+    """One part's batches for one epoch: read row groups, shuffle within blocks, cut batches."""
+
+    def __init__(self, units: list[RowGroup], spec: FeatureSpec, batch_size: int, shuffle_buffer: int,
+                 shuffle: bool, seed: int, epoch: int, part: int, parts: int) -> None:
+        self.spec, self.batch_size, self.shuffle = spec, batch_size, shuffle
+        self.seed, self.epoch, self.part = seed, epoch, part
+        total = sum(u.rows for u in units)
+        sizes, self.steps = part_sizes(total, parts, batch_size)
+        order = _epoch_rng(seed, epoch).permutation(len(units)) if shuffle else np.arange(len(units))
+        self.units = [units[i] for i in order]
+        self.start = sum(sizes[:part])
+        self.rows = sizes[part]
+        self.bounds = batch_bounds(self.rows, self.steps, batch_size)
+        # Blocks hold whole batches so a block boundary never splits one.
+        self.block_rows = max(1, shuffle_buffer // batch_size) * batch_size
+
+    def _tables(self) -> Iterator[tuple[pa.Table, RowGroup]]:
+        """This part's rows, in the epoch's row-group order, sliced out of whole row groups."""
+        lo, hi, pos = self.start, self.start + self.rows, 0
+        files: dict[Path, pq.ParquetFile] = {}
+        for u in self.units:
+            a, b = pos, pos + u.rows
+            pos = b
+            if b <= lo or a >= hi:
+                continue
+            pf = files.get(u.path) or files.setdefault(u.path, _open(u.path))
+            try:
+                t = pf.read_row_group(u.index, columns=self.spec.columns)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
+            yield t.slice(max(lo - a, 0), min(hi, b) - max(lo, a)), u
+
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
+        """This part's `steps` batches; the first `skip` are read but not built (resume)."""
+        tables = self._tables()
+        carry: FeatureTable | None = None
+        exhausted, block_no, emitted = False, 0, 0
+        while emitted < self.steps:
+            # Fill a block (or take what is left) and convert it to tensors in one go.
+            block, block_n = [], 0
+            while not exhausted and block_n < self.block_rows:
+                t = next(tables, None)
+                if t is None:
+                    exhausted = True
+                    break
+                block.append(t)
+                block_n += t[0].num_rows
+            ft = None
+            if block:
+                ft = self.spec.encode(pa.concat_tables([t for t, _ in block]), str(block[0][1].path))
+                if self.shuffle:
+                    seed = _epoch_rng(self.seed, self.epoch, self.part, block_no).integers(2**62)
+                    ft = ft.take_table(torch.randperm(len(ft), generator=torch.Generator().manual_seed(int(seed))))
+            block_no += 1
+            have = [x for x in (carry, ft) if x is not None]
+            if not have:
+                raise DataError(f"row-group metadata promised more rows than the files hold (part {self.part})")
+            avail = FeatureTable.concat(have) if len(have) > 1 else have[0]
+            used = 0
+            while emitted < self.steps:
+                n = self.bounds[emitted + 1] - self.bounds[emitted]
+                # The last batch may hold one row more than B: wait until the input is drained.
+                if len(avail) - used < n or (emitted == self.steps - 1 and not exhausted):
+                    break
+                if emitted >= skip:
+                    yield avail.take(torch.arange(used, used + n))
+                used += n
+                emitted += 1
+            carry = avail.take_table(torch.arange(used, len(avail))) if used < len(avail) else None
+
+
+class StreamingDataset(torch.utils.data.IterableDataset):
+    """Streams one rank's parts; with DataLoader workers each worker streams one part."""
+
+    def __init__(self, loader: "StreamingLoader", skip_per_part: list[int], rotate: int) -> None:
+        self.loader, self.skip_per_part, self.rotate = loader, skip_per_part, rotate
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        L = self.loader
+        # Rotation keeps the batch order identical after a mid-epoch resume: the DataLoader
+        # always starts with worker 0, whichever part is due next.
+        local = ((0 if info is None else info.id) + self.rotate) % L.num_workers
+        part = L.rank * L.num_workers + local
+        stream = _PartStream(L.units, L.spec, L.batch_size, L.shuffle_buffer, L.shuffle, L.seed, L.epoch, part, L.parts)
+        yield from stream.batches(self.skip_per_part[local])
+
+
+class StreamingLoader(_Position):
+    """Batches of one split for one rank, streamed from Parquet row groups.
+
+    num_workers: DataLoader worker processes for this rank (0 = read in the training process).
+    """
+
+    def __init__(self, files: list[Path], spec: FeatureSpec, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 65536,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
+        self.num_workers_proc = num_workers
+        self.num_workers = max(1, num_workers)  # parts per rank
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.units = list_row_groups(files, spec)
+        self.parts = world_size * self.num_workers
+        if len(self.units) < self.parts:
+            raise DataError(
+                f"{len(self.units)} row groups cannot feed {world_size} ranks x {self.num_workers} workers; "
+                "prepare the data with smaller row groups or use fewer ranks/workers"
+            )
+        self.num_rows = sum(u.rows for u in self.units)
+        _, steps = part_sizes(self.num_rows, self.parts, batch_size)
+        self.steps_per_epoch = steps * self.num_workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        K, c0 = self.num_workers, self.batches_done
+        skip = [(c0 - q + K - 1) // K if c0 > q else 0 for q in range(K)]
+        ds = StreamingDataset(self, skip, rotate=c0 % K)
+        if self.num_workers_proc == 0:
+            it = iter(ds)
+        else:
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers_proc,
+                                                  persistent_workers=False))
+        for batch in it:
+            self.batches_done += 1
+            yield batch

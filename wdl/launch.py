@@ -1,0 +1,43 @@
+"""The training entry point shared by `wdl train` and `launch/train.py` (what torchrun runs):
+config -> init distributed -> Trainer -> train -> close."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wdl.errors import WdlError
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="dotted overrides, e.g. train.epochs=2 data.batch_size=512")
+
+
+def train_main(args: argparse.Namespace) -> int:
+    from wdl.config import load_config
+    from wdl.distributed.env import close_distributed, init_distributed
+    from wdl.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    env = init_distributed(cfg.run.device)
+    try:
+        trainer = Trainer(cfg, env)
+        trainer.train()
+        trainer.close()
+    finally:
+        close_distributed()
+    return 0
+
+
+def run_guarded(fn, *args) -> int:
+    """Run a command; user errors become one line on stderr and exit status 2."""
+    try:
+        return fn(*args)
+    except WdlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

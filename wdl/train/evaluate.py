@@ -1,0 +1,71 @@
+"""Evaluation: AUC, logloss and calibration over the whole split, exactly.
+
+Every rank scores its own rows; scores and labels are gathered so the metrics are those of
+the full split (averaging per-rank AUCs is wrong). The metrics themselves come from
+scikit-learn.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+
+from wdl.data.batch import Batch
+
+
+def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """scores: probabilities [N]; labels: {0, 1} [N]."""
+    p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
+    y = labels.astype(np.float64)
+    both = 0.0 < y.mean() < 1.0
+    return {
+        "auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "logloss": float(log_loss(y, p, labels=[0, 1])),
+        "calibration": float(p.mean() / y.mean()) if y.mean() > 0 else float("nan"),
+        "rows": int(y.size),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and labels of this rank's rows, on CPU. `model` maps a Batch to logits."""
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        scores.append(torch.sigmoid(model(batch).float()))
+        labels.append(batch.labels)
+    model.train(was_training)
+    if not scores:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(scores).cpu(), torch.cat(labels).cpu()
+
+
+def gather_to_all(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-d tensor of any length across ranks (rank order)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = t.to(backend_device)
+    n = torch.tensor([t.numel()], device=backend_device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=t.dtype, device=backend_device)
+    padded[: t.numel()] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()
+
+
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+    """Global metrics of the split (identical on every rank)."""
+    scores, labels = predict(model, batches, device)
+    scores, labels = gather_to_all(scores), gather_to_all(labels)
+    return binary_metrics(scores.numpy(), labels.numpy())
