@@ -261,7 +261,7 @@ class FeatureSpec:
         return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels))
 
     def _labels(self, col: pa.Array, where: str) -> np.ndarray:
-        y = np.asarray(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+        y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
         bad = ~((y == 0.0) | (y == 1.0))  # NaN and nulls (NaN after conversion) are bad too
         if bad.any():
             row = int(np.flatnonzero(bad)[0])

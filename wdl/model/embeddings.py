@@ -8,6 +8,7 @@ and sharded later by `wdl.distributed.sharding` without this module knowing.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ class TableSpec:
 
 
 def torchrec_available() -> bool:
+    # torch.fx warns about is_fx_tracing once per process when torchrec is imported: noise.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     try:
         import torchrec  # noqa: F401
     except Exception:  # ImportError, or fbgemm failing to load its kernels
