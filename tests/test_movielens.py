@@ -328,3 +328,17 @@ def test_real_ml100k_from_cache(tmp_path, monkeypatch):
     assert m.columns["genres"]["vocab_size"] == 20
     train = read(out, "train")
     assert train.num_rows == 80000 and train.column("user_id").to_numpy().min() >= 1
+
+
+def test_ml10m_dat_layout_and_ambiguous_parent(tmp_path):
+    root = write_ml1m(tmp_path / "src" / "ml-10M100K")
+    (root / "users.dat").unlink()
+    (root / "ratings.dat").write_text("".join(f"{u}::{m}::{r - 0.5}::{t}\n" for u, m, r, t in RATINGS))
+    out = prep(zip_folder(root, tmp_path / "ml-10m.zip"), tmp_path / "ds", "ml-10m")
+    m = load_manifest(out)
+    assert "age_bucket" not in m.columns and m.raw["counts"]["users"] == 3
+    assert sorted(read(out, "train").column("rating").to_pylist() + read(out, "test").column("rating").to_pylist()) \
+        == sorted(r[2] - 0.5 for r in RATINGS)
+    write_ml1m(tmp_path / "src" / "ml-1m")
+    with pytest.raises(DataError, match="several folders"):
+        prep(tmp_path / "src", tmp_path / "ds2", "ml-10m")

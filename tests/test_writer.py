@@ -157,3 +157,60 @@ def test_column_stats_and_running_stats():
     for chunk in np.array_split(big, 7):
         r.update(chunk)
     assert r.result() == pytest.approx({"mean": big.mean(), "std": big.std()})
+
+
+def test_failed_rename_during_overwrite_restores_old(tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    w = DatasetWriter(out, name="old")
+    w.write("train", _table(4))
+    _commit(w)
+    w = DatasetWriter(out, name="new", overwrite=True)
+    w.write("train", _table(7))
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        return real_rename(src, dst)
+    monkeypatch.setattr(writer_mod.os, "rename", rename)
+    with pytest.raises(DataError, match="cross-device"):
+        _commit(w)
+    assert load_manifest(out).name == "old" and _siblings(out) == ["ds"]
+
+
+def _good(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", name="t")
+    w.write("train", _table(4))
+    w.write("test", _table(2))
+    return _commit(w)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.rename(p.with_name("elsewhere")), "does not exist"),
+    (lambda p: (p / "manifest.json").unlink(), r"incomplete or not a wdl data set \(no manifest.json\)$"),
+    (lambda p: (p / "manifest.json").write_text("{oops"), "not valid JSON"),
+    (lambda p: (p / "manifest.json").write_text('{"format": "wdl-dataset/9"}'), "wdl-dataset/9"),
+    (lambda p: (p / "test/part-00000.parquet").unlink(), "shard test/part-00000.parquet of split 'test' is missing"),
+    (lambda p: (p / "manifest.json").write_text('{"format": "wdl-dataset/1", "splits": {}}'), "malformed"),
+])
+def test_load_manifest_errors(tmp_path, damage, message):
+    out = _good(tmp_path)
+    damage(out)
+    with pytest.raises(DataError, match=message) as e:
+        load_manifest(out)
+    assert "\n" not in str(e.value)
+
+
+def test_load_manifest_points_at_interrupted_preparation(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", name="t")  # never committed: like a killed preparation
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DataError, match=r"ds\.tmp-\d+-\w+ next to it looks like an interrupted preparation"):
+        load_manifest(tmp_path / "ds")
+    w.abort()
+
+
+def test_manifest_split_names_available(tmp_path):
+    m = load_manifest(_good(tmp_path))
+    with pytest.raises(DataError, match=r"no split 'valid' \(available: test, train\)"):
+        m.split("valid")
+    assert m.label == "label" and m.columns == COLUMNS and m.raw["source"] == {"kind": "test"}
