@@ -252,7 +252,7 @@ def test_cli_arguments(tmp_path, capsys):
     args = parser.parse_args(["--variant", "ml-100k", "--source", str(src), "--out", str(tmp_path / "ds"),
                               "--split", "temporal", "--valid-fraction", "0.1", "--seed", "3",
                               "--cache-dir", str(tmp_path / "cache")])
-    assert run_prepare(args) == tmp_path / "ds"
+    assert run_prepare(args) == 0  # an exit status for the CLI
     assert load_manifest(tmp_path / "ds").raw["split"]["kind"] == "temporal"
     assert all(a.help for a in parser._actions)
 

@@ -517,11 +517,12 @@ def add_prepare_arguments(parser) -> None:
     add("--row-group-rows", type=int, default=16384, help="rows per Parquet row group (default 16384)")
 
 
-def run_prepare(args) -> pathlib.Path:
+def run_prepare(args) -> int:
+    """`wdl data prepare movielens`: the exit status (errors are raised as DataError)."""
     out = prepare_movielens(args.variant, args.out, source=args.source, threshold=args.threshold,
                             split=args.split, seed=args.seed, test_fraction=args.test_fraction,
                             valid_fraction=args.valid_fraction, temporal_cutoff=args.temporal_cutoff,
                             overwrite=args.overwrite, cache_dir=args.cache_dir,
                             row_group_rows=args.row_group_rows)
     print(f"wrote {out}")
-    return out
+    return 0
