@@ -48,6 +48,7 @@ ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "c
                     "unemployed", "writer")
 NO_GENRES = {"(no genres listed)", ""}
 _CHUNK = 1 << 20  # rows per table handed to the writer: bounds memory on ml-32m
+_LUT_MAX = 1 << 25  # ids below this are encoded through a lookup table
 
 
 # ---------------------------------------------------------------------------- sources
@@ -344,11 +345,21 @@ def read_movielens(src: _Source, variant: str) -> tuple[_Raw, str]:
 # ---------------------------------------------------------------------------- encoding
 def _encode(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
     """Ids 1..len(vocab) for values found in the sorted `vocab`, 0 for the rest."""
-    if len(vocab) == 0:
+    if len(vocab) == 0 or len(values) == 0:
         return np.zeros(len(values), np.int64)
+    if vocab[0] >= 0 and vocab[-1] < _LUT_MAX:  # MovieLens ids are small: a table beats searchsorted
+        lut = np.zeros(vocab[-1] + 2, np.int64)  # the last slot catches every larger value
+        lut[vocab] = np.arange(1, len(vocab) + 1)
+        return lut[np.clip(values, -1, vocab[-1] + 1)]  # -1 also lands on that zero slot
     pos = np.searchsorted(vocab, values)
     hit = vocab[np.minimum(pos, len(vocab) - 1)] == values
     return np.where(hit, pos + 1, 0).astype(np.int64)
+
+
+def _unique(values: np.ndarray) -> np.ndarray:
+    if len(values) and values.min() >= 0 and values.max() < _LUT_MAX:
+        return np.flatnonzero(np.bincount(values))
+    return np.unique(values)
 
 
 def _vocab(values: list, vocab: list | None = None) -> tuple[list, np.ndarray]:
@@ -371,7 +382,7 @@ class _Encoded:
 
 
 def _encode_all(raw: _Raw) -> _Encoded:
-    user_vocab = np.unique(raw.users["id"] if raw.users else raw.user)  # users file where there is one
+    user_vocab = _unique(raw.users["id"] if raw.users else raw.user)  # users file where there is one
     vocabs, user_feats = {"user_id": user_vocab.tolist()}, {}
     if raw.users:
         rows = _encode(raw.users["id"], user_vocab)
