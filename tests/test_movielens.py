@@ -225,6 +225,7 @@ def test_bad_inputs_are_one_line_data_errors(tmp_path):
         (lambda: prep(src, tmp_path / "o3", "ml-7m"), "unknown MovieLens variant"),
         (lambda: prep(src, tmp_path / "o4", test_fraction=1.0), "test_fraction"),
         (lambda: prep(tmp_path / "ml-100k" / "u.data", tmp_path / "o5"), "not a readable zip"),
+        (lambda: prep(src, tmp_path / "o7", temporal_cutoff=5), "needs split='temporal'"),
     ]
     for call, message in cases:
         with pytest.raises(DataError, match=message) as e:

@@ -65,6 +65,9 @@ def test_schema_mismatch_is_data_error(tmp_path):
         w.write("train", _table(3))
         with pytest.raises(DataError, match="schema differs"):
             w.write("train", _table(3).drop(["d"]))
+        for bad in ("vocab", "../x", "manifest.json", ""):
+            with pytest.raises(DataError, match="invalid split name"):
+                w.write(bad, _table(1))
 
 
 def test_empty_split_gets_schema_file(tmp_path):

@@ -468,6 +468,8 @@ def prepare_movielens(variant: str, out, *, source=None, threshold: float = 4.0,
         raise DataError(f"unknown MovieLens variant {variant!r} (choose from {', '.join(VARIANTS)})")
     if split not in ("random", "temporal"):
         raise DataError(f"unknown split {split!r} (random or temporal)")
+    if temporal_cutoff is not None and split != "temporal":
+        raise DataError("temporal_cutoff needs split='temporal' (--split temporal)")
     if not (0.0 <= test_fraction < 1.0 and 0.0 <= valid_fraction < 1.0):
         raise DataError(f"test_fraction and valid_fraction must be in [0, 1), got {test_fraction}, {valid_fraction}")
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

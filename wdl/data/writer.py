@@ -142,8 +142,8 @@ class DatasetWriter:
     def write(self, split: str, table: pa.Table) -> None:
         """Append `table` to `split`; its schema must equal the split's first table's."""
         self._check_open()
-        if not _NAME_RE.match(split):
-            raise DataError(f"invalid split name {split!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", split) or split == "vocab":
+            raise DataError(f"invalid split name {split!r} (letters, digits, '_', '-'; not 'vocab')")
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         state = self._splits.get(split)
