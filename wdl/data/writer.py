@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wdl.errors import DataError
@@ -275,7 +276,7 @@ class DatasetWriter:
         for f in state.files:
             if f["rows"]:
                 col = pq.read_table(self.tmp / f["path"], columns=[label]).column(0)
-                positives += float(np.asarray(col.to_numpy(), dtype=np.float64).sum())
+                positives += float(pc.sum(col.cast(pa.float64())).as_py() or 0.0)
         return {"rows": rows, "positive_rate": positives / rows if rows else 0.0,
                 "files": [dict(f) for f in state.files]}
 
@@ -296,7 +297,11 @@ class DatasetWriter:
             if old is not None:
                 os.rename(old, out)
             raise
-        _fsync(out.parent)
+        self._done = True  # the new data set is in place: nothing below may undo that
+        try:
+            _fsync(out.parent)
+        except OSError:
+            pass
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
