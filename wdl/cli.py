@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     ml = prepare_sub.add_parser("movielens", help="MovieLens 100k ... 32M from GroupLens archives")
     movielens.add_prepare_arguments(ml)
     ml.set_defaults(func=movielens.run_prepare)
+
+    from wdl.data import criteo, synthetic
+
+    cr = prepare_sub.add_parser("criteo", help="Criteo TSV click logs (Kaggle train.txt, Terabyte day_N), plain or gzip")
+    criteo.add_prepare_arguments(cr)
+    cr.set_defaults(func=criteo.run_prepare)
+    gen = data_sub.add_parser("generate", help="a synthetic data set with a planted signal and known best AUC")
+    synthetic.add_generate_arguments(gen)
+    gen.set_defaults(func=synthetic.run_generate)
     return parser
 
 

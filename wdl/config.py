@@ -126,6 +126,33 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and smoke runs
     progress: bool = True
+    # Fault injection for tests: the last rank SIGKILLs itself after this step on the first
+    # attempt under torchrun (0 = off).
+    kill_at_step: int = 0
+
+
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise")
+
+
+@dataclass
+class DistributedConfig:
+    """How embedding tables are placed across ranks (TorchRec backend)."""
+
+    # Default for every table: auto lets TorchRec's planner choose among what the device
+    # supports; or one of SHARDING_TYPES. row_wise / table_row_wise need CUDA.
+    sharding: str = "auto"
+    # Per-table override, e.g. {deep_user_id: column_wise}. Tables are named wide_<feature>
+    # and deep_<feature>.
+    tables: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also save every N steps (0: only at epoch ends)
+    at_epoch_end: bool = True
+    keep: int = 3  # newest complete checkpoints kept
+    dir: str = ""  # default: <run folder>/checkpoints
+    resume: str = ""  # "" (start fresh) | auto (newest complete checkpoint of the run) | a checkpoint or run folder
 
 
 @dataclass
@@ -136,6 +163,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,6 +329,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.kind={m.kind} needs model.deep.embeddings or model.deep.dense")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    for where, kind in [("distributed.sharding", cfg.distributed.sharding),
+                        *((f"distributed.tables.{t}", k) for t, k in cfg.distributed.tables.items())]:
+        allowed = SHARDING_TYPES if where != "distributed.sharding" else ("auto", *SHARDING_TYPES)
+        if kind not in allowed:
+            raise ConfigError(f"{where}: {kind!r} is not one of {', '.join(allowed)}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.keep: must be >= 1")
     if not 0.0 <= m.deep.dropout < 1.0:
         raise ConfigError(f"model.deep.dropout: must be in [0, 1), got {m.deep.dropout}")
 

@@ -11,6 +11,8 @@ from wdl.errors import WdlError
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint of this run (auto) or from PATH")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="dotted overrides, e.g. train.epochs=2 data.batch_size=512")
 
@@ -20,7 +22,8 @@ def train_main(args: argparse.Namespace) -> int:
     from wdl.distributed.env import close_distributed, init_distributed
     from wdl.train.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     env = init_distributed(cfg.run.device)
     try:
         trainer = Trainer(cfg, env)

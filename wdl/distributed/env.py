@@ -21,7 +21,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
-    backend: str | None  # None when not distributed
+    backend: str  # gloo or nccl; a 1-rank group in the single-process mode
 
     @property
     def is_main(self) -> bool:
@@ -29,7 +29,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.backend is not None
+        return self.world_size > 1
 
 
 def pick_device(spec: str, local_rank: int) -> torch.device:
@@ -45,17 +45,18 @@ def pick_device(spec: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_spec: str = "auto") -> DistEnv:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return DistEnv(0, 0, 1, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        if "MASTER_ADDR" in os.environ:  # under torchrun
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        else:
+            # The single-process debug mode runs the same code (TorchRec's sharding included)
+            # on a 1-rank group; an in-process store needs no port.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 

@@ -19,11 +19,12 @@ from wdl.data.batch import Batch
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One embedding table: `feature` is both the input key and the table's name."""
+    """One embedding table reading one feature; `name` is unique across the model."""
 
     feature: str
     num_embeddings: int
     dim: int
+    name: str
 
 
 def torchrec_available() -> bool:
@@ -82,10 +83,11 @@ class TorchRecEmbeddingBags(nn.Module):
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
         self.features = [t.feature for t in tables]
+        self.table_names = [t.name for t in tables]
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
-                    name=t.feature,
+                    name=t.name,
                     embedding_dim=t.dim,
                     num_embeddings=t.num_embeddings,
                     feature_names=[t.feature],
@@ -98,7 +100,7 @@ class TorchRecEmbeddingBags(nn.Module):
 
     def weights(self) -> dict[str, Tensor]:
         bags = self.ebc.embedding_bags
-        return {f: bags[f].weight for f in self.features}
+        return {f: bags[n].weight for f, n in zip(self.features, self.table_names)}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.ebc(batch.kjt(self.features)).to_dict()

@@ -32,7 +32,7 @@ class WideArch(nn.Module):
                  device: torch.device | None = None) -> None:
         super().__init__()
         self.embeddings = build_embedding_bags(
-            [TableSpec(f, num_embeddings[f], 1) for f in features], backend, device
+            [TableSpec(f, num_embeddings[f], 1, f"wide_{f}") for f in features], backend, device
         )
 
     def forward(self, batch: Batch) -> Tensor:
@@ -51,7 +51,7 @@ class DeepArch(nn.Module):
         super().__init__()
         self.features = list(embedding_dims)
         self.embeddings = (
-            build_embedding_bags([TableSpec(f, num_embeddings[f], d) for f, d in embedding_dims.items()], backend, device)
+            build_embedding_bags([TableSpec(f, num_embeddings[f], d, f"deep_{f}") for f, d in embedding_dims.items()], backend, device)
             if embedding_dims else None
         )
         layers: list[nn.Module] = []

@@ -33,13 +33,18 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and labels of this rank's rows, on CPU. `model` maps a Batch to logits."""
+    """Probabilities and labels of this rank's rows, on CPU.
+
+    `model` is the training module (WideDeepTrain, maybe sharded or in DDP): Batch ->
+    (loss, (loss, logits, labels)). Going through it keeps sharded look-ups collective.
+    """
     was_training = model.training
     model.eval()
     scores, labels = [], []
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
-        scores.append(torch.sigmoid(model(batch).float()))
+        _, (_, logits, _) = model(batch)
+        scores.append(torch.sigmoid(logits.float()))
         labels.append(batch.labels)
     model.train(was_training)
     if not scores:

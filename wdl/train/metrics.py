@@ -28,10 +28,14 @@ class MetricsLogger:
         self.header_printed = False
         self.eval_split = eval_split
 
-    def load_existing(self) -> None:
-        """On resume, keep the epochs already recorded (for the summary's best-epoch)."""
+    def load_existing(self, keep_epochs: int) -> None:
+        """On resume: keep the records of the `keep_epochs` epochs the checkpoint covers and drop
+        any logged after it (they are trained again), so every epoch appears once."""
         if self.path.exists():
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in records if r["epoch"] <= keep_epochs]
+            if self.enabled and len(self.records) != len(records):
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         self.records.append(record)

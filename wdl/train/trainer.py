@@ -16,23 +16,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wdl.config import Config, RunConfig, save_config
+from wdl.checkpoint import Checkpointer, complete_checkpoints, find_checkpoint
+from wdl.config import Config, save_config
 from wdl.data.dataset import build_loader, feature_spec, open_dataset
 from wdl.distributed.env import DistEnv
+from wdl.distributed.sharding import check_sharding_types, load_full_state, load_state_dicts, parallelize, state_dicts
+from wdl.errors import CheckpointError, WdlError
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate
 from wdl.train.metrics import MetricsLogger
-from wdl.train.optim import Optimizers, build_optimizer
 
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.device = env.device
+        cfg.model.embedding_backend = resolve_backend(cfg.model.embedding_backend)
+        if cfg.model.embedding_backend == "torchrec":
+            check_sharding_types(cfg, env)  # fail before any data is touched
 
-        # 1. Run folder (rank 0 picks it, everyone uses it) and seeds.
-        self.run_dir = _make_run_dir(cfg.run, env)
+        # 1. Run folder (rank 0 picks it, everyone uses it), checkpoint to resume from, seeds.
+        self.run_dir, resume_from = _run_dir_and_resume(cfg, env)
         _seed_everything(cfg.run.seed + env.rank)
         if env.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -48,23 +53,33 @@ class Trainer:
         self.train_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.train_split, train=True, **loader_args)
         self.eval_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.eval_split, train=False, **loader_args)
 
-        # 3. Model: built and initialised the same way whatever the backend or world size.
-        cfg.model.embedding_backend = resolve_backend(cfg.model.embedding_backend)
+        # 3. Model: knows nothing of distribution; initialised identically for any backend or
+        #    world size (TorchRec tables are built on CPU, then sharded and given these values).
         sizes = {k: self.spec.num_embeddings(k) for k in self.spec.sparse_keys}
-        model = WideDeep(cfg.model, sizes, self.spec.dense_dim, device=self.device)
+        torchrec = cfg.model.embedding_backend == "torchrec"
+        model = WideDeep(cfg.model, sizes, self.spec.dense_dim, device=None if torchrec else self.device)
         model.init_parameters(cfg.run.seed)
-        self.model = WideDeepTrain(model)
+        train_module = WideDeepTrain(model)
+        initial = {k: v.detach().clone() for k, v in train_module.state_dict().items()} if torchrec else None
 
-        # 4. Optimisers: FTRL (or another) for the wide part, AdaGrad (or another) for the deep part.
-        groups = model.param_groups()
-        self.optimizer = Optimizers(
-            {part: build_optimizer(getattr(cfg.optim, part), params) for part, params in groups.items() if params}
-        )
+        # 4. Parallelism and optimisers: TorchRec sharding (+ DDP for the MLP) or plain DDP,
+        #    FTRL for the wide part, AdaGrad (or another) for the deep part. See distributed/sharding.py.
+        self.parallel = parallelize(train_module, cfg, env)
+        if initial is not None:
+            load_full_state(self.parallel.model, initial)
+        self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
+        if env.is_main:
+            (self.run_dir / "plan.txt").write_text(self.parallel.plan + "\n")
+            print(f"wdl: sharding plan\n{self.parallel.plan}", flush=True)
 
-        # 5. Metrics: rank 0 writes metrics.jsonl and the console table.
+        # 5. Metrics (rank 0) and checkpoints; resume if asked.
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.data.eval_split)
         self.epoch, self.step = 0, 0
-        self.peak_rss_mb = 0.0
+        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
+                                         signature=_signature(cfg, sizes, self.spec.dense_dim))
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # ------------------------------------------------------------------------------------------
 
@@ -78,8 +93,12 @@ class Trainer:
         while self.epoch < cfg.epochs and not self._out_of_steps():
             train_stats = self.train_epoch()
             eval_stats = self.evaluate()
-            self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats})
-            self.epoch += 1
+            self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats, "peak_rss_mb": _peak_rss_mb()})
+            if self.train_loader.batches_done >= self.train_loader.steps_per_epoch:
+                self.epoch += 1
+                self.train_loader.set_epoch(self.epoch)
+            if self.cfg.checkpoint.at_epoch_end:
+                self.save_checkpoint()
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
                                            "device": str(self.device), "peak_rss_mb": _peak_rss_mb()})
 
@@ -88,6 +107,7 @@ class Trainer:
         self.train_loader.set_epoch(self.epoch)
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no host sync per step
         rows, steps = 0, 0
+        epoch_rows_before = self.train_loader.batches_done  # > 0 when resuming mid-epoch
         bar = self._progress(self.train_loader.steps_per_epoch - self.train_loader.batches_done)
         start = time.perf_counter()
         for batch in self.train_loader:
@@ -102,6 +122,10 @@ class Trainer:
             self.step += 1
             if bar is not None:
                 bar.update(1)
+            _maybe_kill(self.cfg.train.kill_at_step, self.step, self.env)
+            every = self.cfg.checkpoint.every_steps
+            if every and self.step % every == 0 and self.train_loader.batches_done < self.train_loader.steps_per_epoch:
+                self.save_checkpoint()
             if self._out_of_steps():
                 break
         _sync(self.device)
@@ -116,17 +140,39 @@ class Trainer:
             "samples_per_second": global_rows / seconds if seconds > 0 else float("nan"),
             "train_rows": global_rows,
             "steps": steps,
+            "resumed_at_batch": epoch_rows_before,
         }
 
     def evaluate(self) -> dict[str, Any]:
         start = time.perf_counter()
         self.eval_loader.set_epoch(0)
         self.eval_loader.load_state_dict({"epoch": 0, "batches_done": 0})
-        m = evaluate(self.model.model, self.eval_loader, self.device)
+        m = evaluate(self.model, self.eval_loader, self.device)
         return {**m, "eval_seconds": time.perf_counter() - start}
 
     def close(self) -> None:
         pass
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _progress_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "batches_done": self.train_loader.batches_done}
+
+    def save_checkpoint(self) -> Path:
+        model_sd, optim_sd = state_dicts(self.parallel)
+        return self.checkpointer.save({"model": model_sd, "optim": optim_sd}, self._progress_state())
+
+    def _resume(self, path: Path) -> None:
+        model_sd, optim_sd = state_dicts(self.parallel, for_loading=True)
+        app = {"model": model_sd, "optim": optim_sd}
+        progress = self.checkpointer.load(path, app, self._progress_state())
+        load_state_dicts(self.parallel, app["model"], app["optim"])
+        self.epoch, self.step = progress["epoch"], progress["step"]
+        self.train_loader.load_state_dict({"epoch": progress["epoch"], "batches_done": progress["batches_done"]})
+        self.metrics.load_existing(keep_epochs=self.epoch)
+        if self.env.is_main:
+            print(f"wdl: resumed from {path} (epoch {self.epoch + 1}, step {self.step}, "
+                  f"{progress['batches_done']} batches into the epoch)", flush=True)
 
     # ------------------------------------------------------------------------------------------
 
@@ -141,21 +187,64 @@ class Trainer:
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="step", leave=False, dynamic_ncols=True)
 
 
-def _make_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
-    """out_dir/name, or name-1, name-2, ... so an earlier run's files are never overwritten."""
-    path = None
+def _run_dir_and_resume(cfg: Config, env: DistEnv) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None: start fresh).
+
+    Fresh runs get out_dir/name, or name-1, name-2, ... so an earlier run's files are never
+    overwritten. `resume: auto` reuses out_dir/name and continues from its newest complete
+    checkpoint if there is one (so a torchrun restart uses the same command line); an explicit
+    path must hold a complete checkpoint.
+    """
+    box: list[Any] = [None, None, None]
     if env.is_main:
-        base = Path(cfg.out_dir) / cfg.name
-        path, i = base, 0
-        while path.exists() and any(path.iterdir()):
-            i += 1
-            path = base.with_name(f"{base.name}-{i}")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            base = Path(cfg.run.out_dir) / cfg.run.name
+            resume = cfg.checkpoint.resume
+            ckpt_default = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else base / "checkpoints"
+            if resume == "auto":
+                path = base
+                found = complete_checkpoints(ckpt_default)
+                ckpt = found[-1] if found else None
+            elif resume:
+                ckpt = find_checkpoint(resume, ckpt_default)
+                path = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else base
+            else:
+                path, i, ckpt = base, 0, None
+                while path.exists() and any(path.iterdir()):
+                    i += 1
+                    path = base.with_name(f"{base.name}-{i}")
+            path.mkdir(parents=True, exist_ok=True)
+            box = [str(path), str(ckpt) if ckpt else None, None]
+        except WdlError as e:
+            box = [None, None, str(e)]
     if env.distributed:
-        box = [str(path) if path else None]
         dist.broadcast_object_list(box, src=0)
-        path = Path(box[0])
-    return path
+    if box[2] is not None:
+        raise CheckpointError(box[2])
+    return Path(box[0]), Path(box[1]) if box[1] else None
+
+
+def _signature(cfg: Config, sizes: dict[str, int], dense_dim: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be loaded: the model's shape."""
+    m = cfg.model
+    return {
+        "kind": m.kind,
+        "backend": m.embedding_backend,
+        "wide_tables": {f: sizes[f] for f in m.wide.features} if m.kind != "deep" else {},
+        "deep_tables": {f: [sizes[f], d] for f, d in m.deep.embeddings.items()} if m.kind != "wide" else {},
+        "dense_dim": dense_dim if m.kind != "wide" else 0,
+        "hidden": list(m.deep.hidden) if m.kind != "wide" else [],
+    }
+
+
+def _maybe_kill(kill_at_step: int, step: int, env: DistEnv) -> None:
+    """Fault injection for tests: the last rank SIGKILLs itself once, on the first attempt."""
+    import os
+    import signal
+
+    if kill_at_step and step == kill_at_step and env.rank == env.world_size - 1 \
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,259 @@
+"""Criteo TSV: read a file (plain or gzip) in blocks of whole lines and parse a block, vectorised.
+
+A line is `label \\t I1..I13 \\t C1..C26`: a 0/1 label, 13 integer counts and 26 categorical
+values written as 8 hex digits (32-bit hashes); any field but the label may be empty (missing).
+Blocks are cut by the reading process only at line ends and carry the number of their first
+line, so a worker can parse a block on its own and still name `file:line` in errors.
+
+Parsing goes through pyarrow.csv with every column read as a string, then per column:
+hex digits through a byte lookup table, dense values through an Arrow cast. Nothing runs
+per row in Python, so a bad line costs the same as a good one until it is reported.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from wdl.errors import DataError
+
+DENSE = [f"I{i}" for i in range(1, 14)]
+CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+FIELDS = ["label", *DENSE, *CATEGORICAL]
+NEWLINE = b"\n"
+BLOCK_BYTES = 8 << 20  # text handed to one parse call; bounds a worker's memory
+
+# Reasons a line is bad, in the order they are checked.
+REASONS = ("field_count", "label", "dense", "categorical")
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+_SHIFTS = np.arange(28, -1, -4, dtype=np.uint32)  # nibble weights of 8 hex digits, most significant first
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (the same function as wdl.data.features.mix64, kept
+    here so that preparation and generation never import torch into their worker processes)."""
+    x = np.asarray(x).astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def unit_uniform(x: np.ndarray) -> np.ndarray:
+    """Deterministic uniforms in [0, 1) from uint64 keys."""
+    return (mix64(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# ---------------------------------------------------------------------------------- reading
+@dataclass
+class Block:
+    """Whole lines of one input file."""
+
+    path: str
+    file_index: int
+    first_line: int  # 1-based number of the block's first line in its file
+    lines: int
+    data: bytes
+    raw_bytes: int  # bytes of the file on disk consumed by this block (for progress)
+
+
+def is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def open_input(path: str):
+    """(text stream, raw file) of a plain or gzip file; gzip is recognised by its magic bytes."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read input {path}: {e.strerror}") from None
+    if raw.read(2) == b"\x1f\x8b":
+        raw.seek(0)
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    raw.seek(0)
+    return raw, raw
+
+
+def iter_blocks(path: str, file_index: int = 0, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
+    """The file as blocks of whole lines; a truncated or corrupt gzip stream is a DataError
+    naming the last complete line read."""
+    stream, raw = open_input(path)
+    line, carry, pos = 1, b"", 0
+    try:
+        while True:
+            try:
+                chunk = stream.read(block_bytes)
+            except (EOFError, OSError, zlib.error) as e:
+                done = line - 1 + carry.count(NEWLINE)
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"{path}: truncated or corrupt gzip data after line {done} ({reason})") from None
+            new_pos = raw.tell()
+            if not chunk:
+                if carry:  # a last line without a newline
+                    yield Block(path, file_index, line, 1, carry, new_pos - pos)
+                elif line == 1:
+                    raise DataError(f"{path}: input file is empty (no lines)")
+                return
+            data = carry + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                carry = data
+                continue
+            n = data.count(b"\n", 0, cut)
+            yield Block(path, file_index, line, n, data[:cut], new_pos - pos)
+            pos, line, carry = new_pos, line + n, data[cut:]
+    finally:
+        stream.close()
+        raw.close()
+
+
+def count_lines(path: str) -> int:
+    return sum(b.lines for b in iter_blocks(path))
+
+
+# ---------------------------------------------------------------------------------- parsing
+@dataclass
+class Parsed:
+    """The good lines of a block. n rows:
+
+    lines [n] int64 (1-based line numbers), label [n] int8, dense [n, 13] float64 (NaN = missing),
+    cat [n, 26] uint32, cat_missing [n, 26] bool; bad: reason -> count; first_bad: the first
+    few (line, message) in line order.
+    """
+
+    lines: np.ndarray
+    label: np.ndarray
+    dense: np.ndarray
+    cat: np.ndarray
+    cat_missing: np.ndarray
+    bad: dict[str, int] = field(default_factory=dict)
+    first_bad: list[tuple[int, str]] = field(default_factory=list)
+
+
+_NUMBER = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+MAX_EXAMPLES = 20
+
+
+def parse_block(block: Block) -> Parsed:
+    wrong_count: list[tuple[int, str]] = []
+
+    def on_invalid(row) -> str:  # called for lines whose field count is not 40
+        wrong_count.append((block.first_line + row.number - 1,
+                            f"{row.actual_columns} fields, expected {len(FIELDS)}"))
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(block.data),
+            read_options=pacsv.ReadOptions(column_names=FIELDS, use_threads=False,
+                                           block_size=max(len(block.data) + 1, 1 << 16)),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                             ignore_empty_lines=False, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in FIELDS},
+                                                 strings_can_be_null=True, null_values=[""]),
+        )
+    except (pa.ArrowException, UnicodeDecodeError) as e:
+        raise DataError(f"{block.path}: cannot parse lines {block.first_line}-{block.first_line + block.lines - 1} "
+                        f"as TSV ({str(e).splitlines()[0]})") from None
+    n = table.num_rows
+    # Line number of every parsed row: the block's lines minus those skipped for their field count.
+    skipped = np.array([ln for ln, _ in wrong_count], dtype=np.int64) - block.first_line
+    lines = np.delete(np.arange(block.lines, dtype=np.int64), skipped)[:n] + block.first_line
+    bad = np.zeros(n, dtype=np.int8)  # 0 = good, else 1 + index into REASONS
+    notes: dict[int, str] = {}  # row -> message, for the first bad rows only
+
+    def mark(mask: np.ndarray, reason: str, message) -> None:
+        new = mask & (bad == 0)
+        if new.any():
+            bad[new] = 1 + REASONS.index(reason)
+            for r in np.flatnonzero(new)[:MAX_EXAMPLES]:
+                notes.setdefault(int(r), message(int(r)))
+
+    label_col = table.column("label").combine_chunks()
+    label_f = _to_float(label_col)
+    label_ok = (label_f == 0) | (label_f == 1)
+    mark(~label_ok, "label", lambda r: f"label {label_col[r].as_py()!r} is not 0 or 1")
+
+    dense = np.empty((n, len(DENSE)), dtype=np.float64)
+    for j, name in enumerate(DENSE):
+        col = table.column(name).combine_chunks()
+        x = _to_float(col)
+        missing = col.is_null().to_numpy(zero_copy_only=False)
+        broken = ~missing & ~np.isfinite(x)
+        mark(broken, "dense", lambda r, col=col, name=name: f"{name} value {col[r].as_py()!r} is not a finite number")
+        dense[:, j] = np.where(missing, np.nan, x)
+
+    cat = np.zeros((n, len(CATEGORICAL)), dtype=np.uint32)
+    cat_missing = np.zeros((n, len(CATEGORICAL)), dtype=bool)
+    for j, name in enumerate(CATEGORICAL):
+        col = table.column(name).combine_chunks()
+        values, missing, broken = _hex32(col)
+        mark(broken, "categorical",
+             lambda r, col=col, name=name: f"{name} value {col[r].as_py()!r} is not 8 hex digits")
+        cat[:, j], cat_missing[:, j] = values, missing
+
+    counts = {reason: int((bad == i + 1).sum()) for i, reason in enumerate(REASONS)}
+    counts["field_count"] = len(wrong_count)
+    examples = sorted(wrong_count[:MAX_EXAMPLES] + [(int(lines[r]), m) for r, m in notes.items()])[:MAX_EXAMPLES]
+    keep = bad == 0
+    return Parsed(lines[keep], label_f[keep].astype(np.int8), dense[keep], cat[keep], cat_missing[keep],
+                  {k: v for k, v in counts.items() if v}, examples)
+
+
+def _to_float(col: pa.Array) -> np.ndarray:
+    """float64 values of a string column; null and unparsable -> NaN."""
+    try:
+        x = pc.cast(col, pa.float64())
+    except pa.ArrowInvalid:  # some value is not a number: null those and cast the rest
+        ok = pc.match_substring_regex(col, _NUMBER)
+        x = pc.cast(pc.if_else(ok, col, pa.scalar(None, pa.string())), pa.float64())
+    return pc.fill_null(x, float("nan")).to_numpy(zero_copy_only=False)
+
+
+def _hex32(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint32 values, missing, broken) of a column of 8-hex-digit strings, without per-row Python."""
+    n = len(col)
+    missing = col.is_null().to_numpy(zero_copy_only=False)
+    values = np.zeros(n, dtype=np.uint32)
+    if n == 0 or missing.all():
+        return values, missing, np.zeros(n, dtype=bool)
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset:col.offset + n + 1]
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
+    lengths = np.diff(offsets)
+    eight = (lengths == 8) & ~missing
+    nibbles = _HEX[data[offsets[:-1][eight, None] + np.arange(8, dtype=np.int32)]]
+    digits_ok = (nibbles != 255).all(axis=1)
+    values[eight] = np.where(digits_ok, (nibbles.astype(np.uint32) << _SHIFTS).sum(axis=1, dtype=np.uint32), 0)
+    broken = ~missing & ~eight
+    broken[np.flatnonzero(eight)[~digits_ok]] = True
+    return values, missing, broken
+
+
+def format_hex32(values: np.ndarray) -> np.ndarray:
+    """uint32 -> array of 8-byte lowercase hex strings (numpy 'S8'), vectorised."""
+    v = np.asarray(values, dtype=np.uint32)
+    nib = (v[:, None] >> _SHIFTS) & np.uint32(15)
+    return np.frombuffer(np.frombuffer(b"0123456789abcdef", np.uint8)[nib].tobytes(), dtype="S8")
+
+
+def input_size(paths: list[str]) -> int:
+    return sum(os.path.getsize(p) for p in paths)
