@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = data_sub.add_parser("generate", help="a synthetic data set with a planted signal and known best AUC")
     synthetic.add_generate_arguments(gen)
     gen.set_defaults(func=synthetic.run_generate)
+
+    # The benchmark harness lives in benchmarks/ at the top of the source tree.
+    from benchmarks.cli import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="benchmark suites: run, list, compare"))
     return parser
 
 

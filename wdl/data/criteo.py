@@ -30,7 +30,6 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,24 +146,7 @@ def _strip_parsed(p: Parsed) -> Parsed:
 
 
 def _pipeline(job, blocks, plan: Plan, workers: int):
-    """Results of `job` over `blocks`, in order; at most 2 blocks per worker in flight."""
-    if workers <= 1:
-        _init_worker(plan)
-        for b in blocks:
-            yield job(b)
-        return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(plan,)) as pool:
-        pending = collections.deque()
-        try:
-            for b in blocks:
-                pending.append(pool.submit(job, b))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+    return tsv.ordered_map(job, blocks, workers, _init_worker, plan)
 
 
 # ---------------------------------------------------------------------------------- main side

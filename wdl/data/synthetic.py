@@ -1,0 +1,252 @@
+"""`wdl data generate`: synthetic data sets with a planted signal (models in wdl.data.planted).
+
+    wdl data generate --profile criteo --rows 1000000 --out data/synthetic-criteo
+    wdl data generate --profile criteo --rows 100000000 --out /tmp/crit-tsv --format criteo-tsv --workers 2
+    wdl data prepare criteo --input /tmp/crit-tsv/day_0 /tmp/crit-tsv/day_1 --out data/from-tsv
+
+Rows are generated in chunks of CHUNK_ROWS, chunk k from the random stream (seed, k), by a
+pool of workers; results are written in chunk order, so the output depends only on the seed
+and memory stays bounded (a few chunks in flight) however many rows are asked for.
+
+Each row goes to train/valid/test by a uniform draw. The Bayes-optimal test AUC, the AUC of
+the true probabilities on the test rows, is accumulated over a fine histogram of p (2^20 bins;
+ties within a bin count half, an error below 1e-5 at these sizes) and written into the
+manifest as `bayes_optimal_auc`; Parquet rows also carry their true probability (`bayes_p`).
+
+`--format criteo-tsv` (criteo profile) writes Criteo's TSV layout instead: `day_0` holds the
+train rows and `day_1` the test rows, so `wdl data prepare criteo` (days split: the last day is
+test) reproduces the same split; `planted.json` next to them carries the Bayes-optimal AUC,
+and prepare copies it into its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from wdl.data import planted, tsv
+from wdl.data.tsv import CATEGORICAL, DENSE
+from wdl.data.writer import DatasetWriter, RunningStats
+from wdl.errors import DataError
+
+CHUNK_ROWS = 1 << 17
+AUC_BINS = 1 << 20
+SPLITS = ("train", "valid", "test")
+
+_JOB: dict = {}
+
+
+def _init_worker(params: dict) -> None:
+    _JOB.clear()
+    _JOB.update(params)
+
+
+def _chunk(k: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Chunk k: (split -> Parquet table or TSV bytes, true p of its test rows, their labels)."""
+    j = _JOB
+    rng = np.random.default_rng([j["seed"], k])
+    n = min(CHUNK_ROWS, j["rows"] - k * CHUNK_ROWS)
+    if j["profile"] == "criteo":
+        c = planted.criteo_chunk(j["seed"], rng, n)
+    else:
+        c = planted.movielens_chunk(j["seed"], rng, n, j["n_users"], j["n_items"])
+    c["label"] = (rng.random(n) < c["p"]).astype(np.int8)
+    u = rng.random(n)
+    where = np.where(u < j["test_fraction"], 2, np.where(u < j["test_fraction"] + j["valid_fraction"], 1, 0))
+    out = {}
+    for code, name in enumerate(SPLITS):
+        rows = where == code
+        if not rows.any():
+            continue
+        if j["format"] == "criteo-tsv":
+            out[name] = _tsv_bytes(j["seed"], c, rows)
+        elif j["profile"] == "criteo":
+            out[name] = planted.criteo_table(c, rows)
+        else:
+            out[name] = planted.movielens_table(c, rows)
+    test = where == 2
+    return out, c["p"][test], c["label"][test]
+
+
+def _tsv_bytes(seed: int, c: dict, rows: np.ndarray) -> bytes:
+    cols = {"label": pa.array(c["label"][rows], pa.int8())}
+    for j, name in enumerate(DENSE):
+        cols[name] = pa.array(c["raw"][rows, j], from_pandas=True).cast(pa.int64())
+    for j, name in enumerate(CATEGORICAL):
+        r = c["ranks"][rows, j]
+        hexes = tsv.format_hex32(planted.criteo_hex(seed, r, j))
+        cols[name] = pa.array(hexes.astype(object), pa.binary(), mask=r < 0).cast(pa.string())
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(pa.table(cols), sink, write_options=pacsv.WriteOptions(
+        include_header=False, delimiter="\t", quoting_style="none"))
+    return sink.getvalue().to_pybytes()
+
+
+class _AUC:
+    """Streaming AUC over a histogram of scores in [0, 1]."""
+
+    def __init__(self) -> None:
+        self.pos = np.zeros(AUC_BINS, np.int64)
+        self.neg = np.zeros(AUC_BINS, np.int64)
+
+    def update(self, p: np.ndarray, y: np.ndarray) -> None:
+        b = np.minimum((p * AUC_BINS).astype(np.int64), AUC_BINS - 1)
+        self.pos += np.bincount(b[y == 1], minlength=AUC_BINS)
+        self.neg += np.bincount(b[y == 0], minlength=AUC_BINS)
+
+    def result(self) -> float:
+        P, N = self.pos.sum(), self.neg.sum()
+        if P == 0 or N == 0:
+            return float("nan")
+        below = np.cumsum(self.neg) - self.neg
+        return float((self.pos * (below + 0.5 * self.neg)).sum() / (P * N))
+
+
+def generate(profile: str, rows: int, out, *, seed: int = 2021, fmt: str = "parquet", test_fraction: float = 0.1,
+             valid_fraction: float = 0.0, workers: int = 1, overwrite: bool = False, row_group_rows: int = 16384,
+             rows_per_file: int = 1_000_000, progress: bool = True) -> dict:
+    """Write a planted synthetic data set to `out`; returns the summary."""
+    if profile not in ("criteo", "movielens"):
+        raise DataError(f"unknown profile {profile!r} (criteo or movielens)")
+    if fmt not in ("parquet", "criteo-tsv"):
+        raise DataError(f"unknown format {fmt!r} (parquet or criteo-tsv)")
+    if fmt == "criteo-tsv" and (profile != "criteo" or valid_fraction > 0):
+        raise DataError("--format criteo-tsv needs --profile criteo and no valid split (day_0 train, day_1 test)")
+    if rows < 1:
+        raise DataError(f"--rows must be >= 1, got {rows}")
+    if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and test_fraction + valid_fraction < 1):
+        raise DataError(f"--test-fraction {test_fraction} must be in (0, 1) and leave rows for training "
+                        f"with --valid-fraction {valid_fraction}")
+    n_users, n_items = planted.movielens_sizes(rows)
+    params = {"profile": profile, "rows": rows, "seed": seed, "format": fmt, "test_fraction": test_fraction,
+              "valid_fraction": valid_fraction, "n_users": n_users, "n_items": n_items}
+    chunks = range((rows + CHUNK_ROWS - 1) // CHUNK_ROWS)
+    results = tsv.ordered_map(_chunk, chunks, max(1, int(workers)), _init_worker, params)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=rows, desc=f"generate {profile}", unit="row", unit_scale=True, dynamic_ncols=True,
+               disable=None if progress else True, file=sys.stderr)
+    auc, counts, positives = _AUC(), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    start = time.perf_counter()
+    split = {"kind": "random", "seed": seed, "test_fraction": test_fraction, "valid_fraction": valid_fraction,
+             "rule": "each row by a uniform draw from its chunk's stream"}
+    planted_info = {"profile": profile, "seed": seed, "rows": rows, "model": _describe(profile, n_users, n_items)}
+
+    def consume(tables: dict, p, y, write) -> None:
+        auc.update(p, y)
+        for name, t in tables.items():
+            write(name, t)
+            n = t.num_rows if isinstance(t, pa.Table) else t.count(b"\n")
+            counts[name] += n
+            positives[name] += int(np.asarray(t.column("label")).sum()) if isinstance(t, pa.Table) else 0
+            bar.update(n)
+
+    if fmt == "parquet":
+        stats = {}
+        with DatasetWriter(out, name=f"synthetic-{profile}", overwrite=overwrite, row_group_rows=row_group_rows,
+                           rows_per_file=rows_per_file) as w:
+            dense_cols = DENSE if profile == "criteo" else ["release_year"]
+            stats = {c: RunningStats() for c in dense_cols}
+
+            def write(name, t):
+                w.write(name, t)
+                if name == "train":
+                    for c in dense_cols:
+                        stats[c].update(t.column(c).to_numpy())
+
+            for tables, p, y in results:
+                consume(tables, p, y, write)
+            if counts["test"] == 0:
+                raise DataError(f"{rows} rows leave no test rows at --test-fraction {test_fraction}; ask for more rows")
+            dense_stats = {c: s.result() for c, s in stats.items()}
+            columns = (planted.criteo_columns(dense_stats) if profile == "criteo"
+                       else planted.movielens_columns(n_users, n_items, dense_stats["release_year"]))
+            bayes = auc.result()
+            w.commit(source={"kind": "synthetic", "profile": profile, "seed": seed, "rows": rows}, label="label",
+                     columns=columns, split=split, extra={"bayes_optimal_auc": bayes, "planted": planted_info,
+                                                         "other_columns": {"bayes_p": "true probability of label 1"}})
+    else:
+        bayes = _write_tsv(out, results, consume, overwrite, planted_info, auc)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"out": str(out), "rows": {k: v for k, v in counts.items() if v}, "bayes_optimal_auc": bayes,
+            "positive_rate": {k: positives[k] / v for k, v in counts.items() if v and fmt == "parquet"},
+            "seconds": seconds, "rows_per_second": rows / seconds if seconds else 0.0}
+
+
+def _write_tsv(out, results, consume, overwrite: bool, info: dict, auc: _AUC) -> float:
+    """day_0 (train) and day_1 (test) into a temporary folder, planted.json last, then rename."""
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (overwrite and (out / "planted.json").is_file()):
+            raise DataError(f"output {out} exists and is not empty; choose another --out"
+                            + (" (or --overwrite to replace a generated one)" if (out / "planted.json").is_file() else ""))
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    files = {}
+    try:
+        tmp.mkdir(parents=True)
+        files = {"train": open(tmp / "day_0", "wb"), "test": open(tmp / "day_1", "wb")}
+        for tables, p, y in results:
+            consume(tables, p, y, lambda name, data: files[name].write(data))
+        for f in files.values():
+            f.close()
+        info = {**info, "bayes_optimal_auc": auc.result(), "train_file": "day_0", "test_file": "day_1"}
+        (tmp / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        for f in files.values():
+            f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info["bayes_optimal_auc"]
+
+
+def _describe(profile: str, n_users: int, n_items: int) -> dict:
+    if profile == "criteo":
+        name = lambda j: CATEGORICAL[j]  # noqa: E731
+        return {"value_effects": {name(j): s for j, s in planted.CRITEO_VALUE_EFFECTS.items()},
+                "latent_interaction": [name(j) for j in planted.CRITEO_LATENT],
+                "crosses": [[name(a), name(b)] for a, b in planted.CRITEO_CROSSES],
+                "dense_weights_on_standardised_log1p": dict(zip(DENSE, planted.CRITEO_DENSE_WEIGHTS)),
+                "nonlinear": "0.5 * sin(2 * log1p(I7))", "cardinalities": dict(zip(CATEGORICAL, planted.CRITEO_CARDINALITIES))}
+    return {"users": n_users, "items": n_items, "value_effects": ["user_id", "movie_id", "occupation"],
+            "latent_interaction": ["user_id", "movie_id"], "crosses": [["gender", "genres"], ["age_bucket", "genres"]],
+            "dense": "0.3 * (release_year - 1985) / 15"}
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_generate_arguments(parser) -> None:
+    """Flags of `wdl data generate`."""
+    parser.add_argument("--profile", required=True, choices=("criteo", "movielens"), help="shape of the data")
+    parser.add_argument("--rows", required=True, type=int, help="rows in all splits together")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=2021, help="the output depends only on this (default 2021)")
+    parser.add_argument("--format", choices=("parquet", "criteo-tsv"), default="parquet",
+                        help="a wdl data set (default) or Criteo TSV files day_0 (train), day_1 (test)")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of test rows (default 0.1)")
+    parser.add_argument("--valid-fraction", type=float, default=0.0, help="share of valid rows (default 0)")
+    parser.add_argument("--workers", type=int, default=1, help="generating processes (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_generate(args) -> int:
+    s = generate(args.profile, args.rows, args.out, seed=args.seed, fmt=args.format, test_fraction=args.test_fraction,
+                 valid_fraction=args.valid_fraction, workers=args.workers, overwrite=args.overwrite,
+                 progress=not args.no_progress)
+    rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
+    print(f"wrote {s['out']}\n  rows: {rows}\n  Bayes-optimal test AUC: {s['bayes_optimal_auc']:.4f}\n"
+          f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s")
+    return 0
