@@ -1,0 +1,105 @@
+"""PNG plots of one result; only those the result has data for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def make_plots(result: dict[str, Any], out: Path) -> list[str]:
+    ms, summary = result["measurements"], result["summary"]
+    made = []
+    title = f"{result['suite']} on {result['machine']['kind']}"
+
+    # AUC vs epoch, one line per system (mean over repetitions), reference points as markers.
+    curves: dict[str, dict[int, list[float]]] = {}
+    for m in ms:
+        if m.get("auc") is not None and m.get("epoch") is not None and m.get("kind") in ("wdl", "peer", "reference",
+                                                                                          "sklearn_lr", "planted"):
+            curves.setdefault(m["system"], {}).setdefault(int(m["epoch"]), []).append(m["auc"])
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for system, pts in curves.items():
+            xs = sorted(pts)
+            ys = [sum(pts[x]) / len(pts[x]) for x in xs]
+            measured = any(m.get("measured", True) for m in ms if m["system"] == system)
+            if len(xs) == 1 or not measured:
+                ax.plot(xs, ys, "o" if measured else "x", label=system + ("" if measured else " (published)"))
+            else:
+                ax.plot(xs, ys, marker=".", label=system)
+            bayes = next((m.get("bayes_auc") for m in ms if m["system"] == system and m.get("bayes_auc")), None)
+            if bayes:
+                ax.axhline(bayes, color="grey", ls="--", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test AUC")
+        ax.set_title(f"AUC vs epoch: {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        made.append(_save(fig, out / "auc_vs_epoch.png"))
+
+    # Seconds per training epoch per system (warm-up excluded), error bars across repetitions.
+    rows = [(s, v["train_seconds"]) for s, v in summary.items()
+            if v.get("train_seconds") and v.get("kind") in ("wdl", "peer", "reference", "sklearn_lr", "planted")]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+        names = [s for s, _ in rows]
+        ax.barh(names, [v["mean"] for _, v in rows], xerr=[v.get("std") or 0 for _, v in rows], color="tab:blue")
+        for i, (_, v) in enumerate(rows):
+            ax.text(v["mean"], i, f" {v['mean']:.2f}", va="center", fontsize=8)
+        ax.set_xlabel("train seconds per epoch (warm-up excluded)")
+        ax.set_title(f"Seconds per epoch: {title}", fontsize=9)
+        ax.invert_yaxis()
+        made.append(_save(fig, out / "seconds_per_epoch.png"))
+
+    # samples/s vs world size (scaling).
+    by_ws: dict[str, dict[int, float]] = {}
+    for s, v in summary.items():
+        if v.get("kind") == "wdl" and v.get("world_size") and v.get("samples_per_second") and "@ws" in s:
+            by_ws.setdefault(v["group"], {})[int(v["world_size"])] = v["samples_per_second"]["mean"]
+    if by_ws:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for group, pts in by_ws.items():
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", label=group)
+            if 1 in pts:
+                ax.plot(xs, [pts[1] * x for x in xs], ls=":", color="grey", lw=1)
+        ax.set_xlabel("world size (processes)")
+        ax.set_ylabel("training samples/s")
+        ax.set_xticks(sorted({x for p in by_ws.values() for x in p}))
+        ax.set_title(f"Samples/s vs world size (dotted: linear): {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        made.append(_save(fig, out / "samples_vs_world_size.png"))
+
+    # samples/s vs batch size (throughput), ours and the compute floor, one line per embedding dim.
+    lines: dict[str, dict[int, float]] = {}
+    for s, v in summary.items():
+        if v.get("kind") == "throughput" and v.get("samples_per_second"):
+            key = v["group"] + (f" d={v['embedding_dim']}" if v.get("embedding_dim") else "")
+            lines.setdefault(key, {})[int(v["batch_size"])] = v["samples_per_second"]["mean"]
+    if lines:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for key, pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", ls="--" if key.startswith("compute_floor") else "-",
+                    label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("training samples/s")
+        ax.set_title(f"Samples/s vs batch size: {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / "samples_vs_batch_size.png"))
+    return made

@@ -1,0 +1,159 @@
+"""Results of one suite run: results.json (machine, suite, every measurement), results.csv,
+report.md; summaries across repetitions and `compare`.
+
+A measurement is a flat dict: which system/variant, which repetition and epoch, whether it is
+warm-up, and the numbers. Summaries use non-warm-up records only; the noise of a summary is the
+spread across repetitions (or, with one repetition, across the timed epochs of that one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+# metric -> (higher is better, absolute noise floor, relative noise floor)
+METRICS = {
+    "train_seconds": (False, 0.0, 0.02),
+    "samples_per_second": (True, 0.0, 0.02),
+    "step_p50_ms": (False, 0.0, 0.02),
+    "step_p90_ms": (False, 0.0, 0.02),
+    "auc": (True, 0.002, 0.0),
+    "logloss": (False, 0.002, 0.0),
+    "peak_rss_mb": (False, 0.0, 0.05),
+    "rows_per_second": (True, 0.0, 0.02),
+}
+TIMING = {"train_seconds", "samples_per_second", "step_p50_ms", "step_p90_ms", "rows_per_second"}
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """system -> {metric: {mean, std, n, values}}; AUC/logloss from each repetition's last epoch."""
+    by_system: dict[str, list[dict]] = {}
+    for m in measurements:
+        by_system.setdefault(m["system"], []).append(m)
+    out: dict[str, dict[str, Any]] = {}
+    for system, ms in by_system.items():
+        reps = sorted({m.get("rep", 0) for m in ms})
+        summary: dict[str, Any] = {k: ms[0][k] for k in ("group", "kind", "world_size", "batch_size", "embedding_dim")
+                                   if ms[0].get(k) is not None}
+        for metric in METRICS:
+            per_rep, within = [], []
+            for r in reps:
+                rows = [m for m in ms if m.get("rep", 0) == r and m.get(metric) is not None]
+                if not rows:
+                    continue
+                if metric in TIMING or metric == "peak_rss_mb":
+                    timed = [m for m in rows if not m.get("warmup")] or rows
+                    vals = [m[metric] for m in timed]
+                    per_rep.append(statistics.median(vals) if metric in TIMING else max(vals))
+                    if len(vals) > 1 and metric in TIMING:
+                        within.append(statistics.stdev(vals))
+                else:  # quality: the last epoch of the repetition
+                    last = max(rows, key=lambda m: m.get("epoch") or 0)
+                    per_rep.append(last[metric])
+            if not per_rep:
+                continue
+            std = _std(per_rep)
+            noise_from = "repetitions"
+            if std is None and within:
+                std, noise_from = _mean(within), "epochs"
+            summary[metric] = {"mean": _mean(per_rep), "std": std, "n": len(per_rep), "noise_from": noise_from,
+                               "values": per_rep}
+        aucs = [m["auc"] for m in ms if m.get("auc") is not None]
+        if aucs:
+            summary["best_auc"] = max(aucs)
+        out[system] = summary
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def write_results(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    rows = result["measurements"]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    from wdl.errors import ConfigError
+
+    if not p.is_file():
+        raise ConfigError(f"no benchmark result at {path} (expected a results.json or its folder)")
+    return json.loads(p.read_text())
+
+
+def fmt(x: Any, nd: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{nd}g}" if abs(x) < 1 else f"{x:.{max(nd - len(str(int(abs(x)))), 1)}f}"
+    return str(x)
+
+
+def _mean_of(summary: dict, system: str, metric: str) -> float | None:
+    return (summary.get(system, {}).get(metric) or {}).get("mean")
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (system, metric, a, b, ratio b/a, change flagged?) for everything both results measured.
+
+    A change is flagged when |b - a| exceeds twice the combined noise of the two results (the
+    spread across repetitions), and at least the metric's noise floor.
+    """
+    sa, sb = a["summary"], b["summary"]
+    rows, notes = [], []
+    if a.get("machine", {}).get("kind") != b.get("machine", {}).get("kind"):
+        notes.append(f"different machines: {a.get('machine', {}).get('kind')} vs {b.get('machine', {}).get('kind')}")
+    for system in [s for s in sa if s in sb]:
+        for metric, (higher_better, abs_floor, rel_floor) in METRICS.items():
+            ma, mb = sa[system].get(metric), sb[system].get(metric)
+            if not ma or not mb or ma.get("mean") is None or mb.get("mean") is None:
+                continue
+            va, vb = ma["mean"], mb["mean"]
+            noise = 2 * math.sqrt((ma.get("std") or 0.0) ** 2 + (mb.get("std") or 0.0) ** 2)
+            threshold = max(noise, abs_floor, rel_floor * abs(va))
+            diff = vb - va
+            flag = ""
+            if abs(diff) > threshold:
+                better = (diff > 0) == higher_better
+                flag = "better" if better else "WORSE"
+            rows.append({"system": system, "metric": metric, "a": va, "b": vb,
+                         "ratio": vb / va if va else None, "diff": diff, "threshold": threshold, "flag": flag})
+    return rows, notes
+
+
+def format_compare(rows: list[dict[str, Any]], notes: list[str]) -> str:
+    lines = [f"note: {n}" for n in notes]
+    lines.append(f"{'system':<28} {'metric':<20} {'A':>12} {'B':>12} {'B/A':>7} {'noise':>10}  change")
+    for r in rows:
+        lines.append(f"{r['system']:<28} {r['metric']:<20} {fmt(r['a']):>12} {fmt(r['b']):>12} "
+                     f"{(r['ratio'] or float('nan')):>7.3f} {fmt(r['threshold'], 2):>10}  {r['flag']}")
+    worse = sum(r["flag"] == "WORSE" for r in rows)
+    lines.append(f"{worse} regression(s) beyond noise, {sum(r['flag'] == 'better' for r in rows)} improvement(s)")
+    return "\n".join(lines)
