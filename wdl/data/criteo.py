@@ -168,6 +168,10 @@ def _plan_splits(inputs: list[str], split: str, test_day: int | None, halve: boo
     test_day = max(numbers) if test_day is None else test_day
     if test_day not in numbers:
         raise DataError(f"test day {test_day} is not among the inputs (days {sorted(set(numbers))})")
+    later = sorted({n for n in numbers if n > test_day})
+    if later:
+        raise DataError(f"day {later[0]} comes after the test day {test_day}: training on it would use the future; "
+                        "leave it out of --input")
     if all(n == test_day for n in numbers):
         raise DataError(f"every input is the test day {test_day}: nothing to train on")
     rules = ["halves" if n == test_day and halve else "test" if n == test_day else "train" for n in numbers]
