@@ -61,24 +61,34 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _peers(result: dict) -> list[str]:
-    summary = result["summary"]
+def peer_ratios(summary: dict) -> list[dict]:
+    """For each of our systems and each other system: s/epoch ratio (ours / theirs), AUC difference."""
     ours = [s for s, v in summary.items() if v.get("kind") == "wdl"]
     others = [s for s, v in summary.items() if v.get("kind") in ("peer", "sklearn_lr", "reference")]
-    if not ours or not others:
+    rows = []
+    for o in ours:
+        b = summary[o]
+        for s in others:
+            v = summary[s]
+            ratio = _m(b, "train_seconds") / _m(v, "train_seconds") if _m(v, "train_seconds") and _m(b, "train_seconds") else None
+            diff = _m(b, "auc") - _m(v, "auc") if _m(v, "auc") is not None and _m(b, "auc") is not None else None
+            rows.append({"ours": o, "other": s, "reference": v.get("kind") == "reference", "seconds_ratio": ratio,
+                         "auc_diff": diff, "their_auc": _m(v, "auc"), "their_seconds": _m(v, "train_seconds")})
+    return rows
+
+
+def _peers(result: dict) -> list[str]:
+    rows = peer_ratios(result["summary"])
+    if not rows:
         return []
-    base = ours[0]
-    b = summary[base]
     out = ["## Ours vs the others (same run, same split, same features)", "",
-           f"| other | ours ({base}) s/epoch ÷ theirs | ours AUC − theirs | their AUC | their s/epoch |",
-           "|---|---:|---:|---:|---:|"]
-    for s in others:
-        v = summary[s]
-        ratio = (_m(b, "train_seconds") / _m(v, "train_seconds")) if _m(v, "train_seconds") and _m(b, "train_seconds") else None
-        diff = (_m(b, "auc") - _m(v, "auc")) if _m(v, "auc") is not None and _m(b, "auc") is not None else None
-        label = s + (" (published, other data and hardware)" if v.get("kind") == "reference" else "")
-        out.append(f"| {label} | {fmt(ratio, 3)} | {'-' if diff is None else f'{diff:+.4f}'} | {fmt(_m(v, 'auc'))} "
-                   f"| {fmt(_m(v, 'train_seconds'))} |")
+           "| ours | other | s/epoch ours ÷ theirs | AUC ours − theirs | their AUC | their s/epoch |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        label = r["other"] + (" (published; other data set and hardware)" if r["reference"] else "")
+        diff = "-" if r["auc_diff"] is None else f"{r['auc_diff']:+.4f}"
+        out.append(f"| {r['ours']} | {label} | {fmt(r['seconds_ratio'], 3)} | {diff} | {fmt(r['their_auc'])} "
+                   f"| {fmt(r['their_seconds'])} |")
     out.append("")
     return out
 

@@ -161,9 +161,11 @@ def _run_throughput(suite: dict, system: dict, out: Path, reps: int) -> list[dic
             label = f"bs{cfg.data.batch_size}" + (f"-d{dim}" if dim else "")
             for rep in range(reps):
                 _say(f"throughput {label} rep {rep + 1}/{reps}")
+                # Time enough steps to cross several shuffle blocks: a streaming reader converts
+                # a block at a time, so a short window would see only cheap slicing.
+                steps = max(int(system.get("steps", 50)), -(-int(system.get("timed_rows", 0)) // cfg.data.batch_size))
                 for r in throughput.measure(cfg, out / "runs" / f"throughput-{label}-r{rep}",
-                                            warmup_steps=int(system.get("warmup_steps", 5)),
-                                            steps=int(system.get("steps", 50))):
+                                            warmup_steps=int(system.get("warmup_steps", 5)), steps=steps):
                     recs.append({"system": f"{r['variant']}@{label}", "group": r["variant"], "kind": "throughput",
                                  "rep": rep, "warmup": False, "batch_size": cfg.data.batch_size,
                                  "embedding_dim": dim, **r})
