@@ -50,7 +50,7 @@ def load_table(files: list[Path], spec: FeatureSpec) -> FeatureTable:
             t = pq.ParquetFile(u.path).read_row_group(u.index, columns=spec.columns)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
-        parts.append(spec.encode(t, str(u.path)))
+        parts.append(spec.encode(t, f"{u.path} (row group {u.index})"))  # rows are counted within the group
     if not parts:
         raise DataError(f"no rows in {', '.join(map(str, files))}")
     return FeatureTable.concat(parts)

@@ -265,7 +265,7 @@ class FeatureSpec:
         bad = ~((y == 0.0) | (y == 1.0))  # NaN and nulls (NaN after conversion) are bad too
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{where}: label column {self.label!r} holds {y[row]!r} at row {row}; labels must be 0 or 1")
+            raise DataError(f"{where}: label column {self.label!r} holds {float(y[row])} at row {row}; labels must be 0 or 1")
         return y
 
     @staticmethod
