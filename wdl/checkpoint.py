@@ -71,7 +71,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save({**app_state, "progress": dict(progress)}, checkpoint_id=str(tmp))
+        dcp.save({**app_state, "progress": _encode(progress)}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
         _barrier()
         if self.rank == 0:
@@ -89,12 +89,12 @@ class Checkpointer:
         """Fill `app_state` in place from `path`; returns the saved progress."""
         meta = json.loads((path / "meta.json").read_text())
         self._check_compatible(path, meta)
-        state = {**app_state, "progress": dict(progress)}
+        state = {**app_state, "progress": _encode(progress)}
         dcp.load(state, checkpoint_id=str(path))
         rng = path / f"rng-rank{self.rank:05d}.pt"
         if rng.exists() and meta["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
-        return {k: int(v) for k, v in state["progress"].items()}
+        return dict(zip(PROGRESS_KEYS, state["progress"].tolist()))
 
     def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
         saved = meta.get("signature", {})
@@ -108,6 +108,14 @@ class Checkpointer:
                 f"{path} was saved mid-epoch by {meta['world_size']} processes; the read position is per rank, so it "
                 f"resumes only with {meta['world_size']} processes (epoch-end checkpoints load with any number)"
             )
+
+
+PROGRESS_KEYS = ("epoch", "step", "batches_done")
+
+
+def _encode(progress: dict[str, int]) -> torch.Tensor:
+    # A tensor, not a dict of ints: DCP handles tensors identically on every rank count.
+    return torch.tensor([int(progress[k]) for k in PROGRESS_KEYS], dtype=torch.int64)
 
 
 def _barrier() -> None:

@@ -83,6 +83,10 @@ class _Position:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
+    def rows_done(self) -> int:
+        """Rows this rank has consumed in the current epoch (exact, also after a resume)."""
+        raise NotImplementedError
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.batches_done = epoch, 0
@@ -100,6 +104,9 @@ class InMemoryLoader(_Position):
         self.sizes, self.steps_per_epoch = part_sizes(self.num_rows, world_size, batch_size)
         if self.steps_per_epoch == 0:
             raise DataError(f"{self.num_rows} rows cannot be split over {world_size} ranks")
+
+    def rows_done(self) -> int:
+        return batch_bounds(self.sizes[self.rank], self.steps_per_epoch, self.batch_size)[self.batches_done]
 
     def __iter__(self) -> Iterator[Batch]:
         device = self.table.labels.device
@@ -230,6 +237,15 @@ class StreamingLoader(_Position):
         self.num_rows = sum(u.rows for u in self.units)
         _, steps = part_sizes(self.num_rows, self.parts, batch_size)
         self.steps_per_epoch = steps * self.num_workers
+
+    def rows_done(self) -> int:
+        K, c = self.num_workers, self.batches_done
+        sizes, steps = part_sizes(self.num_rows, self.parts, self.batch_size)
+        done = 0
+        for q in range(K):
+            k = (c - q + K - 1) // K if c > q else 0  # batches part q has yielded
+            done += batch_bounds(sizes[self.rank * K + q], steps, self.batch_size)[k]
+        return done
 
     def __iter__(self) -> Iterator[Batch]:
         K, c0 = self.num_workers, self.batches_done

@@ -7,6 +7,7 @@ single-process debug mode, the same code path with world size 1.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,28 @@ def init_distributed(device_spec: str = "auto") -> DistEnv:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:  # under torchrun
-            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend=backend, store=_attempt_store(),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                    device_id=device if device.type == "cuda" else None)
         else:
             # The single-process debug mode runs the same code (TorchRec's sharding included)
             # on a 1-rank group; an in-process store needs no port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def _attempt_store() -> dist.Store:
+    """torchrun's store, under a prefix unique to this restart attempt.
+
+    Measured here (torch 2.13, gloo): after torchrun restarts a group whose first attempt
+    had created extra process groups (TorchRec and DCP do), the new attempt's gloo
+    connectFullMesh reads a dead peer's address and fails ("Connection refused"). Keys
+    scoped by TORCHELASTIC_RESTART_COUNT make every attempt rendezvous afresh.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"wdl/attempt_{attempt}", store)
 
 
 def close_distributed() -> None:

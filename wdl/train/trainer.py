@@ -106,8 +106,9 @@ class Trainer:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no host sync per step
+        resumed_at = self.train_loader.batches_done  # > 0 when resuming mid-epoch
+        rows_before = self.train_loader.rows_done()
         rows, steps = 0, 0
-        epoch_rows_before = self.train_loader.batches_done  # > 0 when resuming mid-epoch
         bar = self._progress(self.train_loader.steps_per_epoch - self.train_loader.batches_done)
         start = time.perf_counter()
         for batch in self.train_loader:
@@ -132,15 +133,16 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        totals = _all_reduce_sum(torch.stack([loss_sum.float().cpu(), torch.tensor(float(rows))]), self.env)
+        totals = _all_reduce_sum(torch.stack([loss_sum.float().cpu(), torch.tensor(float(rows)),
+                                              torch.tensor(float(rows_before))]), self.env)
         global_rows = int(totals[1].item())
         return {
             "train_loss": float(totals[0] / max(global_rows, 1)),
             "train_seconds": seconds,
             "samples_per_second": global_rows / seconds if seconds > 0 else float("nan"),
-            "train_rows": global_rows,
+            "train_rows": global_rows + int(totals[2].item()),  # the whole epoch, across a resume
             "steps": steps,
-            "resumed_at_batch": epoch_rows_before,
+            "resumed_at_batch": resumed_at,
         }
 
     def evaluate(self) -> dict[str, Any]:
