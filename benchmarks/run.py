@@ -27,9 +27,7 @@ def ensure_data(data: dict[str, Any] | None) -> None:
     """Create the suite's data set when it is missing (generated sets via `wdl data generate`)."""
     if not data or "path" not in data:
         return
-    path = Path(data["path"])
-    if not path.is_absolute():
-        path = ROOT / path
+    path = _abs(data["path"])
     if (path / "manifest.json").exists():
         return
     gen = data.get("generate")
@@ -50,10 +48,16 @@ def ensure_data(data: dict[str, Any] | None) -> None:
 
 
 def _config(suite: dict, system: dict, extra: list[str] = ()):
+    """(config path, overrides) for one system; relative paths are from the source tree's root."""
     overrides = [*system.get("overrides", []), *extra, *suite["trainer_overrides"]]
     if suite.get("data", {}).get("path"):
-        overrides.insert(0, f"data.path={suite['data']['path']}")
-    return system.get("config") or suite["config"], overrides
+        overrides.insert(0, f"data.path={_abs(suite['data']['path'])}")
+    return str(_abs(system.get("config") or suite["config"])), overrides
+
+
+def _abs(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
 
 
 def _mark(records: list[dict], suite: dict, system: dict, label: str, rep: int, **extra) -> list[dict]:
@@ -140,9 +144,15 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         "summary": summarise(measurements),
     }
     write_results(out, result)
-    from benchmarks import plots, report
+    from benchmarks import report
 
-    result["plots"] = plots.make_plots(result, out)
+    try:  # plots are optional: a bare GPU box may have torch, pyarrow and sklearn only
+        from benchmarks import plots
+    except ImportError as e:
+        notes.append(f"no plots: {e}")
+        result["plots"] = []
+    else:
+        result["plots"] = plots.make_plots(result, out)
     (out / "report.md").write_text(report.render(result))
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

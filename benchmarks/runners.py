@@ -115,6 +115,7 @@ def run_peer(name: str, script: str, features: Path, epochs: int, log: Path,
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         for line in proc.stdout:
             f.write(line)
+            f.flush()  # the log shows progress while the peer runs
             if line.startswith("BENCH "):
                 records.append(json.loads(line[6:]))
         rc = proc.wait(timeout=timeout)
