@@ -81,12 +81,25 @@ def test_compare_flags_a_planted_regression(tiny_result, tmp_path, capsys):
     rows, _ = compare(a, a)
     assert rows and not any(r["flag"] for r in rows)  # identical results: nothing flagged
 
-    b = copy.deepcopy(a)
-    for r in b["measurements"]:
+    # Known timings (the tiny run's own are at the mercy of a shared machine): A has 2% noise.
+    for r in a["measurements"]:
         if r["system"] == "wdl":
-            r["train_seconds"] *= 3.0  # planted: three times slower
-            r["samples_per_second"] /= 3.0
-    b["summary"] = summarise(b["measurements"])
+            r["train_seconds"] = {1: 5.0, 2: 1.0, 3: 1.02}[r["epoch"]]
+            r["samples_per_second"] = 2400 / r["train_seconds"]
+    a["summary"] = summarise(a["measurements"])
+
+    def scaled(factor: float) -> dict:
+        b = copy.deepcopy(a)
+        for r in b["measurements"]:
+            if r["system"] == "wdl":
+                r["train_seconds"] *= factor
+                r["samples_per_second"] /= factor
+        b["summary"] = summarise(b["measurements"])
+        return b
+
+    rows, _ = compare(a, scaled(1.01))  # within the noise
+    assert not any(r["flag"] for r in rows if r["system"] == "wdl")
+    b = scaled(3.0)  # planted: three times slower
     rows, _ = compare(a, b)
     flagged = {(r["system"], r["metric"]) for r in rows if r["flag"] == "WORSE"}
     assert ("wdl", "train_seconds") in flagged and ("wdl", "samples_per_second") in flagged
@@ -95,7 +108,9 @@ def test_compare_flags_a_planted_regression(tiny_result, tmp_path, capsys):
 
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text(json.dumps(b))
-    assert bench_main(["compare", str(tiny_result), str(tmp_path / "b"), "--fail-on-regression"]) == 1
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(a))
+    assert bench_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--fail-on-regression"]) == 1
     assert "regression(s) beyond noise" in capsys.readouterr().out
 
 
