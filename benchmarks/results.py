@@ -39,6 +39,13 @@ def _std(xs: list[float]) -> float | None:
     return statistics.stdev(xs) if len(xs) > 1 else None
 
 
+def _robust_spread(xs: list[float]) -> float:
+    """A standard deviation estimate that one stalled epoch (another job on a shared machine)
+    cannot blow up: 1.4826 x the median absolute deviation, as for a normal distribution."""
+    med = statistics.median(xs)
+    return 1.4826 * statistics.median([abs(x - med) for x in xs])
+
+
 def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """system -> {metric: {mean, std, n, values}}; AUC/logloss from each repetition's last epoch."""
     by_system: dict[str, list[dict]] = {}
@@ -60,7 +67,7 @@ def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     vals = [m[metric] for m in timed]
                     per_rep.append(statistics.median(vals) if metric in TIMING else max(vals))
                     if len(vals) > 1 and metric in TIMING:
-                        within.append(statistics.stdev(vals))
+                        within.append(_robust_spread(vals))
                 else:  # quality: the last epoch of the repetition
                     last = max(rows, key=lambda m: m.get("epoch") or 0)
                     per_rep.append(last[metric])
