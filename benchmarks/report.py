@@ -32,9 +32,15 @@ def render(result: dict[str, Any]) -> str:
         f"- software: torch {mach['torch']}, torchrec {mach.get('torchrec')}, pyarrow {mach.get('pyarrow')}, "
         f"python {mach['python']}; git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}",
         f"- repetitions: {result['suite_config'].get('repetitions')}, warm-up epochs excluded from timings: "
-        f"{result['suite_config'].get('warmup_epochs')}",
-        "",
+        f"{result['suite_config'].get('warmup_epochs')}; intra-op threads per system: "
+        f"{result['suite_config'].get('threads') or 'library default'}",
     ]
+    loads = [x for l in result.get("load_average", []) for x in (l.get("before"), l.get("after")) if x is not None]
+    if loads:
+        out.append(f"- 1-minute load average around the systems: {min(loads):.1f} to {max(loads):.1f} "
+                   f"on {mach['cpu_cores']} cores" + (" (shared: other jobs ran too, timings are noisy)"
+                                                       if max(loads) > 1.5 * (mach['cpu_cores'] or 1) else ""))
+    out.append("")
     for n in result.get("notes", []):
         out.append(f"> {n}")
     for s in result.get("skipped", []):

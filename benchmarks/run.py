@@ -78,11 +78,20 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
     skipped: list[dict[str, str]] = []
     notes: list[str] = []
     reps = int(suite["repetitions"])
+    # `threads`: one intra-op thread count for every system (OMP_NUM_THREADS, torch.set_num_threads),
+    # so that no system wins by using more cores; unset = each library's default.
+    threads = int(suite["threads"]) if suite.get("threads") else None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     peer_features: Path | None = None
+    load: list[dict[str, Any]] = []  # 1-minute load average around each system: was the machine shared?
     for system in suite["systems"]:
         kind, name = system["kind"], system["name"]
         epochs = int(system.get("epochs", suite["epochs"]))
         t0 = time.perf_counter()
+        load.append({"system": name, "before": _loadavg()})
         if kind == "wdl":
             cfg_path, overrides = _config(suite, system, [f"train.epochs={epochs}"])
             world_sizes = system.get("world_sizes", [1])
@@ -94,7 +103,7 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
                     _say(f"{label} rep {rep + 1}/{reps}: {epochs} epochs, world size {ws}, batch {per_rank}/rank")
                     recs = runners.run_wdl(config=cfg_path, overrides=[*overrides, f"data.batch_size={per_rank}"],
                                            out=out / "runs", name=f"{label.replace('@', '-')}-r{rep}", world_size=ws,
-                                           log=out / "logs" / f"{label}-r{rep}.log")
+                                           log=out / "logs" / f"{label}-r{rep}.log", threads=threads)
                     measurements += _mark(recs, suite, system, label, rep, world_size=ws, batch_size=per_rank,
                                           global_batch_size=per_rank * ws, scaling=system.get("scaling"))
         elif kind == "sklearn_lr":
@@ -119,7 +128,7 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
             for rep in range(reps):
                 _say(f"{name} rep {rep + 1}/{reps}: {epochs} epochs ({why})")
                 recs = runners.run_peer(system["peer"], system["script"], peer_features, epochs,
-                                        log=out / "logs" / f"{name}-r{rep}.log")
+                                        log=out / "logs" / f"{name}-r{rep}.log", threads=threads)
                 measurements += _mark(recs, suite, system, name, rep, versions=why)
         elif kind == "reference":
             recs = [{**r, "measured": False} for r in system["records"]]
@@ -128,8 +137,9 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         elif kind == "throughput":
             measurements += _run_throughput(suite, system, out, reps)
         elif kind == "planted":
-            measurements += _run_planted(suite, system, out, reps, epochs)
+            measurements += _run_planted(suite, system, out, reps, epochs, threads)
         system["seconds"] = round(time.perf_counter() - t0, 1)
+        load[-1]["after"] = _loadavg()
     result = {
         "suite": suite["name"],
         "description": suite.get("description"),
@@ -139,6 +149,7 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         "machine": machine.describe(),
         "suite_config": {k: v for k, v in suite.items() if k not in ("path",)},
         "notes": notes,
+        "load_average": load,
         "skipped": skipped,
         "measurements": measurements,
         "summary": summarise(measurements),
@@ -156,6 +167,15 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
     (out / "report.md").write_text(report.render(result))
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
+
+
+def _loadavg() -> float | None:
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _run_throughput(suite: dict, system: dict, out: Path, reps: int) -> list[dict]:
@@ -189,7 +209,7 @@ def _run_throughput(suite: dict, system: dict, out: Path, reps: int) -> list[dic
     return recs
 
 
-def _run_planted(suite: dict, system: dict, out: Path, reps: int, epochs: int) -> list[dict]:
+def _run_planted(suite: dict, system: dict, out: Path, reps: int, epochs: int, threads: int | None) -> list[dict]:
     """wide vs deep vs wide & deep on the planted set, next to its Bayes-optimal AUC."""
     cfg_path, overrides = _config(suite, system, [f"train.epochs={epochs}"])
     cfg = load_config(cfg_path, overrides)
@@ -201,7 +221,8 @@ def _run_planted(suite: dict, system: dict, out: Path, reps: int, epochs: int) -
         for rep in range(reps):
             _say(f"planted {kind} rep {rep + 1}/{reps}")
             r = runners.run_wdl(config=cfg_path, overrides=[*overrides, f"model.kind={kind}"], out=out / "runs",
-                                name=f"planted-{kind}-r{rep}", log=out / "logs" / f"planted-{kind}-r{rep}.log")
+                                name=f"planted-{kind}-r{rep}", log=out / "logs" / f"planted-{kind}-r{rep}.log",
+                                threads=threads)
             recs += _mark(r, suite, sub, kind, rep, bayes_auc=bayes)
     return recs
 

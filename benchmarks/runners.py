@@ -32,7 +32,7 @@ def _env(threads: int | None = None) -> dict[str, str]:
 
 
 def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_size: int = 1,
-            log: Path, timeout: float | None = None) -> list[dict[str, Any]]:
+            log: Path, threads: int | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
     """One training run; its per-epoch records (warm-up not marked yet) and peak RSS."""
     cmd = [sys.executable]
     if world_size > 1:
@@ -43,8 +43,9 @@ def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_si
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BenchError(f"{run_dir} already holds a run; give `wdl bench run` a fresh --out")
     log.parent.mkdir(parents=True, exist_ok=True)
-    # Each rank gets cores / world_size threads so ranks do not fight over the same cores.
-    threads = max(1, (os.cpu_count() or 1) // world_size) if world_size > 1 else None
+    # Each rank gets (threads or cores) / world_size threads so ranks do not fight over the same cores.
+    if world_size > 1:
+        threads = max(1, (threads or os.cpu_count() or 1) // world_size)
     start = time.perf_counter()
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
@@ -102,7 +103,7 @@ def run_sklearn_lr(cfg, *, max_iter: int = 200) -> list[dict[str, Any]]:
              "samples_per_second": x_tr.shape[0] / train_seconds, **m}]
 
 
-def run_peer(name: str, script: str, features: Path, epochs: int, log: Path,
+def run_peer(name: str, script: str, features: Path, epochs: int, log: Path, threads: int | None = None,
              timeout: float | None = None) -> list[dict[str, Any]]:
     from benchmarks.peers.install import python_of
 
@@ -112,7 +113,8 @@ def run_peer(name: str, script: str, features: Path, epochs: int, log: Path,
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env=_env(threads))
         for line in proc.stdout:
             f.write(line)
             f.flush()  # the log shows progress while the peer runs
