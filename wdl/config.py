@@ -126,6 +126,9 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and smoke runs
     progress: bool = True
+    # Only evaluate the model state (e.g. a checkpoint given by checkpoint.resume) and write
+    # eval.json in the run folder; no training.
+    eval_only: bool = False
     # Fault injection for tests: the last rank SIGKILLs itself after this step on the first
     # attempt under torchrun (0 = off).
     kill_at_step: int = 0

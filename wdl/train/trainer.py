@@ -39,8 +39,12 @@ class Trainer:
         # 1. Run folder (rank 0 picks it, everyone uses it), checkpoint to resume from, seeds.
         self.run_dir, resume_from = _run_dir_and_resume(cfg, env)
         _seed_everything(cfg.run.seed + env.rank)
-        if env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+        if env.is_main:  # a resumed run keeps its first config.yaml and adds config-2.yaml, ...
+            target, i = self.run_dir / "config.yaml", 1
+            while target.exists():
+                i += 1
+                target = self.run_dir / f"config-{i}.yaml"
+            save_config(cfg, target)
 
         # 2. Data: rank 0 prepares a missing data set while the others wait, then everyone reads it.
         if env.is_main:
@@ -85,6 +89,8 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.train
+        if cfg.eval_only:
+            return self.evaluate_only()
         if self.env.is_main:
             n = self.train_loader.num_rows
             print(f"wdl: {self.cfg.model.kind} ({self.cfg.model.embedding_backend} embeddings) on {self.device}, "
@@ -152,6 +158,14 @@ class Trainer:
         m = evaluate(self.model, self.eval_loader, self.device)
         return {**m, "eval_seconds": time.perf_counter() - start}
 
+    def evaluate_only(self) -> dict[str, Any]:
+        result = {"epoch": self.epoch, "step": self.step, "world_size": self.env.world_size, **self.evaluate()}
+        if self.env.is_main:
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{self.cfg.data.eval_split} AUC {result['auc']:.6f} logloss {result['logloss']:.6f} "
+                  f"({result['rows']} rows, model at epoch {self.epoch}, step {self.step})", flush=True)
+        return result
+
     def close(self) -> None:
         pass
 
@@ -207,11 +221,12 @@ def _run_dir_and_resume(cfg: Config, env: DistEnv) -> tuple[Path, Path | None]:
                 path = base
                 found = complete_checkpoints(ckpt_default)
                 ckpt = found[-1] if found else None
-            elif resume:
+            elif resume and not cfg.train.eval_only:
                 ckpt = find_checkpoint(resume, ckpt_default)
                 path = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else base
-            else:
-                path, i, ckpt = base, 0, None
+            else:  # a fresh folder (also for evaluating someone else's checkpoint)
+                ckpt = find_checkpoint(resume, ckpt_default) if resume else None
+                path, i = base, 0
                 while path.exists() and any(path.iterdir()):
                     i += 1
                     path = base.with_name(f"{base.name}-{i}")
