@@ -53,13 +53,21 @@ def make_plots(result: dict[str, Any], out: Path) -> list[str]:
     rows = [(s, v["train_seconds"]) for s, v in summary.items()
             if v.get("train_seconds") and v.get("kind") in ("wdl", "peer", "reference", "sklearn_lr", "planted")]
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+        fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
         names = [s for s, _ in rows]
-        ax.barh(names, [v["mean"] for _, v in rows], xerr=[v.get("std") or 0 for _, v in rows], color="tab:blue")
-        for i, (_, v) in enumerate(rows):
-            ax.text(v["mean"], i, f" {v['mean']:.2f}", va="center", fontsize=8)
-        ax.set_xlabel("train seconds per epoch (warm-up excluded)")
-        ax.set_title(f"Seconds per epoch: {title}", fontsize=9)
+        means = [v["mean"] for _, v in rows]
+        stds = [v.get("std") or 0.0 for _, v in rows]
+        colors = ["tab:grey" if summary[s].get("kind") == "reference" else "tab:blue" for s, _ in rows]
+        # Lower error bar clipped above zero so a log axis can draw it.
+        ax.barh(names, means, xerr=[[min(sd, 0.9 * m) for sd, m in zip(stds, means)], stds], color=colors)
+        for i, m in enumerate(means):
+            ax.text(m, i, f" {m:.2f}", va="center", fontsize=8)
+        log = max(means) / max(min(means), 1e-9) > 20
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("train seconds per epoch, warm-up excluded" + (" (log scale)" if log else ""))
+        note = "; grey: published, not measured here" if "tab:grey" in colors else ""
+        ax.set_title(f"Seconds per epoch: {title}{note}", fontsize=9, loc="left")
         ax.invert_yaxis()
         made.append(_save(fig, out / "seconds_per_epoch.png"))
 
