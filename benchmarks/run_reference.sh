@@ -8,7 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 SUITES=${SUITES:-"peers-movielens-100k movielens-100k throughput scaling planted"}
-KIND=$($PY -c "from benchmarks.machine import describe; print(describe()['kind'])")
+KIND=$($PY -c "from benchmarks.machine import describe; print(describe()['kind'])") || {
+  echo "cannot run $PY with torch: activate the project's venv or set PYTHON"; exit 1; }
 DATE=$(date +%Y-%m-%d)
 for s in $SUITES; do
   out=benchmarks/out/reference-$s-$DATE
