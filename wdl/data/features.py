@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,7 +48,9 @@ def hash_ids(values: np.ndarray, buckets: int) -> np.ndarray:
 
 
 def hash_strings(arr: pa.Array, buckets: int) -> np.ndarray:
-    """Hash a string column: only the distinct values go through Python (dictionary encoding)."""
+    """Hash a string column: only the distinct values go through Python (dictionary encoding).
+    Nulls hash like the empty string."""
+    arr = pc.fill_null(arr, "")
     enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
     uniq = enc.dictionary.to_pylist()
     digests = np.array(
@@ -65,6 +68,20 @@ def cross_ids(parts: list[np.ndarray], buckets: int, salt: int) -> np.ndarray:
         h = mix64(h ^ mix64(p.astype(np.int64).view(np.uint64)))
     return (h % np.uint64(buckets)).astype(np.int64)
 
+
+def _ones(n: int) -> np.ndarray:
+    """Lengths of single-valued columns: one shared read-only array per size."""
+    if _ONES.get("n", 0) < n:
+        _ONES["a"] = np.ones(max(n, 1 << 16), dtype=np.int32)
+        _ONES["a"].flags.writeable = False
+        _ONES["n"] = len(_ONES["a"])
+    return _ONES["a"][:n]
+
+
+_ONES: dict = {}
+
+# Arrow hands out read-only numpy views; the tensors made from them are never written to.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 # ---------------------------------------------------------------------------------------------
 
@@ -121,6 +138,19 @@ class FeatureTable:
             sparse={k: take_jagged(j, self._offsets[k], idx) for k, j in self.sparse.items()},
             labels=self.labels[idx],
         )
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) as views where possible: no gather (the streaming hot path)."""
+        sparse = {}
+        for k, j in self.sparse.items():
+            offsets = self._offsets[k]
+            if offsets is None:
+                sparse[k] = Jagged(j.values[start:stop], j.lengths[start:stop])
+            else:
+                lo = int(offsets[start]) if start < len(offsets) else j.values.numel()
+                hi = int(offsets[stop]) if stop < len(offsets) else j.values.numel()
+                sparse[k] = Jagged(j.values[lo:hi], j.lengths[start:stop])
+        return Batch(self.dense[start:stop], sparse, self.labels[start:stop])
 
     def take_table(self, idx: Tensor) -> "FeatureTable":
         b = self.take(idx)
@@ -276,21 +306,25 @@ class FeatureSpec:
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int32)
             flat = pc.list_flatten(col)
         else:
-            lengths = np.ones(len(col), dtype=np.int32)
+            lengths = _ones(len(col))
             flat = col
         if sc.mode == "hash":
             if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
-                values = hash_strings(pc.fill_null(flat, ""), sc.num_embeddings)
+                values = hash_strings(flat, sc.num_embeddings)
             else:
                 values = hash_ids(pc.fill_null(flat, 0).to_numpy(zero_copy_only=False), sc.num_embeddings)
         elif sc.mode == "vocab":
             idx = pc.index_in(flat, value_set=sc.vocab.cast(flat.type) if sc.vocab.type != flat.type else sc.vocab)
-            values = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            values = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         else:
             if not pa.types.is_integer(flat.type):
                 raise DataError(f"{where}: column {sc.name!r} has type {flat.type}; vocab_size needs integer ids (use hash_buckets)")
-            values = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-            values[(values < 0) | (values >= sc.num_embeddings)] = 0  # reserved out-of-vocabulary id
+            if flat.null_count:
+                flat = pc.fill_null(flat, 0)
+            # Zero-copy when the column is already int64 without nulls; clip (copying) only when needed.
+            values = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            if len(values) and (values.min() < 0 or values.max() >= sc.num_embeddings):
+                values = np.where((values < 0) | (values >= sc.num_embeddings), 0, values)  # reserved OOV id
         return values, lengths
 
     @staticmethod

@@ -190,10 +190,14 @@ class _PartStream:
                 if len(avail) - used < n or (emitted == self.steps - 1 and not exhausted):
                     break
                 if emitted >= skip:
-                    yield avail.take(torch.arange(used, used + n))
+                    yield avail.slice(used, used + n)
                 used += n
                 emitted += 1
-            carry = avail.take_table(torch.arange(used, len(avail))) if used < len(avail) else None
+            carry = _as_table(avail.slice(used, len(avail))) if used < len(avail) else None
+
+
+def _as_table(b: Batch) -> FeatureTable:
+    return FeatureTable(b.dense, b.sparse, b.labels)
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):

@@ -1,0 +1,100 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
+from wdl.data.features import FeatureSpec, cross_ids, hash_ids, hash_strings
+from wdl.errors import DataError
+
+
+def spec(columns, crosses=None, sparse=(), dense=(), meta=None, root=None):
+    cfg = FeaturesConfig(label="label", columns=columns, crosses=crosses or {})
+    return FeatureSpec(cfg, meta or {}, list(sparse), list(dense), root=root)
+
+
+def test_hashing_is_stable_and_in_range():
+    x = np.arange(-5, 1000, dtype=np.int64)
+    a, b = hash_ids(x, 97), hash_ids(x.copy(), 97)
+    assert (a == b).all() and a.min() >= 0 and a.max() < 97
+    # roughly uniform: no bucket holds more than 3x its share
+    assert np.bincount(a, minlength=97).max() < 3 * len(x) / 97
+    # pinned values: hashes are part of the data format (trained tables index by them), so a
+    # change must be deliberate
+    assert hash_ids(np.array([0, 1, 2]), 1 << 20).tolist() == [904623, 154817, 480974]
+    assert hash_strings(pa.array(["a", "b"]), 1 << 20).tolist() == [981056, 160388]
+    assert cross_ids([np.array([1]), np.array([2])], 1 << 20, 7).tolist() == [1028982]
+    s = hash_strings(pa.array(["a", "b", "a", None]), 1000)
+    assert s[0] == s[2] and s[0] != s[1]
+
+
+def test_cross_depends_on_every_component_and_order():
+    a, b = np.array([1, 1, 2]), np.array([5, 6, 5])
+    c = cross_ids([a, b], 10_000, salt=1)
+    assert c[0] != c[1] and c[0] != c[2]
+    assert (c == cross_ids([a.copy(), b.copy()], 10_000, salt=1)).all()
+    assert not (c == cross_ids([b, a], 10_000, salt=1)).all()
+
+
+def test_multi_hot_crossed_with_scalar_gives_one_id_per_element():
+    s = spec({"g": ColumnConfig(kind="categorical", vocab_size=3),
+              "genres": ColumnConfig(kind="multi_hot", vocab_size=10)},
+             {"gx": CrossConfig(columns=["g", "genres"], hash_buckets=1000)}, sparse=["gx", "genres"])
+    t = pa.table({"label": pa.array([1, 0, 1], pa.int8()), "g": [1, 2, 1],
+                  "genres": pa.array([[3, 4], [], [4]], pa.list_(pa.int64()))})
+    ft = s.encode(t, "t")
+    gx = ft.sparse["gx"]
+    assert gx.lengths.tolist() == [2, 0, 1]
+    # row 0's second element and row 2's only element are both (g=1, genre=4)
+    assert gx.values[1] == gx.values[2] and gx.values[0] != gx.values[1]
+    assert ft.sparse["genres"].values.tolist() == [3, 4, 4]
+
+
+def test_vocab_size_maps_out_of_range_and_null_to_reserved_zero():
+    s = spec({"u": ColumnConfig(kind="categorical", vocab_size=5)}, sparse=["u"])
+    t = pa.table({"label": pa.array([0, 1, 0, 1], pa.int8()), "u": pa.array([1, 7, None, -3], pa.int64())})
+    assert s.encode(t, "t").sparse["u"].values.tolist() == [1, 0, 0, 0]
+
+
+def test_vocab_file_lookup(tmp_path):
+    (tmp_path / "v.json").write_text(json.dumps([None, "x", "y"]))
+    s = spec({"c": ColumnConfig(kind="categorical", vocab_file="v.json")}, sparse=["c"], root=tmp_path)
+    t = pa.table({"label": pa.array([0, 1, 1], pa.int8()), "c": ["y", "zzz", "x"]})
+    assert s.encode(t, "t").sparse["c"].values.tolist() == [2, 0, 1]
+    assert s.num_embeddings("c") == 3
+
+
+def test_dense_normalisation_and_bad_values():
+    s = spec({"d": ColumnConfig(kind="dense", normalize="standard", fill=10.0)}, dense=["d"],
+             meta={"d": {"mean": 10.0, "std": 2.0}})
+    t = pa.table({"label": pa.array([0, 1, 1], pa.int8()), "d": pa.array([12.0, None, 8.0])})
+    assert s.encode(t, "t").dense[:, 0].tolist() == [1.0, 0.0, -1.0]
+    bad = pa.table({"label": pa.array([0, 1], pa.int8()), "d": pa.array([1.0, float("inf")])})
+    with pytest.raises(DataError, match=r"dense column 'd'.*row 1"):
+        s.encode(bad, "file.parquet")
+
+
+@pytest.mark.parametrize("labels", [[0, 2], [0.0, float("nan")], [1, None]])
+def test_labels_must_be_zero_or_one(labels):
+    s = spec({"u": ColumnConfig(kind="categorical", vocab_size=5)}, sparse=["u"])
+    t = pa.table({"label": pa.array(labels), "u": pa.array([1, 2], pa.int64())})
+    with pytest.raises(DataError, match="label"):
+        s.encode(t, "f.parquet")
+
+
+def test_missing_column_is_named():
+    s = spec({"u": ColumnConfig(kind="categorical", vocab_size=5)}, sparse=["u"])
+    with pytest.raises(DataError, match=r"column 'u' named in the config is missing"):
+        s.check_schema(pa.schema([("label", pa.int8())]), "f.parquet")
+
+
+def test_take_gathers_jagged_rows():
+    s = spec({"m": ColumnConfig(kind="multi_hot", vocab_size=10)}, sparse=["m"])
+    t = pa.table({"label": pa.array([0, 1, 0, 1], pa.int8()),
+                  "m": pa.array([[1], [2, 3], [], [4, 5, 6]], pa.list_(pa.int64()))})
+    b = s.encode(t, "t").take(torch.tensor([3, 0, 2, 1]))
+    assert b.sparse["m"].lengths.tolist() == [3, 1, 0, 2]
+    assert b.sparse["m"].values.tolist() == [4, 5, 6, 1, 2, 3]
+    assert b.labels.tolist() == [1, 0, 0, 1]
