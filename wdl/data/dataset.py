@@ -19,7 +19,9 @@ from wdl.errors import DataError
 def open_dataset(cfg: DataConfig, *, may_prepare: bool = True) -> Manifest:
     """The data set at cfg.path; prepared first when missing and cfg.prepare names a source."""
     root = Path(cfg.path)
-    if not (root / "manifest.json").exists() and may_prepare and cfg.prepare.source == "movielens":
+    # Only a missing (or empty) folder is prepared: anything else is reported by load_manifest.
+    missing = not root.exists() or (root.is_dir() and not any(root.iterdir()))
+    if missing and may_prepare and cfg.prepare.source == "movielens":
         from wdl.data.movielens import prepare_movielens
 
         print(f"wdl: {root} has no data set yet; preparing MovieLens {cfg.prepare.variant} there", flush=True)

@@ -72,6 +72,9 @@ class Trainer:
         if initial is not None:
             load_full_state(self.parallel.model, initial)
         self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
+        # Sharding draws from the RNG (TorchRec initialises tables before we overwrite them):
+        # re-seed so dropout masks are the same for every backend and world size.
+        _seed_everything(cfg.run.seed + env.rank)
         if env.is_main:
             (self.run_dir / "plan.txt").write_text(self.parallel.plan + "\n")
             print(f"wdl: sharding plan\n{self.parallel.plan}", flush=True)

@@ -1,0 +1,140 @@
+"""End to end through the command line: prepare MovieLens (GroupLens layout), train, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wdl.data import movielens as ml
+from wdl.model.embeddings import torchrec_available
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "movielens-100k.yaml"
+QUICK = ["train.progress=false", "model.embedding_backend=torch", "data.batch_size=256",
+         "model.deep.hidden=[32,16]"]
+
+
+def wdl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "wdl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def write_grouplens_100k(root: Path, users: int = 60, movies: int = 50, ratings: int = 4000) -> Path:
+    """A small ml-100k in GroupLens's own layout, with a planted user x movie signal."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    occupations = ["technician", "writer", "artist", "other"]
+    (root / "u.user").write_text("".join(
+        f"{u}|{rng.integers(15, 70)}|{'MF'[u % 2]}|{occupations[u % 4]}|{rng.integers(10000, 99999)}\n"
+        for u in range(1, users + 1)))
+    items = []
+    for m in range(1, movies + 1):
+        flags = ["1" if (m + i) % 5 == 0 else "0" for i in range(len(ml.ML100K_GENRES))]
+        items.append("|".join([str(m), f"Movie {m} ({1950 + m})", f"01-Jan-{1950 + m}", "", "http://x"] + flags))
+    (root / "u.item").write_text("\n".join(items) + "\n", encoding="latin-1")
+    taste, appeal = rng.normal(0, 1.5, users + 1), rng.normal(0, 1.5, movies + 1)
+    u = rng.integers(1, users + 1, ratings)
+    m = rng.integers(1, movies + 1, ratings)
+    p = 1 / (1 + np.exp(-(taste[u] + appeal[m])))
+    r = np.where(rng.random(ratings) < p, rng.integers(4, 6, ratings), rng.integers(1, 4, ratings))
+    (root / "u.data").write_text("".join(f"{a}\t{b}\t{c}\t{880000000 + i}\n" for i, (a, b, c) in enumerate(zip(u, m, r))))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("ml")
+    src = write_grouplens_100k(base / "raw")
+    out = base / "ml-small"
+    proc = wdl("data", "prepare", "movielens", "--variant", "ml-100k", "--source", str(src), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_prepare_then_train_two_epochs(prepared, tmp_path):
+    proc = wdl("train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
+               "train.epochs=2", *QUICK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch | train loss | test AUC" in proc.stdout
+    run = tmp_path / "movielens-100k"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2]
+    keys = {"epoch", "train_loss", "auc", "logloss", "calibration", "train_seconds", "eval_seconds",
+            "samples_per_second", "rows", "train_rows"}
+    for r in recs:
+        assert keys <= set(r)
+        assert r["train_rows"] == 3200 and r["rows"] == 800  # the default 80/20 split
+        assert 0.0 < r["train_loss"] < 0.75 and 0.0 < r["logloss"] < 0.75
+        assert 0.6 < r["auc"] <= 1.0 and 0.5 < r["calibration"] < 1.5
+        assert r["train_seconds"] > 0 and r["samples_per_second"] > 0
+    assert recs[1]["train_loss"] < recs[0]["train_loss"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_auc"] == max(r["auc"] for r in recs)
+    saved = (run / "config.yaml").read_text()
+    assert "batch_size: 256" in saved  # the resolved config, overrides included
+
+
+def test_a_second_run_never_overwrites_the_first(prepared, tmp_path):
+    args = ["train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
+            "train.epochs=1", *QUICK]
+    assert wdl(*args).returncode == 0
+    first = (tmp_path / "movielens-100k" / "metrics.jsonl").read_text()
+    assert wdl(*args).returncode == 0
+    assert (tmp_path / "movielens-100k" / "metrics.jsonl").read_text() == first
+    assert (tmp_path / "movielens-100k-1" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(not torchrec_available(), reason="torchrec not installed")
+def test_both_embedding_backends_give_the_same_auc(prepared, tmp_path):
+    """Same seed, same optimiser arithmetic: TorchRec (replicated tables, 1 rank) vs nn.EmbeddingBag."""
+    common = ["train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
+              "train.epochs=2", "train.progress=false", "data.batch_size=256", "model.deep.hidden=[32,16]"]
+    assert wdl(*common, "run.name=torch", "model.embedding_backend=torch").returncode == 0
+    proc = wdl(*common, "run.name=torchrec", "model.embedding_backend=torchrec", "distributed.sharding=data_parallel")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "torch" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "torchrec" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b):
+        assert x["auc"] == pytest.approx(y["auc"], abs=1e-6)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_unknown_config_key(tmp_path):
+    one_line_error(wdl("train", "--config", str(CONFIG), "optim.deep.learning_rate=0.1"),
+                   "unknown config key 'optim.deep.learning_rate'")
+
+
+def test_missing_config_file(tmp_path):
+    one_line_error(wdl("train", "--config", str(tmp_path / "nope.yaml")), "config file not found", "nope.yaml")
+
+
+def test_data_folder_without_manifest(tmp_path, prepared):
+    half = tmp_path / "half"
+    (half / "train").mkdir(parents=True)
+    (half / "train" / "part-00000.parquet").write_bytes((prepared / "train" / "part-00000.parquet").read_bytes())
+    one_line_error(wdl("train", "--config", str(CONFIG), f"data.path={half}", f"run.out_dir={tmp_path}", *QUICK),
+                   "no manifest.json")
+    # the half-written folder is left as it was
+    assert sorted(p.name for p in half.rglob("*")) == ["part-00000.parquet", "train"]
+
+
+def test_feature_missing_in_data(tmp_path, prepared):
+    one_line_error(
+        wdl("train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}", *QUICK,
+            "features.columns.mood={kind: categorical, hash_buckets: 10}", "model.wide.features=[user_id, mood]"),
+        "column 'mood' named in the config is missing")
