@@ -222,8 +222,6 @@ def test_inf_in_dense_column(tmp_path, tiny):
     assert r.returncode == 2 and f"{shard} (row group 1): dense column 'release_year' holds inf at row 44" in line
 
 
-@pytest.mark.xfail(reason="wdl/data/features.py fills NaN like a null (missing value); issue 4 lists NaN as bad "
-                          "input. Left to the owner of features.py.", strict=False)
 def test_nan_in_dense_column(tmp_path, tiny):
     shard = tiny / "train/part-00000.parquet"
     _poison_year(shard, float("nan"))

@@ -71,9 +71,10 @@ def test_dense_normalisation_and_bad_values():
              meta={"d": {"mean": 10.0, "std": 2.0}})
     t = pa.table({"label": pa.array([0, 1, 1], pa.int8()), "d": pa.array([12.0, None, 8.0])})
     assert s.encode(t, "t").dense[:, 0].tolist() == [1.0, 0.0, -1.0]
-    bad = pa.table({"label": pa.array([0, 1], pa.int8()), "d": pa.array([1.0, float("inf")])})
-    with pytest.raises(DataError, match=r"dense column 'd'.*row 1"):
-        s.encode(bad, "file.parquet")
+    for poison in (float("inf"), float("nan")):  # NaN is bad data; a null is a missing value
+        bad = pa.table({"label": pa.array([0, 1], pa.int8()), "d": pa.array([1.0, poison])})
+        with pytest.raises(DataError, match=r"dense column 'd'.*row 1"):
+            s.encode(bad, "file.parquet")
 
 
 @pytest.mark.parametrize("labels", [[0, 2], [0.0, float("nan")], [1, None]])

@@ -340,8 +340,9 @@ class FeatureSpec:
 
     @staticmethod
     def _dense(col: pa.ChunkedArray, d: DenseColumn, where: str) -> np.ndarray:
-        x = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-        x = np.where(np.isnan(x), d.fill, x)  # nulls arrive as NaN
+        # A null is a missing value (filled); a NaN or inf in the data is an error. Arrow keeps
+        # the two apart, numpy would not, so fill nulls before converting.
+        x = pc.fill_null(pc.cast(col, pa.float64()), d.fill).to_numpy(zero_copy_only=False)
         if not np.isfinite(x).all():
             row = int(np.flatnonzero(~np.isfinite(x))[0])
             raise DataError(f"{where}: dense column {d.name!r} holds {x[row]} at row {row}")
