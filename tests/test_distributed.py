@@ -27,9 +27,15 @@ def launch(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout:
     if nproc > 0:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 f"--max-restarts={max_restarts}"]
-    cmd += [str(ROOT / "launch" / "train.py"), "--config", str(config), *args]
+    # a stuck collective fails with a traceback well before the test's own timeout
+    cmd += [str(ROOT / "launch" / "train.py"), "--config", str(config), "run.collective_timeout_s=90", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:  # show where it stood, not just that it timed out
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd[-6:])}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}")
 
 
 def records(run_dir: Path) -> list[dict]:

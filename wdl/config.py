@@ -25,6 +25,8 @@ class RunConfig:
     out_dir: str = "runs"  # the run folder is out_dir/name
     seed: int = 2021
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # A collective that waits longer than this fails instead of hanging, so torchrun can restart.
+    collective_timeout_s: int = 1800
 
 
 @dataclass

@@ -24,7 +24,7 @@ def train_main(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    env = init_distributed(cfg.run.device)
+    env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     try:
         trainer = Trainer(cfg, env)
         trainer.train()

@@ -45,7 +45,7 @@ def pick_device(spec: str, local_rank: int) -> torch.device:
     return device
 
 
-def init_distributed(device_spec: str = "auto") -> DistEnv:
+def init_distributed(device_spec: str = "auto", timeout_s: int = 1800) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec, local_rank)
     if device.type == "cuda":
@@ -53,7 +53,7 @@ def init_distributed(device_spec: str = "auto") -> DistEnv:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:  # under torchrun
-            dist.init_process_group(backend=backend, store=_attempt_store(),
+            dist.init_process_group(backend=backend, store=_attempt_store(), timeout=timedelta(seconds=timeout_s),
                                     rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                                     device_id=device if device.type == "cuda" else None)
         else:

@@ -24,7 +24,7 @@ from wdl.distributed.sharding import check_sharding_types, load_full_state, load
 from wdl.errors import CheckpointError, WdlError
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
-from wdl.train.evaluate import evaluate
+from wdl.train.evaluate import evaluate, gather_to_all
 from wdl.train.metrics import MetricsLogger
 
 
@@ -102,7 +102,9 @@ class Trainer:
         while self.epoch < cfg.epochs and not self._out_of_steps():
             train_stats = self.train_epoch()
             eval_stats = self.evaluate()
-            self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats, "peak_rss_mb": _peak_rss_mb()})
+            rss = gather_to_all(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
+            self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats,
+                                    "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss})
             if self.train_loader.batches_done >= self.train_loader.steps_per_epoch:
                 self.epoch += 1
                 self.train_loader.set_epoch(self.epoch)
