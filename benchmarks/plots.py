@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no screen on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:
@@ -65,9 +66,10 @@ def make_plots(result: dict[str, Any], out: Path) -> list[str]:
         log = max(means) / max(min(means), 1e-9) > 20
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
         ax.set_xlabel("train seconds per epoch, warm-up excluded" + (" (log scale)" if log else ""))
-        note = "; grey: published, not measured here" if "tab:grey" in colors else ""
-        ax.set_title(f"Seconds per epoch: {title}{note}", fontsize=9, loc="left")
+        ax.set_title(f"Seconds per epoch: {title}" + ("\n(grey: published, not measured here)" if "tab:grey" in colors
+                                                      else ""), fontsize=9)
         ax.invert_yaxis()
         made.append(_save(fig, out / "seconds_per_epoch.png"))
 
