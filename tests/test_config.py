@@ -23,8 +23,9 @@ def test_every_config_loads_and_documents_its_launch_command(path):
 
 def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(ROOT / "configs" / "movielens-100k.yaml",
-                      ["train.epochs=3", "optim.deep.lr=0.5", "model.deep.hidden=[8, 4]", "data.in_memory=false"])
-    assert cfg.train.epochs == 3 and cfg.optim.deep.lr == 0.5
+                      ["train.epochs=3", "optim.deep.lr=0.5", "model.deep.hidden=[8, 4]", "data.in_memory=false",
+                       "optim.wide.l2=1e-6"])
+    assert cfg.train.epochs == 3 and cfg.optim.deep.lr == 0.5 and cfg.optim.wide.l2 == 1e-6
     assert cfg.model.deep.hidden == [8, 4] and cfg.data.in_memory is False
 
 
