@@ -25,6 +25,11 @@ class FTRL(torch.optim.Optimizer):
         w     = 0                                                  if |z| <= l1
               = -(z - sign(z) * l1) / ((beta + sqrt(n)) / lr + l2)  otherwise
     Parameters must start at 0 (the weights are a function of z and n).
+
+    The gradients here are of the batch-MEAN loss, about 1/batch_size of the per-example ones
+    the paper's settings assume, so sqrt(n) stays small: beta ~1 then dominates the step size
+    and the wide part barely learns. Use a small beta (configs/movielens-100k.yaml: 0.001), and
+    read l1/l2 as acting on that scale too.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.05, l1: float = 0.0, l2: float = 0.0,
