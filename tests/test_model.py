@@ -136,3 +136,23 @@ def test_train_module_owns_the_loss():
     loss, (detached, logits, labels) = WideDeepTrain(m)(x)
     assert loss.requires_grad and not detached.requires_grad
     assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+
+
+def test_byte_dropout_drops_p_and_rescales():
+    from wdl.model.wide_deep import ByteDropout
+
+    torch.manual_seed(0)
+    d = ByteDropout(0.5)
+    x = torch.ones(1000, 100)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.5) < 0.01
+    assert torch.all((y == 0) | (y == 2.0))  # kept units are scaled by 1 / (1 - p)
+    assert abs(y.mean().item() - 1.0) < 0.02
+    d.eval()
+    assert torch.equal(d(x), x)
+    x.requires_grad_(True)
+    d.train()
+    out = d(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out != 0).float() * 2.0)  # the gradient goes through the same mask

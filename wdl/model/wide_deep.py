@@ -22,6 +22,31 @@ from wdl.data.batch import Batch
 from wdl.model.embeddings import TableSpec, build_embedding_bags
 
 
+class ByteDropout(nn.Module):
+    """Inverted dropout whose keep-mask comes from random bytes.
+
+    torch's CPU dropout draws one Bernoulli sample per element: 3.4 ms for a 1024 x 256
+    activation on this 2-core machine, about a third of a MovieLens training step. One random
+    byte per element (8 from each 64-bit draw) costs 0.1 ms. p is rounded to a multiple of
+    1/256 (0.5 is exact).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.threshold = round(p * 256)  # an element is dropped when its byte < threshold
+        self.keep = 1.0 - self.threshold / 256
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        keep = words.view(torch.uint8)[: x.numel()].view(x.shape) >= self.threshold
+        return x * keep * (1.0 / self.keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.threshold / 256}"
+
+
 class WideArch(nn.Module):
     """Sparse linear part.
 
@@ -59,7 +84,7 @@ class DeepArch(nn.Module):
         for h in hidden:
             layers += [nn.Linear(width, h, device=device), nn.ReLU()]
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(ByteDropout(dropout))
             width = h
         layers.append(nn.Linear(width, 1, bias=False, device=device))
         self.mlp = nn.Sequential(*layers)
