@@ -42,6 +42,7 @@ class FTRL(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
             lr, l1, l2, beta = group["lr"], group["l1"], group["l2"], group["beta"]
+            dense: list[tuple[Tensor, dict]] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -51,27 +52,45 @@ class FTRL(torch.optim.Optimizer):
                     state["n"] = torch.zeros_like(p)
                     state["step"] = torch.zeros((), dtype=torch.int64)
                 state["step"] += 1
-                z, n = state["z"], state["n"]
                 if p.grad.is_sparse:
+                    z, n = state["z"], state["n"]
                     g = p.grad.coalesce()
                     rows, gv = g.indices()[0], g.values()
                     w_rows = _ftrl_rows(p[rows], z[rows], n[rows], gv, lr, l1, l2, beta, z, n, rows)
                     p.index_copy_(0, rows, w_rows)
                 else:
-                    _ftrl_dense(p, z, n, p.grad, lr, l1, l2, beta)
+                    dense.append((p, state))
+            if dense:
+                _ftrl_dense_many(dense, lr, l1, l2, beta)
+
+
+def _ftrl_dense_many(items: list[tuple[Tensor, dict]], lr: float, l1: float, l2: float, beta: float) -> None:
+    """The FTRL update for many dense tensors at once with torch's multi-tensor (_foreach) ops:
+    a wide part has a table per feature, and one kernel per op and table dominated the step."""
+    ps = [p for p, _ in items]
+    gs = [p.grad for p, _ in items]
+    zs = [s["z"] for _, s in items]
+    ns = [s["n"] for _, s in items]
+    sqrt_old = torch._foreach_sqrt(ns)
+    torch._foreach_addcmul_(ns, gs, gs)  # n += g^2
+    sqrt_new = torch._foreach_sqrt(ns)
+    sigma = torch._foreach_sub(sqrt_new, sqrt_old)
+    torch._foreach_div_(sigma, lr)
+    torch._foreach_add_(zs, gs)  # z += g - sigma * w
+    torch._foreach_sub_(zs, torch._foreach_mul(sigma, ps))
+    # w = -(z - clamp(z, -l1, l1)) / ((beta + sqrt(n)) / lr + l2): zero where |z| <= l1
+    shrunk = torch._foreach_sub(zs, torch._foreach_clamp_max(torch._foreach_clamp_min(zs, -l1), l1))
+    denom = torch._foreach_add(sqrt_new, beta)
+    torch._foreach_div_(denom, lr)
+    torch._foreach_add_(denom, l2)
+    w = torch._foreach_div(shrunk, denom)
+    torch._foreach_neg_(w)
+    torch._foreach_copy_(ps, w)
 
 
 def _ftrl_solve(z: Tensor, n: Tensor, lr: float, l1: float, l2: float, beta: float) -> Tensor:
     w = -(z - torch.sign(z) * l1) / ((beta + n.sqrt()) / lr + l2)
     return torch.where(z.abs() <= l1, torch.zeros_like(w), w)
-
-
-def _ftrl_dense(p: Tensor, z: Tensor, n: Tensor, g: Tensor, lr: float, l1: float, l2: float, beta: float) -> None:
-    n_new = n + g * g
-    sigma = (n_new.sqrt() - n.sqrt()) / lr
-    z.add_(g - sigma * p)
-    n.copy_(n_new)
-    p.copy_(_ftrl_solve(z, n, lr, l1, l2, beta))
 
 
 def _ftrl_rows(w: Tensor, z_r: Tensor, n_r: Tensor, g: Tensor, lr: float, l1: float, l2: float, beta: float,
