@@ -133,11 +133,16 @@ class FeatureTable:
         return int(self.labels.shape[0])
 
     def take(self, idx: Tensor) -> Batch:
-        return Batch(
-            dense=self.dense[idx],
-            sparse={k: take_jagged(j, self._offsets[k], idx) for k, j in self.sparse.items()},
-            labels=self.labels[idx],
-        )
+        ones = None  # one shared lengths tensor for every exactly-one-id key
+        sparse = {}
+        for k, j in self.sparse.items():
+            if self._offsets[k] is None:
+                if ones is None:
+                    ones = torch.ones(idx.shape[0], dtype=j.lengths.dtype, device=idx.device)
+                sparse[k] = Jagged(j.values[idx], ones)
+            else:
+                sparse[k] = take_jagged(j, self._offsets[k], idx)
+        return Batch(dense=self.dense[idx], sparse=sparse, labels=self.labels[idx])
 
     def slice(self, start: int, stop: int) -> Batch:
         """Rows [start, stop) as views where possible: no gather (the streaming hot path)."""
