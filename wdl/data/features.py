@@ -122,12 +122,13 @@ class FeatureTable:
     dense: Tensor
     sparse: dict[str, Jagged]
     labels: Tensor
+    single: frozenset[str] | None = None  # keys known to hold exactly one id per row
 
     def __post_init__(self) -> None:
         # Per-row start offsets for multi-valued keys; None marks exactly-one-id keys.
-        self._offsets = {
-            k: None if bool((j.lengths == 1).all()) else j.offsets() for k, j in self.sparse.items()
-        }
+        if self.single is None:
+            self.single = frozenset(k for k, j in self.sparse.items() if bool((j.lengths == 1).all()))
+        self._offsets = {k: None if k in self.single else j.offsets() for k, j in self.sparse.items()}
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -159,10 +160,15 @@ class FeatureTable:
 
     def take_table(self, idx: Tensor) -> "FeatureTable":
         b = self.take(idx)
-        return FeatureTable(b.dense, b.sparse, b.labels)
+        return FeatureTable(b.dense, b.sparse, b.labels, self.single)
+
+    def slice_table(self, start: int, stop: int) -> "FeatureTable":
+        b = self.slice(start, stop)
+        return FeatureTable(b.dense, b.sparse, b.labels, self.single)
 
     def to(self, device: torch.device) -> "FeatureTable":
-        return FeatureTable(self.dense.to(device), {k: v.to(device) for k, v in self.sparse.items()}, self.labels.to(device))
+        return FeatureTable(self.dense.to(device), {k: v.to(device) for k, v in self.sparse.items()},
+                            self.labels.to(device), self.single)
 
     @staticmethod
     def concat(tables: list["FeatureTable"]) -> "FeatureTable":
@@ -174,6 +180,7 @@ class FeatureTable:
                 for k in keys
             },
             labels=torch.cat([t.labels for t in tables]),
+            single=frozenset.intersection(*(t.single for t in tables)),
         )
 
     def as_batch(self) -> Batch:
@@ -293,7 +300,12 @@ class FeatureSpec:
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for i, d in enumerate(self.dense):
             dense[:, i] = self._dense(table.column(d.name), d, where)
-        return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels))
+        single = frozenset(k for k in self.sparse_keys if self._single_valued(k))
+        return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels), single)
+
+    def _single_valued(self, key: str) -> bool:
+        cols = self.crosses[key].columns if key in self.crosses else [key]
+        return all(self.sparse[c].kind == "categorical" for c in cols)
 
     def _labels(self, col: pa.Array, where: str) -> np.ndarray:
         y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)

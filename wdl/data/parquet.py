@@ -193,11 +193,7 @@ class _PartStream:
                     yield avail.slice(used, used + n)
                 used += n
                 emitted += 1
-            carry = _as_table(avail.slice(used, len(avail))) if used < len(avail) else None
-
-
-def _as_table(b: Batch) -> FeatureTable:
-    return FeatureTable(b.dense, b.sparse, b.labels)
+            carry = avail.slice_table(used, len(avail)) if used < len(avail) else None
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
