@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from wdl.distributed.env import barrier
 from wdl.errors import CheckpointError
 
 PREFIX = "step-"
@@ -70,10 +70,10 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         dcp.save({**app_state, "progress": _encode(progress)}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
-        _barrier()
+        barrier()
         if self.rank == 0:
             meta = {**progress, "world_size": self.world_size, "signature": self.signature}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -82,7 +82,7 @@ class Checkpointer:
             tmp.rename(final)
             for old in complete_checkpoints(self.folder)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
         return final
 
     def load(self, path: Path, app_state: dict[str, Any], progress: dict[str, int]) -> dict[str, int]:
@@ -116,11 +116,6 @@ PROGRESS_KEYS = ("epoch", "step", "batches_done")
 def _encode(progress: dict[str, int]) -> torch.Tensor:
     # A tensor, not a dict of ints: DCP handles tensors identically on every rank count.
     return torch.tensor([int(progress[k]) for k in PROGRESS_KEYS], dtype=torch.int64)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _rng_state() -> dict[str, Any]:

@@ -28,7 +28,6 @@ def train_main(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, env)
         trainer.train()
-        trainer.close()
     finally:
         close_distributed()
     return 0

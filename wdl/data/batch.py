@@ -81,15 +81,13 @@ class Batch:
         )
 
 
-def take_jagged(col: Jagged, col_offsets: Tensor | None, idx: Tensor) -> Jagged:
+def take_jagged(col: Jagged, col_offsets: Tensor, idx: Tensor) -> Jagged:
     """Rows `idx` of a jagged column, vectorised (no per-row Python).
 
     col_offsets: [N] int64 start of each row's ids (`col.offsets()`, precomputed once per
-    table), or None when every row holds exactly one id, which makes this a plain gather.
+    table). Columns with exactly one id per row need no offsets: FeatureTable.take gathers them.
     """
     lengths = col.lengths[idx]
-    if col_offsets is None:
-        return Jagged(col.values[idx], lengths)
     starts = col_offsets[idx]
     lens64 = lengths.to(torch.int64)
     out_starts = torch.cumsum(lens64, 0) - lens64

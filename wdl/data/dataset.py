@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from wdl.config import Config, DataConfig
 from wdl.data.features import FeatureSpec, FeatureTable
 from wdl.data.manifest import Manifest, load_manifest
-from wdl.data.parquet import InMemoryLoader, StreamingLoader, list_row_groups
+from wdl.data.parquet import InMemoryLoader, StreamingLoader, list_row_groups, read_row_group
 from wdl.errors import DataError
 
 
@@ -46,12 +44,9 @@ def feature_spec(cfg: Config, manifest: Manifest) -> FeatureSpec:
 
 def load_table(files: list[Path], spec: FeatureSpec) -> FeatureTable:
     """A whole (small) split as tensors, read row group by row group."""
-    parts = []
+    parts, open_files = [], {}
     for u in list_row_groups(files, spec):
-        try:
-            t = pq.ParquetFile(u.path).read_row_group(u.index, columns=spec.columns)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
+        t = read_row_group(u, spec.columns, open_files)
         parts.append(spec.encode(t, f"{u.path} (row group {u.index})"))  # rows are counted within the group
     if not parts:
         raise DataError(f"no rows in {', '.join(map(str, files))}")

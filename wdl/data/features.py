@@ -221,6 +221,12 @@ class FeatureSpec:
                 self.crosses[key] = Cross(key, list(c.columns), c.hash_buckets, salt)
             else:
                 self._add_sparse(key, cfg, manifest_columns, root)
+        # Keys with exactly one id per row (no multi-hot column involved): batches gather them
+        # without offsets.
+        self.single_keys = frozenset(
+            k for k in self.sparse_keys
+            if all(self.sparse[c].kind == "categorical" for c in (self.crosses[k].columns if k in self.crosses else [k]))
+        )
         for key in dense_keys:
             col = cfg.columns[key]
             meta = manifest_columns.get(key, {})
@@ -300,12 +306,7 @@ class FeatureSpec:
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for i, d in enumerate(self.dense):
             dense[:, i] = self._dense(table.column(d.name), d, where)
-        single = frozenset(k for k in self.sparse_keys if self._single_valued(k))
-        return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels), single)
-
-    def _single_valued(self, key: str) -> bool:
-        cols = self.crosses[key].columns if key in self.crosses else [key]
-        return all(self.sparse[c].kind == "categorical" for c in cols)
+        return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels), self.single_keys)
 
     def _labels(self, col: pa.Array, where: str) -> np.ndarray:
         y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)

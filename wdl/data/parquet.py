@@ -47,6 +47,17 @@ def list_row_groups(files: list[Path], spec: FeatureSpec) -> list[RowGroup]:
     return units
 
 
+def read_row_group(u: RowGroup, columns: list[str], open_files: dict[Path, pq.ParquetFile]) -> pa.Table:
+    """One row group's `columns`; `open_files` caches the open files so each is opened once."""
+    pf = open_files.get(u.path)
+    if pf is None:
+        pf = open_files[u.path] = _open(u.path)
+    try:
+        return pf.read_row_group(u.index, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
+
+
 def _open(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
@@ -64,6 +75,12 @@ def part_sizes(total: int, parts: int, batch_size: int) -> tuple[list[int], int]
 def batch_bounds(rows: int, steps: int, batch_size: int) -> list[int]:
     """Cumulative row bounds of a part's batches: S-1 full batches, the last takes the rest."""
     return [min(i * batch_size, rows) for i in range(steps)] + [rows]
+
+
+def batches_per_part(done: int, parts: int) -> list[int]:
+    """How many of a rank's first `done` batches each of its `parts` parts yielded: the
+    DataLoader takes batches from its workers round-robin."""
+    return [(done - q + parts - 1) // parts if done > q else 0 for q in range(parts)]
 
 
 def _epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
@@ -150,11 +167,7 @@ class _PartStream:
             pos = b
             if b <= lo or a >= hi:
                 continue
-            pf = files.get(u.path) or files.setdefault(u.path, _open(u.path))
-            try:
-                t = pf.read_row_group(u.index, columns=self.spec.columns)
-            except (OSError, pa.ArrowException) as e:
-                raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
+            t = read_row_group(u, self.spec.columns, files)
             yield t.slice(max(lo - a, 0), min(hi, b) - max(lo, a)), u
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
@@ -239,18 +252,14 @@ class StreamingLoader(_Position):
         self.steps_per_epoch = steps * self.num_workers
 
     def rows_done(self) -> int:
-        K, c = self.num_workers, self.batches_done
+        K = self.num_workers
         sizes, steps = part_sizes(self.num_rows, self.parts, self.batch_size)
-        done = 0
-        for q in range(K):
-            k = (c - q + K - 1) // K if c > q else 0  # batches part q has yielded
-            done += batch_bounds(sizes[self.rank * K + q], steps, self.batch_size)[k]
-        return done
+        return sum(batch_bounds(sizes[self.rank * K + q], steps, self.batch_size)[k]
+                   for q, k in enumerate(batches_per_part(self.batches_done, K)))
 
     def __iter__(self) -> Iterator[Batch]:
-        K, c0 = self.num_workers, self.batches_done
-        skip = [(c0 - q + K - 1) // K if c0 > q else 0 for q in range(K)]
-        ds = StreamingDataset(self, skip, rotate=c0 % K)
+        ds = StreamingDataset(self, batches_per_part(self.batches_done, self.num_workers),
+                              rotate=self.batches_done % self.num_workers)
         if self.num_workers_proc == 0:
             it = iter(ds)
         else:

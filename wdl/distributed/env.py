@@ -77,6 +77,19 @@ def _attempt_store() -> dist.Store:
     return dist.PrefixStore(f"wdl/attempt_{attempt}", store)
 
 
+def barrier() -> None:
+    """A barrier across ranks; nothing to wait for with one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live for the current process group's collectives (NCCL: the GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

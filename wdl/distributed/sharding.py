@@ -12,6 +12,7 @@ Pure-PyTorch backend: plain DDP, every table replicated.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from wdl.config import Config, OptimizerConfig
 from wdl.distributed.env import DistEnv
 from wdl.errors import ConfigError
 from wdl.model.wide_deep import WideDeepTrain
-from wdl.train.optim import FTRL, Optimizers, build_optimizer
+from wdl.train.optim import Optimizers, build_optimizer
 
 # FBGEMM's CPU dense (data_parallel) look-up has no registered autograd kernel and torch warns
 # on every backward; gradients are right (tests compare it with nn.EmbeddingBag), so silence it.
@@ -141,10 +142,10 @@ def _torchrec(model: WideDeepTrain, cfg: Config, env: DistEnv) -> Parallel:
 
     # 4. Optimisers for parameters not updated in backward: FTRL for replicated wide tables
     #    and the bias, the deep optimiser for the MLP.
+    # The same split as WideDeep.param_groups (the bias belongs to the wide part when there is
+    # one), by name: sharding replaced the table parameters with new objects.
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    wide_names = [n for n in dense if ".wide." in n or n.endswith("model.bias")]
-    if inner.wide is None:
-        wide_names = []
+    wide_names = [] if inner.wide is None else [n for n in dense if ".wide." in n or n.endswith("model.bias")]
     deep_names = [n for n in dense if n not in wide_names]
     optimizers: list[tuple[str, Any]] = [("fused", dmp.fused_optimizer)]
     for part, names in (("wide", wide_names), ("deep", deep_names)):
@@ -157,12 +158,7 @@ def _torchrec(model: WideDeepTrain, cfg: Config, env: DistEnv) -> Parallel:
 
 
 def _local_world_size(env: DistEnv) -> int:
-    import os
-
     return int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-
-
-__all__ = ["Parallel", "parallelize", "check_sharding_types", "FTRL"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from wdl.data.batch import Batch
+from wdl.distributed.env import comm_device
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -56,7 +57,7 @@ def gather_to_all(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-d tensor of any length across ranks (rank order)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    backend_device = comm_device()
     t = t.to(backend_device)
     n = torch.tensor([t.numel()], device=backend_device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from wdl.checkpoint import Checkpointer, complete_checkpoints, find_checkpoint
 from wdl.config import Config, save_config
 from wdl.data.dataset import build_loader, feature_spec, open_dataset
-from wdl.distributed.env import DistEnv
+from wdl.distributed.env import DistEnv, barrier, comm_device
 from wdl.distributed.sharding import check_sharding_types, load_full_state, load_state_dicts, parallelize, state_dicts
 from wdl.errors import CheckpointError, WdlError
 from wdl.model.embeddings import resolve_backend
@@ -36,9 +36,8 @@ class Trainer:
         if cfg.model.embedding_backend == "torchrec":
             check_sharding_types(cfg, env)  # fail before any data is touched
 
-        # 1. Run folder (rank 0 picks it, everyone uses it), checkpoint to resume from, seeds.
+        # 1. Run folder (rank 0 picks it, everyone uses it) and the checkpoint to resume from.
         self.run_dir, resume_from = _run_dir_and_resume(cfg, env)
-        _seed_everything(cfg.run.seed + env.rank)
         if env.is_main:  # a resumed run keeps its first config.yaml and adds config-2.yaml, ...
             target, i = self.run_dir / "config.yaml", 1
             while target.exists():
@@ -49,7 +48,7 @@ class Trainer:
         # 2. Data: rank 0 prepares a missing data set while the others wait, then everyone reads it.
         if env.is_main:
             manifest = open_dataset(cfg.data)
-        _barrier(env)
+        barrier()
         if not env.is_main:
             manifest = open_dataset(cfg.data, may_prepare=False)
         self.spec = feature_spec(cfg, manifest)
@@ -72,8 +71,9 @@ class Trainer:
         if initial is not None:
             load_full_state(self.parallel.model, initial)
         self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
-        # Sharding draws from the RNG (TorchRec initialises tables before we overwrite them):
-        # re-seed so dropout masks are the same for every backend and world size.
+        # Seed the global RNGs (dropout) only now: building and sharding the model draw from them
+        # (TorchRec initialises tables before we overwrite them), so seeding here gives the same
+        # masks for every backend and world size.
         _seed_everything(cfg.run.seed + env.rank)
         if env.is_main:
             (self.run_dir / "plan.txt").write_text(self.parallel.plan + "\n")
@@ -158,7 +158,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         start = time.perf_counter()
-        self.eval_loader.set_epoch(0)
         self.eval_loader.load_state_dict({"epoch": 0, "batches_done": 0})
         m = evaluate(self.model, self.eval_loader, self.device)
         return {**m, "eval_seconds": time.perf_counter() - start}
@@ -170,9 +169,6 @@ class Trainer:
             print(f"{self.cfg.data.eval_split} AUC {result['auc']:.6f} logloss {result['logloss']:.6f} "
                   f"({result['rows']} rows, model at epoch {self.epoch}, step {self.step})", flush=True)
         return result
-
-    def close(self) -> None:
-        pass
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -275,11 +271,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -288,7 +279,7 @@ def _sync(device: torch.device) -> None:
 def _all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if not env.distributed:
         return t
-    t = t.to(env.device) if env.backend == "nccl" else t
+    t = t.to(comm_device())
     dist.all_reduce(t)
     return t.cpu()
 
@@ -297,7 +288,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def load_summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "summary.json").read_text())
