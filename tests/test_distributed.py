@@ -23,6 +23,10 @@ needs_torchrec = pytest.mark.skipif(not torchrec_available(), reason="torchrec +
 # through plain DDP, which must resume, reload and survive a kill just the same.
 TORCHREC = (["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05"]
             if torchrec_available() else ["model.embedding_backend=torch"])
+# wdl's own fused tables, split row-wise over the ranks (any machine).
+FUSED = ["model.embedding_backend=torch"]
+BACKENDS = pytest.mark.parametrize("backend", [TORCHREC, FUSED] if torchrec_available() else [FUSED],
+                                   ids=lambda b: b[0].split("=")[1])
 
 
 def launch(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -63,19 +67,21 @@ def test_two_process_sharded_training(tiny_config, tmp_path, sharding):
         assert 0.6 < r["auc"] < 1.0 and r["logloss"] < 0.7
     plan = (run / "plan.txt").read_text()
     assert f"deep_user_id" in plan and sharding in plan
-    assert "data_parallel" in plan  # FTRL's wide tables are replicated
+    # FTRL's wide tables are one fused table split row-wise over the ranks, not replicated
+    assert "wdl fused wide table" in plan and "rows split over 2 ranks" in plan
     # only rank 0 prints the table
     assert proc.stdout.count("best test AUC") == 1
 
 
-def test_same_auc_for_one_and_two_processes_on_same_state(tiny_config, tmp_path):
+@BACKENDS
+def test_same_auc_for_one_and_two_processes_on_same_state(tiny_config, tmp_path, backend):
     """A 2-process checkpoint evaluated by 1 and by 2 processes: one global AUC (2 -> 1 reload)."""
-    ok(launch(tiny_config, 2, *TORCHREC, "train.epochs=1", "run.name=two"))
+    ok(launch(tiny_config, 2, *backend, "train.epochs=1", "run.name=two"))
     logged = records(tmp_path / "runs" / "two")[0]
     ckpt = tmp_path / "runs" / "two"
-    one = launch(tiny_config, 0, *TORCHREC, "train.eval_only=true", f"checkpoint.resume={ckpt}", "run.name=eval1")
+    one = launch(tiny_config, 0, *backend, "train.eval_only=true", f"checkpoint.resume={ckpt}", "run.name=eval1")
     ok(one)
-    two = launch(tiny_config, 2, *TORCHREC, "train.eval_only=true", f"checkpoint.resume={ckpt}", "run.name=eval2")
+    two = launch(tiny_config, 2, *backend, "train.eval_only=true", f"checkpoint.resume={ckpt}", "run.name=eval2")
     ok(two)
     e1 = json.loads((tmp_path / "runs" / "eval1" / "eval.json").read_text())
     e2 = json.loads((tmp_path / "runs" / "eval2" / "eval.json").read_text())
@@ -98,8 +104,9 @@ def test_one_process_checkpoint_continues_on_two(tiny_config, tmp_path):
     assert recs[1]["train_rows"] == 2400 and recs[1]["auc"] > 0.6
 
 
-def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path):
-    common = [*TORCHREC, "train.epochs=2", "checkpoint.every_steps=4"]
+@BACKENDS
+def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, backend):
+    common = [*backend, "train.epochs=2", "checkpoint.every_steps=4"]
     ok(launch(tiny_config, 2, *common, "run.name=full"))
     ok(launch(tiny_config, 2, *common, "run.name=cut", "train.max_steps=6"))
     proc = launch(tiny_config, 2, *common, "run.name=cut", "--resume", "auto")
@@ -158,4 +165,5 @@ def test_plain_ddp_with_pure_pytorch_backend(tiny_config, tmp_path):
     ok(proc)
     recs = records(tmp_path / "runs" / "plain")
     assert all(r["train_rows"] == 2400 for r in recs)
-    assert "replicated" in (tmp_path / "runs" / "plain" / "plan.txt").read_text()
+    plan = (tmp_path / "runs" / "plain" / "plan.txt").read_text()
+    assert "rows split over 2 ranks" in plan and "DDP over 2 ranks" in plan  # tables split, not replicated

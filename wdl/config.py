@@ -106,7 +106,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["ftrl", "adagrad", "adam", "sgd"] = "adam"
+    name: Literal["ftrl", "adagrad", "rowwise_adagrad", "adam", "sgd"] = "adam"
     lr: float = 0.001
     weight_decay: float = 0.0
     # FTRL-Proximal (McMahan et al. 2013): lr is alpha.
@@ -136,7 +136,7 @@ class TrainConfig:
     kill_at_step: int = 0
 
 
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel", "row_wise", "table_row_wise")
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 
 
 @dataclass
@@ -342,6 +342,9 @@ def validate(cfg: Config) -> None:
     for where, kind in [("distributed.sharding", cfg.distributed.sharding),
                         *((f"distributed.tables.{t}", k) for t, k in cfg.distributed.tables.items())]:
         allowed = SHARDING_TYPES if where != "distributed.sharding" else ("auto", *SHARDING_TYPES)
+        if kind == "data_parallel":
+            raise ConfigError(f"{where}: data_parallel replicates a table and all-reduces its whole gradient every "
+                              f"step, a cost that grows with the table; use one of {', '.join(allowed)}")
         if kind not in allowed:
             raise ConfigError(f"{where}: {kind!r} is not one of {', '.join(allowed)}")
     if cfg.checkpoint.keep < 1:

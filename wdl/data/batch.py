@@ -17,10 +17,15 @@ from torch import Tensor
 
 @dataclass
 class Jagged:
-    """One sparse feature for B rows: ids `values` [sum(lengths)] int64, `lengths` [B] int32."""
+    """One sparse feature for B rows: ids `values` [sum(lengths)] int64, `lengths` [B] int32.
+
+    single: every row holds exactly one id (lengths are all 1), which look-ups can use to skip
+    the offsets; set by the data's FeatureSpec, which knows it without reading the lengths.
+    """
 
     values: Tensor
     lengths: Tensor
+    single: bool = False
 
     def offsets(self) -> Tensor:
         """[B] int64 start of each row's ids, as nn.EmbeddingBag wants them."""
@@ -28,10 +33,11 @@ class Jagged:
         return csum - self.lengths.to(torch.int64)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Jagged":
-        return Jagged(self.values.to(device, non_blocking=non_blocking), self.lengths.to(device, non_blocking=non_blocking))
+        return Jagged(self.values.to(device, non_blocking=non_blocking),
+                      self.lengths.to(device, non_blocking=non_blocking), self.single)
 
     def pin_memory(self) -> "Jagged":
-        return Jagged(self.values.pin_memory(), self.lengths.pin_memory())
+        return Jagged(self.values.pin_memory(), self.lengths.pin_memory(), self.single)
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         self.values.record_stream(stream)
@@ -74,10 +80,13 @@ class Batch:
         """The features `keys` as a TorchRec KeyedJaggedTensor (imports torchrec lazily)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+        cols = [self.sparse[k] for k in keys]
         return KeyedJaggedTensor(
             keys=list(keys),
-            values=torch.cat([self.sparse[k].values for k in keys]),
-            lengths=torch.cat([self.sparse[k].lengths for k in keys]),
+            values=torch.cat([c.values for c in cols]),
+            lengths=torch.cat([c.lengths for c in cols]),
+            stride=len(self),
+            length_per_key=[c.values.numel() for c in cols],  # known here: no device sync to count ids
         )
 
 

@@ -140,7 +140,7 @@ class FeatureTable:
             if self._offsets[k] is None:
                 if ones is None:
                     ones = torch.ones(idx.shape[0], dtype=j.lengths.dtype, device=idx.device)
-                sparse[k] = Jagged(j.values[idx], ones)
+                sparse[k] = Jagged(j.values[idx], ones, single=True)
             else:
                 sparse[k] = take_jagged(j, self._offsets[k], idx)
         return Batch(dense=self.dense[idx], sparse=sparse, labels=self.labels[idx])
@@ -151,7 +151,7 @@ class FeatureTable:
         for k, j in self.sparse.items():
             offsets = self._offsets[k]
             if offsets is None:
-                sparse[k] = Jagged(j.values[start:stop], j.lengths[start:stop])
+                sparse[k] = Jagged(j.values[start:stop], j.lengths[start:stop], single=True)
             else:
                 lo = int(offsets[start]) if start < len(offsets) else j.values.numel()
                 hi = int(offsets[stop]) if stop < len(offsets) else j.values.numel()
@@ -176,7 +176,8 @@ class FeatureTable:
         return FeatureTable(
             dense=torch.cat([t.dense for t in tables]),
             sparse={
-                k: Jagged(torch.cat([t.sparse[k].values for t in tables]), torch.cat([t.sparse[k].lengths for t in tables]))
+                k: Jagged(torch.cat([t.sparse[k].values for t in tables]), torch.cat([t.sparse[k].lengths for t in tables]),
+                          single=tables[0].sparse[k].single)
                 for k in keys
             },
             labels=torch.cat([t.labels for t in tables]),
@@ -302,7 +303,7 @@ class FeatureSpec:
                 values, lengths = self._cross(self.crosses[key], ids, n)
             else:
                 values, lengths = ids[key]
-            sparse[key] = Jagged(torch.from_numpy(values), torch.from_numpy(lengths))
+            sparse[key] = Jagged(torch.from_numpy(values), torch.from_numpy(lengths), single=key in self.single_keys)
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for i, d in enumerate(self.dense):
             dense[:, i] = self._dense(table.column(d.name), d, where)

@@ -1,218 +1,175 @@
 """Model placement across ranks: the ONLY module that imports torchrec.distributed.
 
-TorchRec backend, in TorchRec's order:
-    fused embedding optimisers applied in backward -> planner -> DistributedModelParallel
-    (dense MLP in DDP) -> optimisers for what is not fused -> one combined optimiser.
-FTRL has no fused FBGEMM kernel, so wide tables trained with FTRL are placed data_parallel
-(replicated, gradients all-reduced, FTRL applied per coordinate); wide tables trained with
-AdaGrad/Adam/SGD are sharded and fused like the deep ones.
+The model is built with its embedding tables on the `meta` device (described, not allocated);
+placement gives every rank its part and initialises it, so no table ever exists whole on one
+host:
 
-Pure-PyTorch backend: plain DDP, every table replicated.
+1. wdl's fused embedding groups (the wide part always; the deep part with the torch backend):
+   one process keeps all rows (`LocalRows`); W ranks split them row-wise with wdl's own
+   all-to-all (`wdl.distributed.rows.ShardedRows`), so any row optimiser (FTRL included)
+   stays sparse and sharded. Memory is checked before anything is allocated.
+2. TorchRec tables (the deep part with the torchrec backend), in TorchRec's order: FBGEMM
+   optimiser applied in backward -> planner -> DistributedModelParallel (dense layers in DDP)
+   -> each local shard initialised from wdl.model.init.
+3. Otherwise the dense layers go into DDP (world size > 1). Neither DDP sees the fused groups'
+   rows: each rank's rows are its own, and their updates never need an all-reduce.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from wdl.config import Config, OptimizerConfig
+from wdl.config import DistributedConfig
 from wdl.distributed.env import DistEnv
+from wdl.distributed.rows import ShardedRows, block, check_memory
 from wdl.errors import ConfigError
+from wdl.model.embeddings import LocalRows, TorchRecEmbeddingBags
+from wdl.model.init import normal_block
 from wdl.model.wide_deep import WideDeepTrain
-from wdl.train.optim import Optimizers, build_optimizer
 
-# FBGEMM's CPU dense (data_parallel) look-up has no registered autograd kernel and torch warns
-# on every backward; gradients are right (tests compare it with nn.EmbeddingBag), so silence it.
-warnings.filterwarnings("ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function")
-
-CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+# TorchRec's sharding types on CPU (gloo). data_parallel is never used: it replicates a table and
+# all-reduces its whole gradient every step (config validation refuses it).
+CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise")
 
 
 @dataclass
-class Parallel:
-    """What `parallelize` returns: the module to call, its optimiser and a readable plan."""
+class Placed:
+    """What `place` returns.
+
+    model: the module the trainer calls (DistributedModelParallel, DDP or the module itself);
+    state_module: the module whose state_dict is checkpointed (the same keys at any world size);
+    fused_optimizer: TorchRec's in-backward optimiser of its tables, or None;
+    plan: a readable description of where every table lives.
+    """
 
     model: nn.Module
-    optimizer: Any  # .zero_grad(), .step(), .state_dict(), .load_state_dict()
+    state_module: nn.Module
+    fused_optimizer: Any
     plan: str
-    torchrec: bool
 
 
-def parallelize(model: WideDeepTrain, cfg: Config, env: DistEnv) -> Parallel:
-    if cfg.model.embedding_backend == "torch":
-        return _plain(model, cfg, env)
-    return _torchrec(model, cfg, env)
-
-
-def _plain(model: WideDeepTrain, cfg: Config, env: DistEnv) -> Parallel:
-    groups = model.model.param_groups()
-    optimizer = Optimizers({p: build_optimizer(getattr(cfg.optim, p), ps) for p, ps in groups.items() if ps})
-    plan = "pure-PyTorch embeddings: every table replicated on every rank"
-    if env.distributed:
-        ids = [env.device] if env.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        plan += f" (DDP over {env.world_size} ranks)"
-    return Parallel(model, optimizer, plan, torchrec=False)
-
-
-def _fused_class(cfg: OptimizerConfig) -> tuple[type, dict[str, Any]] | None:
-    """The torch optimiser TorchRec maps to an FBGEMM fused kernel, or None (FTRL)."""
-    # FBGEMM's kernels take lr and eps only (no initial accumulator, no weight decay here).
-    if cfg.name in ("adagrad", "adam") and (cfg.initial_accumulator_value or cfg.weight_decay):
-        raise ConfigError(f"{cfg.name} fused into TorchRec tables supports lr and eps only; "
-                          "set initial_accumulator_value and weight_decay to 0 or use model.embedding_backend=torch")
-    if cfg.name == "adagrad":
-        return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps}
-    if cfg.name == "adam":
-        return torch.optim.Adam, {"lr": cfg.lr, "eps": cfg.eps}
-    if cfg.name == "sgd":
-        return torch.optim.SGD, {"lr": cfg.lr}
-    return None
-
-
-def check_sharding_types(cfg: Config, env: DistEnv) -> None:
-    """row-wise needs CUDA: say so before anything is built."""
+def check_placement(cfg: DistributedConfig, deep_table_names: list[str], env: DistEnv) -> None:
+    """What can be refused before any data is read: CUDA-only sharding types on CPU, and
+    per-table settings for tables TorchRec does not place."""
+    for table in cfg.tables:
+        if table not in deep_table_names:
+            raise ConfigError(
+                f"distributed.tables.{table}: not a TorchRec table (those are the deep tables with "
+                f"model.embedding_backend=torchrec: {', '.join(deep_table_names) or 'none here'}); wide tables are "
+                "one fused table that wdl splits row-wise over the ranks"
+            )
     if env.device.type == "cuda":
         return
-    asked = [("distributed.sharding", cfg.distributed.sharding)] + [
-        (f"distributed.tables.{t}", k) for t, k in cfg.distributed.tables.items()
-    ]
+    asked = [("distributed.sharding", cfg.sharding)] + [(f"distributed.tables.{t}", k) for t, k in cfg.tables.items()]
     for where, kind in asked:
         if kind not in ("auto", *CPU_SHARDING):
-            raise ConfigError(
-                f"{where}={kind} needs CUDA; on CPU (gloo) TorchRec offers only {', '.join(CPU_SHARDING)}"
-            )
+            raise ConfigError(f"{where}={kind} needs CUDA; on CPU (gloo) TorchRec offers only {', '.join(CPU_SHARDING)}")
 
 
-def _torchrec(model: WideDeepTrain, cfg: Config, env: DistEnv) -> Parallel:
+def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, seed: int,
+          fused: tuple[type, dict[str, Any]] | None = None,
+          state_bytes: Callable[[str, int], int] = lambda part, dim: 0) -> Placed:
+    """Give every rank its part of the model and initialise it.
+
+    fused: the optimiser class and args FBGEMM applies to TorchRec's tables (torchrec backend).
+    state_bytes(part, dim): optimiser state per row of a fused group, for the memory check.
+    """
+    model = train_module.model
+    groups = [(part, g) for part, p in model.parts().items() for g in p.tables]
+
+    # 1. wdl's fused groups: this rank's rows, after checking they fit.
+    need, detail = 0, []
+    for part, g in groups:
+        lo, hi = block(g.num_rows, env.world_size, env.rank)
+        n = (hi - lo) * (4 * g.dim + state_bytes(part, g.dim))
+        need += n
+        detail.append(f"{part} dim {g.dim}: {hi - lo:,} rows, {n / 2**20:,.0f} MiB")
+    check_memory(need, "; ".join(detail), env.device, env.world_size)
+    for _, g in groups:
+        g.rows = (ShardedRows(g.num_rows, g.dim, torch.distributed.GroupMember.WORLD, env.device)
+                  if env.distributed else LocalRows(g.num_rows, g.dim, env.device))
+    model.init_parameters(seed)  # dense layers and the fused groups' rows held here
+    own_rows = [n for n, p in train_module.named_parameters() if not p.requires_grad]
+    plan = [_describe_group(part, g, env) for part, g in groups]
+
+    # 2. TorchRec's tables.
+    emb = model.deep.embeddings if model.deep is not None else None
+    if isinstance(emb, TorchRecEmbeddingBags):
+        return _torchrec(train_module, emb, cfg, env, fused, own_rows, seed, plan)
+
+    # 3. Dense layers in DDP.
+    wrapped: nn.Module = train_module
+    if env.distributed:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(train_module, own_rows)
+        ids = [env.device] if env.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(train_module, device_ids=ids, broadcast_buffers=False)
+        plan.append(f"dense layers: DDP over {env.world_size} ranks")
+    return Placed(wrapped, train_module, None, "\n".join(plan))
+
+
+def _describe_group(part: str, g: nn.Module, env: DistEnv) -> str:
+    lo, hi = g.rows.row_range
+    tables = ", ".join(f"{t.name} ({t.num_embeddings:,})" for t in g.tables)
+    where = (f"rows split over {env.world_size} ranks, rank {env.rank} holds [{lo:,}, {hi:,})"
+             if env.distributed else "all rows on this rank")
+    return f"wdl fused {part} table, dim {g.dim}, {g.num_rows:,} rows: {where}; {tables}"
+
+
+def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, cfg: DistributedConfig, env: DistEnv,
+              fused: tuple[type, dict[str, Any]] | None, own_rows: list[str], seed: int, plan: list[str]) -> Placed:
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import ShardingEnv
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    check_sharding_types(cfg, env)
-    inner = model.model
-    parts = {"wide": inner.wide, "deep": inner.deep}
-
-    # 1. Fused optimisers in backward for the tables whose optimiser FBGEMM implements.
-    constraints: dict[str, ParameterConstraints] = {}
-    for part, arch in parts.items():
-        if arch is None or arch.embeddings is None:
-            continue
-        fused = _fused_class(getattr(cfg.optim, part))
-        ebc = arch.embeddings.ebc
-        if fused is not None:
-            _apply_optimizer_in_backward(fused[0], ebc.parameters(), fused[1])
-        for table in arch.embeddings.table_names:
-            kind = cfg.distributed.tables.get(table, cfg.distributed.sharding)
-            if fused is None:
-                # The global default yields to data_parallel here; an explicit per-table ask is an error.
-                asked = cfg.distributed.tables.get(table, "data_parallel")
-                if asked != "data_parallel":
-                    raise ConfigError(
-                        f"distributed.tables.{table}={asked}: {getattr(cfg.optim, part).name} is not a fused FBGEMM "
-                        f"optimiser, so {part} tables are replicated (data_parallel); use optim.{part}.name "
-                        "adagrad/adam/sgd to shard them"
-                    )
-                kind = "data_parallel"
-            if kind != "auto":
-                constraints[table] = ParameterConstraints(sharding_types=[kind])
-            elif env.device.type != "cuda":
-                constraints[table] = ParameterConstraints(sharding_types=list(CPU_SHARDING))
+    if fused is None:
+        raise ValueError("TorchRec tables need their FBGEMM optimiser (fused)")
+    # 1. FBGEMM's optimiser, applied in the backward pass.
+    _apply_optimizer_in_backward(fused[0], emb.ebc.parameters(), fused[1])
 
     # 2. Planner: TorchRec chooses among the allowed sharding types for this topology.
+    constraints: dict[str, ParameterConstraints] = {}
+    for t in emb.tables:
+        kind = cfg.tables.get(t.name, cfg.sharding)
+        if kind != "auto":
+            constraints[t.name] = ParameterConstraints(sharding_types=[kind])
+        elif env.device.type != "cuda":
+            constraints[t.name] = ParameterConstraints(sharding_types=list(CPU_SHARDING))
     sharding_env = ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD)
     topology = Topology(world_size=env.world_size, compute_device=env.device.type,
-                        local_world_size=_local_world_size(env))
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, sharding_env.process_group)
+    sharding_plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+        train_module, sharders, sharding_env.process_group)
 
-    # 3. DistributedModelParallel: shards the tables, wraps the dense part in DDP.
-    dmp = DistributedModelParallel(model, env=sharding_env, device=env.device, plan=plan, sharders=sharders)
+    # 3. DistributedModelParallel: allocates each rank's shards, wraps the dense layers in DDP
+    #    (which must leave wdl's own rows alone).
+    dmp = DistributedModelParallel(train_module, env=sharding_env, device=env.device, plan=sharding_plan,
+                                   sharders=sharders,
+                                   data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=own_rows))
 
-    # 4. Optimisers for parameters not updated in backward: FTRL for replicated wide tables
-    #    and the bias, the deep optimiser for the MLP.
-    # The same split as WideDeep.param_groups (the bias belongs to the wide part when there is
-    # one), by name: sharding replaced the table parameters with new objects.
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    wide_names = [] if inner.wide is None else [n for n in dense if ".wide." in n or n.endswith("model.bias")]
-    deep_names = [n for n in dense if n not in wide_names]
-    optimizers: list[tuple[str, Any]] = [("fused", dmp.fused_optimizer)]
-    for part, names in (("wide", wide_names), ("deep", deep_names)):
-        if names:
-            ocfg = getattr(cfg.optim, part)
-            optimizers.append((part, KeyedOptimizerWrapper({n: dense[n] for n in names},
-                                                           lambda ps, c=ocfg: build_optimizer(c, list(ps)))))
-    optimizer = CombinedOptimizer(optimizers)
-    return Parallel(dmp, optimizer, str(dmp.plan), torchrec=True)
-
-
-def _local_world_size(env: DistEnv) -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-
-
-# ---------------------------------------------------------------------------------------------
-# State: initial values and checkpoints.
+    # 4. Each local shard gets the values the whole table would have had at its offsets.
+    _init_torchrec_shards(dmp, {t.name: t for t in emb.tables}, seed)
+    return Placed(dmp, dmp, dmp.fused_optimizer, "\n".join([str(dmp.plan), *plan]))
 
 
 @torch.no_grad()
-def load_full_state(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Copy unsharded values (e.g. the deterministic initialisation) into a sharded model:
-    each rank takes the slices of its local shards."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    state = model.state_dict()
+def _init_torchrec_shards(dmp: nn.Module, tables: dict[str, Any], seed: int) -> None:
+    state = dmp.state_dict()
     for key, value in state.items():
-        src = full[_strip(key)]
-        if isinstance(value, ShardedTensor):
-            for shard in value.local_shards():
-                md = shard.metadata
-                index = tuple(slice(o, o + n) for o, n in zip(md.shard_offsets, md.shard_sizes))
-                shard.tensor.copy_(src[index])
-        else:
-            value.copy_(src)
-    model.load_state_dict(state)
-
-
-def _strip(key: str) -> str:
-    for prefix in ("_dmp_wrapped_module.", "module."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def state_dicts(parallel: Parallel, for_loading: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Model and optimiser state dicts for DCP (sharded tensors stay sharded).
-
-    for_loading: make lazily created optimiser state exist first, so DCP can fill it in place.
-    """
-    if parallel.torchrec:
-        if for_loading:
-            for name, opt in parallel.optimizer.optimizers:
-                if name != "fused":  # fused state exists from the start
-                    opt.init_state()
-        return parallel.model.state_dict(), parallel.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    return get_state_dict(parallel.model, optimizers=list(parallel.optimizer.optimizers.values()))
-
-
-def load_state_dicts(parallel: Parallel, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
-    if parallel.torchrec:
-        parallel.model.load_state_dict(model_sd)
-        parallel.optimizer.load_state_dict(optim_sd)
-        return
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    set_state_dict(parallel.model, optimizers=list(parallel.optimizer.optimizers.values()),
-                   model_state_dict=model_sd, optim_state_dict=optim_sd)
+        parts = key.split(".")
+        if not (key.endswith(".weight") and len(parts) >= 2 and parts[-2] in tables and "embedding_bags" in parts):
+            continue
+        t = tables[parts[-2]]
+        for shard in value.local_shards():
+            row0, col0 = shard.metadata.shard_offsets
+            normal_block(shard.tensor, seed, t.name, t.init_std, row0=row0, col0=col0, dim=t.dim)
+    dmp.load_state_dict(state)

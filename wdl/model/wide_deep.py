@@ -11,24 +11,27 @@ Both parts are trained jointly through one loss (never as an ensemble).
 
 from __future__ import annotations
 
-import hashlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from wdl.config import ModelConfig
 from wdl.data.batch import Batch
-from wdl.model.embeddings import TableSpec, build_embedding_bags
+from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, TorchRecEmbeddingBags, build_embedding_bags
+from wdl.model.init import generator
 
 
 class ByteDropout(nn.Module):
     """Inverted dropout whose keep-mask comes from random bytes.
 
-    torch's CPU dropout draws one Bernoulli sample per element: 3.4 ms for a 1024 x 256
-    activation on this 2-core machine, about a third of a MovieLens training step. One random
-    byte per element (8 from each 64-bit draw) costs 0.1 ms. p is rounded to a multiple of
-    1/256 (0.5 is exact).
+    torch's CPU dropout draws one Bernoulli sample per element (4.4 ms for a 1024 x 256
+    activation on a 2-core machine, a third of a MovieLens training step). One random byte per
+    element (8 from each 64-bit draw) is far cheaper, and the mask is built with arithmetic
+    only: comparisons that produce bool tensors, and bool-float products, are not vectorised
+    on CPU and cost 5-10x more. An element is kept when its byte >= t, i.e. when
+    clamp(byte - (t - 1), 0, 1) is 1. p is rounded to a multiple of 1/256 (0.5 is exact).
     """
 
     def __init__(self, p: float) -> None:
@@ -40,29 +43,27 @@ class ByteDropout(nn.Module):
         if not self.training or self.threshold == 0:
             return x
         words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        keep = words.view(torch.uint8)[: x.numel()].view(x.shape) >= self.threshold
-        return x * keep * (1.0 / self.keep)
+        bytes_ = words.view(torch.uint8)[: x.numel()].view(x.shape).to(x.dtype)
+        mask = bytes_.sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(1.0 / self.keep)
+        return x * mask
 
     def extra_repr(self) -> str:
         return f"p={self.threshold / 256}"
 
 
 class WideArch(nn.Module):
-    """Sparse linear part.
+    """Sparse linear part: every wide feature (columns and crosses) in one dimension-1
+    EmbeddingGroup, so the whole part is one gather-and-sum.
 
     forward: Batch -> [B] logits (no bias; WideDeep owns it)
     """
 
-    def __init__(self, features: list[str], num_embeddings: dict[str, int], backend: str,
-                 device: torch.device | None = None) -> None:
+    def __init__(self, features: list[str], num_embeddings: dict[str, int], device: torch.device | None = None) -> None:
         super().__init__()
-        self.embeddings = build_embedding_bags(
-            [TableSpec(f, num_embeddings[f], 1, f"wide_{f}") for f in features], backend, device
-        )
+        self.embeddings = EmbeddingGroup([TableSpec(f, num_embeddings[f], 1, f"wide_{f}") for f in features], device)
 
     def forward(self, batch: Batch) -> Tensor:
-        pooled = self.embeddings(batch)  # feature -> [B, 1]
-        return torch.cat(list(pooled.values()), dim=1).sum(dim=1)
+        return self.embeddings(batch).sum(dim=(0, 2))  # [K, B, 1] -> [B]
 
 
 class DeepArch(nn.Module):
@@ -72,13 +73,12 @@ class DeepArch(nn.Module):
     """
 
     def __init__(self, embedding_dims: dict[str, int], num_embeddings: dict[str, int], dense_dim: int,
-                 hidden: list[int], dropout: float, backend: str, device: torch.device | None = None) -> None:
+                 hidden: list[int], dropout: float, init_std: float, backend: str,
+                 device: torch.device | None = None, table_device: torch.device | None = None) -> None:
         super().__init__()
         self.features = list(embedding_dims)
-        self.embeddings = (
-            build_embedding_bags([TableSpec(f, num_embeddings[f], d, f"deep_{f}") for f, d in embedding_dims.items()], backend, device)
-            if embedding_dims else None
-        )
+        tables = [TableSpec(f, num_embeddings[f], d, f"deep_{f}", init_std) for f, d in embedding_dims.items()]
+        self.embeddings = build_embedding_bags(tables, backend, table_device) if tables else None
         layers: list[nn.Module] = []
         width = sum(embedding_dims.values()) + dense_dim
         for h in hidden:
@@ -99,27 +99,40 @@ class DeepArch(nn.Module):
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
 
 
+@dataclass
+class Part:
+    """What one optimiser trains: dense parameters and wdl's fused embedding groups. (TorchRec's
+    tables are not listed: FBGEMM updates them in the backward pass.)"""
+
+    dense: list[nn.Parameter] = field(default_factory=list)
+    tables: list[EmbeddingGroup] = field(default_factory=list)
+
+
 class WideDeep(nn.Module):
     """`kind` picks the ablation: wide_deep, wide or deep.
+
+    With table_device="meta" the embedding tables are only described, not allocated: the
+    sharding module materialises each rank's rows (TorchRec's or wdl's) and `init_parameters`
+    fills whatever is local. Dense layers live on `device` (they are small).
 
     forward: Batch -> [B] logits
     """
 
     def __init__(self, cfg: ModelConfig, num_embeddings: dict[str, int], dense_dim: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, table_device: torch.device | None = None) -> None:
         super().__init__()
         self.kind = cfg.kind
+        table_device = table_device if table_device is not None else device
         self.wide = (
-            WideArch(cfg.wide.features, num_embeddings, cfg.embedding_backend, device)
+            WideArch(cfg.wide.features, num_embeddings, table_device)
             if cfg.kind in ("wide_deep", "wide") else None
         )
         self.deep = (
             DeepArch(cfg.deep.embeddings, num_embeddings, dense_dim if cfg.deep.dense else 0, cfg.deep.hidden,
-                     cfg.deep.dropout, cfg.embedding_backend, device)
+                     cfg.deep.dropout, cfg.deep.init_std, cfg.embedding_backend, device, table_device)
             if cfg.kind in ("wide_deep", "deep") else None
         )
         self.bias = nn.Parameter(torch.zeros(1, device=device))
-        self.init_std = cfg.deep.init_std
 
     def forward(self, batch: Batch) -> Tensor:
         logit = self.bias.expand(len(batch))
@@ -129,50 +142,57 @@ class WideDeep(nn.Module):
             logit = logit + self.deep(batch)
         return logit
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per optimiser: the GLM part (wide tables and the bias) and the deep part."""
-        wide = list(self.wide.parameters()) if self.wide is not None else []
-        deep = list(self.deep.parameters()) if self.deep is not None else []
-        (wide if self.wide is not None else deep).append(self.bias)
+    def parts(self) -> dict[str, Part]:
+        """The one wide/deep split: the GLM (wide tables and the bias) and the deep part."""
+        wide, deep = Part(), Part()
+        if self.wide is not None:
+            wide.tables.append(self.wide.embeddings)
+        if self.deep is not None:
+            deep.dense += list(self.deep.mlp.parameters())
+            if isinstance(self.deep.embeddings, FusedEmbeddingBags):
+                deep.tables += list(self.deep.embeddings.groups)
+        (wide if self.wide is not None else deep).dense.append(self.bias)
         return {"wide": wide, "deep": deep}
+
+    def fused_groups(self) -> list[EmbeddingGroup]:
+        return [g for p in self.parts().values() for g in p.tables]
 
     @torch.no_grad()
     def init_parameters(self, seed: int) -> None:
-        """Deterministic initialisation, independent of backend and construction order.
+        """Deterministic initialisation, independent of backend, sharding and construction order.
 
-        Each tensor draws from its own generator seeded by (seed, its backend-neutral name):
-        wide tables start at zero (a linear model; FTRL starts there by definition), deep
-        tables N(0, init_std) (PyTorch's N(0, 1) overfits badly here), Linear layers
-        PyTorch's default U(+-1/sqrt(fan_in)).
+        Wide tables start at zero (a linear model; FTRL starts there by definition), deep
+        tables N(0, init_std) (PyTorch's N(0, 1) overfits badly here), Linear layers PyTorch's
+        default U(+-1/sqrt(fan_in)), each tensor from its own generator (wdl.model.init).
+        Only the embedding rows held by this process are written: TorchRec's sharded tables
+        are filled shard by shard by the sharding module with the same function.
         """
-
-        def gen(name: str) -> torch.Generator:
-            h = int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little")
-            return torch.Generator().manual_seed(h & (2**63 - 1))
-
-        def fill(t: Tensor, name: str, kind: str, scale: float) -> None:
-            # Drawn on CPU so every device gives the same numbers.
-            cpu = torch.empty(t.shape, dtype=t.dtype)
-            if kind == "normal":
-                cpu.normal_(0.0, scale, generator=gen(name))
-            else:
-                cpu.uniform_(-scale, scale, generator=gen(name))
-            t.copy_(cpu)
-
         self.bias.zero_()
-        if self.wide is not None:
-            for w in self.wide.embeddings.weights().values():
-                w.zero_()
-        if self.deep is not None:
-            if self.deep.embeddings is not None:
-                for f, w in self.deep.embeddings.weights().items():
-                    fill(w, f"deep.embedding.{f}", "normal", self.init_std)
-            for i, m in enumerate(self.deep.mlp):
-                if isinstance(m, nn.Linear):
-                    bound = 1.0 / math.sqrt(m.in_features)
-                    fill(m.weight, f"deep.mlp.{i}.weight", "uniform", bound)
-                    if m.bias is not None:
-                        fill(m.bias, f"deep.mlp.{i}.bias", "uniform", bound)
+        for g in self.fused_groups():
+            g.reset_parameters(seed)
+        if self.deep is None:
+            return
+        if isinstance(self.deep.embeddings, TorchRecEmbeddingBags):
+            self.deep.embeddings.reset_parameters(seed)
+        for i, m in enumerate(self.deep.mlp):
+            if isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                _uniform(m.weight, seed, f"deep.mlp.{i}.weight", bound)
+                if m.bias is not None:
+                    _uniform(m.bias, seed, f"deep.mlp.{i}.bias", bound)
+
+    def table_specs(self) -> list[TableSpec]:
+        """Every embedding table of the model, wide and deep."""
+        specs = list(self.wide.embeddings.tables) if self.wide is not None else []
+        if self.deep is not None and self.deep.embeddings is not None:
+            emb = self.deep.embeddings
+            specs += emb.tables if isinstance(emb, TorchRecEmbeddingBags) else [t for g in emb.groups for t in g.tables]
+        return specs
+
+
+def _uniform(t: Tensor, seed: int, name: str, bound: float) -> None:
+    # Drawn on CPU so every device gives the same numbers.
+    t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=generator(seed, name)))
 
 
 class WideDeepTrain(nn.Module):

@@ -1,8 +1,15 @@
-"""Optimisers: the paper's FTRL-Proximal for the wide part, AdaGrad/Adam/SGD from torch.
+"""Optimisers behind one interface, whichever embedding backend runs.
 
-FTRL-Proximal (McMahan et al., "Ad Click Prediction: a View from the Trenches", 2013) is not
-in torch.optim, so it is written here; it accepts dense and sparse (nn.EmbeddingBag
-sparse=True) gradients and, for sparse ones, touches only the rows in the batch.
+A model's parameters fall into three kinds, each with its own optimiser, all stepped and
+checkpointed together by `Optimizers`:
+
+- dense parameters (the MLP, the bias): a torch optimiser (or FTRL, below), by part;
+- wdl's fused embedding groups: a `SparseTableOptimizer` per part, updating touched rows only;
+- TorchRec's tables: FBGEMM's kernels applied in the backward pass (`fused_table_optimizer`
+  names the class; the sharding module installs it before sharding, as TorchRec requires).
+
+FTRL-Proximal is not in torch.optim; `FTRL` here is its dense form (for the wide bias), built on
+the same per-coordinate rule as the row optimiser.
 """
 
 from __future__ import annotations
@@ -10,21 +17,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from wdl.config import OptimizerConfig
+from wdl.config import OptimConfig, OptimizerConfig
+from wdl.errors import ConfigError
+from wdl.train.sparse_optim import FtrlRule, SparseTableOptimizer, row_rule
 
 
 class FTRL(torch.optim.Optimizer):
-    """Per-coordinate FTRL-Proximal with L1 and L2.
-
-    With g the gradient, for every coordinate:
-        sigma = (sqrt(n + g^2) - sqrt(n)) / lr
-        z    += g - sigma * w
-        n    += g^2
-        w     = 0                                                  if |z| <= l1
-              = -(z - sign(z) * l1) / ((beta + sqrt(n)) / lr + l2)  otherwise
-    Parameters must start at 0 (the weights are a function of z and n).
+    """Per-coordinate FTRL-Proximal with L1 and L2 on dense parameters (see FtrlRule).
 
     The gradients here are of the batch-MEAN loss, about 1/batch_size of the per-example ones
     the paper's settings assume, so sqrt(n) stays small: beta ~1 then dominates the step size
@@ -37,76 +38,28 @@ class FTRL(torch.optim.Optimizer):
         if lr <= 0:
             raise ValueError(f"FTRL lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, l1=l1, l2=l2, beta=beta))
+        for group in self.param_groups:  # state exists from the start, so a checkpoint can load into it
+            for p in group["params"]:
+                self.state[p] = {"z": torch.zeros_like(p), "n": torch.zeros_like(p)}
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
-            lr, l1, l2, beta = group["lr"], group["l1"], group["l2"], group["beta"]
-            dense: list[tuple[Tensor, dict]] = []
+            rule = FtrlRule(group["lr"], group["l1"], group["l2"], group["beta"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["z"] = torch.zeros_like(p)
-                    state["n"] = torch.zeros_like(p)
-                    state["step"] = torch.zeros((), dtype=torch.int64)
-                state["step"] += 1
-                if p.grad.is_sparse:
-                    z, n = state["z"], state["n"]
-                    g = p.grad.coalesce()
-                    rows, gv = g.indices()[0], g.values()
-                    w_rows = _ftrl_rows(p[rows], z[rows], n[rows], gv, lr, l1, l2, beta, z, n, rows)
-                    p.index_copy_(0, rows, w_rows)
-                else:
-                    dense.append((p, state))
-            if dense:
-                _ftrl_dense_many(dense, lr, l1, l2, beta)
+                w, new = rule.update(p, p.grad, state)
+                p.copy_(w)
+                state["z"].copy_(new["z"])
+                state["n"].copy_(new["n"])
 
 
-def _ftrl_dense_many(items: list[tuple[Tensor, dict]], lr: float, l1: float, l2: float, beta: float) -> None:
-    """The FTRL update for many dense tensors at once with torch's multi-tensor (_foreach) ops:
-    a wide part has a table per feature, and one kernel per op and table dominated the step."""
-    ps = [p for p, _ in items]
-    gs = [p.grad for p, _ in items]
-    zs = [s["z"] for _, s in items]
-    ns = [s["n"] for _, s in items]
-    sqrt_old = torch._foreach_sqrt(ns)
-    torch._foreach_addcmul_(ns, gs, gs)  # n += g^2
-    sqrt_new = torch._foreach_sqrt(ns)
-    sigma = torch._foreach_sub(sqrt_new, sqrt_old)
-    torch._foreach_div_(sigma, lr)
-    torch._foreach_add_(zs, gs)  # z += g - sigma * w
-    torch._foreach_sub_(zs, torch._foreach_mul(sigma, ps))
-    # w = -(z - clamp(z, -l1, l1)) / ((beta + sqrt(n)) / lr + l2): zero where |z| <= l1
-    shrunk = torch._foreach_sub(zs, torch._foreach_clamp_max(torch._foreach_clamp_min(zs, -l1), l1))
-    denom = torch._foreach_add(sqrt_new, beta)
-    torch._foreach_div_(denom, lr)
-    torch._foreach_add_(denom, l2)
-    w = torch._foreach_div(shrunk, denom)
-    torch._foreach_neg_(w)
-    torch._foreach_copy_(ps, w)
-
-
-def _ftrl_solve(z: Tensor, n: Tensor, lr: float, l1: float, l2: float, beta: float) -> Tensor:
-    w = -(z - torch.sign(z) * l1) / ((beta + n.sqrt()) / lr + l2)
-    return torch.where(z.abs() <= l1, torch.zeros_like(w), w)
-
-
-def _ftrl_rows(w: Tensor, z_r: Tensor, n_r: Tensor, g: Tensor, lr: float, l1: float, l2: float, beta: float,
-               z: Tensor, n: Tensor, rows: Tensor) -> Tensor:
-    n_new = n_r + g * g
-    sigma = (n_new.sqrt() - n_r.sqrt()) / lr
-    z_new = z_r + g - sigma * w
-    z.index_copy_(0, rows, z_new)
-    n.index_copy_(0, rows, n_new)
-    return _ftrl_solve(z_new, n_new, lr, l1, l2, beta)
-
-
-def build_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def dense_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.name == "ftrl":
         return FTRL(params, lr=cfg.lr, l1=cfg.l1, l2=cfg.l2, beta=cfg.beta)
-    if cfg.name == "adagrad":
+    if cfg.name in ("adagrad", "rowwise_adagrad"):  # row-wise is a table layout; dense layers use plain AdaGrad
         return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                    initial_accumulator_value=cfg.initial_accumulator_value)
     if cfg.name == "adam":
@@ -114,15 +67,85 @@ def build_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.o
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def fused_table_optimizer(cfg: OptimizerConfig, device_type: str, part: str) -> tuple[type, dict[str, Any]]:
+    """The torch optimiser class TorchRec maps to an FBGEMM kernel for `part`'s tables, and its args."""
+    where = f"optim.{part}.name={cfg.name}"
+    if cfg.name == "ftrl":
+        raise ConfigError(f"{where}: FBGEMM has no FTRL kernel for TorchRec tables; use model.embedding_backend=torch "
+                          "(wdl's own tables run FTRL sparse and sharded)")
+    if cfg.name == "adam" and device_type != "cuda":
+        raise ConfigError(f"{where}: FBGEMM has no Adam for TorchRec tables on CPU; use model.embedding_backend=torch "
+                          "(lazy Adam on wdl's own tables) or adagrad / rowwise_adagrad / sgd")
+    # FBGEMM's kernels take lr and eps only.
+    if cfg.weight_decay or (cfg.name in ("adagrad", "rowwise_adagrad") and cfg.initial_accumulator_value):
+        raise ConfigError(f"{where} fused into TorchRec tables supports lr and eps only; set weight_decay and "
+                          "initial_accumulator_value to 0 or use model.embedding_backend=torch")
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps}
+    if cfg.name == "rowwise_adagrad":
+        from torchrec.optim import RowWiseAdagrad
+
+        return RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps}
+    if cfg.name == "adam":
+        return torch.optim.Adam, {"lr": cfg.lr, "eps": cfg.eps}
+    return torch.optim.SGD, {"lr": cfg.lr}
+
+
+class NamedOptimizer:
+    """A torch optimiser over named parameters; its state is checkpointed by parameter name,
+    so it loads into any world size and any wrapping (DDP, DMP). Hyperparameters come from the
+    config, not from the checkpoint."""
+
+    def __init__(self, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        self.named, self.optimizer = named, optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        self._materialise_state()
+        return {name: dict(self.optimizer.state[p]) for name, p in self.named.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """DCP has filled the tensors of `state_dict()` in place; copy in case it replaced any."""
+        for name, p in self.named.items():
+            for k, v in state[name].items():
+                cur = self.optimizer.state[p][k]
+                if isinstance(cur, torch.Tensor) and cur is not v:
+                    cur.copy_(v)
+
+    @torch.no_grad()
+    def _materialise_state(self) -> None:
+        """torch optimisers create state at their first step; make it exist (a zero-lr step on
+        zero gradients changes no parameter) so a checkpoint can be loaded into it."""
+        params = list(self.named.values())
+        if all(p in self.optimizer.state and self.optimizer.state[p] for p in params):
+            return
+        grads = [p.grad for p in params]
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in self.optimizer.param_groups:
+            g["lr"] = 0.0
+        self.optimizer.step()
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+
+
 class Optimizers:
     """Several named optimisers stepped together; state is checkpointed by name."""
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    def __init__(self, optimizers: dict[str, Any]) -> None:
         self.optimizers = {k: v for k, v in optimizers.items() if v is not None}
 
     def zero_grad(self) -> None:
         for o in self.optimizers.values():
-            o.zero_grad(set_to_none=True)
+            o.zero_grad()
 
     def step(self) -> None:
         for o in self.optimizers.values():
@@ -134,3 +157,23 @@ class Optimizers:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, o in self.optimizers.items():
             o.load_state_dict(state[k])
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None) -> Optimizers:
+    """One optimiser per part (wide, deep) for dense parameters and one per part for wdl's
+    embedding groups; `fused` is TorchRec's in-backward optimiser for its tables, if any.
+
+    model: the WideDeep (unwrapped; DDP and DMP keep its parameter objects).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, Any] = {}
+    for part, p in model.parts().items():
+        ocfg: OptimizerConfig = getattr(cfg, part)
+        if p.dense:
+            out[part] = NamedOptimizer({names[id(x)]: x for x in p.dense}, dense_optimizer(ocfg, p.dense))
+        if p.tables:
+            out[f"{part}_tables"] = SparseTableOptimizer({group_names[id(g)]: g for g in p.tables}, row_rule(ocfg))
+    if fused is not None:
+        out["fused"] = fused
+    return Optimizers(out)

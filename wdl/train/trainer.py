@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -17,24 +18,28 @@ import torch
 import torch.distributed as dist
 
 from wdl.checkpoint import Checkpointer, complete_checkpoints, find_checkpoint
-from wdl.config import Config, save_config
+from wdl.config import Config, ModelConfig, save_config
 from wdl.data.dataset import build_loader, feature_spec, open_dataset
 from wdl.distributed.env import DistEnv, barrier, comm_device
-from wdl.distributed.sharding import check_sharding_types, load_full_state, load_state_dicts, parallelize, state_dicts
+from wdl.distributed.sharding import check_placement, place
 from wdl.errors import CheckpointError, WdlError
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate, gather_to_all
 from wdl.train.metrics import MetricsLogger
+from wdl.train.optim import build_optimizers, fused_table_optimizer
+from wdl.train.sparse_optim import state_bytes_per_row
 
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.device = env.device
-        cfg.model.embedding_backend = resolve_backend(cfg.model.embedding_backend)
-        if cfg.model.embedding_backend == "torchrec":
-            check_sharding_types(cfg, env)  # fail before any data is touched
+        self.backend = resolve_backend(cfg.model.embedding_backend)
+        deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if self.backend == "torchrec" else []
+        check_placement(cfg.distributed, deep_tables, env)  # fail before any data is touched
+        fused = (fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
+                 if self.backend == "torchrec" and cfg.model.kind != "wide" else None)
 
         # 1. Run folder (rank 0 picks it, everyone uses it) and the checkpoint to resume from.
         self.run_dir, resume_from = _run_dir_and_resume(cfg, env)
@@ -56,35 +61,32 @@ class Trainer:
         self.train_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.train_split, train=True, **loader_args)
         self.eval_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.eval_split, train=False, **loader_args)
 
-        # 3. Model: knows nothing of distribution; initialised identically for any backend or
-        #    world size (TorchRec tables are built on CPU, then sharded and given these values).
+        # 3. Model: knows nothing of distribution. Its tables are only described (meta device):
+        #    placement allocates and initialises each rank's rows, so none exists whole anywhere.
         sizes = {k: self.spec.num_embeddings(k) for k in self.spec.sparse_keys}
-        torchrec = cfg.model.embedding_backend == "torchrec"
-        model = WideDeep(cfg.model, sizes, self.spec.dense_dim, device=None if torchrec else self.device)
-        model.init_parameters(cfg.run.seed)
-        train_module = WideDeepTrain(model)
-        initial = {k: v.detach().clone() for k, v in train_module.state_dict().items()} if torchrec else None
+        model_cfg = dataclasses.replace(cfg.model, embedding_backend=self.backend)
+        model = WideDeep(model_cfg, sizes, self.spec.dense_dim, device=self.device, table_device=torch.device("meta"))
 
-        # 4. Parallelism and optimisers: TorchRec sharding (+ DDP for the MLP) or plain DDP,
-        #    FTRL for the wide part, AdaGrad (or another) for the deep part. See distributed/sharding.py.
-        self.parallel = parallelize(train_module, cfg, env)
-        if initial is not None:
-            load_full_state(self.parallel.model, initial)
-        self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
-        # Seed the global RNGs (dropout) only now: building and sharding the model draw from them
-        # (TorchRec initialises tables before we overwrite them), so seeding here gives the same
-        # masks for every backend and world size.
+        # 4. Placement (TorchRec shards + DDP for the dense layers, or wdl's row-split tables +
+        #    DDP) and optimisers: FTRL for the wide part, AdaGrad (or another) for the deep part,
+        #    sparse row updates for every table. See distributed/sharding.py and train/optim.py.
+        self.placed = place(WideDeepTrain(model), cfg.distributed, env, seed=cfg.run.seed, fused=fused,
+                            state_bytes=lambda part, dim: state_bytes_per_row(getattr(cfg.optim, part), dim))
+        self.model = self.placed.model
+        self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer)
+        # Seed the global RNGs (dropout) only now: building and sharding the model draw from them,
+        # so seeding here gives the same masks for every backend and world size.
         _seed_everything(cfg.run.seed + env.rank)
         if env.is_main:
-            (self.run_dir / "plan.txt").write_text(self.parallel.plan + "\n")
-            print(f"wdl: sharding plan\n{self.parallel.plan}", flush=True)
+            (self.run_dir / "plan.txt").write_text(self.placed.plan + "\n")
+            print(f"wdl: sharding plan\n{self.placed.plan}", flush=True)
 
         # 5. Metrics (rank 0) and checkpoints; resume if asked.
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.data.eval_split)
         self.epoch, self.step = 0, 0
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
-                                         signature=_signature(cfg, sizes, self.spec.dense_dim))
+                                         signature=_signature(model_cfg, sizes, self.spec.dense_dim))
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -96,7 +98,7 @@ class Trainer:
             return self.evaluate_only()
         if self.env.is_main:
             n = self.train_loader.num_rows
-            print(f"wdl: {self.cfg.model.kind} ({self.cfg.model.embedding_backend} embeddings) on {self.device}, "
+            print(f"wdl: {self.cfg.model.kind} ({self.backend} embeddings) on {self.device}, "
                   f"world size {self.env.world_size}; {n} train rows, {self.train_loader.steps_per_epoch} steps/epoch; "
                   f"run folder {self.run_dir}", flush=True)
         while self.epoch < cfg.epochs and not self._out_of_steps():
@@ -176,14 +178,15 @@ class Trainer:
         return {"epoch": self.epoch, "step": self.step, "batches_done": self.train_loader.batches_done}
 
     def save_checkpoint(self) -> Path:
-        model_sd, optim_sd = state_dicts(self.parallel)
-        return self.checkpointer.save({"model": model_sd, "optim": optim_sd}, self._progress_state())
+        app = {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict()}
+        return self.checkpointer.save(app, self._progress_state())
 
     def _resume(self, path: Path) -> None:
-        model_sd, optim_sd = state_dicts(self.parallel, for_loading=True)
-        app = {"model": model_sd, "optim": optim_sd}
+        # DCP fills these tensors in place (split ones as this world size splits them).
+        app = {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict()}
         progress = self.checkpointer.load(path, app, self._progress_state())
-        load_state_dicts(self.parallel, app["model"], app["optim"])
+        self.placed.state_module.load_state_dict(app["model"])
+        self.optimizer.load_state_dict(app["optim"])
         self.epoch, self.step = progress["epoch"], progress["step"]
         self.train_loader.load_state_dict({"epoch": progress["epoch"], "batches_done": progress["batches_done"]})
         self.metrics.load_existing(keep_epochs=self.epoch)
@@ -242,10 +245,10 @@ def _run_dir_and_resume(cfg: Config, env: DistEnv) -> tuple[Path, Path | None]:
     return Path(box[0]), Path(box[1]) if box[1] else None
 
 
-def _signature(cfg: Config, sizes: dict[str, int], dense_dim: int) -> dict[str, Any]:
+def _signature(m: ModelConfig, sizes: dict[str, int], dense_dim: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded: the model's shape."""
-    m = cfg.model
     return {
+        "layout": 2,  # fused wide/deep tables with row optimiser state (earlier: a table per feature)
         "kind": m.kind,
         "backend": m.embedding_backend,
         "wide_tables": {f: sizes[f] for f in m.wide.features} if m.kind != "deep" else {},

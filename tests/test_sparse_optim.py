@@ -1,0 +1,173 @@
+"""wdl's fused tables and row optimisers against the plain per-table, dense-gradient math."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wdl.config import OptimizerConfig
+from wdl.data.batch import Batch, Jagged
+from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, dedupe_padded
+from wdl.model.init import normal_block
+from wdl.train.optim import FTRL
+from wdl.train.sparse_optim import SparseTableOptimizer, row_rule
+
+ROWS = {"u": 30, "m": 20, "g": 8}
+
+
+def batch(seed: int, b: int = 16) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (b,), generator=g, dtype=torch.int32)
+    one = torch.ones(b, dtype=torch.int32)
+    return Batch(
+        dense=torch.zeros(b, 0),
+        sparse={
+            # skewed ids, so rows repeat within a batch and some rows are never touched
+            "u": Jagged(torch.randint(0, 10, (b,), generator=g), one, single=True),
+            "m": Jagged(torch.randint(0, 12, (b,), generator=g), one, single=True),
+            "g": Jagged(torch.randint(0, 8, (int(lengths.sum()),), generator=g), lengths),
+        },
+        labels=torch.randint(0, 2, (b,), generator=g).float(),
+    )
+
+
+def tables(dim: int) -> list[TableSpec]:
+    return [TableSpec(f, n, dim, f"t_{f}", init_std=0.0 if dim == 1 else 0.1) for f, n in ROWS.items()]
+
+
+def loss_of(pooled: dict, labels: torch.Tensor, dim: int) -> torch.Tensor:
+    proj = torch.linspace(-1.0, 1.0, dim)
+    logit = sum((pooled[f] * proj).sum(1) * (i + 1) for i, f in enumerate(ROWS))
+    return F.binary_cross_entropy_with_logits(logit, labels)
+
+
+def reference(specs: list[TableSpec], seed: int) -> dict[str, torch.nn.EmbeddingBag]:
+    """The unfused math: one nn.EmbeddingBag per feature, dense gradients."""
+    bags = {}
+    for t in specs:
+        bags[t.feature] = torch.nn.EmbeddingBag(t.num_embeddings, t.dim, mode="sum")
+        with torch.no_grad():
+            normal_block(bags[t.feature].weight, seed, t.name, t.init_std, 0, 0, t.dim)
+    return bags
+
+
+def dense_optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.3)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=0.3, initial_accumulator_value=0.1)
+    return FTRL(params, lr=0.3, l1=0.001, l2=0.01, beta=0.5)
+
+
+CONFIGS = {"sgd": OptimizerConfig(name="sgd", lr=0.3),
+           "adagrad": OptimizerConfig(name="adagrad", lr=0.3, initial_accumulator_value=0.1, eps=1e-10),
+           "ftrl": OptimizerConfig(name="ftrl", lr=0.3, l1=0.001, l2=0.01, beta=0.5)}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "ftrl"])
+@pytest.mark.parametrize("dim", [1, 4])
+def test_fused_sparse_training_equals_per_table_dense_training(name, dim):
+    specs = tables(dim)
+    if name == "ftrl":  # FTRL's weights are a function of its state, which starts at zero
+        specs = [TableSpec(t.feature, t.num_embeddings, t.dim, t.name, 0.0) for t in specs]
+    ref = reference(specs, seed=3)
+    ref_opt = dense_optimizer(name, [b.weight for b in ref.values()])
+    fused = FusedEmbeddingBags(specs)
+    fused.reset_parameters(seed=3)
+    groups = {f"g{i}": g for i, g in enumerate(fused.groups)}
+    opt = SparseTableOptimizer(groups, row_rule(CONFIGS[name]))
+    for step in range(6):
+        x = batch(step)
+        ref_loss = loss_of({f: bag(x.sparse[f].values, x.sparse[f].offsets()) for f, bag in ref.items()}, x.labels, dim)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        loss = loss_of(fused(x), x.labels, dim)
+        loss.backward()
+        opt.step()
+        assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    for f, w in fused.weights().items():
+        assert torch.allclose(w, ref[f].weight, atol=1e-6), f
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad", "adam", "ftrl", "sgd"])
+def test_untouched_rows_and_their_state_never_change(name):
+    fused = FusedEmbeddingBags(tables(4))
+    fused.reset_parameters(seed=1)
+    (group,) = fused.groups
+    cfg = OptimizerConfig(name=name, lr=0.1, weight_decay=0.01 if name != "ftrl" else 0.0)
+    opt = SparseTableOptimizer({"g": group}, row_rule(cfg))
+    before_w = group.rows.weight.clone()
+    before_s = {k: v.clone() for k, v in opt.state["g"].items()}
+    touched = torch.zeros(group.num_rows, dtype=torch.bool)
+    for step in range(4):
+        x = batch(step)
+        for f, lo in zip(group.keys, group.offsets):
+            touched[x.sparse[f].values + lo] = True
+        loss_of(fused(x), x.labels, 4).backward()
+        opt.step()
+    assert touched.any() and not touched.all()
+    assert torch.equal(group.rows.weight[~touched], before_w[~touched])
+    assert not torch.equal(group.rows.weight[touched], before_w[touched])
+    for k in opt.rule.per_row:
+        assert torch.equal(opt.state["g"][k][~touched], before_s[k][~touched]), k
+        assert not torch.equal(opt.state["g"][k][touched], before_s[k][touched]), k
+
+
+def test_lazy_adam_equals_torch_sparse_adam():
+    specs = tables(4)
+    ref = reference(specs, seed=5)
+    for bag in ref.values():
+        bag.sparse = True
+    ref_opt = torch.optim.SparseAdam([b.weight for b in ref.values()], lr=0.05)
+    fused = FusedEmbeddingBags(specs)
+    fused.reset_parameters(seed=5)
+    opt = SparseTableOptimizer({"g": fused.groups[0]}, row_rule(OptimizerConfig(name="adam", lr=0.05)))
+    for step in range(5):
+        x = batch(step)
+        ref_opt.zero_grad()
+        loss_of({f: bag(x.sparse[f].values, x.sparse[f].offsets()) for f, bag in ref.items()}, x.labels, 4).backward()
+        ref_opt.step()
+        loss_of(fused(x), x.labels, 4).backward()
+        opt.step()
+    for f, w in fused.weights().items():
+        assert torch.allclose(w, ref[f].weight, atol=1e-6), f
+
+
+def test_rowwise_adagrad_keeps_one_accumulator_per_row():
+    group = EmbeddingGroup([TableSpec("u", 5, 2, "t_u")])
+    with torch.no_grad():
+        group.rows.weight.fill_(1.0)
+    opt = SparseTableOptimizer({"g": group}, row_rule(OptimizerConfig(name="rowwise_adagrad", lr=0.5, eps=0.0)))
+    x = Batch(torch.zeros(2, 0), {"u": Jagged(torch.tensor([3, 3]), torch.ones(2, dtype=torch.int32), True)},
+              torch.zeros(2))
+    out = group(x)  # [1, 2, 2]
+    (out * torch.tensor([3.0, 4.0])).sum().backward()  # row 3's gradient: 2 * [3, 4] = [6, 8]
+    opt.step()
+    acc = (36 + 64) / 2  # mean of the squared gradient over the row
+    assert opt.state["g"]["sum"].tolist() == [0, 0, 0, acc, 0]
+    expected = 1.0 - 0.5 * torch.tensor([6.0, 8.0]) / acc ** 0.5
+    assert torch.allclose(group.rows.weight[3], expected)
+    assert torch.equal(group.rows.weight[[0, 1, 2, 4]], torch.ones(4, 2))
+
+
+def test_padded_dedupe_has_static_shapes_and_consistent_writes():
+    ids = torch.tensor([7, 3, 7, 9, 3, 3, 1])
+    uniq, inv, src = dedupe_padded(ids)
+    assert uniq.shape == ids.shape and torch.equal(uniq[inv], ids)
+    assert uniq[:4].tolist() == [1, 3, 7, 9] and uniq[4:].tolist() == [1, 1, 1]  # padding repeats slot 0
+    assert src.tolist() == [0, 1, 2, 3, 0, 0, 0]
+    # a per-slot update from grad[src] writes the same value to row 1 from every slot that names it
+    grad = torch.zeros(7).index_add_(0, inv, torch.ones(7))
+    w = torch.zeros(10)
+    w.index_copy_(0, uniq, (w[uniq] - grad[src]))
+    assert w[[1, 3, 7, 9]].tolist() == [-1, -3, -2, -1]
+
+
+def test_initial_values_do_not_depend_on_how_a_table_is_split():
+    full = normal_block(torch.empty(50, 6), seed=4, name="t", std=0.5, row0=0, col0=0, dim=6)
+    block = normal_block(torch.empty(20, 3), seed=4, name="t", std=0.5, row0=17, col0=2, dim=6)
+    assert torch.equal(block, full[17:37, 2:5])
+    big = normal_block(torch.empty(4000, 50), seed=4, name="t", std=0.5, row0=0, col0=0, dim=50)
+    assert abs(big.mean().item()) < 0.01 and big.std().item() == pytest.approx(0.5, rel=0.02)
+    other = normal_block(torch.empty(50, 6), seed=4, name="u", std=0.5, row0=0, col0=0, dim=6)
+    assert not torch.equal(other, full)

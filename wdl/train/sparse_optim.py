@@ -1,0 +1,205 @@
+"""Row optimisers for wdl's fused embedding groups: a step reads and writes only the rows the
+batch touched (see wdl.model.embeddings), so its cost is O(batch), whatever the table size.
+
+Each rule is the per-row form of a known optimiser, written for a block of gathered rows:
+
+    sgd              w -= lr * (g + wd * w)
+    adagrad          s += g^2;                 w -= lr * g / (sqrt(s) + eps)       (torch.optim.Adagrad)
+    rowwise_adagrad  s += mean(g^2) per row;   w -= lr * g / (sqrt(s) + eps)       (FBGEMM's ROWWISE_ADAGRAD)
+    adam (lazy)      moments of touched rows only, bias-corrected by the global step (torch.optim.SparseAdam)
+    ftrl             FTRL-Proximal per coordinate with L1/L2 (McMahan et al. 2013)
+
+A row no batch touches is left exactly as it is. For sgd, adagrad and ftrl that is also what the
+dense optimiser does (a zero gradient changes nothing), so the results equal dense training
+(tests check this); lazy Adam and weight decay differ from their dense forms by design: they
+act on touched rows only, as TensorFlow's LazyAdam and FBGEMM's kernels do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wdl.config import OptimizerConfig
+
+State = dict[str, Tensor]
+
+
+class RowRule:
+    """One optimiser's update of a block of rows.
+
+    init_state(rows, dim): per-row state tensors ([rows, dim] or [rows]) plus scalars ([]).
+    update(w [U, dim], g [U, dim], s: the state of those rows, scalars as they are) -> new w, new s.
+    """
+
+    per_row: tuple[str, ...] = ()
+    scalars: tuple[str, ...] = ()
+
+    def init_state(self, rows: int, dim: int, device: torch.device) -> State:
+        return {}
+
+    def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, weight: Tensor, state: State, rows: Tensor, grad: Tensor) -> None:
+        """Update `rows` of `weight` (and of the per-row state) in place."""
+        for k in self.scalars:  # advanced by every rank every step, so they agree after resharding
+            state[k].add_(1)
+        s = {k: state[k][rows] for k in self.per_row} | {k: state[k] for k in self.scalars}
+        w_new, s_new = self.update(weight[rows], grad, s)
+        weight.index_copy_(0, rows, w_new)
+        for k in self.per_row:
+            state[k].index_copy_(0, rows, s_new[k])
+
+
+class SGDRule(RowRule):
+    def __init__(self, lr: float, weight_decay: float = 0.0) -> None:
+        self.lr, self.wd = lr, weight_decay
+
+    def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
+        if self.wd:
+            g = g.add(w, alpha=self.wd)
+        return w.add(g, alpha=-self.lr), s
+
+
+class AdagradRule(RowRule):
+    per_row = ("sum",)
+
+    def __init__(self, lr: float, eps: float = 1e-10, weight_decay: float = 0.0, initial_accumulator_value: float = 0.0) -> None:
+        self.lr, self.eps, self.wd, self.init = lr, eps, weight_decay, initial_accumulator_value
+
+    def init_state(self, rows: int, dim: int, device: torch.device) -> State:
+        return {"sum": torch.full((rows, dim), self.init, device=device)}
+
+    def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
+        if self.wd:
+            g = g.add(w, alpha=self.wd)
+        total = s["sum"].addcmul(g, g)
+        return torch.addcdiv(w, g, total.sqrt().add_(self.eps), value=-self.lr), {"sum": total}
+
+
+class RowwiseAdagradRule(AdagradRule):
+    """One accumulator per row (4 bytes instead of 4 x dim): FBGEMM's default for large tables."""
+
+    def init_state(self, rows: int, dim: int, device: torch.device) -> State:
+        return {"sum": torch.full((rows,), self.init, device=device)}
+
+    def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
+        if self.wd:
+            g = g.add(w, alpha=self.wd)
+        total = s["sum"] + (g * g).mean(dim=1)
+        return torch.addcdiv(w, g, total.sqrt().add_(self.eps).unsqueeze(1), value=-self.lr), {"sum": total}
+
+
+class LazyAdamRule(RowRule):
+    per_row = ("exp_avg", "exp_avg_sq")
+    scalars = ("step",)
+
+    def __init__(self, lr: float, eps: float = 1e-8, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0) -> None:
+        self.lr, self.eps, self.betas, self.wd = lr, eps, betas, weight_decay
+
+    def init_state(self, rows: int, dim: int, device: torch.device) -> State:
+        z = torch.zeros((rows, dim), device=device)
+        return {"exp_avg": z, "exp_avg_sq": z.clone(), "step": torch.zeros((), device=device)}
+
+    def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
+        b1, b2 = self.betas
+        if self.wd:
+            g = g.add(w, alpha=self.wd)
+        m = torch.lerp(s["exp_avg"], g, 1 - b1)
+        v = s["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
+        step = s["step"]
+        # torch.optim.SparseAdam's arrangement: lr * sqrt(1 - b2^t) / (1 - b2^t) * m / (sqrt(v) + eps)
+        step_size = self.lr * torch.sqrt(1 - b2 ** step) / (1 - b1 ** step)
+        return w - step_size * (m / v.sqrt().add_(self.eps)), {"exp_avg": m, "exp_avg_sq": v}
+
+
+class FtrlRule(RowRule):
+    """Per-coordinate FTRL-Proximal with L1 and L2. With g the gradient:
+
+        sigma = (sqrt(n + g^2) - sqrt(n)) / lr
+        z    += g - sigma * w
+        n    += g^2
+        w     = 0                                                  if |z| <= l1
+              = -(z - sign(z) * l1) / ((beta + sqrt(n)) / lr + l2)  otherwise
+
+    The weights are a function of (z, n), so a table must start at 0.
+    """
+
+    per_row = ("z", "n")
+
+    def __init__(self, lr: float, l1: float = 0.0, l2: float = 0.0, beta: float = 1.0) -> None:
+        self.lr, self.l1, self.l2, self.beta = lr, l1, l2, beta
+
+    def init_state(self, rows: int, dim: int, device: torch.device) -> State:
+        z = torch.zeros((rows, dim), device=device)
+        return {"z": z, "n": z.clone()}
+
+    def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
+        n_old = s["n"]
+        n = n_old.addcmul(g, g)
+        sqrt_n = n.sqrt()
+        sigma = (sqrt_n - n_old.sqrt()) / self.lr
+        z = s["z"] + g - sigma * w
+        # -(z - clamp(z, -l1, l1)) is 0 where |z| <= l1 and -(z - sign(z) * l1) elsewhere
+        w_new = (z.clamp(-self.l1, self.l1) - z) / ((self.beta + sqrt_n) / self.lr + self.l2)
+        return w_new, {"z": z, "n": n}
+
+
+def row_rule(cfg: OptimizerConfig) -> RowRule:
+    if cfg.name == "ftrl":
+        return FtrlRule(cfg.lr, cfg.l1, cfg.l2, cfg.beta)
+    if cfg.name == "adagrad":
+        return AdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
+    if cfg.name == "rowwise_adagrad":
+        return RowwiseAdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
+    if cfg.name == "adam":
+        return LazyAdamRule(cfg.lr, cfg.eps, weight_decay=cfg.weight_decay)
+    return SGDRule(cfg.lr, cfg.weight_decay)
+
+
+def state_bytes_per_row(cfg: OptimizerConfig, dim: int) -> int:
+    """Optimiser state per row, for memory estimates."""
+    floats = {"ftrl": 2 * dim, "adagrad": dim, "rowwise_adagrad": 1, "adam": 2 * dim}.get(cfg.name, 0)
+    return 4 * floats
+
+
+class SparseTableOptimizer:
+    """Applies one RowRule to the rows each step touched in its embedding groups.
+
+    groups: name -> EmbeddingGroup (names key the checkpointed state). The state of each group
+    lives beside its rows (on the same device, split the same way over ranks).
+    """
+
+    def __init__(self, groups: dict[str, Any], rule: RowRule) -> None:
+        self.groups, self.rule = groups, rule
+        self.state: dict[str, State] = {}
+        for name, g in groups.items():
+            w = g.rows.weight
+            self.state[name] = rule.init_state(w.shape[0], w.shape[1], w.device)
+
+    def zero_grad(self) -> None:
+        """Nothing to clear: every forward pass makes a new working set."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for name, g in self.groups.items():
+            pending = g.take_pending()
+            if pending is None:
+                continue
+            ctx, working = pending
+            grad = working.grad if working.grad is not None else torch.zeros_like(working)
+            rows, grad = g.rows.push(ctx, grad)  # collective when the rows are split over ranks
+            self.rule.apply(g.rows.weight, self.state[name], rows, grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-row state as the rows' store exports it (split tensors stay split); in place for DCP."""
+        return {name: {k: (self.groups[name].rows.export(t) if k in self.rule.per_row else t) for k, t in st.items()}
+                for name, st in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """DCP has filled the tensors of `state_dict()` in place: nothing left to copy."""
