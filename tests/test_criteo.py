@@ -18,6 +18,7 @@ from wdl.config import load_config
 from wdl.data import tsv
 from wdl.data.criteo import prepare_criteo
 from wdl.data.tsv import CATEGORICAL, DENSE
+from wdl.model.embeddings import torchrec_available
 from wdl.errors import DataError
 
 
@@ -146,7 +147,11 @@ def test_cli_prepare_prints_summary(tmp_path, capsys):
     assert json.loads((tmp_path / "out/manifest.json").read_text())["splits"].keys() == {"train", "valid", "test"}
 
 
-def test_criteo_config_trains_on_prepared_data(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "torchrec"])
+def test_criteo_config_trains_on_prepared_data(tmp_path, backend):
+    """The shipped config as it is (FTRL wide part, AdaGrad deep part), with either backend."""
+    if backend == "torchrec" and not torchrec_available():
+        pytest.skip("torchrec not installed")
     cfg = load_config(ROOT / "configs/criteo.yaml")
     assert [c for c, v in cfg.features.columns.items() if v.kind == "dense"] == DENSE
     assert len(cfg.model.deep.embeddings) == 26 and cfg.features.crosses
@@ -154,7 +159,7 @@ def test_criteo_config_trains_on_prepared_data(tmp_path):
     prepare_criteo([src], tmp_path / "data", hash_buckets=256, progress=False, row_group_rows=256)
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/criteo.yaml"),
            f"data.path={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'runs'}", "train.epochs=1",
-           "train.progress=false", "data.num_workers=0", "data.batch_size=256", "model.embedding_backend=torch",
+           "train.progress=false", "data.num_workers=0", "data.batch_size=256", f"model.embedding_backend={backend}",
            "run.device=cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

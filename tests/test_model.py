@@ -57,7 +57,7 @@ def test_wide_part_is_a_sparse_linear_model():
     with torch.no_grad():
         for f, w in m.wide.embeddings.weights().items():
             w.copy_(torch.arange(w.shape[0], dtype=torch.float32).unsqueeze(1) * (1 + len(f)))
-        m.bias.fill_(0.5)
+        m.wide.embeddings.rows.weight[m.wide.embeddings.bias_row] = 0.5  # the bias: a row every example reads
     b = batch()
     expected = 0.5 + sum(
         torch.zeros(6).index_add_(0, torch.repeat_interleave(torch.arange(6), b.sparse[f].lengths.long()),

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from wdl.config import OptimizerConfig
 from wdl.data.batch import Batch, Jagged
-from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, dedupe_padded
+from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, dedupe
 from wdl.model.init import normal_block
 from wdl.train.optim import FTRL
 from wdl.train.sparse_optim import SparseTableOptimizer, row_rule
@@ -150,16 +150,22 @@ def test_rowwise_adagrad_keeps_one_accumulator_per_row():
     assert torch.equal(group.rows.weight[[0, 1, 2, 4]], torch.ones(4, 2))
 
 
-def test_padded_dedupe_has_static_shapes_and_consistent_writes():
+@pytest.mark.parametrize("compact", [True, False])
+def test_dedupe(compact):
     ids = torch.tensor([7, 3, 7, 9, 3, 3, 1])
-    uniq, inv, src = dedupe_padded(ids)
-    assert uniq.shape == ids.shape and torch.equal(uniq[inv], ids)
-    assert uniq[:4].tolist() == [1, 3, 7, 9] and uniq[4:].tolist() == [1, 1, 1]  # padding repeats slot 0
-    assert src.tolist() == [0, 1, 2, 3, 0, 0, 0]
-    # a per-slot update from grad[src] writes the same value to row 1 from every slot that names it
+    slots = torch.full((10,), -5, dtype=torch.int32)  # stale scratch: dedupe never reads what it did not write
+    uniq, inv, src = dedupe(ids, slots, compact)
+    assert torch.equal(uniq[inv], ids)
+    assert sorted(uniq[: 4].tolist()) == [1, 3, 7, 9]
+    if compact:
+        assert uniq.numel() == 4 and src is None
+        return
+    # static shapes (no host sync on CUDA): padding slots repeat ids[0] and update from its slot
+    assert uniq.shape == ids.shape and uniq[4:].tolist() == [7, 7, 7]
+    assert src[:4].tolist() == [0, 1, 2, 3] and src[4:].tolist() == [int(inv[0])] * 3
     grad = torch.zeros(7).index_add_(0, inv, torch.ones(7))
     w = torch.zeros(10)
-    w.index_copy_(0, uniq, (w[uniq] - grad[src]))
+    w.index_copy_(0, uniq, w[uniq] - grad[src])
     assert w[[1, 3, 7, 9]].tolist() == [-1, -3, -2, -1]
 
 

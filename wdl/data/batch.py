@@ -90,17 +90,19 @@ class Batch:
         )
 
 
-def take_jagged(col: Jagged, col_offsets: Tensor, idx: Tensor) -> Jagged:
-    """Rows `idx` of a jagged column, vectorised (no per-row Python).
+def jagged_positions(lengths: Tensor, offsets: Tensor, idx: Tensor, total: int | None = None) -> tuple[Tensor, Tensor]:
+    """Where rows `idx` of a jagged column keep their ids, vectorised (no per-row Python).
 
-    col_offsets: [N] int64 start of each row's ids (`col.offsets()`, precomputed once per
-    table). Columns with exactly one id per row need no offsets: FeatureTable.take gathers them.
+    lengths [N] int32 and offsets [N] int64 (start of each row's ids, precomputed once per
+    table): returns (positions into the column's values, the selected rows' lengths). Columns
+    sharing their lengths (a multi-hot column and its crosses) share the positions too.
+    total: the number of ids in those rows, when known on the host (on CUDA, finding it
+    otherwise stalls the host until the device catches up).
     """
-    lengths = col.lengths[idx]
-    starts = col_offsets[idx]
-    lens64 = lengths.to(torch.int64)
+    out_lengths = lengths.index_select(0, idx)
+    starts = offsets.index_select(0, idx)
+    lens64 = out_lengths.to(torch.int64)
     out_starts = torch.cumsum(lens64, 0) - lens64
-    # position j of output row r reads col.values[starts[r] + j]
-    shift = torch.repeat_interleave(starts - out_starts, lens64)
-    pos = torch.arange(shift.numel(), device=shift.device) + shift
-    return Jagged(col.values[pos], lengths)
+    # position j of output row r reads values[starts[r] + j]
+    shift = torch.repeat_interleave(starts - out_starts, lens64, output_size=total)
+    return torch.arange(shift.numel(), device=shift.device) + shift, out_lengths

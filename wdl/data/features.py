@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from wdl.config import FeaturesConfig
-from wdl.data.batch import Batch, Jagged, take_jagged
+from wdl.data.batch import Batch, Jagged, jagged_positions
 from wdl.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -112,80 +112,113 @@ class Cross:
     salt: int
 
 
-@dataclass
 class FeatureTable:
     """N rows as columnar tensors; a Batch is cut from it by `take`/`slice`.
 
-    dense [N, D] float32, sparse name -> Jagged, labels [N] float32.
+    dense [N, D] float32 and labels [N] float32. The ids of every key with exactly one id per
+    row sit in one matrix `ids` [N, S] (column j holds single_keys[j]), so cutting a batch of
+    rows is one gather of adjacent ids, not one per key. Keys with several ids per row are
+    Jagged columns (`multi`); keys that share their lengths (a multi-hot column and its
+    crosses) share one lengths tensor, so their row positions are computed once per batch.
+    `sparse` shows every key as a Jagged column (single keys as column views of `ids`).
     """
 
-    dense: Tensor
-    sparse: dict[str, Jagged]
-    labels: Tensor
-    single: frozenset[str] | None = None  # keys known to hold exactly one id per row
+    def __init__(self, dense: Tensor, labels: Tensor, ids: Tensor, single_keys: tuple[str, ...],
+                 multi: dict[str, Jagged], order: tuple[str, ...], host_lengths: list[Tensor] | None = None) -> None:
+        self.dense, self.labels, self.ids, self.multi = dense, labels, ids, multi
+        self.single_keys, self.order = single_keys, order
+        self._host_lengths = host_lengths  # per group, on CPU, for a table held on a GPU
+        self._col = {k: j for j, k in enumerate(single_keys)}
+        # Multi-valued keys grouped by their (shared) lengths tensor, with its row offsets.
+        self._groups: list[tuple[Tensor, Tensor, list[str]]] = []
+        for k, jag in multi.items():
+            for lengths, _, keys in self._groups:
+                if lengths is jag.lengths:
+                    keys.append(k)
+                    break
+            else:
+                self._groups.append((jag.lengths, jag.offsets(), [k]))
 
-    def __post_init__(self) -> None:
-        # Per-row start offsets for multi-valued keys; None marks exactly-one-id keys.
-        if self.single is None:
-            self.single = frozenset(k for k, j in self.sparse.items() if bool((j.lengths == 1).all()))
-        self._offsets = {k: None if k in self.single else j.offsets() for k, j in self.sparse.items()}
+    @classmethod
+    def from_columns(cls, dense: Tensor, sparse: dict[str, Jagged], labels: Tensor,
+                     single: frozenset[str] | None = None) -> "FeatureTable":
+        """From one Jagged column per key; `single` names the exactly-one-id keys (found from
+        the lengths when not given)."""
+        if single is None:
+            single = frozenset(k for k, j in sparse.items() if bool((j.lengths == 1).all()))
+        single_keys = tuple(k for k in sparse if k in single)
+        ids = (torch.stack([sparse[k].values for k in single_keys], 1) if single_keys
+               else torch.empty(len(labels), 0, dtype=torch.int64, device=labels.device))
+        multi = {k: Jagged(j.values, j.lengths) for k, j in sparse.items() if k not in single}
+        return cls(dense, labels, ids, single_keys, multi, tuple(sparse))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def take(self, idx: Tensor) -> Batch:
-        ones = None  # one shared lengths tensor for every exactly-one-id key
-        sparse = {}
-        for k, j in self.sparse.items():
-            if self._offsets[k] is None:
-                if ones is None:
-                    ones = torch.ones(idx.shape[0], dtype=j.lengths.dtype, device=idx.device)
-                sparse[k] = Jagged(j.values[idx], ones, single=True)
-            else:
-                sparse[k] = take_jagged(j, self._offsets[k], idx)
-        return Batch(dense=self.dense[idx], sparse=sparse, labels=self.labels[idx])
+    @property
+    def sparse(self) -> dict[str, Jagged]:
+        return self._sparse(self.ids, self.multi)
 
-    def slice(self, start: int, stop: int) -> Batch:
-        """Rows [start, stop) as views where possible: no gather (the streaming hot path)."""
-        sparse = {}
-        for k, j in self.sparse.items():
-            offsets = self._offsets[k]
-            if offsets is None:
-                sparse[k] = Jagged(j.values[start:stop], j.lengths[start:stop], single=True)
-            else:
-                lo = int(offsets[start]) if start < len(offsets) else j.values.numel()
-                hi = int(offsets[stop]) if stop < len(offsets) else j.values.numel()
-                sparse[k] = Jagged(j.values[lo:hi], j.lengths[start:stop])
-        return Batch(self.dense[start:stop], sparse, self.labels[start:stop])
+    def _sparse(self, ids: Tensor, multi: dict[str, Jagged]) -> dict[str, Jagged]:
+        ones = torch.ones(ids.shape[0], dtype=torch.int32, device=ids.device)  # shared by every single key
+        return {k: multi[k] if k in multi else Jagged(ids[:, self._col[k]], ones, single=True) for k in self.order}
 
-    def take_table(self, idx: Tensor) -> "FeatureTable":
-        b = self.take(idx)
-        return FeatureTable(b.dense, b.sparse, b.labels, self.single)
+    def _with(self, dense: Tensor, labels: Tensor, ids: Tensor, multi: dict[str, Jagged]) -> "FeatureTable":
+        return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order)
+
+    def take_table(self, idx: Tensor, host_idx: Tensor | None = None) -> "FeatureTable":
+        """Rows `idx` (a 1-d int64 tensor on the table's device): one gather per tensor.
+        host_idx: the same rows on the CPU, so a table on a GPU needs no host sync."""
+        multi = {}
+        for g, (lengths, offsets, keys) in enumerate(self._groups):
+            total = None
+            if self._host_lengths is not None and host_idx is not None:
+                total = int(self._host_lengths[g].index_select(0, host_idx).sum())
+            pos, out_lengths = jagged_positions(lengths, offsets, idx, total)
+            multi.update({k: Jagged(self.multi[k].values.index_select(0, pos), out_lengths) for k in keys})
+        return self._with(self.dense.index_select(0, idx), self.labels.index_select(0, idx),
+                          self.ids.index_select(0, idx), multi)
 
     def slice_table(self, start: int, stop: int) -> "FeatureTable":
-        b = self.slice(start, stop)
-        return FeatureTable(b.dense, b.sparse, b.labels, self.single)
+        """Rows [start, stop) as views: no gather (the streaming hot path)."""
+        multi = {}
+        for lengths, offsets, keys in self._groups:
+            total = self.multi[keys[0]].values.numel()
+            lo = int(offsets[start]) if start < len(offsets) else total
+            hi = int(offsets[stop]) if stop < len(offsets) else total
+            multi.update({k: Jagged(self.multi[k].values[lo:hi], lengths[start:stop]) for k in keys})
+        return self._with(self.dense[start:stop], self.labels[start:stop], self.ids[start:stop], multi)
+
+    def take(self, idx: Tensor, host_idx: Tensor | None = None) -> Batch:
+        return self.take_table(idx, host_idx).as_batch()
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return self.slice_table(start, stop).as_batch()
+
+    def as_batch(self) -> Batch:
+        return Batch(self.dense, self.sparse, self.labels)
 
     def to(self, device: torch.device) -> "FeatureTable":
-        return FeatureTable(self.dense.to(device), {k: v.to(device) for k, v in self.sparse.items()},
-                            self.labels.to(device), self.single)
+        moved: dict[int, Tensor] = {}  # shared lengths stay shared
+
+        def mv(t: Tensor) -> Tensor:
+            return moved.setdefault(id(t), t.to(device))
+
+        multi = {k: Jagged(mv(j.values), mv(j.lengths)) for k, j in self.multi.items()}
+        moved_table = self._with(self.dense.to(device), self.labels.to(device), self.ids.to(device), multi)
+        if device.type == "cuda":
+            moved_table._host_lengths = [lengths.cpu() for lengths, _, _ in self._groups]
+        return moved_table
 
     @staticmethod
     def concat(tables: list["FeatureTable"]) -> "FeatureTable":
-        keys = tables[0].sparse.keys()
-        return FeatureTable(
-            dense=torch.cat([t.dense for t in tables]),
-            sparse={
-                k: Jagged(torch.cat([t.sparse[k].values for t in tables]), torch.cat([t.sparse[k].lengths for t in tables]),
-                          single=tables[0].sparse[k].single)
-                for k in keys
-            },
-            labels=torch.cat([t.labels for t in tables]),
-            single=frozenset.intersection(*(t.single for t in tables)),
-        )
-
-    def as_batch(self) -> Batch:
-        return Batch(self.dense, dict(self.sparse), self.labels)
+        first = tables[0]
+        multi = {}
+        for _, _, keys in first._groups:
+            lengths = torch.cat([t.multi[keys[0]].lengths for t in tables])
+            multi.update({k: Jagged(torch.cat([t.multi[k].values for t in tables]), lengths) for k in keys})
+        return first._with(torch.cat([t.dense for t in tables]), torch.cat([t.labels for t in tables]),
+                           torch.cat([t.ids for t in tables]), multi)
 
 
 class FeatureSpec:
@@ -298,16 +331,19 @@ class FeatureSpec:
         for name, sc in self.sparse.items():
             ids[name] = self._sparse_ids(table.column(name), sc, where)
         sparse: dict[str, Jagged] = {}
+        lengths_t: dict[int, Tensor] = {}
         for key in self.sparse_keys:
             if key in self.crosses:
-                values, lengths = self._cross(self.crosses[key], ids, n)
+                values, lengths = self._cross(self.crosses[key], ids, n, self.sparse)
             else:
                 values, lengths = ids[key]
-            sparse[key] = Jagged(torch.from_numpy(values), torch.from_numpy(lengths), single=key in self.single_keys)
+            if id(lengths) not in lengths_t:  # a multi-hot column and its crosses share one lengths tensor
+                lengths_t[id(lengths)] = torch.from_numpy(lengths)
+            sparse[key] = Jagged(torch.from_numpy(values), lengths_t[id(lengths)], single=key in self.single_keys)
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for i, d in enumerate(self.dense):
             dense[:, i] = self._dense(table.column(d.name), d, where)
-        return FeatureTable(torch.from_numpy(dense), sparse, torch.from_numpy(labels), self.single_keys)
+        return FeatureTable.from_columns(torch.from_numpy(dense), sparse, torch.from_numpy(labels), self.single_keys)
 
     def _labels(self, col: pa.Array, where: str) -> np.ndarray:
         y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
@@ -347,10 +383,11 @@ class FeatureSpec:
         return values, lengths
 
     @staticmethod
-    def _cross(cross: Cross, ids: dict[str, tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
-        # A multi-hot component yields one cross id per list element; the scalar components
-        # are repeated along its elements.
-        multi = [c for c in cross.columns if (ids[c][1] != 1).any()]
+    def _cross(cross: Cross, ids: dict[str, tuple[np.ndarray, np.ndarray]], n: int,
+               columns: dict[str, SparseColumn]) -> tuple[np.ndarray, np.ndarray]:
+        # A multi-hot component yields one cross id per list element (sharing its lengths);
+        # the scalar components are repeated along its elements.
+        multi = [c for c in cross.columns if columns[c].kind == "multi_hot"]
         if not multi:
             return cross_ids([ids[c][0] for c in cross.columns], cross.buckets, cross.salt), np.ones(n, np.int32)
         m_values, m_lengths = ids[multi[0]]

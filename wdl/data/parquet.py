@@ -129,16 +129,17 @@ class InMemoryLoader(_Position):
         device = self.table.labels.device
         if self.shuffle:
             g = torch.Generator().manual_seed(int(_epoch_rng(self.seed, self.epoch).integers(2**62)))
-            order = torch.randperm(self.num_rows, generator=g).to(device)
+            host_order = torch.randperm(self.num_rows, generator=g)
         else:
-            order = torch.arange(self.num_rows, device=device)
+            host_order = torch.arange(self.num_rows)
+        order = host_order.to(device)  # the host copy lets a table on a GPU be cut without host syncs
         start = sum(self.sizes[: self.rank])
         bounds = batch_bounds(self.sizes[self.rank], self.steps_per_epoch, self.batch_size)
         while self.batches_done < self.steps_per_epoch:
             i = self.batches_done
-            idx = order[start + bounds[i] : start + bounds[i + 1]]
+            a, b = start + bounds[i], start + bounds[i + 1]
             self.batches_done += 1
-            yield self.table.take(idx)
+            yield self.table.take(order[a:b], host_order[a:b])
 
 
 class _PartStream:

@@ -67,7 +67,7 @@ class ShardedRows(nn.Module):
         dist.all_to_all_single(wanted, uniq, recv_n, send_n, group=self.group)
         local = wanted - self.lo
         rows = self.weight.new_empty(uniq.numel(), self.dim)
-        dist.all_to_all_single(rows, self.weight[local], send_n, recv_n, group=self.group)
+        dist.all_to_all_single(rows, self.weight.index_select(0, local), send_n, recv_n, group=self.group)
         return rows, inv, (local, send_n, recv_n)
 
     def push(self, ctx: tuple, grad: Tensor) -> tuple[Tensor, Tensor]:

@@ -83,11 +83,13 @@ def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, 
     groups = [(part, g) for part, p in model.parts().items() for g in p.tables]
 
     # 1. wdl's fused groups: this rank's rows, after checking they fit.
-    need, detail = 0, []
+    need, detail, mib = 0, [], {}
     for part, g in groups:
         lo, hi = block(g.num_rows, env.world_size, env.rank)
-        n = (hi - lo) * (4 * g.dim + state_bytes(part, g.dim))
+        scratch = 0 if env.distributed else 4  # LocalRows' dedupe scratch
+        n = (hi - lo) * (4 * g.dim + state_bytes(part, g.dim) + scratch)
         need += n
+        mib[id(g)] = n / 2**20
         detail.append(f"{part} dim {g.dim}: {hi - lo:,} rows, {n / 2**20:,.0f} MiB")
     check_memory(need, "; ".join(detail), env.device, env.world_size)
     for _, g in groups:
@@ -95,7 +97,7 @@ def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, 
                   if env.distributed else LocalRows(g.num_rows, g.dim, env.device))
     model.init_parameters(seed)  # dense layers and the fused groups' rows held here
     own_rows = [n for n, p in train_module.named_parameters() if not p.requires_grad]
-    plan = [_describe_group(part, g, env) for part, g in groups]
+    plan = [_describe_group(part, g, env, mib[id(g)]) for part, g in groups]
 
     # 2. TorchRec's tables.
     emb = model.deep.embeddings if model.deep is not None else None
@@ -112,12 +114,14 @@ def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, 
     return Placed(wrapped, train_module, None, "\n".join(plan))
 
 
-def _describe_group(part: str, g: nn.Module, env: DistEnv) -> str:
+def _describe_group(part: str, g: nn.Module, env: DistEnv, mib: float) -> str:
     lo, hi = g.rows.row_range
     tables = ", ".join(f"{t.name} ({t.num_embeddings:,})" for t in g.tables)
+    if g.bias_row is not None:
+        tables += ", bias (1)"
     where = (f"rows split over {env.world_size} ranks, rank {env.rank} holds [{lo:,}, {hi:,})"
              if env.distributed else "all rows on this rank")
-    return f"wdl fused {part} table, dim {g.dim}, {g.num_rows:,} rows: {where}; {tables}"
+    return f"wdl fused {part} table, dim {g.dim}, {g.num_rows:,} rows: {where}, {mib:,.1f} MiB with optimiser state; {tables}"
 
 
 def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, cfg: DistributedConfig, env: DistEnv,

@@ -25,7 +25,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wdl.data.batch import Batch
@@ -67,30 +66,29 @@ def resolve_backend(backend: str) -> str:
 # Where a group's rows live.
 
 
-def dedupe(ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The distinct values of `ids` [N]: (uniq, inv, src) with uniq[inv] == ids.
+def dedupe(ids: Tensor, slots: Tensor, compact: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The distinct values of `ids` [N] in O(N), without sorting: (uniq, inv, src), uniq[inv] == ids.
 
-    On CPU uniq is compact (torch.unique) and src is None. On CUDA torch.unique would stall
-    the host to learn how many there are, so `dedupe_padded` keeps every shape at N.
+    slots: int32 scratch with one entry per table row; each distinct id's entry receives the
+    position of one of its occurrences (any one: the winner), whose rank among the winners is
+    its index in uniq. Entries are only read where this call wrote them, so the scratch never
+    needs clearing.
+
+    compact: uniq has exactly the U distinct ids and src is None. Otherwise (on CUDA, where
+    learning U would stall the host) every shape stays N: uniq's slots past U repeat ids[0],
+    and src [N] maps each slot to itself and each padding slot to ids[0]'s slot, so a row
+    update computed per slot from grad[src] writes identical values wherever a row appears twice.
     """
-    if ids.device.type == "cuda" and ids.numel() > 0:
-        return dedupe_padded(ids)
-    uniq, inv = torch.unique(ids, sorted=True, return_inverse=True)
-    return uniq, inv, None
-
-
-def dedupe_padded(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`dedupe` without a host sync: uniq [N] holds the distinct ids ascending, then copies of
-    uniq[0]; src [N] maps every slot to itself and each padding slot to slot 0, so a row update
-    computed per slot from grad[src] writes identical values wherever a row appears twice."""
-    srt, perm = torch.sort(ids)
-    first = torch.ones_like(srt, dtype=torch.bool)
-    first[1:] = srt[1:] != srt[:-1]
-    slot = torch.cumsum(first, 0) - 1  # slot of each sorted id
-    inv = torch.empty_like(slot).scatter_(0, perm, slot)
-    uniq = srt[:1].expand_as(srt).clone().scatter_(0, slot, srt)  # duplicates write equal values
-    pos = torch.arange(ids.numel(), device=ids.device)
-    return uniq, inv, torch.where(pos <= slot[-1], pos, 0)
+    n = ids.numel()
+    pos = torch.arange(n, dtype=torch.int32, device=ids.device)
+    slots.index_put_((ids,), pos)
+    win = slots.index_select(0, ids)
+    rank = torch.cumsum(win == pos, 0) - 1
+    inv = rank.index_select(0, win)
+    if compact:
+        return ids.new_empty(int(rank[-1]) + 1 if n else 0).index_put_((inv,), ids), inv, None
+    uniq = ids[:1].expand(n).clone().index_put_((inv,), ids)  # duplicates write equal values
+    return uniq, inv, torch.where(pos <= rank[-1], pos, inv[:1].to(torch.int32)).to(torch.int64)
 
 
 class LocalRows(nn.Module):
@@ -103,6 +101,7 @@ class LocalRows(nn.Module):
         super().__init__()
         self.num_rows, self.dim = num_rows, dim
         self.weight = nn.Parameter(torch.empty(num_rows, dim, device=device), requires_grad=False)
+        self._slots: Tensor | None = None  # dedupe's scratch: 4 bytes per row, made at the first step
 
     @property
     def row_range(self) -> tuple[int, int]:
@@ -115,13 +114,15 @@ class LocalRows(nn.Module):
 
     def pull(self, ids: Tensor) -> tuple[Tensor, Tensor, tuple]:
         """Rows of the distinct `ids`: (rows [U, dim], inv [N] into rows, ctx for `push`)."""
-        uniq, inv, src = dedupe(ids)
-        return self.weight[uniq], inv, (uniq, src)
+        if self._slots is None or self._slots.device != ids.device:
+            self._slots = torch.empty(self.num_rows, dtype=torch.int32, device=ids.device)
+        uniq, inv, src = dedupe(ids, self._slots, compact=ids.device.type != "cuda")
+        return self.weight.index_select(0, uniq), inv, (uniq, src)
 
     def push(self, ctx: tuple, grad: Tensor) -> tuple[Tensor, Tensor]:
         """Gradients of pulled rows -> (local row indices, summed gradients) to update here."""
         uniq, src = ctx
-        return uniq, grad if src is None else grad[src]
+        return uniq, grad if src is None else grad.index_select(0, src)
 
     def export(self, t: Tensor) -> Tensor:
         """How a tensor shaped like the local rows appears in a state dict (whole, here)."""
@@ -132,10 +133,14 @@ class EmbeddingGroup(nn.Module):
     """Tables of one dimension fused into one storage; table k holds rows
     [offset_k, offset_k + rows_k).
 
-    forward: Batch -> [K, B, dim], sum-pooled per (feature, row), features in `keys` order.
+    bias: one more row (the last, starting at 0) that every batch row reads: a linear model's
+    bias as a feature that is always on, trained by the group's row optimiser like any other.
+
+    forward: Batch -> [K, B, dim], sum-pooled per (feature, row), features in `keys` order;
+    with sum_features, [B, dim] summed over the features (and the bias row).
     """
 
-    def __init__(self, tables: list[TableSpec], device: torch.device | None = None) -> None:
+    def __init__(self, tables: list[TableSpec], device: torch.device | None = None, bias: bool = False) -> None:
         super().__init__()
         dims = {t.dim for t in tables}
         if len(dims) != 1:
@@ -146,47 +151,72 @@ class EmbeddingGroup(nn.Module):
         self.offsets = [0]
         for t in tables:
             self.offsets.append(self.offsets[-1] + t.num_embeddings)
-        self.num_rows = self.offsets[-1]
+        self.bias_row = self.offsets[-1] if bias else None
+        self.num_rows = self.offsets[-1] + int(bias)
         self.rows: nn.Module = LocalRows(self.num_rows, self.dim, device)
-        self._row_base_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._bag_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+        self._bias_ids: Tensor | None = None
         self._pending: tuple[tuple, Tensor] | None = None
 
-    def forward(self, batch: Batch) -> Tensor:
+    def forward(self, batch: Batch, sum_features: bool = False) -> Tensor:
         b, k = len(batch), len(self.keys)
         cols = [batch.sparse[key] for key in self.keys]
         values = cols[0].values if k == 1 else torch.cat([c.values for c in cols])
-        base = self._row_base(b, values.device)  # [K*B] first row of each bag's table
-        if all(c.single for c in cols):  # one id per (feature, row): a plain look-up
-            ids, offsets = values + base, None
+        base, bag_row = self._bag_tables(b, values.device)  # [K*B]: first table row, batch row of each bag
+        if all(c.single for c in cols):  # one id per (feature, row): bag i is id i
+            ids = values + base
+            target = bag_row if sum_features else None
         else:
             lengths = cols[0].lengths if k == 1 else torch.cat([c.lengths for c in cols])
-            ids = values + torch.repeat_interleave(base, lengths, output_size=values.numel())
-            offsets = torch.cumsum(lengths, 0, dtype=torch.int64) - lengths
+            n = values.numel()
+            ids = values + torch.repeat_interleave(base, lengths, output_size=n)
+            bags = bag_row if sum_features else self._bag_cache[(b, values.device)][2]
+            target = torch.repeat_interleave(bags, lengths, output_size=n)
+        if self.bias_row is not None:
+            if not sum_features:
+                raise ValueError("a group with a bias row pools with sum_features=True")
+            ids = torch.cat([ids, self._bias_id(values.device)])
         if self.training and torch.is_grad_enabled():
-            rows, inv, ctx = self.rows.pull(ids)
-            working = rows.detach().requires_grad_()
-            self._pending = (ctx, working)
-            out = _pool(working, inv, offsets)
+            rows, idx, ctx = self.rows.pull(ids)
+            table = rows.detach().requires_grad_()
+            self._pending = (ctx, table)
         elif (table := self.rows.table()) is not None:
-            out = _pool(table, ids, offsets)
+            idx = ids
         else:
-            rows, inv, _ = self.rows.pull(ids)
-            out = _pool(rows, inv, offsets)
-        return out.view(k, b, self.dim)
+            table, idx, _ = self.rows.pull(ids)
+        bias = None
+        if self.bias_row is not None:
+            idx, bias = idx[:-1], table.index_select(0, idx[-1:])
+        # Gather, then sum into bags: index_select and index_add are O(N) both ways, where
+        # embedding_bag's backward sorts (5x slower on CPU).
+        out = table.index_select(0, idx)
+        if target is not None:
+            out = out.new_zeros(b if sum_features else k * b, self.dim).index_add(0, target, out)
+        if not sum_features:
+            return out.view(k, b, self.dim)
+        return out if bias is None else out + bias
+
+    def _bias_id(self, device: torch.device) -> Tensor:
+        if self._bias_ids is None or self._bias_ids.device != device:
+            self._bias_ids = torch.tensor([self.bias_row], dtype=torch.int64, device=device)
+        return self._bias_ids
 
     def take_pending(self) -> tuple[tuple, Tensor] | None:
         """(ctx, working set) of the last training forward, once; its .grad is set by backward."""
         pending, self._pending = self._pending, None
         return pending
 
-    def _row_base(self, b: int, device: torch.device) -> Tensor:
+    def _bag_tables(self, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per bag (feature-major, K*B of them): its table's first row and its batch row."""
         key = (b, device)
-        if key not in self._row_base_cache:
-            if len(self._row_base_cache) > 8:  # eval's last batch etc.: keep a few sizes only
-                self._row_base_cache.clear()
+        if key not in self._bag_cache:
+            if len(self._bag_cache) > 8:  # eval's last batch etc.: keep a few sizes only
+                self._bag_cache.clear()
+            k = len(self.keys)
             starts = torch.tensor(self.offsets[:-1], dtype=torch.int64, device=device)
-            self._row_base_cache[key] = starts.repeat_interleave(b)
-        return self._row_base_cache[key]
+            self._bag_cache[key] = (starts.repeat_interleave(b), torch.arange(b, device=device).repeat(k),
+                                    torch.arange(k * b, device=device))
+        return self._bag_cache[key][:2]
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -197,17 +227,13 @@ class EmbeddingGroup(nn.Module):
             a, b = max(lo, start), min(hi, start + t.num_embeddings)
             if a < b:
                 normal_block(w[a - lo:b - lo], seed, t.name, t.init_std, row0=a - start, col0=0, dim=t.dim)
+        if self.bias_row is not None and lo <= self.bias_row < hi:
+            w[self.bias_row - lo].zero_()
 
     def weights(self) -> dict[str, Tensor]:
         """Each feature's table as a view of the storage (all rows local)."""
         w = self.rows.weight
         return {t.feature: w[a:b] for t, a, b in zip(self.tables, self.offsets, self.offsets[1:])}
-
-
-def _pool(table: Tensor, idx: Tensor, offsets: Tensor | None) -> Tensor:
-    if offsets is None:
-        return F.embedding(idx, table)
-    return F.embedding_bag(idx, table, offsets, mode="sum")
 
 
 class FusedEmbeddingBags(nn.Module):

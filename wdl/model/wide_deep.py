@@ -53,17 +53,19 @@ class ByteDropout(nn.Module):
 
 class WideArch(nn.Module):
     """Sparse linear part: every wide feature (columns and crosses) in one dimension-1
-    EmbeddingGroup, so the whole part is one gather-and-sum.
+    EmbeddingGroup, so the whole part is one gather-and-sum. The model's bias is the group's
+    bias row (a feature that is always on), trained with the wide tables by their optimiser.
 
-    forward: Batch -> [B] logits (no bias; WideDeep owns it)
+    forward: Batch -> [B] logits
     """
 
     def __init__(self, features: list[str], num_embeddings: dict[str, int], device: torch.device | None = None) -> None:
         super().__init__()
-        self.embeddings = EmbeddingGroup([TableSpec(f, num_embeddings[f], 1, f"wide_{f}") for f in features], device)
+        self.embeddings = EmbeddingGroup([TableSpec(f, num_embeddings[f], 1, f"wide_{f}") for f in features], device,
+                                         bias=True)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.embeddings(batch).sum(dim=(0, 2))  # [K, B, 1] -> [B]
+        return self.embeddings(batch, sum_features=True).view(-1)  # [B, 1] -> [B]
 
 
 class DeepArch(nn.Module):
@@ -132,18 +134,19 @@ class WideDeep(nn.Module):
                      cfg.deep.dropout, cfg.deep.init_std, cfg.embedding_backend, device, table_device)
             if cfg.kind in ("wide_deep", "deep") else None
         )
-        self.bias = nn.Parameter(torch.zeros(1, device=device))
+        # The bias: the wide part's bias row when there is one, else a parameter of its own.
+        self.bias = nn.Parameter(torch.zeros(1, device=device)) if self.wide is None else None
 
     def forward(self, batch: Batch) -> Tensor:
-        logit = self.bias.expand(len(batch))
-        if self.wide is not None:
-            logit = logit + self.wide(batch)
+        if self.wide is None:
+            return self.bias + self.deep(batch)
+        logit = self.wide(batch)
         if self.deep is not None:
             logit = logit + self.deep(batch)
         return logit
 
     def parts(self) -> dict[str, Part]:
-        """The one wide/deep split: the GLM (wide tables and the bias) and the deep part."""
+        """The one wide/deep split: the GLM (wide tables and their bias row) and the deep part."""
         wide, deep = Part(), Part()
         if self.wide is not None:
             wide.tables.append(self.wide.embeddings)
@@ -151,7 +154,8 @@ class WideDeep(nn.Module):
             deep.dense += list(self.deep.mlp.parameters())
             if isinstance(self.deep.embeddings, FusedEmbeddingBags):
                 deep.tables += list(self.deep.embeddings.groups)
-        (wide if self.wide is not None else deep).dense.append(self.bias)
+        if self.bias is not None:
+            deep.dense.append(self.bias)
         return {"wide": wide, "deep": deep}
 
     def fused_groups(self) -> list[EmbeddingGroup]:
@@ -167,7 +171,8 @@ class WideDeep(nn.Module):
         Only the embedding rows held by this process are written: TorchRec's sharded tables
         are filled shard by shard by the sharding module with the same function.
         """
-        self.bias.zero_()
+        if self.bias is not None:
+            self.bias.zero_()
         for g in self.fused_groups():
             g.reset_parameters(seed)
         if self.deep is None:

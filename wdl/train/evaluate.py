@@ -16,6 +16,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from wdl.data.batch import Batch
+from wdl.data.prefetch import to_device
 from wdl.distributed.env import comm_device
 
 
@@ -42,8 +43,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) ->
     was_training = model.training
     model.eval()
     scores, labels = [], []
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
+    for batch in to_device(batches, device):
         _, (_, logits, _) = model(batch)
         scores.append(torch.sigmoid(logits.float()))
         labels.append(batch.labels)

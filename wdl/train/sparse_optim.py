@@ -48,8 +48,8 @@ class RowRule:
         """Update `rows` of `weight` (and of the per-row state) in place."""
         for k in self.scalars:  # advanced by every rank every step, so they agree after resharding
             state[k].add_(1)
-        s = {k: state[k][rows] for k in self.per_row} | {k: state[k] for k in self.scalars}
-        w_new, s_new = self.update(weight[rows], grad, s)
+        s = {k: state[k].index_select(0, rows) for k in self.per_row} | {k: state[k] for k in self.scalars}
+        w_new, s_new = self.update(weight.index_select(0, rows), grad, s)
         weight.index_copy_(0, rows, w_new)
         for k in self.per_row:
             state[k].index_copy_(0, rows, s_new[k])

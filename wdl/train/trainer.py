@@ -20,6 +20,7 @@ import torch.distributed as dist
 from wdl.checkpoint import Checkpointer, complete_checkpoints, find_checkpoint
 from wdl.config import Config, ModelConfig, save_config
 from wdl.data.dataset import build_loader, feature_spec, open_dataset
+from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, barrier, comm_device
 from wdl.distributed.sharding import check_placement, place
 from wdl.errors import CheckpointError, WdlError
@@ -83,7 +84,7 @@ class Trainer:
 
         # 5. Metrics (rank 0) and checkpoints; resume if asked.
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.data.eval_split)
-        self.epoch, self.step = 0, 0
+        self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
                                          signature=_signature(model_cfg, sizes, self.spec.dense_dim))
@@ -107,9 +108,8 @@ class Trainer:
             rss = gather_to_all(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
             self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats,
                                     "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss})
-            if self.train_loader.batches_done >= self.train_loader.steps_per_epoch:
-                self.epoch += 1
-                self.train_loader.set_epoch(self.epoch)
+            if self.batches_done >= self.train_loader.steps_per_epoch:
+                self.epoch, self.batches_done = self.epoch + 1, 0
             if self.cfg.checkpoint.at_epoch_end:
                 self.save_checkpoint()
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
@@ -117,15 +117,15 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, Any]:
         self.model.train()
-        self.train_loader.set_epoch(self.epoch)
+        # The trainer counts the batches it trained (the loader may be read one batch ahead).
+        self.train_loader.load_state_dict({"epoch": self.epoch, "batches_done": self.batches_done})
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no host sync per step
-        resumed_at = self.train_loader.batches_done  # > 0 when resuming mid-epoch
+        resumed_at = self.batches_done  # > 0 when resuming mid-epoch
         rows_before = self.train_loader.rows_done()
         rows, steps = 0, 0
-        bar = self._progress(self.train_loader.steps_per_epoch - self.train_loader.batches_done)
+        bar = self._progress(self.train_loader.steps_per_epoch - self.batches_done)
         start = time.perf_counter()
-        for batch in self.train_loader:
-            batch = batch.to(self.device, non_blocking=True)
+        for batch in to_device(self.train_loader, self.device):
             loss, _ = self.model(batch)
             self.optimizer.zero_grad()
             loss.backward()
@@ -134,11 +134,12 @@ class Trainer:
             rows += len(batch)
             steps += 1
             self.step += 1
+            self.batches_done += 1
             if bar is not None:
                 bar.update(1)
             _maybe_kill(self.cfg.train.kill_at_step, self.step, self.env)
             every = self.cfg.checkpoint.every_steps
-            if every and self.step % every == 0 and self.train_loader.batches_done < self.train_loader.steps_per_epoch:
+            if every and self.step % every == 0 and self.batches_done < self.train_loader.steps_per_epoch:
                 self.save_checkpoint()
             if self._out_of_steps():
                 break
@@ -175,7 +176,7 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def _progress_state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "batches_done": self.train_loader.batches_done}
+        return {"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done}
 
     def save_checkpoint(self) -> Path:
         app = {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict()}
@@ -187,8 +188,7 @@ class Trainer:
         progress = self.checkpointer.load(path, app, self._progress_state())
         self.placed.state_module.load_state_dict(app["model"])
         self.optimizer.load_state_dict(app["optim"])
-        self.epoch, self.step = progress["epoch"], progress["step"]
-        self.train_loader.load_state_dict({"epoch": progress["epoch"], "batches_done": progress["batches_done"]})
+        self.epoch, self.step, self.batches_done = progress["epoch"], progress["step"], progress["batches_done"]
         self.metrics.load_existing(keep_epochs=self.epoch)
         if self.env.is_main:
             print(f"wdl: resumed from {path} (epoch {self.epoch + 1}, step {self.step}, "
