@@ -102,6 +102,7 @@ class LocalRows(nn.Module):
         self.num_rows, self.dim = num_rows, dim
         self.weight = nn.Parameter(torch.empty(num_rows, dim, device=device), requires_grad=False)
         self._slots: Tensor | None = None  # dedupe's scratch: 4 bytes per row, made at the first step
+        self.static_shapes: bool | None = None  # dedupe without host syncs; None: on CUDA only
 
     @property
     def row_range(self) -> tuple[int, int]:
@@ -116,7 +117,8 @@ class LocalRows(nn.Module):
         """Rows of the distinct `ids`: (rows [U, dim], inv [N] into rows, ctx for `push`)."""
         if self._slots is None or self._slots.device != ids.device:
             self._slots = torch.empty(self.num_rows, dtype=torch.int32, device=ids.device)
-        uniq, inv, src = dedupe(ids, self._slots, compact=ids.device.type != "cuda")
+        static = self.static_shapes if self.static_shapes is not None else ids.device.type == "cuda"
+        uniq, inv, src = dedupe(ids, self._slots, compact=not static)
         return self.weight.index_select(0, uniq), inv, (uniq, src)
 
     def push(self, ctx: tuple, grad: Tensor) -> tuple[Tensor, Tensor]:

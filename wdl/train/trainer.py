@@ -73,7 +73,8 @@ class Trainer:
         #    sparse row updates for every table. See distributed/sharding.py and train/optim.py.
         self.placed = place(WideDeepTrain(model), cfg.distributed, env, seed=cfg.run.seed, fused=fused,
                             state_bytes=lambda part, dim: state_bytes_per_row(getattr(cfg.optim, part), dim))
-        self.model = self.placed.model
+        self.model = self.placed.model  # what a step calls (maybe wrapped)
+        self.wide_deep = model  # the model itself, unwrapped (its parameter objects are the live ones)
         self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer)
         # Seed the global RNGs (dropout) only now: building and sharding the model draw from them,
         # so seeding here gives the same masks for every backend and world size.
