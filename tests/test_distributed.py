@@ -53,6 +53,30 @@ def ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+UNINTERRUPTED = ["train.epochs=2", "checkpoint.every_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """An uninterrupted 2-process run per backend (2 epochs, a checkpoint every 4 steps), made
+    once and shared by the tests that compare a cut, killed or reloaded run against it."""
+    from conftest import TINY_CONFIG
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG.format(path=config, runs=root / "runs", data=tiny_data))
+    done: dict[str, Path] = {}
+
+    def run(backend: list[str]) -> Path:
+        key = backend[0]
+        if key not in done:
+            ok(launch(config, 2, *backend, *UNINTERRUPTED, f"run.name=full-{len(done)}"))
+            done[key] = root / "runs" / f"full-{len(done)}"
+        return done[key]
+
+    return run
+
+
 @needs_torchrec
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_two_process_sharded_training(tiny_config, tmp_path, sharding):
@@ -73,11 +97,10 @@ def test_two_process_sharded_training(tiny_config, tmp_path, sharding):
     assert proc.stdout.count("best test AUC") == 1
 
 
-def test_same_auc_for_one_and_two_processes_on_same_state(tiny_config, tmp_path):
+def test_same_auc_for_one_and_two_processes_on_same_state(tiny_config, tmp_path, uninterrupted):
     """A 2-process checkpoint evaluated by 1 and by 2 processes: one global AUC (2 -> 1 reload)."""
-    ok(launch(tiny_config, 2, *TORCHREC, "train.epochs=1", "run.name=two"))
-    logged = records(tmp_path / "runs" / "two")[0]
-    ckpt = tmp_path / "runs" / "two"
+    ckpt = uninterrupted(TORCHREC)
+    logged = records(ckpt)[-1]
     one = launch(tiny_config, 0, *TORCHREC, "train.eval_only=true", f"checkpoint.resume={ckpt}", "run.name=eval1")
     ok(one)
     two = launch(tiny_config, 2, *TORCHREC, "train.eval_only=true", f"checkpoint.resume={ckpt}", "run.name=eval2")
@@ -104,14 +127,13 @@ def test_one_process_checkpoint_continues_on_two(tiny_config, tmp_path):
 
 
 @BACKENDS
-def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, backend):
-    common = [*backend, "train.epochs=2", "checkpoint.every_steps=4"]
-    ok(launch(tiny_config, 2, *common, "run.name=full"))
+def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, backend, uninterrupted):
+    common = [*backend, *UNINTERRUPTED]
     ok(launch(tiny_config, 2, *common, "run.name=cut", "train.max_steps=6"))
     proc = launch(tiny_config, 2, *common, "run.name=cut", "--resume", "auto")
     ok(proc)
     assert "step-00000006" in proc.stdout  # the newest complete checkpoint: mid-epoch 1
-    full, cut = records(tmp_path / "runs" / "full"), records(tmp_path / "runs" / "cut")
+    full, cut = records(uninterrupted(backend)), records(tmp_path / "runs" / "cut")
     assert [r["epoch"] for r in cut] == [1, 2]
     for a, b in zip(full, cut):
         assert b["train_rows"] == a["train_rows"] == 2400
@@ -124,16 +146,15 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, backend):
     assert e1["auc"] == pytest.approx(cut[-1]["auc"], abs=1e-6)
 
 
-def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path):
-    common = [*TORCHREC, "train.epochs=2", "checkpoint.every_steps=4"]
-    ok(launch(tiny_config, 2, *common, "run.name=clean"))
+def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted):
+    common = [*TORCHREC, *UNINTERRUPTED]
     # The last rank SIGKILLs itself after step 13 (mid-epoch 2); torchrun restarts the group.
     proc = launch(tiny_config, 2, *common, "run.name=killed", "train.kill_at_step=13", "--resume", "auto",
                   max_restarts=1)
     ok(proc)
     assert "exitcode: -9" in proc.stderr or "SIGKILL" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000012" in proc.stdout
-    clean, killed = records(tmp_path / "runs" / "clean"), records(tmp_path / "runs" / "killed")
+    clean, killed = records(uninterrupted(TORCHREC)), records(tmp_path / "runs" / "killed")
     assert [r["epoch"] for r in killed] == [1, 2]
     for a, b in zip(clean, killed):
         assert b["train_rows"] == a["train_rows"] == 2400
