@@ -162,6 +162,8 @@ def test_dedupe(compact):
     slots = torch.full((10,), -5, dtype=torch.int32)  # stale scratch: dedupe never reads what it did not write
     uniq, inv, src = dedupe(ids, slots, compact)
     assert torch.equal(uniq[inv], ids)
+    empty = dedupe(ids[:0], slots, compact)  # a batch whose only multi-hot feature is empty everywhere
+    assert all(t is None or t.numel() == 0 for t in empty)
     assert sorted(uniq[: 4].tolist()) == [1, 3, 7, 9]
     if compact:
         assert uniq.numel() == 4 and src is None

@@ -80,13 +80,15 @@ def dedupe(ids: Tensor, slots: Tensor, compact: bool) -> tuple[Tensor, Tensor, T
     update computed per slot from grad[src] writes identical values wherever a row appears twice.
     """
     n = ids.numel()
+    if n == 0:
+        return ids, ids, None if compact else ids
     pos = torch.arange(n, dtype=torch.int32, device=ids.device)
     slots.index_put_((ids,), pos)
     win = slots.index_select(0, ids)
     rank = torch.cumsum(win == pos, 0) - 1
     inv = rank.index_select(0, win)
     if compact:
-        return ids.new_empty(int(rank[-1]) + 1 if n else 0).index_put_((inv,), ids), inv, None
+        return ids.new_empty(int(rank[-1]) + 1).index_put_((inv,), ids), inv, None
     uniq = ids[:1].expand(n).clone().index_put_((inv,), ids)  # duplicates write equal values
     return uniq, inv, torch.where(pos <= rank[-1], pos, inv[:1].to(torch.int32)).to(torch.int64)
 
@@ -164,7 +166,7 @@ class EmbeddingGroup(nn.Module):
         b, k = len(batch), len(self.keys)
         cols = [batch.sparse[key] for key in self.keys]
         values = cols[0].values if k == 1 else torch.cat([c.values for c in cols])
-        base, bag_row = self._bag_tables(b, values.device)  # [K*B]: first table row, batch row of each bag
+        base, bag_row, bag_id = self._bag_tables(b, values.device)  # per bag: table's first row, batch row, itself
         if all(c.single for c in cols):  # one id per (feature, row): bag i is id i
             ids = values + base
             target = bag_row if sum_features else None
@@ -172,8 +174,7 @@ class EmbeddingGroup(nn.Module):
             lengths = cols[0].lengths if k == 1 else torch.cat([c.lengths for c in cols])
             n = values.numel()
             ids = values + torch.repeat_interleave(base, lengths, output_size=n)
-            bags = bag_row if sum_features else self._bag_cache[(b, values.device)][2]
-            target = torch.repeat_interleave(bags, lengths, output_size=n)
+            target = torch.repeat_interleave(bag_row if sum_features else bag_id, lengths, output_size=n)
         if self.bias_row is not None:
             if not sum_features:
                 raise ValueError("a group with a bias row pools with sum_features=True")
@@ -208,8 +209,8 @@ class EmbeddingGroup(nn.Module):
         pending, self._pending = self._pending, None
         return pending
 
-    def _bag_tables(self, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Per bag (feature-major, K*B of them): its table's first row and its batch row."""
+    def _bag_tables(self, b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per bag (feature-major, K*B of them): its table's first row, its batch row, its index."""
         key = (b, device)
         if key not in self._bag_cache:
             if len(self._bag_cache) > 8:  # eval's last batch etc.: keep a few sizes only
@@ -218,7 +219,7 @@ class EmbeddingGroup(nn.Module):
             starts = torch.tensor(self.offsets[:-1], dtype=torch.int64, device=device)
             self._bag_cache[key] = (starts.repeat_interleave(b), torch.arange(b, device=device).repeat(k),
                                     torch.arange(k * b, device=device))
-        return self._bag_cache[key][:2]
+        return self._bag_cache[key]
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
