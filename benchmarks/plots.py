@@ -19,6 +19,14 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def make_plots(result: dict[str, Any], out: Path) -> list[str]:
     ms, summary = result["measurements"], result["summary"]
     made = []
@@ -43,16 +51,13 @@ def make_plots(result: dict[str, Any], out: Path) -> list[str]:
             bayes = next((m.get("bayes_auc") for m in ms if m["system"] == system and m.get("bayes_auc")), None)
             if bayes:
                 ax.axhline(bayes, color="grey", ls="--", lw=1)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test AUC")
-        ax.set_title(f"AUC vs epoch: {title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label(ax, "epoch", "test AUC", f"AUC vs epoch: {title}", legend_size=8)
         made.append(_save(fig, out / "auc_vs_epoch.png"))
 
     # Seconds per training epoch per system (warm-up excluded), error bars across repetitions.
     rows = [(s, v["train_seconds"]) for s, v in summary.items()
-            if v.get("train_seconds") and v.get("kind") in ("wdl", "peer", "reference", "sklearn_lr", "planted")]
+            if v.get("train_seconds") and v.get("kind") in ("wdl", "peer", "reference", "sklearn_lr", "planted",
+                                                            "mlp_floor")]
     if rows:
         fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
         names = [s for s, _ in rows]
@@ -96,7 +101,7 @@ def make_plots(result: dict[str, Any], out: Path) -> list[str]:
     # samples/s vs batch size (throughput), ours and the compute floor, one line per embedding dim.
     lines: dict[str, dict[int, float]] = {}
     for s, v in summary.items():
-        if v.get("kind") == "throughput" and v.get("samples_per_second"):
+        if v.get("kind") == "throughput" and v.get("samples_per_second") and not v.get("table_rows"):
             key = v["group"] + (f" d={v['embedding_dim']}" if v.get("embedding_dim") else "")
             lines.setdefault(key, {})[int(v["batch_size"])] = v["samples_per_second"]["mean"]
     if lines:
@@ -106,10 +111,23 @@ def make_plots(result: dict[str, Any], out: Path) -> list[str]:
             ax.plot(xs, [pts[x] for x in xs], marker="o", ls="--" if key.startswith("compute_floor") else "-",
                     label=key)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("training samples/s")
-        ax.set_title(f"Samples/s vs batch size: {title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "batch size", "training samples/s", f"Samples/s vs batch size: {title}", legend_size=7)
         made.append(_save(fig, out / "samples_vs_batch_size.png"))
+
+    # samples/s vs table rows (vocabulary scaling), one line per (variant, backend, batch size).
+    by_rows: dict[str, dict[int, float]] = {}
+    for s, v in summary.items():
+        if v.get("kind") == "throughput" and v.get("samples_per_second") and v.get("table_rows"):
+            key = f"{v['group']} {v.get('backend')} bs{v.get('batch_size')}"
+            by_rows.setdefault(key, {})[int(v["table_rows"])] = v["samples_per_second"]["mean"]
+    if by_rows:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        styles = {"ours": "-", "compute_floor": "--", "hardware_floor": ":"}
+        for key, pts in sorted(by_rows.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", ls=styles.get(key.split()[0], "-"), label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _label(ax, "rows per large column", "training samples/s", f"Samples/s vs table rows: {title}", legend_size=7)
+        made.append(_save(fig, out / "samples_vs_table_rows.png"))
     return made

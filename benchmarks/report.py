@@ -49,7 +49,7 @@ def render(result: dict[str, Any]) -> str:
         out.append("")
 
     kinds = {v.get("kind") for v in summary.values()}
-    if kinds & {"wdl", "peer", "reference", "sklearn_lr", "planted"}:
+    if kinds & {"wdl", "peer", "reference", "sklearn_lr", "planted", "mlp_floor"}:
         out += ["## Systems", "",
                 "| system | s/epoch | samples/s | final AUC | best AUC | logloss | peak RSS MB |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
@@ -59,7 +59,8 @@ def render(result: dict[str, Any]) -> str:
             out.append(f"| {s} | {_pm(v, 'train_seconds')} | {_pm(v, 'samples_per_second')} | {_pm(v, 'auc')} "
                        f"| {fmt(v.get('best_auc'))} | {_pm(v, 'logloss')} | {fmt(_m(v, 'peak_rss_mb'))} |")
         out.append("")
-    out += _peers(result) + _throughput(summary) + _scaling(summary) + _planted(result)
+    out += _peers(result) + _mlp_floor(summary) + _throughput(result) + _table_rows(summary)
+    out += _scaling(summary) + _planted(result)
     if result.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]] + [""]
     out += ["Timings are medians of the timed (non-warm-up) epochs of each repetition, then the mean over "
@@ -104,20 +105,59 @@ def _peers(result: dict) -> list[str]:
     return out
 
 
-def _throughput(summary: dict) -> list[str]:
+def _mlp_floor(summary: dict) -> list[str]:
+    """Ours vs the bare MLP floor measured in the same run (the mean of the floor's runs)."""
+    floors = [v for v in summary.values() if v.get("kind") == "mlp_floor" and _m(v, "train_seconds")]
+    ours = [(s, v) for s, v in summary.items() if v.get("kind") == "wdl" and _m(v, "train_seconds")]
+    if not floors or not ours:
+        return []
+    floor = sum(_m(v, "train_seconds") for v in floors) / len(floors)
+    spread = ", ".join(fmt(_m(v, "train_seconds")) for v in floors)
+    out = ["## Ours vs the bare MLP floor (same run, same threads)", "",
+           f"Floor: median seconds per epoch of the bare MLP (Linear/ReLU, BCE with logits, Adam, batches in "
+           f"memory), mean of {len(floors)} run(s) around ours: {fmt(floor)} s ({spread}).", "",
+           "| ours | s/epoch | floor s/epoch | ours ÷ floor | best test AUC | final AUC |", "|---|---:|---:|---:|---:|---:|"]
+    for s, v in ours:
+        t = _m(v, "train_seconds")
+        out.append(f"| {s} | {_pm(v, 'train_seconds')} | {fmt(floor)} | {fmt(t / floor, 3)} | {fmt(v.get('best_auc'))} "
+                   f"| {fmt(_m(v, 'auc'))} |")
+    return out + [""]
+
+
+def _throughput(result: dict) -> list[str]:
+    summary = result["summary"]
     rows = [(s, v) for s, v in summary.items() if v.get("kind") == "throughput" and v.get("group") == "ours"]
     out = []
     if rows:
-        out += ["## Throughput: ours vs the compute floor", "",
-                "| config | ours samples/s | floor samples/s | ours ÷ floor | ours step p50 / p90 ms | floor p50 / p90 ms |",
-                "|---|---:|---:|---:|---:|---:|"]
+        counts = any(_m(v, "kernels_per_step") is not None for _, v in rows)
+        out += ["## Throughput: ours vs the compute floor and the hardware floor", ""]
+        hw = result.get("hardware")
+        if hw:
+            out += [f"Hardware floor = embedding bytes / {fmt(hw['memory_bandwidth_gbs'])} GB/s (copy of "
+                    f"{hw['copy_mib']} MiB) + MLP FLOPs / {fmt(hw['peak_gflops'])} GFLOP/s (float32 matmul "
+                    f"n={hw['matmul_n']}, precision {hw['matmul_precision']}), measured on {hw['device']} with "
+                    f"{hw['threads']} threads; rows moved in {hw['granule_bytes']}-byte granules "
+                    "(see benchmarks/floors.py).", ""]
+        head = ("| config | backend | ours samples/s | compute floor | hardware floor | ours ÷ compute floor "
+                "| ours ÷ hardware floor | ours step p50 / p90 ms | floor p50 / p90 ms |")
+        sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        if counts:
+            head += " kernels / memcpy / syncs per step |"
+            sep += "---:|"
+        out += [head, sep]
         for s, v in rows:
             label = s.split("@", 1)[1]
             f = summary.get(f"compute_floor@{label}", {})
-            r = _m(v, "samples_per_second") / _m(f, "samples_per_second") if _m(f, "samples_per_second") else None
-            out.append(f"| {label} | {fmt(_m(v, 'samples_per_second'))} | {fmt(_m(f, 'samples_per_second'))} | {fmt(r, 3)} "
-                       f"| {fmt(_m(v, 'step_p50_ms'))} / {fmt(_m(v, 'step_p90_ms'))} "
-                       f"| {fmt(_m(f, 'step_p50_ms'))} / {fmt(_m(f, 'step_p90_ms'))} |")
+            h = summary.get(f"hardware_floor@{label}", {})
+            ours, fl, hf = _m(v, "samples_per_second"), _m(f, "samples_per_second"), _m(h, "samples_per_second")
+            line = (f"| {label} | {v.get('backend', '-')} | {fmt(ours)} | {fmt(fl)} | {fmt(hf)} "
+                    f"| {fmt(ours / fl if fl and ours else None, 3)} | {fmt(ours / hf if hf and ours else None, 3)} "
+                    f"| {fmt(_m(v, 'step_p50_ms'))} / {fmt(_m(v, 'step_p90_ms'))} "
+                    f"| {fmt(_m(f, 'step_p50_ms'))} / {fmt(_m(f, 'step_p90_ms'))} |")
+            if counts:
+                line += (f" {fmt(_m(v, 'kernels_per_step'))} / {fmt(_m(v, 'memcpy_per_step'))} "
+                         f"/ {fmt(_m(v, 'syncs_per_step'))} |")
+            out.append(line)
         out.append("")
     if "reader" in summary and "bare_pyarrow" in summary:
         r, a = _m(summary["reader"], "rows_per_second"), _m(summary["bare_pyarrow"], "rows_per_second")
@@ -125,6 +165,47 @@ def _throughput(summary: dict) -> list[str]:
                 "| reader rows/s | bare pyarrow rows/s | reader ÷ pyarrow |", "|---:|---:|---:|",
                 f"| {fmt(r)} | {fmt(a)} | {fmt(r / a if a else None, 3)} |", ""]
     return out
+
+
+def table_rows_ratios(summary: dict) -> list[dict]:
+    """Per (backend, batch size) and table size: samples/s and the ratio to the smallest tables."""
+    pts: dict[tuple, dict[int, dict]] = {}
+    for s, v in summary.items():
+        if v.get("kind") == "throughput" and v.get("group") == "ours" and v.get("table_rows"):
+            pts.setdefault((v.get("backend"), v.get("batch_size"), v.get("embedding_dim")), {})[int(v["table_rows"])] = \
+                {"ours": v, "label": s.split("@", 1)[1]}
+    rows = []
+    for (backend, bs, dim), by_rows in pts.items():
+        base_rows = min(by_rows)
+        base = {g: _m(summary.get(f"{g}@{by_rows[base_rows]['label']}", {}), "samples_per_second")
+                for g in ("ours", "compute_floor", "hardware_floor")}
+        for n in sorted(by_rows):
+            label = by_rows[n]["label"]
+            sps = {g: _m(summary.get(f"{g}@{label}", {}), "samples_per_second")
+                   for g in ("ours", "compute_floor", "hardware_floor")}
+            rows.append({"backend": backend, "batch_size": bs, "embedding_dim": dim, "table_rows": n,
+                         "base_rows": base_rows, "table_gib": (by_rows[n]["ours"].get("table_bytes") or 0) / 2**30,
+                         **{g: sps[g] for g in sps},
+                         **{f"{g}_ratio": sps[g] / base[g] if sps[g] and base[g] else None for g in sps}})
+    return rows
+
+
+def _table_rows(summary: dict) -> list[str]:
+    rows = table_rows_ratios(summary)
+    if not rows:
+        return []
+    out = ["## Vocabulary scaling: samples/s vs table rows of the large columns", "",
+           "Ratio: samples/s ÷ samples/s with the smallest tables, same backend and batch size "
+           "(the target: ≥ 0.8 at 4,194,304 rows).", "",
+           "| backend | batch | rows per large column | tables + state GiB | ours samples/s | ours ratio "
+           "| compute floor samples/s | its ratio | hardware floor samples/s | ours ÷ hardware floor |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        hf = r["hardware_floor"]
+        out.append(f"| {r['backend']} | {r['batch_size']} | {r['table_rows']:,} | {r['table_gib']:.2f} | {fmt(r['ours'])} "
+                   f"| {fmt(r['ours_ratio'], 3)} | {fmt(r['compute_floor'])} | {fmt(r['compute_floor_ratio'], 3)} "
+                   f"| {fmt(hf)} | {fmt(r['ours'] / hf if hf and r['ours'] else None, 3)} |")
+    return out + [""]
 
 
 def _scaling(summary: dict) -> list[str]:

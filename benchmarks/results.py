@@ -25,6 +25,10 @@ METRICS = {
     "logloss": (False, 0.002, 0.0),
     "peak_rss_mb": (False, 0.0, 0.05),
     "rows_per_second": (True, 0.0, 0.02),
+    # CUDA only: per training step (counts, so no noise floor beyond one event)
+    "kernels_per_step": (False, 1.0, 0.0),
+    "memcpy_per_step": (False, 1.0, 0.0),
+    "syncs_per_step": (False, 0.5, 0.0),
 }
 TIMING = {"train_seconds", "samples_per_second", "step_p50_ms", "step_p90_ms", "rows_per_second"}
 
@@ -54,7 +58,8 @@ def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for system, ms in by_system.items():
         reps = sorted({m.get("rep", 0) for m in ms})
-        summary: dict[str, Any] = {k: ms[0][k] for k in ("group", "kind", "world_size", "batch_size", "embedding_dim")
+        summary: dict[str, Any] = {k: ms[0][k] for k in ("group", "kind", "world_size", "batch_size", "embedding_dim",
+                                                           "backend", "table_rows", "axis", "table_bytes")
                                    if ms[0].get(k) is not None}
         for metric in METRICS:
             per_rep, within = [], []

@@ -73,6 +73,7 @@ def _mark(records: list[dict], suite: dict, system: dict, label: str, rep: int, 
 def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc)
+    _data_path_override(suite)
     ensure_data(suite.get("data"))
     measurements: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -90,6 +91,9 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
     for system in suite["systems"]:
         kind, name = system["kind"], system["name"]
         epochs = int(system.get("epochs", suite["epochs"]))
+        if not system.get("enabled", True):  # e.g. systems.0.enabled=false on the command line
+            skipped.append({"system": name, "reason": "disabled (enabled: false)"})
+            continue
         t0 = time.perf_counter()
         load.append({"system": name, "before": _loadavg()})
         if kind == "wdl":
@@ -135,7 +139,9 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
             measurements += _mark(recs, {**suite, "warmup_epochs": 0}, system, name, 0)
             notes.append(f"{name}: {system.get('note', 'published numbers, not measured here')}")
         elif kind == "throughput":
-            measurements += _run_throughput(suite, system, out, reps)
+            measurements += _run_throughput(suite, system, out, reps, skipped)
+        elif kind == "mlp_floor":
+            measurements += _run_mlp_floor(suite, system, reps, epochs)
         elif kind == "planted":
             measurements += _run_planted(suite, system, out, reps, epochs, threads)
         system["seconds"] = round(time.perf_counter() - t0, 1)
@@ -151,6 +157,7 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         "notes": notes,
         "load_average": load,
         "skipped": skipped,
+        "hardware": _hardware(measurements),
         "measurements": measurements,
         "summary": summarise(measurements),
     }
@@ -178,27 +185,120 @@ def _loadavg() -> float | None:
         return None
 
 
-def _run_throughput(suite: dict, system: dict, out: Path, reps: int) -> list[dict]:
-    from benchmarks import throughput
+def _data_path_override(suite: dict) -> None:
+    """`data.path=X` on the command line names the suite's data set too (no generating the default one)."""
+    for item in suite["trainer_overrides"]:
+        if item.startswith("data.path="):
+            suite["data"] = {"path": item.partition("=")[2]}
 
+
+def _hardware(measurements: list[dict]) -> dict[str, Any] | None:
+    """The bandwidth and peak FLOP/s the hardware floors were computed with (one per device)."""
+    from benchmarks import floors
+
+    return next(iter(floors._MACHINE.values()), None) if any(
+        m.get("group") == "hardware_floor" for m in measurements) else None
+
+
+# The five large columns of configs/synthetic-criteo.yaml (hash_buckets 131072 there).
+LARGE_COLUMNS = ["C3", "C4", "C12", "C16", "C21"]
+
+
+def _axes(system: dict) -> list[tuple[str, list[str], dict[str, Any]]]:
+    """(label, config overrides, record fields) for each point of a throughput system's axes:
+    backends x table_rows x batch_sizes x embedding_dims, an axis left out being one point."""
+    points = []
+    large = system.get("large_columns", LARGE_COLUMNS)
+    for backend in system.get("backends", [None]):
+        for rows in system.get("table_rows", [None]):
+            for bs in system.get("batch_sizes", [None]):
+                for dim in system.get("embedding_dims", [None]):
+                    over, parts = [], []
+                    if backend:
+                        over.append(f"model.embedding_backend={backend}")
+                        parts.append(str(backend))
+                    if rows:
+                        over += [f"features.columns.{c}.hash_buckets={int(rows)}" for c in large]
+                        parts.append(f"r{int(rows)}")
+                    if bs:
+                        over.append(f"data.batch_size={int(bs)}")
+                    points.append((parts, over, {"table_rows": int(rows) if rows else None, "embedding_dim": dim,
+                                                 "batch_size": bs}))
+    return points
+
+
+def estimate_table_bytes(cfg, backend: str) -> int:
+    """Bytes the embedding tables and their optimiser state take (as the placement check counts)."""
+    from wdl.data.dataset import feature_spec, open_dataset
+    from wdl.train.sparse_optim import state_bytes_per_row
+
+    spec = feature_spec(cfg, open_dataset(cfg.data, may_prepare=False))
+    m, total = cfg.model, 0
+    if m.kind in ("wide_deep", "wide"):
+        total += sum(spec.num_embeddings(f) for f in m.wide.features) * (4 + state_bytes_per_row(cfg.optim.wide, 1) + 4)
+    if m.kind in ("wide_deep", "deep"):
+        scratch = 4 if backend == "torch" else 0  # wdl's dedupe scratch
+        total += sum(spec.num_embeddings(f) * (4 * d + state_bytes_per_row(cfg.optim.deep, d) + scratch)
+                     for f, d in m.deep.embeddings.items())
+    return total
+
+
+def _run_throughput(suite: dict, system: dict, out: Path, reps: int, skipped: list[dict] | None = None) -> list[dict]:
+    import gc
+
+    from benchmarks import throughput
+    from wdl.distributed.env import pick_device
+    from wdl.distributed.rows import available_bytes
+    from wdl.errors import WdlError
+    from wdl.model.embeddings import resolve_backend
+
+    skipped = skipped if skipped is not None else []
     cfg_path, overrides = _config(suite, system)
     recs = []
-    for bs in system.get("batch_sizes", [None]):
-        for dim in system.get("embedding_dims", [None]):
-            cfg = load_config(cfg_path, overrides + ([f"data.batch_size={bs}"] if bs else []))
-            if dim:
-                cfg.model.deep.embeddings = {k: int(dim) for k in cfg.model.deep.embeddings}
-            label = f"bs{cfg.data.batch_size}" + (f"-d{dim}" if dim else "")
-            for rep in range(reps):
-                _say(f"throughput {label} rep {rep + 1}/{reps}")
-                # Time enough steps to cross several shuffle blocks: a streaming reader converts
-                # a block at a time, so a short window would see only cheap slicing.
-                steps = max(int(system.get("steps", 50)), -(-int(system.get("timed_rows", 0)) // cfg.data.batch_size))
-                for r in throughput.measure(cfg, out / "runs" / f"throughput-{label}-r{rep}",
-                                            warmup_steps=int(system.get("warmup_steps", 5)), steps=steps):
-                    recs.append({"system": f"{r['variant']}@{label}", "group": r["variant"], "kind": "throughput",
-                                 "rep": rep, "warmup": False, "batch_size": cfg.data.batch_size,
-                                 "embedding_dim": dim, **r})
+    # Tables beyond this share of the available memory are skipped (and said so) rather than
+    # risked: on a machine shared with other jobs, filling it would take them down too.
+    fraction = float(system.get("memory_fraction", 0.5))
+    for parts, axis, fields in _axes(system):
+        cfg = load_config(cfg_path, overrides + axis)
+        dim = fields["embedding_dim"]
+        if dim:
+            cfg.model.deep.embeddings = {k: int(dim) for k in cfg.model.deep.embeddings}
+        label = "-".join(parts + [f"bs{cfg.data.batch_size}"] + ([f"d{dim}"] if dim else []))
+        try:
+            backend = resolve_backend(cfg.model.embedding_backend)
+            need = estimate_table_bytes(cfg, backend)
+            device = pick_device(cfg.run.device, 0)
+            have = available_bytes(device)
+        except WdlError as e:
+            _say(f"skipping throughput {label}: {e}")
+            skipped.append({"system": f"{system['name']}@{label}", "reason": str(e)})
+            continue
+        if need > fraction * have:
+            why = (f"the tables and optimiser state need {need / 2**30:.1f} GiB, more than memory_fraction="
+                   f"{fraction} of the {have / 2**30:.1f} GiB available on {device} (a bigger machine runs it; "
+                   f"or systems.N.memory_fraction=0.9)")
+            _say(f"skipping throughput {label}: {why}")
+            skipped.append({"system": f"{system['name']}@{label}", "reason": why})
+            continue
+        for rep in range(reps):
+            _say(f"throughput {label} rep {rep + 1}/{reps} (tables {need / 2**30:.2f} GiB)")
+            # Time enough steps to cross several shuffle blocks: a streaming reader converts
+            # a block at a time, so a short window would see only cheap slicing.
+            steps = max(int(system.get("steps", 50)), -(-int(system.get("timed_rows", 0)) // cfg.data.batch_size))
+            try:
+                got = throughput.measure(cfg, out / "runs" / f"throughput-{system['name']}-{label}-r{rep}",
+                                         warmup_steps=int(system.get("warmup_steps", 5)), steps=steps,
+                                         profile_steps=int(system.get("profile_steps", 5)))
+            except WdlError as e:  # e.g. the placement's own memory check: one line, recorded
+                _say(f"skipping throughput {label}: {e}")
+                skipped.append({"system": f"{system['name']}@{label}", "reason": str(e)})
+                break
+            finally:
+                gc.collect()  # the previous Trainer's tables go before the next one's are made
+            for r in got:
+                recs.append({"system": f"{r['variant']}@{label}", "group": r["variant"], "kind": "throughput",
+                             "rep": rep, "warmup": False, "axis": system["name"], "table_bytes": need,
+                             **fields, **r, "batch_size": cfg.data.batch_size})
     if system.get("reader_rows"):
         cfg = load_config(cfg_path, overrides)
         for rep in range(reps):
@@ -206,6 +306,26 @@ def _run_throughput(suite: dict, system: dict, out: Path, reps: int) -> list[dic
             for r in throughput.measure_reader(cfg, max_rows=int(system["reader_rows"])):
                 recs.append({"system": r["variant"], "group": r["variant"], "kind": "reader", "rep": rep,
                              "warmup": False, "batch_size": cfg.data.batch_size, **r})
+    return recs
+
+
+def _run_mlp_floor(suite: dict, system: dict, reps: int, epochs: int) -> list[dict]:
+    """The bare MLP floor (benchmarks/floors.py), in this process (threads as set for the suite)."""
+    import torch
+
+    from benchmarks import floors
+
+    device = torch.device(system.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for o in suite["trainer_overrides"]:  # run.device=... for our runs applies to the floor too
+        if o.startswith("run.device=") and o.partition("=")[2] != "auto":
+            device = torch.device(o.partition("=")[2])
+    recs = []
+    for rep in range(reps):
+        _say(f"{system['name']} rep {rep + 1}/{reps}: {epochs} epochs of {system.get('steps', 79)} steps")
+        r = floors.mlp_floor(input_dim=int(system.get("input_dim", 80)), hidden=system.get("hidden", [256, 128, 64]),
+                             batch_size=int(system.get("batch_size", 1024)), steps=int(system.get("steps", 79)),
+                             epochs=epochs, device=device, seed=rep)
+        recs += _mark(r, suite, system, system["name"], rep, device=str(device))
     return recs
 
 

@@ -5,6 +5,9 @@
   time includes reading and converting the data (streaming, or in memory if the config says so).
 - compute floor: the same model and optimisers fed from batches already built in memory, timing
   forward, backward and optimiser step only.
+- hardware floor: bytes of embedding traffic / memory bandwidth + MLP FLOPs / peak FLOP/s, both
+  measured on this device (see benchmarks/floors.py), for the same batches.
+- on CUDA, kernels, memcpys and host syncs per training step (benchmarks/floors.py).
 - reader: the StreamingLoader alone (Parquet -> Batches) vs a bare pyarrow read of the same row
   groups and columns, in rows per second.
 Warm-up steps are run first and not timed.
@@ -49,27 +52,44 @@ def _step(model, optimizer, batch: Batch) -> None:
 
 
 def _timed(model, optimizer, batches: Iterator[Batch], device, warmup: int, steps: int) -> dict[str, float]:
+    """`batches` are already on `device`. On CUDA the host never waits inside the window (the
+    step times come from CUDA events, the total from one synchronize at the end), so the host
+    may queue a step while the previous one runs, as in training."""
     model.train()
     for _ in range(warmup):
-        _step(model, optimizer, next(batches).to(device))
+        _step(model, optimizer, next(batches))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        events = [torch.cuda.Event(enable_timing=True)]
+        events[0].record()
     times, rows = [], 0
-    last = time.perf_counter()
+    start = last = time.perf_counter()
     for _ in range(steps):
-        batch = next(batches).to(device)
+        batch = next(batches)
         _step(model, optimizer, batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        times.append(now - last)
         rows += len(batch)
-        last = now
-    total = sum(times)
+        if cuda:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+        else:
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+    if cuda:
+        torch.cuda.synchronize(device)
+        times = [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
+    total = time.perf_counter() - start
     return {"samples_per_second": rows / total, "step_p50_ms": 1000 * _percentile(times, 0.5),
             "step_p90_ms": 1000 * _percentile(times, 0.9), "steps": steps, "timed_seconds": total}
 
 
-def measure(cfg: Config, run_dir: Path, *, warmup_steps: int, steps: int) -> list[dict[str, Any]]:
-    """Records for `ours` and `compute_floor` on one configuration."""
+def measure(cfg: Config, run_dir: Path, *, warmup_steps: int, steps: int,
+            profile_steps: int = 5) -> list[dict[str, Any]]:
+    """Records for `ours`, `compute_floor` and `hardware_floor` on one configuration; on CUDA,
+    `ours` also carries kernels, memcpys and host syncs per step (None elsewhere)."""
+    from benchmarks import floors
+    from wdl.data.prefetch import to_device
     from wdl.distributed.env import init_distributed
     from wdl.train.trainer import Trainer
 
@@ -78,13 +98,25 @@ def measure(cfg: Config, run_dir: Path, *, warmup_steps: int, steps: int) -> lis
     cfg.train.progress = False
     trainer = Trainer(cfg, init_distributed(cfg.run.device))
     device = trainer.device
-    ours = _timed(trainer.model, trainer.optimizer, _endless(trainer.train_loader), device, warmup_steps, steps)
+    hw = floors.machine(device)  # before the tables are touched; cached per process
+    # Ours: the loader's batches reach the device the way Trainer.train_epoch moves them.
+    ours = _timed(trainer.model, trainer.optimizer, to_device(_endless(trainer.train_loader), device), device,
+                  warmup_steps, steps)
     # The floor: the same batches, built before the clock starts.
     it = _endless(trainer.train_loader)
     cached = [next(it).to(device) for _ in range(min(steps, 64))]
     cycle = (cached[i % len(cached)] for i in range(10**12))
     floor = _timed(trainer.model, trainer.optimizer, cycle, device, warmup_steps, steps)
-    return [{"variant": "ours", **ours}, {"variant": "compute_floor", **floor}]
+    hard = floors.hardware_floor(trainer.wide_deep, cfg.optim, cached, device, hw)
+    launches: dict[str, Any] = {k: None for k in ("kernels_per_step", "memcpy_per_step", "syncs_per_step")}
+    if device.type == "cuda":
+        try:
+            launches = floors.cuda_launches(lambda b: _step(trainer.model, trainer.optimizer, b), cached, profile_steps)
+        except Exception as e:  # the profiler (CUPTI) may be unavailable: say so, keep the timings
+            launches["launch_error"] = f"{type(e).__name__}: {e}"
+    common = {"backend": trainer.backend, "device": str(device)}
+    return [{"variant": "ours", **common, **ours, **launches}, {"variant": "compute_floor", **common, **floor},
+            {"variant": "hardware_floor", **common, **hard}]
 
 
 def measure_reader(cfg: Config, *, max_rows: int) -> list[dict[str, Any]]:
