@@ -118,7 +118,8 @@ class LocalRows(nn.Module):
     def pull(self, ids: Tensor) -> tuple[Tensor, Tensor, tuple]:
         """Rows of the distinct `ids`: (rows [U, dim], inv [N] into rows, ctx for `push`)."""
         if self._slots is None or self._slots.device != ids.device:
-            self._slots = torch.empty(self.num_rows, dtype=torch.int32, device=ids.device)
+            # zeros, not empty: pages touched now, not one page fault at a time during training
+            self._slots = torch.zeros(self.num_rows, dtype=torch.int32, device=ids.device)
         static = self.static_shapes if self.static_shapes is not None else ids.device.type == "cuda"
         uniq, inv, src = dedupe(ids, self._slots, compact=not static)
         return self.weight.index_select(0, uniq), inv, (uniq, src)
