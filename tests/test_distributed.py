@@ -192,3 +192,14 @@ def test_plain_ddp_with_pure_pytorch_backend(tiny_config, tmp_path):
     assert all(r["train_rows"] == 2400 for r in recs)
     plan = (tmp_path / "runs" / "plain" / "plan.txt").read_text()
     assert "rows split over 2 ranks" in plan and "DDP over 2 ranks" in plan  # tables split, not replicated
+
+
+def test_mid_epoch_resume_with_another_batch_size_is_refused(tiny_config, tmp_path):
+    """A mid-epoch read position is a batch count: with another batch size it would repeat or
+    skip rows, so the resume stops with one line (an epoch-end checkpoint loads with any)."""
+    ok(launch(tiny_config, 0, "run.name=cut", "checkpoint.every_steps=4", "train.max_steps=6"))
+    proc = launch(tiny_config, 0, "run.name=cut", "data.batch_size=64", "--resume", "auto")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert "\n" not in err and "saved mid-epoch with data.batch_size=128" in err and "data.batch_size=64 now" in err, err
+    assert "best test AUC" not in proc.stdout  # nothing trained, nothing logged

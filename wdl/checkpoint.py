@@ -60,9 +60,13 @@ class Checkpointer:
     load_into: callable taking (model_sd, optim_sd) after DCP filled them in place.
     """
 
-    def __init__(self, folder: Path, keep: int, rank: int, world_size: int, signature: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, keep: int, rank: int, world_size: int, signature: dict[str, Any],
+                 read_order: dict[str, Any] | None = None) -> None:
         self.folder, self.keep, self.rank, self.world_size = folder, keep, rank, world_size
         self.signature = signature  # what must match to load: tables, model shape
+        # What fixes the order rows are read in (batch size, seed, ...): a mid-epoch read position
+        # means something only when these agree.
+        self.read_order = read_order or {}
 
     def save(self, app_state: dict[str, Any], progress: dict[str, int]) -> Path:
         final = self.folder / f"{PREFIX}{progress['step']:08d}"
@@ -75,7 +79,7 @@ class Checkpointer:
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
         barrier()
         if self.rank == 0:
-            meta = {**progress, "world_size": self.world_size, "signature": self.signature}
+            meta = {**progress, "world_size": self.world_size, "signature": self.signature, "read_order": self.read_order}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if final.exists():  # same step saved twice (epoch end after a step save): replace
                 shutil.rmtree(final)
@@ -103,7 +107,16 @@ class Checkpointer:
                 raise CheckpointError(
                     f"{path} comes from an incompatible config: {key} is {saved.get(key)} there, {self.signature.get(key)} now"
                 )
-        if meta["world_size"] != self.world_size and meta.get("batches_done", 0) != 0:
+        mid_epoch = meta.get("batches_done", 0) != 0
+        saved_order = meta.get("read_order", {})
+        for key in sorted(set(saved_order) | set(self.read_order)):
+            if mid_epoch and saved_order.get(key) != self.read_order.get(key):
+                raise CheckpointError(
+                    f"{path} was saved mid-epoch with {key}={saved_order.get(key)}, and {key}={self.read_order.get(key)} now "
+                    f"would repeat or skip rows of that epoch; resume with {key}={saved_order.get(key)} (epoch-end "
+                    "checkpoints load with any value)"
+                )
+        if meta["world_size"] != self.world_size and mid_epoch:
             raise CheckpointError(
                 f"{path} was saved mid-epoch by {meta['world_size']} processes; the read position is per rank, so it "
                 f"resumes only with {meta['world_size']} processes (epoch-end checkpoints load with any number)"

@@ -88,7 +88,8 @@ class Trainer:
         self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
-                                         signature=_signature(model_cfg, sizes, self.spec.dense_dim))
+                                         signature=_signature(model_cfg, sizes, self.spec.dense_dim),
+                                         read_order=_read_order(cfg))
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -257,6 +258,15 @@ def _signature(m: ModelConfig, sizes: dict[str, int], dense_dim: int) -> dict[st
         "dense_dim": dense_dim if m.kind != "wide" else 0,
         "hidden": list(m.deep.hidden) if m.kind != "wide" else [],
     }
+
+
+def _read_order(cfg: Config) -> dict[str, Any]:
+    """The settings that fix which rows each step reads within an epoch (see data/parquet.py)."""
+    d = cfg.data
+    order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed}
+    if not d.in_memory:
+        order |= {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer}
+    return order
 
 
 def _maybe_kill(kill_at_step: int, step: int, env: DistEnv) -> None:
