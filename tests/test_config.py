@@ -44,6 +44,12 @@ def test_unknown_key_names_the_key(tmp_path):
     ("data.in_memory=3", "expected true/false"),
     ("distributed.sharding=diagonal", "distributed.sharding"),
     ("noequals", "not of the form"),
+    ("train.epochs=0", "train.epochs: must be >= 1"),
+    ("optim.deep.lr=-1", "optim.deep.lr: must be > 0"),
+    ("optim.wide.l1=-0.1", "optim.wide.l1: must be >= 0"),
+    ("model.deep.hidden=[0]", "model.deep.hidden: every layer"),
+    ("data.num_workers=-1", "data.num_workers: must be >= 0"),
+    ("train.eval_only=true", "give it with checkpoint.resume"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -69,3 +75,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_bad_device_is_a_one_line_error():
+    from wdl.distributed.env import pick_device
+
+    for spec in ("banana", "meta"):
+        with pytest.raises(ConfigError, match="run.device"):
+            pick_device(spec, 0)

@@ -203,3 +203,11 @@ def test_mid_epoch_resume_with_another_batch_size_is_refused(tiny_config, tmp_pa
     err = proc.stderr.strip()
     assert "\n" not in err and "saved mid-epoch with data.batch_size=128" in err and "data.batch_size=64 now" in err, err
     assert "best test AUC" not in proc.stdout  # nothing trained, nothing logged
+
+
+def test_diverged_training_stops_with_one_line(tiny_config, tmp_path):
+    proc = launch(tiny_config, 0, "run.name=div", "optim.deep.lr=1e30", "optim.wide.lr=1e30", "train.epochs=1")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert "\n" not in err and "training diverged" in err and "epoch 1" in err, err
+    assert not (tmp_path / "runs" / "div" / "metrics.jsonl").exists()  # no epoch with a non-finite loss logged

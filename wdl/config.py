@@ -349,6 +349,25 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: {kind!r} is not one of {', '.join(allowed)}")
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep: must be >= 1")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
+    for where, n in (("train.max_steps", cfg.train.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                     ("data.num_workers", cfg.data.num_workers)):
+        if n < 0:
+            raise ConfigError(f"{where}: must be >= 0, got {n}")
+    for part in ("wide", "deep"):
+        o = getattr(cfg.optim, part)
+        if not o.lr > 0:
+            raise ConfigError(f"optim.{part}.lr: must be > 0, got {o.lr}")
+        for k in ("weight_decay", "l1", "l2", "beta", "initial_accumulator_value"):
+            if getattr(o, k) < 0:
+                raise ConfigError(f"optim.{part}.{k}: must be >= 0, got {getattr(o, k)}")
+        if not o.eps > 0:
+            raise ConfigError(f"optim.{part}.eps: must be > 0, got {o.eps}")
+    if any(h < 1 for h in m.deep.hidden):
+        raise ConfigError(f"model.deep.hidden: every layer needs >= 1 unit, got {m.deep.hidden}")
+    if cfg.train.eval_only and not cfg.checkpoint.resume:
+        raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume)")
     if not 0.0 <= m.deep.dropout < 1.0:
         raise ConfigError(f"model.deep.dropout: must be in [0, 1), got {m.deep.dropout}")
 

@@ -20,3 +20,7 @@ class DataError(WdlError):
 
 class CheckpointError(WdlError):
     """A checkpoint is missing, incomplete or incompatible with the config."""
+
+
+class TrainingError(WdlError):
+    """Training cannot go on meaningfully (e.g. the loss is no longer finite)."""

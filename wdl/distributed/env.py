@@ -36,7 +36,12 @@ class DistEnv:
 def pick_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"run.device={spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"run.device={spec!r}: wdl trains on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"run.device={spec} but CUDA is not available on this machine")

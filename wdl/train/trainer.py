@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from wdl.data.dataset import build_loader, feature_spec, open_dataset
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, barrier, comm_device
 from wdl.distributed.sharding import check_placement, place
-from wdl.errors import CheckpointError, WdlError
+from wdl.errors import CheckpointError, TrainingError, WdlError
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate, gather_to_all
@@ -106,6 +107,10 @@ class Trainer:
                   f"run folder {self.run_dir}", flush=True)
         while self.epoch < cfg.epochs and not self._out_of_steps():
             train_stats = self.train_epoch()
+            if not math.isfinite(train_stats["train_loss"]):  # the same all-reduced value on every rank
+                raise TrainingError(
+                    f"training diverged: the train loss of epoch {self.epoch + 1} is {train_stats['train_loss']} "
+                    f"(step {self.step}); lower optim.wide.lr / optim.deep.lr (nothing of this epoch was saved)")
             eval_stats = self.evaluate()
             rss = gather_to_all(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
             self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats,
