@@ -183,6 +183,11 @@ def test_incompatible_checkpoint_is_a_clear_error(tiny_config, tmp_path):
                   "--resume", str(tmp_path / "runs" / "small"))
     assert proc.returncode == 2
     assert "incompatible config" in proc.stderr and "deep_tables" in proc.stderr
+    # a cross over other columns, same bucket count: same shape, other meaning
+    proc = launch(tiny_config, 0, "features.crosses.gender_movie.columns=[user_id, movie_id]",
+                  "--resume", str(tmp_path / "runs" / "small"))
+    assert proc.returncode == 2
+    assert "incompatible config" in proc.stderr and "crosses" in proc.stderr
 
 
 def test_plain_ddp_with_pure_pytorch_backend(tiny_config, tmp_path):

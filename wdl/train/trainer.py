@@ -21,6 +21,7 @@ import torch.distributed as dist
 from wdl.checkpoint import Checkpointer, complete_checkpoints, find_checkpoint
 from wdl.config import Config, ModelConfig, save_config
 from wdl.data.dataset import build_loader, feature_spec, open_dataset
+from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, barrier, comm_device
 from wdl.distributed.sharding import check_placement, place
@@ -89,7 +90,7 @@ class Trainer:
         self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
-                                         signature=_signature(model_cfg, sizes, self.spec.dense_dim),
+                                         signature=_signature(model_cfg, sizes, self.spec),
                                          read_order=_read_order(cfg))
         if resume_from is not None:
             self._resume(resume_from)
@@ -252,9 +253,12 @@ def _run_dir_and_resume(cfg: Config, env: DistEnv) -> tuple[Path, Path | None]:
     return Path(box[0]), Path(box[1]) if box[1] else None
 
 
-def _signature(m: ModelConfig, sizes: dict[str, int], dense_dim: int) -> dict[str, Any]:
-    """What a checkpoint must agree on to be loaded: the model's shape."""
+def _signature(m: ModelConfig, sizes: dict[str, int], spec: FeatureSpec) -> dict[str, Any]:
+    """What a checkpoint must agree on to be loaded: the model's shape, and what each row of a
+    table means (a cross over other columns with the same bucket count has the same shape)."""
+    dense_dim = spec.dense_dim
     return {
+        "crosses": {k: c.columns for k, c in spec.crosses.items()},
         "layout": 2,  # fused wide/deep tables with row optimiser state (earlier: a table per feature)
         "kind": m.kind,
         "backend": m.embedding_backend,
