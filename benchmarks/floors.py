@@ -37,13 +37,16 @@ from wdl.data.batch import Batch
 
 # Bytes of each optimiser state tensor per row of a table of dimension `dim` (wdl's row
 # optimisers; FBGEMM keeps the same for adagrad / rowwise_adagrad / sgd / adam).
-STATE_TENSORS: dict[str, Callable[[int], list[int]]] = {
-    "ftrl": lambda d: [4 * d, 4 * d],  # z, n
-    "adagrad": lambda d: [4 * d],  # sum of squares
-    "rowwise_adagrad": lambda d: [4],  # one float per row
-    "adam": lambda d: [4 * d, 4 * d],  # exp_avg, exp_avg_sq
-    "sgd": lambda d: [],
-}
+def state_tensor_bytes(optimizer: str, dim: int) -> list[int]:
+    """Bytes per row of each per-row state tensor of `optimizer` on a table of width `dim`, as
+    wdl's row optimisers allocate them (FTRL: z and n; AdaGrad: the sum of squares; ...)."""
+    from wdl.config import OptimizerConfig
+    from wdl.train.sparse_optim import row_rule
+
+    rule = row_rule(OptimizerConfig(name=optimizer))
+    state = rule.init_state(1, dim, torch.device("meta"))
+    return [state[k].numel() * state[k].element_size() for k in rule.per_row]
+
 
 _MACHINE: dict[str, dict[str, Any]] = {}
 
@@ -132,7 +135,7 @@ def mlp_flops(layers: list[tuple[int, int]], batch_size: int) -> float:
 
 
 def dense_param_bytes(n_params: int, optimizer: str) -> int:
-    return 4 * n_params * (6 + 2 * len(STATE_TENSORS.get(optimizer, lambda d: [])(1)))
+    return 4 * n_params * (6 + 2 * len(state_tensor_bytes(optimizer, 1)))
 
 
 def embedding_traffic(batch: Batch, groups: list[dict[str, Any]], g: int) -> dict[str, Any]:
@@ -143,7 +146,7 @@ def embedding_traffic(batch: Batch, groups: list[dict[str, Any]], g: int) -> dic
         n = ids.numel()
         u = int(torch.unique(ids).numel()) + (1 if grp["part"] == "wide" else 0)  # the wide bias row
         per_row = 2 * _round_up(4 * grp["dim"], g) + sum(2 * _round_up(b, g)
-                                                          for b in STATE_TENSORS[grp["optimizer"]](grp["dim"]))
+                                                          for b in state_tensor_bytes(grp["optimizer"], grp["dim"]))
         nbytes = u * per_row + 8 * n
         total += nbytes
         detail.append({"part": grp["part"], "dim": grp["dim"], "ids": n, "distinct": u, "bytes": nbytes})

@@ -141,11 +141,8 @@ class FeatureTable:
 
     @classmethod
     def from_columns(cls, dense: Tensor, sparse: dict[str, Jagged], labels: Tensor,
-                     single: frozenset[str] | None = None) -> "FeatureTable":
-        """From one Jagged column per key; `single` names the exactly-one-id keys (found from
-        the lengths when not given)."""
-        if single is None:
-            single = frozenset(k for k, j in sparse.items() if bool((j.lengths == 1).all()))
+                     single: frozenset[str]) -> "FeatureTable":
+        """From one Jagged column per key; `single` names the exactly-one-id keys."""
         single_keys = tuple(k for k in sparse if k in single)
         ids = (torch.stack([sparse[k].values for k in single_keys], 1) if single_keys
                else torch.empty(len(labels), 0, dtype=torch.int64, device=labels.device))
@@ -163,8 +160,9 @@ class FeatureTable:
         ones = torch.ones(ids.shape[0], dtype=torch.int32, device=ids.device)  # shared by every single key
         return {k: multi[k] if k in multi else Jagged(ids[:, self._col[k]], ones, single=True) for k in self.order}
 
-    def _with(self, dense: Tensor, labels: Tensor, ids: Tensor, multi: dict[str, Jagged]) -> "FeatureTable":
-        return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order)
+    def _with(self, dense: Tensor, labels: Tensor, ids: Tensor, multi: dict[str, Jagged],
+              host_lengths: list[Tensor] | None = None) -> "FeatureTable":
+        return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order, host_lengths)
 
     def take_table(self, idx: Tensor, host_idx: Tensor | None = None) -> "FeatureTable":
         """Rows `idx` (a 1-d int64 tensor on the table's device): one gather per tensor.
@@ -205,10 +203,8 @@ class FeatureTable:
             return moved.setdefault(id(t), t.to(device))
 
         multi = {k: Jagged(mv(j.values), mv(j.lengths)) for k, j in self.multi.items()}
-        moved_table = self._with(self.dense.to(device), self.labels.to(device), self.ids.to(device), multi)
-        if device.type == "cuda":
-            moved_table._host_lengths = [lengths.cpu() for lengths, _, _ in self._groups]
-        return moved_table
+        host_lengths = [lengths.cpu() for lengths, _, _ in self._groups] if device.type == "cuda" else None
+        return self._with(self.dense.to(device), self.labels.to(device), self.ids.to(device), multi, host_lengths)
 
     @staticmethod
     def concat(tables: list["FeatureTable"]) -> "FeatureTable":

@@ -62,7 +62,7 @@ class ShardedRows(nn.Module):
         send = torch.bincount(torch.div(uniq, self.chunk, rounding_mode="floor"), minlength=self.world_size)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        send_n, recv_n = send.tolist(), recv.tolist()
+        send_n, recv_n = torch.stack([send, recv]).tolist()  # one device-to-host copy for both
         wanted = uniq.new_empty(sum(recv_n))
         dist.all_to_all_single(wanted, uniq, recv_n, send_n, group=self.group)
         local = wanted - self.lo

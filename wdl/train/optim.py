@@ -8,8 +8,8 @@ checkpointed together by `Optimizers`:
 - TorchRec's tables: FBGEMM's kernels applied in the backward pass (`fused_table_optimizer`
   names the class; the sharding module installs it before sharding, as TorchRec requires).
 
-FTRL-Proximal is not in torch.optim; `FTRL` here is its dense form (for the wide bias), built on
-the same per-coordinate rule as the row optimiser.
+FTRL-Proximal is not in torch.optim; `FTRL` here is its dense form (for dense parameters whose
+part is trained with FTRL), built on the same per-coordinate rule as the row optimiser.
 """
 
 from __future__ import annotations

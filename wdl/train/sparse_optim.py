@@ -113,7 +113,7 @@ class LazyAdamRule(RowRule):
         m = torch.lerp(s["exp_avg"], g, 1 - b1)
         v = s["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
         step = s["step"]
-        # torch.optim.SparseAdam's arrangement: lr * sqrt(1 - b2^t) / (1 - b2^t) * m / (sqrt(v) + eps)
+        # torch.optim.SparseAdam's arrangement: lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
         step_size = self.lr * torch.sqrt(1 - b2 ** step) / (1 - b1 ** step)
         return w - step_size * (m / v.sqrt().add_(self.eps)), {"exp_avg": m, "exp_avg_sq": v}
 
@@ -163,9 +163,10 @@ def row_rule(cfg: OptimizerConfig) -> RowRule:
 
 
 def state_bytes_per_row(cfg: OptimizerConfig, dim: int) -> int:
-    """Optimiser state per row, for memory estimates."""
-    floats = {"ftrl": 2 * dim, "adagrad": dim, "rowwise_adagrad": 1, "adam": 2 * dim}.get(cfg.name, 0)
-    return 4 * floats
+    """Optimiser state per row, for memory estimates: what the rule allocates for one row."""
+    rule = row_rule(cfg)
+    state = rule.init_state(1, dim, torch.device("meta"))
+    return sum(state[k].numel() * state[k].element_size() for k in rule.per_row)
 
 
 class SparseTableOptimizer:

@@ -90,7 +90,7 @@ class Trainer:
         self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
-                                         signature=_signature(model_cfg, sizes, self.spec),
+                                         signature=_signature(model_cfg, self.spec),
                                          read_order=_read_order(cfg))
         if resume_from is not None:
             self._resume(resume_from)
@@ -253,18 +253,18 @@ def _run_dir_and_resume(cfg: Config, env: DistEnv) -> tuple[Path, Path | None]:
     return Path(box[0]), Path(box[1]) if box[1] else None
 
 
-def _signature(m: ModelConfig, sizes: dict[str, int], spec: FeatureSpec) -> dict[str, Any]:
+def _signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded: the model's shape, and what each row of a
     table means (a cross over other columns with the same bucket count has the same shape)."""
-    dense_dim = spec.dense_dim
+    rows = spec.num_embeddings
     return {
         "crosses": {k: c.columns for k, c in spec.crosses.items()},
         "layout": 2,  # fused wide/deep tables with row optimiser state (earlier: a table per feature)
         "kind": m.kind,
         "backend": m.embedding_backend,
-        "wide_tables": {f: sizes[f] for f in m.wide.features} if m.kind != "deep" else {},
-        "deep_tables": {f: [sizes[f], d] for f, d in m.deep.embeddings.items()} if m.kind != "wide" else {},
-        "dense_dim": dense_dim if m.kind != "wide" else 0,
+        "wide_tables": {f: rows(f) for f in m.wide.features} if m.kind != "deep" else {},
+        "deep_tables": {f: [rows(f), d] for f, d in m.deep.embeddings.items()} if m.kind != "wide" else {},
+        "dense_dim": spec.dense_dim if m.kind != "wide" else 0,
         "hidden": list(m.deep.hidden) if m.kind != "wide" else [],
     }
 
