@@ -56,12 +56,19 @@ class RunningStats:
         x = x[~np.isnan(x)]
         if x.size == 0:
             return
-        n, mean = x.size, float(x.mean())
-        m2 = float(((x - mean) ** 2).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
+        chunk = RunningStats()
+        chunk.count, chunk.mean = x.size, float(x.mean())
+        chunk.m2 = float(((x - chunk.mean) ** 2).sum())
+        self.merge(chunk)
+
+    def merge(self, other: "RunningStats") -> None:
+        """Add the values `other` has seen (statistics gathered by another worker)."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / total
+        self.m2 += other.m2 + delta * delta * self.count * other.count / total
         self.count = total
 
     def result(self) -> dict[str, float]:

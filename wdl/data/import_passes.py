@@ -1,0 +1,251 @@
+"""The two passes of `wdl data import` over one work unit (a few Parquet row groups or one CSV
+file), run in worker processes; `wdl.data.importer` plans them and merges their results.
+
+Pass 1 (`stats_job`) gathers statistics of the unit's train rows; pass 2 (`encode_job`) turns
+its rows into the data set's columns. Both assign each row's split the same way: from
+(seed, file, row) or from its time column, never from the batching or the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from wdl.data import import_spec as S
+from wdl.data.tsv import mix64, unit_uniform
+from wdl.data.vocab import IdEncoder, Reservoir, ValueCounts
+from wdl.data.writer import RunningStats
+from wdl.errors import DataError
+
+
+@dataclass
+class Unit:
+    path: str
+    file_index: int
+    fmt: str
+    row_groups: list[int]  # Parquet only
+    row_start: int  # number of the unit's first row within its file
+    rows: int | None  # None for CSV (unknown before reading)
+    split: int | None  # a files split: the split of every row
+
+
+@dataclass
+class Plan:
+    """What a worker needs (sent once per worker)."""
+
+    spec: S.ImportSpec
+    types: dict[str, pa.DataType]  # every column read, cast to the first file's type
+    dict_columns: list[str]  # string columns Parquet hands over dictionary-encoded (fast counting)
+    sample_size: int
+    cuts: tuple = (None, None)  # time split: valid_from, test_from as scalars of the column's type
+    vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
+
+    @property
+    def out_schema(self) -> pa.Schema:
+        kinds = {"categorical": pa.int64(), "multi_hot": pa.list_(pa.int64()), "dense": pa.float32()}
+        return pa.schema([(self.spec.label, pa.int8())] + [(n, kinds[c.kind]) for n, c in self.spec.columns.items()])
+
+
+@dataclass
+class DenseStats:
+    stats: RunningStats = field(default_factory=RunningStats)
+    lo: float = np.inf
+    hi: float = -np.inf
+    missing: int = 0
+    sample: Reservoir = None
+
+    def merge(self, o: "DenseStats") -> None:
+        self.stats.merge(o.stats)
+        self.lo, self.hi, self.missing = min(self.lo, o.lo), max(self.hi, o.hi), self.missing + o.missing
+        self.sample.merge(o.sample)
+
+
+@dataclass
+class Stats:
+    """Pass 1's result for some units (merged in input order)."""
+
+    rows: np.ndarray  # per split code (0 train, 1 valid, 2 test)
+    positives: np.ndarray
+    counts: dict[str, ValueCounts]
+    dense: dict[str, DenseStats]
+
+    @classmethod
+    def empty(cls, plan: Plan) -> "Stats":
+        cols = plan.spec.columns
+        return cls(np.zeros(3, np.int64), np.zeros(3, np.int64),
+                   {n: ValueCounts() for n, c in cols.items() if c.kind != "dense"},
+                   {n: DenseStats(sample=Reservoir(plan.sample_size)) for n, c in cols.items() if c.kind == "dense"})
+
+    def merge(self, o: "Stats") -> None:
+        self.rows += o.rows
+        self.positives += o.positives
+        for n, c in o.counts.items():
+            self.counts[n].add(c)
+        for n, d in o.dense.items():
+            self.dense[n].merge(d)
+
+
+# ------------------------------------------------------------------------------- worker side
+_PLAN: Plan | None = None
+_ENCODERS: dict[str, IdEncoder] = {}
+
+
+def init_worker(plan: Plan) -> None:
+    global _PLAN
+    _PLAN = plan
+    _ENCODERS.clear()
+
+
+def _read(plan: Plan, unit: Unit):
+    """(table, number of its first row within the file), columns cast to the plan's types."""
+    cols = list(plan.types)
+    try:
+        if unit.fmt == "parquet":
+            pf = pq.ParquetFile(unit.path, read_dictionary=plan.dict_columns)
+            yield _conform(plan, pf.read_row_groups(unit.row_groups, columns=cols), unit), unit.row_start
+            return
+        convert = pacsv.ConvertOptions(column_types=plan.types, include_columns=cols, strings_can_be_null=True)
+        row = 0
+        for batch in pacsv.open_csv(unit.path, read_options=pacsv.ReadOptions(block_size=1 << 24),
+                                    convert_options=convert):
+            yield _conform(plan, pa.Table.from_batches([batch]), unit), row
+            row += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{unit.path}: cannot read ({first_line(e)})") from None
+
+
+def _conform(plan: Plan, t: pa.Table, unit: Unit) -> pa.Table:
+    for i, name in enumerate(t.column_names):
+        col, want = t.column(i), plan.types[name]
+        if col.type == want or (pa.types.is_dictionary(col.type) and col.type.value_type == want):
+            continue
+        try:
+            t = t.set_column(i, name, col.cast(want))
+        except (pa.ArrowException, ValueError):
+            raise DataError(f"{unit.path}: column {name!r} is {col.type} here but {want} in the first input file") from None
+    return t
+
+
+def _split_codes(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
+    s, n = plan.spec.split, t.num_rows
+    if unit.split is not None:
+        return np.full(n, unit.split, np.int8)
+    if s.kind == "random":
+        u = unit_uniform(_positions(unit, row_start, n) ^ mix64(np.uint64(s.seed)))
+        return np.where(u < s.test_fraction, 2, np.where(u < s.test_fraction + s.valid_fraction, 1, 0)).astype(np.int8)
+    col = t.column(s.column)
+    if col.null_count:
+        raise DataError(f"{unit.path}: the time column {s.column!r} has empty values; every row needs a time to be split")
+    codes = np.zeros(n, np.int8)
+    for code, cut in ((1, plan.cuts[0]), (2, plan.cuts[1])):
+        if cut is not None:
+            codes[pc.greater_equal(col, cut).to_numpy()] = code
+    return codes
+
+
+def _positions(unit: Unit, row_start: int, n: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """A distinct uint64 per input row: (file index, row number in the file)."""
+    r = np.arange(row_start, row_start + n, dtype=np.uint64) if rows is None else rows.astype(np.uint64) + np.uint64(row_start)
+    return (np.uint64(unit.file_index) << np.uint64(40)) | r
+
+
+def _labels(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
+    y = pc.cast(t.column(plan.spec.label), pa.float64()).to_numpy()  # nulls -> NaN, rejected below
+    bad = ~((y == 0) | (y == 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{unit.path} row {row_start + row + 1}: label {plan.spec.label!r} is {t.column(plan.spec.label)[row]}; "
+                        "labels must be 0/1 or true/false")
+    return y.astype(np.int8)
+
+
+def _dense(col, name: str, unit: Unit) -> np.ndarray:
+    x = pc.cast(col, pa.float64()).to_numpy()  # nulls -> NaN: both are missing values
+    if np.isinf(x).any():
+        raise DataError(f"{unit.path}: dense column {name!r} holds an infinite value")
+    return x
+
+
+def _lists(plan: Plan, name: str, col):
+    sep = plan.spec.columns[name].separator
+    if sep is None:
+        return col
+    col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
+    return pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)  # "" is an empty list
+
+
+def stats_job(unit: Unit) -> Stats:
+    plan, out = _PLAN, Stats.empty(_PLAN)
+    for t, row_start in _read(plan, unit):
+        codes, y = _split_codes(plan, unit, t, row_start), _labels(plan, unit, t, row_start)
+        out.rows += np.bincount(codes, minlength=3)
+        out.positives += np.bincount(codes, weights=y, minlength=3).astype(np.int64)
+        train = np.flatnonzero(codes == 0)
+        tt = t if len(train) == t.num_rows else t.take(train)
+        for name, c in plan.spec.columns.items():
+            if c.kind == "categorical":
+                out.counts[name].add_array(tt.column(name))
+            elif c.kind == "multi_hot":
+                out.counts[name].add_array(pc.list_flatten(_lists(plan, name, tt.column(name))))
+            else:
+                x, d = _dense(tt.column(name), name, unit), out.dense[name]
+                ok = ~np.isnan(x)
+                d.stats.update(x)
+                d.missing += int((~ok).sum())
+                if ok.any():
+                    d.lo, d.hi = min(d.lo, float(x[ok].min())), max(d.hi, float(x[ok].max()))
+                    salt = mix64(np.frombuffer(name.encode().ljust(8, b"\0")[:8], np.uint64))
+                    d.sample.add(mix64(_positions(unit, row_start, 0, train[ok]) ^ salt), x[ok])
+    return out
+
+
+def encode(unit: Unit):
+    """Per table of the unit: ({split code: encoded table}, unknown counts, rows read)."""
+    plan = _PLAN
+    for t, row_start in _read(plan, unit):
+        codes, n = _split_codes(plan, unit, t, row_start), t.num_rows
+        cols = {plan.spec.label: pa.array(_labels(plan, unit, t, row_start), pa.int8())}
+        unknown = {}  # column -> [[values, unknown, null] per split]
+        for name, c in plan.spec.columns.items():
+            enc = _ENCODERS.get(name) or _ENCODERS.setdefault(name, IdEncoder(plan.vocabs.get(name, pa.array([]))))
+            if c.kind == "dense":
+                x = _dense(t.column(name), name, unit)
+                miss = np.isnan(x)
+                cols[name] = pa.array(x.astype(np.float32), mask=miss)
+                missing = np.bincount(codes[miss], minlength=3)
+                unknown[name] = np.stack([np.bincount(codes, minlength=3), missing, missing], 1)
+            elif c.kind == "categorical":
+                col = t.column(name)
+                ids = enc.encode(col)
+                nulls = pc.is_null(col).to_numpy()
+                cols[name] = pa.array(ids)
+                unknown[name] = np.stack([np.bincount(codes, minlength=3), np.bincount(codes[ids == 0], minlength=3),
+                                          np.bincount(codes[nulls], minlength=3)], 1)
+            else:
+                lists = _lists(plan, name, t.column(name))
+                lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
+                ids = enc.encode(pc.list_flatten(lists))
+                offsets = np.zeros(n + 1, np.int32)
+                np.cumsum(lengths, out=offsets[1:])
+                cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
+                elem = np.repeat(codes, lengths)
+                unknown[name] = np.stack([np.bincount(elem, minlength=3), np.bincount(elem[ids == 0], minlength=3),
+                                          np.bincount(codes[pc.is_null(lists).to_numpy()], minlength=3)], 1)
+        table = pa.table(cols, schema=plan.out_schema)
+        present = np.flatnonzero(np.bincount(codes, minlength=3))
+        parts = {int(k): table if len(present) == 1 else table.take(np.flatnonzero(codes == k)) for k in present}
+        yield parts, unknown, n
+
+
+def encode_job(unit: Unit) -> list:
+    return list(encode(unit))
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,230 @@
+"""What `wdl data import` reads: the label, each feature column's kind and vocabulary rule, and
+the split. Given as YAML (`--spec columns.yaml`) or inferred from the input's schema and first
+rows, and printed back as YAML so that an inferred spec can be saved, edited and reused.
+
+    label: clicked
+    columns:
+      user_id: {kind: categorical, min_frequency: 2}     # ids for values seen >= 2 times in train
+      item_id: {kind: categorical, top_k: 100000}        # the 100,000 most frequent values
+      tags:    {kind: multi_hot}                         # a list column (or a string + separator)
+      price:   {kind: dense}
+    split: {kind: random, seed: 2021, test_fraction: 0.2, valid_fraction: 0.1}
+    # split: {kind: time, column: ts, valid_from: 2024-03-01, test_from: 2024-04-01}
+    # split: {kind: files, files: {train: [raw/train/*.parquet], test: [raw/test/*.parquet]}}
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from wdl.errors import ConfigError
+
+KINDS = ("categorical", "multi_hot", "dense")
+SPLITS = ("random", "time", "files")
+SPLIT_NAMES = ("train", "valid", "test")
+# Integer columns named like identifiers are categorical whatever their number of values.
+_ID_NAME = re.compile(r"(^|_)(id|key|code)$|[a-z]Id$", re.IGNORECASE)
+
+
+@dataclass
+class ColumnSpec:
+    kind: str = "categorical"
+    min_frequency: int = 1  # categorical / multi_hot: values seen fewer times in train -> id 0
+    top_k: int | None = None  # keep at most the k most frequent values
+    separator: str | None = None  # multi_hot from a string column: "a|b|c" -> [a, b, c]
+
+
+@dataclass
+class SplitSpec:
+    kind: str = "random"
+    seed: int = 2021  # random: each row by a hash of (seed, file, row), whatever the workers
+    test_fraction: float = 0.2
+    valid_fraction: float = 0.0
+    column: str | None = None  # time: rows with column < valid_from -> train, < test_from -> valid, else test
+    valid_from: Any = None
+    test_from: Any = None
+    files: dict[str, list[str]] = field(default_factory=dict)  # files: split -> files, folders or globs
+
+
+@dataclass
+class ImportSpec:
+    label: str
+    columns: dict[str, ColumnSpec]
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+
+def _check_keys(where: str, raw: Any, cls) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return raw
+
+
+def parse_spec(raw: Any, where: str) -> ImportSpec:
+    """An ImportSpec from parsed YAML; every value is checked, unknown keys are errors."""
+    raw = _check_keys(where, raw, ImportSpec)
+    if not isinstance(raw.get("label"), str):
+        raise ConfigError(f"{where}: 'label' must name the 0/1 label column")
+    columns = {}
+    for name, c in (raw.get("columns") or {}).items():
+        c = _check_keys(f"{where}: columns.{name}", c or {}, ColumnSpec)
+        columns[str(name)] = check_column(f"{where}: columns.{name}", ColumnSpec(**c))
+    if not columns:
+        raise ConfigError(f"{where}: 'columns' must list at least one feature column")
+    split = SplitSpec(**_check_keys(f"{where}: split", raw.get("split") or {}, SplitSpec))
+    return ImportSpec(raw["label"], columns, check_split(f"{where}: split", split))
+
+
+def load_spec(path) -> ImportSpec:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read spec {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_spec(raw, str(path))
+
+
+def check_column(where: str, c: ColumnSpec) -> ColumnSpec:
+    if c.kind not in KINDS:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {c.kind!r}")
+    if not isinstance(c.min_frequency, int) or c.min_frequency < 1:
+        raise ConfigError(f"{where}.min_frequency: must be an integer >= 1, got {c.min_frequency!r}")
+    if c.top_k is not None and (not isinstance(c.top_k, int) or c.top_k < 1):
+        raise ConfigError(f"{where}.top_k: must be an integer >= 1, got {c.top_k!r}")
+    if c.separator is not None and (c.kind != "multi_hot" or not isinstance(c.separator, str) or not c.separator):
+        raise ConfigError(f"{where}.separator: only for multi_hot columns, a non-empty string")
+    return c
+
+
+def check_split(where: str, s: SplitSpec) -> SplitSpec:
+    if s.kind not in SPLITS:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(SPLITS)}, got {s.kind!r}")
+    if s.kind == "random":
+        tf, vf = s.test_fraction, s.valid_fraction
+        if not all(isinstance(x, (int, float)) for x in (tf, vf)) or not (0 <= tf < 1 and 0 <= vf < 1 and tf + vf < 1):
+            raise ConfigError(f"{where}: test_fraction {tf} and valid_fraction {vf} must be in [0, 1) and leave rows to train on")
+    if s.kind == "time":
+        if not s.column or s.test_from is None:
+            raise ConfigError(f"{where}: a time split needs 'column' and 'test_from' (and optionally 'valid_from')")
+    if s.kind == "files":
+        bad = sorted(set(s.files) - set(SPLIT_NAMES))
+        if bad or "train" not in s.files:
+            raise ConfigError(f"{where}.files: needs 'train' and may have 'valid', 'test' (got {', '.join(s.files) or 'none'})")
+        s.files = {k: [v] if isinstance(v, str) else list(v) for k, v in s.files.items()}
+    return s
+
+
+# ---------------------------------------------------------------------------------- inference
+def infer_spec(schema: pa.Schema, sample: pa.Table, label: str, split: SplitSpec, *, kinds: dict[str, str],
+               min_frequency: int, top_k: int | None, max_categories: int) -> tuple[ImportSpec, dict[str, str]]:
+    """Kinds from types: lists -> multi_hot, strings and booleans -> categorical, floats -> dense,
+    integers -> categorical when named like an id or with at most `max_categories` distinct values
+    in `sample`, else dense. `kinds` overrides; returns the spec and a comment per column."""
+    columns, notes = {}, {}
+    skip = {label, split.column}
+    for f in schema:
+        if f.name in skip:
+            continue
+        t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+        kind, note = kinds.get(f.name), ""
+        if kind is None:
+            if pa.types.is_list(t) or pa.types.is_large_list(t):
+                kind, note = "multi_hot", f"a list of {t.value_type}"
+            elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t):
+                kind, note = "categorical", str(t)
+            elif pa.types.is_floating(t) or pa.types.is_decimal(t):
+                kind, note = "dense", str(t)
+            elif pa.types.is_integer(t):
+                distinct = pc.count_distinct(sample.column(f.name)).as_py() if f.name in sample.column_names else 0
+                few = distinct <= max_categories
+                kind = "categorical" if _ID_NAME.search(f.name) or few else "dense"
+                note = f"{t}, {distinct:,} distinct in the first {sample.num_rows:,} rows" + (
+                    "" if kind == "dense" else ", named like an id" if not few else "")
+            else:
+                notes[f.name] = f"skipped: {t} is not a feature type"
+                continue
+        columns[f.name] = check_column(f"--kind {f.name}", ColumnSpec(kind=kind))
+        if kind != "dense":
+            columns[f.name].min_frequency, columns[f.name].top_k = min_frequency, top_k
+        notes[f.name] = note
+    unknown = sorted(set(kinds) - set(columns))
+    if unknown:
+        raise ConfigError(f"--kind {unknown[0]}: no such column (has: {', '.join(schema.names)})")
+    if not columns:
+        raise ConfigError(f"no feature columns besides the label {label!r} (has: {', '.join(schema.names)})")
+    return ImportSpec(label, columns, split), notes
+
+
+# ---------------------------------------------------------------------------------- printing
+def _scalar(v: Any) -> str:
+    if isinstance(v, (datetime.date, datetime.datetime)):
+        return v.isoformat()
+    text = v if isinstance(v, str) else json.dumps(v)
+    try:  # plain when YAML reads it back as the same value (not "yes", "1e3", "2024-01-01", "*.csv")
+        plain = bool(text) and yaml.safe_load(text) == v and not any(ch in text for ch in ",:#{}[]&*!|>'\"%@`")
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(v)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_scalar(k)}: {_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_value, v)) + "]"
+    return _scalar(v)
+
+
+def spec_yaml(spec: ImportSpec, notes: dict[str, str] | None = None) -> str:
+    """The spec as YAML that `load_spec` reads back; defaults are left out."""
+    notes = notes or {}
+    lines = [f"label: {_scalar(spec.label)}", "columns:"]
+    for name, c in spec.columns.items():
+        d = {"kind": c.kind}
+        d.update({k: getattr(c, k) for k in ("min_frequency", "top_k", "separator")
+                  if getattr(c, k) != getattr(ColumnSpec, k)})
+        lines.append(f"  {_scalar(name)}: {_value(d)}" + (f"  # {notes[name]}" if notes.get(name) else ""))
+    for name, note in notes.items():
+        if name not in spec.columns:
+            lines.append(f"  # {name}: {note}")
+    s = spec.split
+    d = {"kind": s.kind}
+    if s.kind == "random":
+        d.update(seed=s.seed, test_fraction=s.test_fraction, valid_fraction=s.valid_fraction)
+    elif s.kind == "time":
+        d.update({k: getattr(s, k) for k in ("column", "valid_from", "test_from") if getattr(s, k) is not None})
+    else:
+        d["files"] = s.files
+    lines.append(f"split: {_value(d)}")
+    return "\n".join(lines) + "\n"
+
+
+def features_yaml(label: str, columns: dict[str, dict], normalize: dict[str, str]) -> str:
+    """The `features:` block (and a model block to start from) of a training config for the data
+    set just written: ids and dense statistics come from its manifest (`vocab_size: auto`)."""
+    lines = ["features:", f"  label: {_scalar(label)}", "  columns:"]
+    sparse, dense = [], []
+    for name, c in columns.items():
+        if c["kind"] == "dense":
+            dense.append(name)
+            lines.append(f"    {_scalar(name)}: {{kind: dense, normalize: {normalize.get(name, 'standard')}}}")
+        else:
+            sparse.append(name)
+            lines.append(f"    {_scalar(name)}: {{kind: {c['kind']}, vocab_size: auto}}")
+    dims = {n: max(4, min(32, 4 * round(columns[n]["vocab_size"] ** 0.25))) for n in sparse}  # ~ 4th root of the vocabulary
+    lines += ["model:", f"  wide: {{features: [{', '.join(map(_scalar, sparse))}]}}",
+              f"  deep: {{embeddings: {_value(dims)}, dense: [{', '.join(map(_scalar, dense))}]}}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,355 @@
+"""`wdl data import`: your own Parquet or CSV files -> a wdl data set (docs/dataset-format.md).
+
+    wdl data import raw/ --label clicked --out data/shop          # kinds inferred and printed as YAML
+    wdl data import 'raw/*.parquet' --spec columns.yaml --out data/shop --workers 2
+
+Two streaming passes over the input, in units of a few Parquet row groups or one CSV file:
+1. statistics of the train rows: a count per distinct value of each categorical / multi-hot
+   column (memory per distinct value, never per row), mean/std, min/max and a bounded sample
+   (quantile edges) of each dense column; labels checked.
+2. encoding: raw values -> ids through the vocabularies (id 0 = unknown or null; a raw 0 is a
+   value like any other), written by DatasetWriter (temporary folder, manifest last, rename).
+A row's split is a function of (seed, file, row) or of its time column, so both passes agree
+and the output is the same for any --workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from wdl.data import import_spec as S
+from wdl.data.import_passes import Plan, Stats, Unit, encode, encode_job, first_line, init_worker, stats_job
+from wdl.data.tsv import ordered_map
+from wdl.data.writer import DatasetWriter
+from wdl.errors import ConfigError, DataError
+
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".gz": "csv"}
+UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker
+CSV_POOL_BYTES = 256 << 20  # a CSV file is one unit: larger ones are encoded in-process, streaming
+SAMPLE_ROWS = 100_000  # rows read to infer kinds
+
+
+def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
+    """(path, format) of every file named by `patterns` (files, folders, globs), in order."""
+    files: list[str] = []
+    for p in patterns:
+        if glob.has_magic(p):
+            found = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
+            if not found:
+                raise DataError(f"input {p!r} matches no files")
+        elif os.path.isdir(p):
+            found = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and _format(str(f), "auto"))
+            if not found:
+                raise DataError(f"input folder {p} holds no .parquet or .csv files")
+        elif os.path.isfile(p):
+            found = [p]
+        else:
+            raise DataError(f"input {p} does not exist")
+        files += [f for f in found if f not in files]
+    out = []
+    for f in files:
+        kind = _format(f, fmt)
+        if kind is None:
+            raise DataError(f"input {f}: unknown format (name it .parquet or .csv, or pass --format)")
+        out.append((f, kind))
+    if len({k for _, k in out}) > 1:
+        raise DataError("inputs mix Parquet and CSV files; convert them to one format")
+    return out
+
+
+def _format(path: str, fmt: str) -> str | None:
+    if fmt != "auto":
+        return fmt
+    name = path.lower()
+    return SUFFIXES.get(Path(name).suffix) if not name.endswith(".gz") or name.endswith(".csv.gz") else "csv"
+
+
+def _first_rows(path: str, fmt: str) -> pa.Table:
+    try:
+        if fmt == "parquet":
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=SAMPLE_ROWS), None)
+            return pa.Table.from_batches([batch]) if batch is not None else pq.read_schema(path).empty_table()
+        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        return pa.Table.from_batches([reader.read_next_batch()])
+    except StopIteration:
+        raise DataError(f"{path}: empty CSV file (no rows)") from None
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read ({first_line(e)})") from None
+
+
+def _types(spec: S.ImportSpec, schema: pa.Schema, where: str) -> dict[str, pa.DataType]:
+    """The type each read column is cast to; refuses kinds the column's type cannot have."""
+    types = {}
+    for name in dict.fromkeys([spec.label, *spec.columns, spec.split.column or spec.label]):
+        if name not in schema.names:
+            raise DataError(f"{where}: column {name!r} named in the spec is missing (has: {', '.join(schema.names)})")
+        t = schema.field(name).type
+        t = t.value_type if pa.types.is_dictionary(t) else pa.string() if pa.types.is_null(t) else t
+        kind = "label" if name == spec.label else spec.columns[name].kind if name in spec.columns else "time"
+        is_str = pa.types.is_string(t) or pa.types.is_large_string(t)
+        is_num = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
+        is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+        ok = {"label": is_num, "dense": is_num, "time": not is_str and not is_list,
+              "categorical": is_str or pa.types.is_integer(t) or pa.types.is_boolean(t),
+              "multi_hot": (is_list and (pa.types.is_integer(t.value_type) or pa.types.is_string(t.value_type)
+                                         or pa.types.is_large_string(t.value_type)))
+                           or (is_str and spec.columns[name].separator is not None)}[kind]
+        if not ok:
+            need = {"label": "0/1 numbers or booleans", "dense": "numbers", "time": "numbers, dates or timestamps",
+                    "categorical": "strings, integers or booleans",
+                    "multi_hot": "lists of strings or integers (or strings with a separator in the spec)"}[kind]
+            raise DataError(f"{where}: column {name!r} is {t} but {kind} needs {need}")
+        types[name] = pa.int64() if kind == "categorical" and pa.types.is_boolean(t) else t
+    return types
+
+
+def _units(files: list[tuple[str, str, int | None]], plan: Plan) -> list[Unit]:
+    units = []
+    for i, (path, fmt, split) in enumerate(files):
+        if fmt == "csv":
+            units.append(Unit(path, i, fmt, [], 0, None, split))
+            continue
+        try:
+            md = pq.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read ({first_line(e)})") from None
+        names = md.schema.to_arrow_schema().names
+        missing = [c for c in plan.types if c not in names]
+        if missing:
+            raise DataError(f"{path}: column {missing[0]!r} named in the spec is missing (has: {', '.join(names)})")
+        start, group, rows = 0, [], 0
+        for g in range(md.num_row_groups):
+            group.append(g)
+            rows += md.row_group(g).num_rows
+            if rows >= UNIT_ROWS or g == md.num_row_groups - 1:
+                units.append(Unit(path, i, fmt, group, start, rows, split))
+                start, group, rows = start + rows, [], 0
+    return units
+
+
+def _cut(value, t: pa.DataType, what: str):
+    if value is None:
+        return None
+    try:
+        return pa.scalar(value).cast(t)
+    except (pa.ArrowException, ValueError, TypeError):
+        raise ConfigError(f"split {what} {value!r} cannot be compared with a time column of type {t}") from None
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, dynamic_ncols=True,
+                disable=None if enabled else True, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------ import
+def import_data(inputs: list[str], out, *, spec: S.ImportSpec | None = None, label: str | None = None,
+                split: S.SplitSpec | None = None, kinds: dict[str, str] | None = None, fmt: str = "auto",
+                workers: int = 1, min_frequency: int = 1, top_k: int | None = None, max_categories: int = 1000,
+                buckets: int = 10, sample_size: int = 65536, overwrite: bool = False, progress: bool = True,
+                row_group_rows: int = 16384, rows_per_file: int = 1_000_000, log=print) -> dict:
+    """Import `inputs` into a data set at `out`; returns the summary (also in the manifest).
+
+    `spec` gives the columns (else they are inferred from the first file, with `label`, and the
+    inferred spec is printed through `log`); `split` replaces the spec's split."""
+    start = time.perf_counter()
+    split = split or (spec.split if spec else S.SplitSpec())
+    if split.kind == "files":
+        if inputs:
+            raise DataError("a files split takes its inputs per split (--train-files ...), not as INPUT")
+        files = [(p, f, S.SPLIT_NAMES.index(k)) for k, globs in split.files.items() for p, f in expand_inputs(globs, fmt)]
+    else:
+        if not inputs:
+            raise DataError("no input given (files, folders or globs of .parquet / .csv files)")
+        files = [(p, f, None) for p, f in expand_inputs(inputs, fmt)]
+    first = _first_rows(files[0][0], files[0][1])
+    if spec is None:
+        if not label:
+            raise DataError("give the label column (--label COL) or a spec (--spec FILE)")
+        spec, notes = S.infer_spec(first.schema, first, label, split, kinds=kinds or {}, min_frequency=min_frequency,
+                                   top_k=top_k, max_categories=max_categories)
+        log(f"# columns inferred from {files[0][0]}; save as a file, edit, and pass it with --spec\n"
+            + S.spec_yaml(spec, notes))
+    else:
+        spec = S.ImportSpec(label or spec.label, spec.columns, split)
+    if spec.label in spec.columns:
+        raise DataError(f"the label {spec.label!r} is also listed as a feature column")
+    types = _types(spec, first.schema, files[0][0])
+    strings = [n for n, t in types.items() if pa.types.is_string(t) and n in spec.columns]
+    cuts = tuple(_cut(getattr(split, k), types[split.column], k) for k in ("valid_from", "test_from")) \
+        if split.kind == "time" else (None, None)
+    plan = Plan(spec, types, strings, sample_size, cuts)
+    units = _units(files, plan)
+    workers = max(1, int(workers))
+
+    with DatasetWriter(out, name=Path(out).name, overwrite=overwrite, rows_per_file=rows_per_file,
+                       row_group_rows=row_group_rows) as w:
+        # Pass 1: statistics of the train rows.
+        known = [u.rows for u in units]
+        bar, agg = _progress(sum(known) if None not in known else None, "statistics", progress), Stats.empty(plan)
+        for st in ordered_map(stats_job, units, workers, init_worker, plan):
+            agg.merge(st)
+            bar.update(int(st.rows.sum()))
+        bar.close()
+        if agg.rows.sum() == 0:
+            raise DataError(f"no rows in {', '.join(p for p, _, _ in files)}")
+        if agg.rows[0] == 0:
+            raise DataError(f"the {split.kind} split leaves no training rows (rows per split: {dict(zip(S.SPLIT_NAMES, agg.rows.tolist()))})")
+        columns, normalize = {}, {}
+        for name, c in spec.columns.items():
+            if c.kind == "dense":
+                d = agg.dense[name]
+                columns[name] = {"kind": "dense", **d.stats.result(), "min": d.lo if d.stats.count else None,
+                                 "max": d.hi if d.stats.count else None, "transform": "none",
+                                 "missing_train": d.missing, "bucket_edges": d.sample.quantiles(buckets),
+                                 "quantile_sample": len(d.sample.values)}
+                normalize[name] = "log1p" if d.lo >= 0 and d.sample.skewness() > 2 else "standard"
+                continue
+            vocab, distinct = agg.counts[name].vocabulary(c.min_frequency, c.top_k)
+            plan.vocabs[name] = vocab
+            columns[name] = {"kind": c.kind, "vocab_size": len(vocab) + 1, "encoding": "vocab",
+                             "vocab_file": w.write_vocab(name, vocab.to_pylist()), "raw_type": str(types[name]),
+                             "min_frequency": c.min_frequency, "top_k": c.top_k, "distinct_train_values": distinct}
+
+        # Pass 2: encode and write. Large CSV files would be whole units in a pool: stream them here.
+        pool = workers if all(u.fmt == "parquet" or os.path.getsize(u.path) <= CSV_POOL_BYTES for u in units) else 1
+        bar = _progress(int(agg.rows.sum()), "encode", progress)
+        unknown = {n: np.zeros((3, 3), np.int64) for n in spec.columns}
+        for parts, counts, n in _encoded(units, plan, pool):
+            for code, table in parts.items():
+                w.write(S.SPLIT_NAMES[code], table)
+            for name, c in counts.items():
+                unknown[name] += c
+            bar.update(n)
+        bar.close()
+        promised = {"random": ["test"] + (["valid"] if split.valid_fraction > 0 else []),
+                    "time": ["test"] + (["valid"] if split.valid_from is not None else []),
+                    "files": list(split.files)}[split.kind]
+        for name in promised:  # a promised split exists even when empty
+            w.write(name, plan.out_schema.empty_table())
+        seconds = time.perf_counter() - start
+        rows = int(agg.rows.sum())
+        summary = {"rows": {k: int(n) for k, n in zip(S.SPLIT_NAMES, agg.rows) if n or k in promised},
+                   "positive_rate": {k: float(p / n) for k, p, n in zip(S.SPLIT_NAMES, agg.positives, agg.rows) if n},
+                   "vocab_sizes": {n: c["vocab_size"] for n, c in columns.items() if "vocab_size" in c},
+                   "seconds": seconds, "rows_per_second": rows / seconds if seconds > 0 else 0.0, "workers": workers}
+        unknown_values = {k: {n: dict(zip(("values", "unknown", "null"), map(int, u[i]))) for n, u in unknown.items()}
+                          for i, k in enumerate(S.SPLIT_NAMES) if k in summary["rows"]}
+        split_info = {"kind": split.kind, **{"random": {"seed": split.seed, "test_fraction": split.test_fraction,
+                                                         "valid_fraction": split.valid_fraction,
+                                                         "rule": "each row by a hash of (seed, file, row)"},
+                                              "time": {"column": split.column, "valid_from": _json(split.valid_from),
+                                                       "test_from": _json(split.test_from),
+                                                       "rule": "time < valid_from -> train, < test_from -> valid, else test"},
+                                              "files": {"files": {k: [p for p, _, s in files if s == S.SPLIT_NAMES.index(k)]
+                                                                  for k in split.files}}}[split.kind]}
+        source = {"kind": "import", "format": files[0][1], "inputs": [os.path.abspath(p) for p, _, _ in files],
+                  "spec": S.spec_yaml(spec)}
+        w.commit(source=source, label=spec.label, columns=columns, split=split_info,
+                 extra={"counts": summary, "unknown_values": unknown_values})
+    summary.update(unknown_values=unknown_values, features_yaml=S.features_yaml(spec.label, columns, normalize))
+    return summary
+
+
+def _encoded(units: list[Unit], plan: Plan, workers: int):
+    if workers > 1:
+        for results in ordered_map(encode_job, units, workers, init_worker, plan):
+            yield from results
+        return
+    init_worker(plan)
+    for u in units:  # table by table: a large CSV file never sits in memory whole
+        yield from encode(u)
+
+
+def _json(v):
+    return v if v is None or isinstance(v, (int, float, str)) else str(v)
+
+
+def format_summary(out, s: dict) -> str:
+    lines = [f"wrote {out}", "  rows: " + ", ".join(f"{k} {n:,}" for k, n in s["rows"].items()),
+             "  positive rate: " + ", ".join(f"{k} {p:.4f}" for k, p in s["positive_rate"].items()),
+             "  vocab sizes (with id 0): " + (" ".join(f"{n}={v:,}" for n, v in s["vocab_sizes"].items()) or "none"),
+             "  unknown or missing values (id 0 / null) per split:"]
+    for split, cols in s["unknown_values"].items():
+        parts = [f"{n} {c['unknown']:,}/{c['values']:,}" for n, c in cols.items() if c["unknown"]]
+        lines.append(f"    {split}: {', '.join(parts) or 'none'}")
+    lines.append(f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s with {s['workers']} worker(s)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_import_arguments(parser) -> None:
+    """Flags of `wdl data import`."""
+    add = parser.add_argument
+    add("inputs", nargs="*", metavar="INPUT", help="Parquet or CSV files, folders or globs (quoted)")
+    add("--out", required=True, help="output data set folder")
+    add("--spec", default=None, help="YAML: label, columns (kind, min_frequency, top_k) and split")
+    add("--label", default=None, help="the 0/1 label column (infers the other columns' kinds without --spec)")
+    add("--kind", action="append", default=[], metavar="COL=KIND",
+        help="with inference: force a column's kind (categorical, multi_hot, dense); repeatable")
+    add("--min-frequency", type=int, default=1, help="with inference: values seen fewer times in train -> id 0")
+    add("--top-k", type=int, default=None, help="with inference: keep the K most frequent values per column")
+    add("--max-categories", type=int, default=1000,
+        help="with inference: integer columns with at most this many distinct values are categorical")
+    add("--split", choices=S.SPLITS, default=None, help="random (default), time or files; replaces the spec's split")
+    add("--seed", type=int, default=None, help="random split: seed (default 2021)")
+    add("--test-fraction", type=float, default=None, help="random split: test share (default 0.2)")
+    add("--valid-fraction", type=float, default=None, help="random split: valid share (default 0)")
+    add("--time-column", default=None, help="time split: the column compared with the cut points")
+    add("--valid-from", default=None, help="time split: first time of the valid split")
+    add("--test-from", default=None, help="time split: first time of the test split")
+    for k in S.SPLIT_NAMES:
+        add(f"--{k}-files", nargs="+", default=None, help=f"files split: the {k} files, folders or globs")
+    add("--format", choices=("auto", "parquet", "csv"), default="auto", help="input format (default: by file name)")
+    add("--workers", type=int, default=1, help="processes over Parquet row groups / files (default 1)")
+    add("--buckets", type=int, default=10, help="dense columns: equal-frequency bucket edges to record (default 10)")
+    add("--overwrite", action="store_true", help="replace an existing data set at --out")
+    add("--row-group-rows", type=int, default=16384, help="rows per Parquet row group of the output")
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
+    """The spec's split with the flags given on the command line applied; None if neither."""
+    files = {k: getattr(args, f"{k}_files") for k in S.SPLIT_NAMES if getattr(args, f"{k}_files")}
+    kind = args.split or ("files" if files else "time" if args.time_column else None)
+    flags = {"seed": args.seed, "test_fraction": args.test_fraction, "valid_fraction": args.valid_fraction,
+             "column": args.time_column, "valid_from": args.valid_from, "test_from": args.test_from}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if kind is None and not given:
+        return base
+    s = base if base is not None and kind in (None, base.kind) else S.SplitSpec(kind=kind or "random")
+    for k, v in given.items():
+        setattr(s, k, v)
+    if files:
+        s.files = files
+    return S.check_split("command line: split", s)
+
+
+def run_import(args) -> int:
+    kinds = {}
+    for item in args.kind:
+        col, _, kind = item.partition("=")
+        if kind not in S.KINDS:
+            raise ConfigError(f"--kind {item!r}: expected COL=KIND with KIND one of {', '.join(S.KINDS)}")
+        kinds[col] = kind
+    spec = S.load_spec(args.spec) if args.spec else None
+    if spec is not None and kinds:
+        raise ConfigError("--kind is for inferred columns; with --spec, give kinds in the spec")
+    summary = import_data(
+        args.inputs, args.out, spec=spec, label=args.label, split=split_from_args(args, spec.split if spec else None),
+        kinds=kinds, fmt=args.format, workers=args.workers, min_frequency=args.min_frequency, top_k=args.top_k,
+        max_categories=args.max_categories, buckets=args.buckets, overwrite=args.overwrite,
+        progress=not args.no_progress, row_group_rows=args.row_group_rows)
+    print(format_summary(args.out, summary))
+    print(f"\n# for a training config (data.path: {args.out}):\n" + summary["features_yaml"], end="")
+    return 0
