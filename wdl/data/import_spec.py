@@ -129,10 +129,12 @@ def check_split(where: str, s: SplitSpec) -> SplitSpec:
 
 # ---------------------------------------------------------------------------------- inference
 def infer_spec(schema: pa.Schema, sample: pa.Table, label: str, split: SplitSpec, *, kinds: dict[str, str],
-               min_frequency: int, top_k: int | None, max_categories: int) -> tuple[ImportSpec, dict[str, str]]:
+               min_frequency: int, top_k: int | None, max_categories: int,
+               separator: str = "|") -> tuple[ImportSpec, dict[str, str]]:
     """Kinds from types: lists -> multi_hot, strings and booleans -> categorical, floats -> dense,
     integers -> categorical when named like an id or with at most `max_categories` distinct values
-    in `sample`, else dense. `kinds` overrides; returns the spec and a comment per column."""
+    in `sample`, else dense. `kinds` overrides (a string column forced to multi_hot is split on
+    `separator`); returns the spec and a comment per column."""
     columns, notes = {}, {}
     skip = {label, split.column}
     for f in schema:
@@ -156,13 +158,16 @@ def infer_spec(schema: pa.Schema, sample: pa.Table, label: str, split: SplitSpec
             else:
                 notes[f.name] = f"skipped: {t} is not a feature type"
                 continue
-        columns[f.name] = check_column(f"--kind {f.name}", ColumnSpec(kind=kind))
+        is_str = pa.types.is_string(t) or pa.types.is_large_string(t)
+        sep = separator if kind == "multi_hot" and is_str else None
+        columns[f.name] = check_column(f"--kind {f.name}", ColumnSpec(kind=kind, separator=sep))
         if kind != "dense":
             columns[f.name].min_frequency, columns[f.name].top_k = min_frequency, top_k
         notes[f.name] = note
     unknown = sorted(set(kinds) - set(columns))
     if unknown:
-        raise ConfigError(f"--kind {unknown[0]}: no such column (has: {', '.join(schema.names)})")
+        what = "is the label or the time column" if unknown[0] in skip else f"no such column (has: {', '.join(schema.names)})"
+        raise ConfigError(f"--kind {unknown[0]}: {what}")
     if not columns:
         raise ConfigError(f"no feature columns besides the label {label!r} (has: {', '.join(schema.names)})")
     return ImportSpec(label, columns, split), notes

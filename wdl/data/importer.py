@@ -156,6 +156,7 @@ def _progress(total: int | None, desc: str, enabled: bool):
 def import_data(inputs: list[str], out, *, spec: S.ImportSpec | None = None, label: str | None = None,
                 split: S.SplitSpec | None = None, kinds: dict[str, str] | None = None, fmt: str = "auto",
                 workers: int = 1, min_frequency: int = 1, top_k: int | None = None, max_categories: int = 1000,
+                separator: str = "|",
                 buckets: int = 10, sample_size: int = 65536, overwrite: bool = False, progress: bool = True,
                 row_group_rows: int = 16384, rows_per_file: int = 1_000_000, log=print) -> dict:
     """Import `inputs` into a data set at `out`; returns the summary (also in the manifest).
@@ -177,7 +178,7 @@ def import_data(inputs: list[str], out, *, spec: S.ImportSpec | None = None, lab
         if not label:
             raise DataError("give the label column (--label COL) or a spec (--spec FILE)")
         spec, notes = S.infer_spec(first.schema, first, label, split, kinds=kinds or {}, min_frequency=min_frequency,
-                                   top_k=top_k, max_categories=max_categories)
+                                   top_k=top_k, max_categories=max_categories, separator=separator)
         log(f"# columns inferred from {files[0][0]}; save as a file, edit, and pass it with --spec\n"
             + S.spec_yaml(spec, notes))
     else:
@@ -301,6 +302,7 @@ def add_import_arguments(parser) -> None:
     add("--top-k", type=int, default=None, help="with inference: keep the K most frequent values per column")
     add("--max-categories", type=int, default=1000,
         help="with inference: integer columns with at most this many distinct values are categorical")
+    add("--separator", default="|", help="with inference: a string column given --kind COL=multi_hot is split on it")
     add("--split", choices=S.SPLITS, default=None, help="random (default), time or files; replaces the spec's split")
     add("--seed", type=int, default=None, help="random split: seed (default 2021)")
     add("--test-fraction", type=float, default=None, help="random split: test share (default 0.2)")
@@ -348,7 +350,7 @@ def run_import(args) -> int:
     summary = import_data(
         args.inputs, args.out, spec=spec, label=args.label, split=split_from_args(args, spec.split if spec else None),
         kinds=kinds, fmt=args.format, workers=args.workers, min_frequency=args.min_frequency, top_k=args.top_k,
-        max_categories=args.max_categories, buckets=args.buckets, overwrite=args.overwrite,
+        max_categories=args.max_categories, separator=args.separator, buckets=args.buckets, overwrite=args.overwrite,
         progress=not args.no_progress, row_group_rows=args.row_group_rows)
     print(format_summary(args.out, summary))
     print(f"\n# for a training config (data.path: {args.out}):\n" + summary["features_yaml"], end="")

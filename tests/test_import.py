@@ -1,0 +1,212 @@
+"""`wdl data import`: Parquet and CSV in, a wdl data set out (vocabularies, statistics, splits,
+unknown counts), bad input as one-line errors, and an imported set that trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from wdl.cli import main
+from wdl.data.manifest import load_manifest
+
+
+def raw_table(rows: int = 2000, seed: int = 0) -> pa.Table:
+    """A shop's click log: integer users from 0, string items with nulls, string tag lists (one
+    null list), a skewed price with nulls, a time and a 0/1 label that depends on user and item."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, 40, rows)
+    item = rng.integers(0, 25, rows)
+    items = np.array([f"sku-{i}" for i in item], dtype=object)
+    items[::101] = None
+    tags = [[f"t{j}" for j in rng.integers(0, 6, rng.integers(0, 3))] for _ in range(rows)]
+    tags[3] = None
+    price = rng.lognormal(3, 1, rows)
+    logit = (user % 4 - 1.5) + (item % 3 - 1.0)
+    return pa.table({
+        "user": pa.array(user, pa.int64()),
+        "item": pa.array(items, pa.string()),
+        "tags": pa.array(tags, pa.list_(pa.string())),
+        "price": pa.array(price, mask=np.arange(rows) % 40 == 0),
+        "ts": pa.array(np.arange(rows, dtype=np.int64) * 60),
+        "clicked": pa.array((rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8)),
+    })
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("raw")
+    t = raw_table()
+    pq.write_table(t.slice(0, 1200), d / "a.parquet", row_group_size=500)
+    pq.write_table(t.slice(1200), d / "b.parquet", row_group_size=500)
+    return d
+
+
+SPEC = """\
+label: clicked
+columns:
+  user: {kind: categorical}
+  item: {kind: categorical, min_frequency: 2}
+  tags: {kind: multi_hot, top_k: 4}
+  price: {kind: dense}
+split: {kind: random, seed: 3, test_fraction: 0.2, valid_fraction: 0.1}
+"""
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    rc = main(["data", "import", *map(str, args), "--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def imported(raw_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ds") / "shop"
+    spec = out.parent / "columns.yaml"
+    spec.write_text(SPEC)
+    assert main(["data", "import", str(raw_dir), "--spec", str(spec), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_parquet_import_vocabularies_and_splits(imported, raw_dir):
+    m = load_manifest(imported)
+    raw = pa.concat_tables([pq.read_table(raw_dir / "a.parquet"), pq.read_table(raw_dir / "b.parquet")])
+    assert m.label == "clicked" and set(m.splits) == {"train", "valid", "test"}
+    assert sum(s.rows for s in m.splits.values()) == raw.num_rows
+    assert 0.6 < m.splits["train"].rows / raw.num_rows < 0.8
+    # A raw user 0 is a value like any other: it has its own id, never the reserved id 0.
+    users = json.loads((imported / "vocab/user.json").read_text())
+    assert users[0] is None and 0 in users and m.columns["user"]["vocab_size"] == len(users) == 41
+    tags = json.loads((imported / "vocab/tags.json").read_text())
+    assert len(tags) == 5 and m.columns["tags"]["vocab_size"] == 5  # top_k 4 plus id 0
+    train = pq.read_table([imported / f.path.relative_to(imported) for f in m.splits["train"].files])
+    assert train.schema.field("user").type == pa.int64() and pa.types.is_list(train.schema.field("tags").type)
+    assert train.schema.field("price").type == pa.float32() and train.schema.field("clicked").type == pa.int8()
+    assert min(train.column("user").to_pylist()) >= 1  # every train user is in the vocabulary
+    assert "ts" not in train.column_names  # only the label and the spec's columns are written
+    dense = m.columns["price"]
+    assert dense["std"] > 0 and len(dense["bucket_edges"]) == 9 and dense["missing_train"] > 0
+    assert dense["bucket_edges"] == sorted(dense["bucket_edges"]) and dense["min"] > 0
+    unknown = m.raw["unknown_values"]
+    assert unknown["train"]["item"]["null"] > 0 and unknown["train"]["item"]["unknown"] >= unknown["train"]["item"]["null"]
+    assert unknown["train"]["user"] == {"values": m.splits["train"].rows, "unknown": 0, "null": 0}
+    assert sum(unknown[s]["tags"]["null"] for s in unknown) == 1  # the one null list, written as []
+
+
+def test_ids_decode_back_to_raw_values(imported, raw_dir):
+    """Every train row's ids, looked up in the vocabulary files, give its raw values back."""
+    raw = pa.concat_tables([pq.read_table(raw_dir / "a.parquet"), pq.read_table(raw_dir / "b.parquet")])
+    train = pq.read_table(imported / "train")
+    vocab = {c: json.loads((imported / f"vocab/{c}.json").read_text()) for c in ("user", "item", "tags")}
+    raw_users = sorted(raw.column("user").to_pylist())
+    users = sorted(vocab["user"][i] for i in train.column("user").to_pylist())
+    assert set(users) <= set(raw_users)
+    items = [vocab["item"][i] for i in train.column("item").to_pylist()]
+    assert sum(x is None for x in items) == load_manifest(imported).raw["unknown_values"]["train"]["item"]["unknown"]
+    assert all(vocab["tags"][i] in {None, *[f"t{j}" for j in range(6)]} for row in train.column("tags").to_pylist() for i in row)
+
+
+def test_same_rows_same_split_whatever_the_workers(imported, raw_dir, tmp_path):
+    spec = tmp_path / "columns.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "w2"
+    assert main(["data", "import", str(raw_dir / "*.parquet"), "--spec", str(spec), "--out", str(out),
+                 "--workers", "2", "--no-progress"]) == 0
+    for split in ("train", "valid", "test"):
+        a = pq.read_table(imported / split)
+        b = pq.read_table(out / split)
+        assert a.equals(b)
+
+
+def test_csv_inferred_with_time_split_and_min_frequency(raw_dir, tmp_path, capsys):
+    t = raw_table(seed=1)
+    csv = tmp_path / "log.csv"
+    tags = [None if x is None else "|".join(x) for x in t.column("tags").to_pylist()]
+    pacsv.write_csv(t.set_column(2, "tags", pa.array(tags, pa.string())), csv)
+    rc, out, err = run(capsys, csv, "--label", "clicked", "--kind", "tags=multi_hot",
+                       "--min-frequency", "100", "--split", "time", "--time-column", "ts",
+                       "--valid-from", 60 * 1500, "--test-from", 60 * 1800, "--out", tmp_path / "ds")
+    assert rc == 0, err
+    assert "user: {kind: categorical, min_frequency: 100}" in out  # the inferred spec, printed as YAML
+    assert "price: {kind: dense, normalize: log1p}" in out  # skewed and positive
+    assert "vocab_size: auto" in out and "unknown or missing" in out
+    m = load_manifest(tmp_path / "ds")
+    assert {k: s.rows for k, s in m.splits.items()} == {"train": 1500, "valid": 300, "test": 200}
+    assert m.columns["tags"]["kind"] == "multi_hot" and m.raw["split"]["kind"] == "time"
+    # min_frequency 100: with 40 users over 1500 rows (~37 each) no user survives; all unknown.
+    assert m.columns["user"]["vocab_size"] == 1
+    assert m.raw["unknown_values"]["test"]["user"]["unknown"] == 200
+
+
+def test_files_split_and_refusing_to_overwrite(raw_dir, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.split("split:")[0] + f"split: {{kind: files, files: {{train: [{raw_dir / 'a.parquet'}], "
+                                               f"test: [{raw_dir / 'b.parquet'}]}}}}\n")
+    rc, out, err = run(capsys, "--spec", spec, "--out", tmp_path / "ds")
+    assert rc == 0, err
+    m = load_manifest(tmp_path / "ds")
+    assert m.splits["train"].rows == 1200 and m.splits["test"].rows == 800
+    rc, out, err = run(capsys, "--spec", spec, "--out", tmp_path / "ds")
+    assert rc == 2 and "--overwrite" in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "column 'nope' named in the spec is missing"),
+    ("dense_string", "column 'item' is string but dense needs numbers"),
+    ("label", "labels must be 0/1"),
+    ("glob", "matches no files"),
+    ("empty", "no rows"),
+    ("bad_csv", "cannot read"),
+])
+def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC)
+    inputs = [raw_dir]
+    if case == "missing":
+        spec.write_text(SPEC.replace("price: {kind: dense}", "nope: {kind: dense}"))
+    elif case == "dense_string":
+        spec.write_text(SPEC.replace("item: {kind: categorical, min_frequency: 2}", "item: {kind: dense}"))
+    elif case == "label":
+        pq.write_table(raw_table(50).set_column(5, "clicked", pa.array([2] * 50, pa.int8())), tmp_path / "x.parquet")
+        inputs = [tmp_path / "x.parquet"]
+    elif case == "glob":
+        inputs = [tmp_path / "nothing-*.parquet"]
+    elif case == "empty":
+        pq.write_table(raw_table(10).slice(0, 0), tmp_path / "e.parquet")
+        inputs = [tmp_path / "e.parquet"]
+    elif case == "bad_csv":
+        (tmp_path / "bad.csv").write_text('user,clicked\n1,0\n2,1,3,4\n"unterminated\n')
+        inputs, spec = [tmp_path / "bad.csv"], None
+    args = [*inputs, "--out", tmp_path / "ds"] + (["--spec", spec] if spec else ["--label", "clicked"])
+    rc, out, err = run(capsys, *args)
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob("ds.tmp-*"))
+
+
+def test_imported_set_trains_one_epoch(imported, tmp_path, capsys):
+    cfg = tmp_path / "import.yaml"
+    cfg.write_text(f"""\
+run: {{name: imported, out_dir: {tmp_path / 'runs'}, seed: 1, device: cpu}}
+data: {{path: {imported}, batch_size: 256, eval_batch_size: 512, eval_split: test, in_memory: true}}
+features:
+  label: clicked
+  columns:
+    user: {{kind: categorical, vocab_size: auto}}
+    item: {{kind: categorical, vocab_size: auto}}
+    tags: {{kind: multi_hot, vocab_size: auto}}
+    price: {{kind: dense, normalize: log1p}}
+model:
+  embedding_backend: torch
+  wide: {{features: [user, item, tags]}}
+  deep: {{embeddings: {{user: 4, item: 4, tags: 4}}, dense: [price], hidden: [8]}}
+train: {{epochs: 1, progress: false}}
+""")
+    assert main(["train", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    recs = [json.loads(x) for x in (tmp_path / "runs/imported/metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 1 and np.isfinite(recs[0]["train_loss"]) and 0 <= recs[0]["auc"] <= 1
