@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import yaml
 
 from wdl.data import import_spec as S
 from wdl.data.import_passes import Plan, Stats, Unit, encode, encode_job, first_line, init_worker, stats_job
@@ -324,8 +325,11 @@ def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
     """The spec's split with the flags given on the command line applied; None if neither."""
     files = {k: getattr(args, f"{k}_files") for k in S.SPLIT_NAMES if getattr(args, f"{k}_files")}
     kind = args.split or ("files" if files else "time" if args.time_column else None)
+    def cut(text):  # as YAML: 1700900000 is a number, 2024-03-01 a date, like in a spec
+        return None if text is None else yaml.safe_load(text)
+
     flags = {"seed": args.seed, "test_fraction": args.test_fraction, "valid_fraction": args.valid_fraction,
-             "column": args.time_column, "valid_from": args.valid_from, "test_from": args.test_from}
+             "column": args.time_column, "valid_from": cut(args.valid_from), "test_from": cut(args.test_from)}
     given = {k: v for k, v in flags.items() if v is not None}
     if kind is None and not given:
         return base

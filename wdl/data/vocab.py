@@ -148,6 +148,10 @@ class IdEncoder:
         enc = chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk)
         if self.is_int:
             mapped = self._encode_ints(enc.dictionary.to_numpy(zero_copy_only=False).astype(np.int64))
+        elif 4 * len(enc.dictionary) > len(self.vocab):
+            # Arrow builds a hash set of the vocabulary per call (O(vocabulary)): worth it only when
+            # the chunk has many distinct values; Python's dict costs ~1 us per distinct value.
+            mapped = pc.fill_null(pc.add(pc.index_in(enc.dictionary, value_set=self.vocab), 1), 0).to_numpy().astype(np.int64)
         else:
             if self._dict is None:
                 self._dict = {v: i + 1 for i, v in enumerate(self.vocab.to_pylist())}
