@@ -50,6 +50,8 @@ def test_unknown_key_names_the_key(tmp_path):
     ("model.deep.hidden=[0]", "model.deep.hidden: every layer"),
     ("data.num_workers=-1", "data.num_workers: must be >= 0"),
     ("train.eval_only=true", "give it with checkpoint.resume"),
+    ("run.name=../../escape", "run.name='../../escape': must be a plain folder name"),
+    ("run.name=a/b", "must be a plain folder name"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -74,6 +76,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    bad.write_text("run:\n  name: x\n   seed: 1\n")  # the line and column of the fault are named
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:8: invalid YAML: mapping values are not allowed here"):
         load_config(bad)
 
 

@@ -4,7 +4,10 @@ Everything stateful is saved by name: the (sharded) model, every optimiser (fuse
 included, with their step counters), the loader's read position, the epoch and step, and
 each rank's RNG states. A checkpoint is written to `step-NNNNNNNN.tmp/` and renamed to
 `step-NNNNNNNN/` by rank 0 only after every rank has finished, so a crash mid-save leaves
-the previous checkpoint as the newest complete one. DCP stores shards with global offsets,
+the previous checkpoint as the newest complete one. The commit record (`meta.json`, written
+last) lists every file of the checkpoint with its size and CRC-32, so a damaged or missing file
+is found before anything loads: `--resume auto` skips such a checkpoint (with a warning) for the
+newest good one, an explicit path is refused. DCP stores shards with global offsets,
 so a checkpoint saved by N processes loads into M: at an epoch boundary exactly; mid-epoch
 only with the same N, because the read position is per rank (we refuse otherwise).
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +39,80 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def newest_good_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in `folder` that passes its checks; damaged ones are
+    skipped with a warning on stderr."""
+    for path in reversed(complete_checkpoints(folder)):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        print(f"wdl: warning: skipping damaged checkpoint {path}: {damage}", file=sys.stderr, flush=True)
+    return None
+
+
 def find_checkpoint(resume: str, default_folder: Path) -> Path:
-    """`auto`: the newest complete checkpoint of this run; else a checkpoint folder, a
-    checkpoints folder or a run folder."""
+    """`auto`: the newest good checkpoint of this run; else a checkpoint folder (which must be
+    intact), or a checkpoints folder or a run folder (its newest good checkpoint)."""
     if resume == "auto":
         where = default_folder
     else:
         where = Path(resume)
         if not where.exists():
             raise CheckpointError(f"--resume {resume}: no such folder")
-        if (where / "meta.json").exists() and (where / ".metadata").exists():
+        if (where / "meta.json").exists() or (where / ".metadata").exists():
+            damage = checkpoint_damage(where)
+            if damage is not None:
+                raise CheckpointError(f"checkpoint {where} is damaged ({damage}); resume from an earlier one "
+                                      f"(--resume {where.parent} picks the newest good one)")
             return where
         if (where / "checkpoints").is_dir():
             where = where / "checkpoints"
-    found = complete_checkpoints(where)
-    if not found:
-        raise CheckpointError(f"no complete checkpoint in {where} (looked for {PREFIX}*/ with meta.json and .metadata)")
-    return found[-1]
+    found = newest_good_checkpoint(where)
+    if found is None:
+        what = "complete" if not complete_checkpoints(where) else "undamaged"
+        raise CheckpointError(f"no {what} checkpoint in {where} (looked for {PREFIX}*/ with meta.json and .metadata)")
+    return found
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted, or None when every file listed in its
+    commit record is there with the recorded size and CRC-32."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json is unreadable ({type(e).__name__})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        return "meta.json lists no files (not written by this version of wdl, or damaged)"
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, {want.get('bytes')} were written"
+        if _crc32(f) != want.get("crc32"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _describe(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    return {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in paths}
 
 
 class Checkpointer:
-    """Saves and restores one training run.
-
-    model_state / optim_state: callables returning the state dicts to save (and to load into);
-    load_into: callable taking (model_sd, optim_sd) after DCP filled them in place.
-    """
+    """Saves and restores one training run: `save(app_state, progress)` writes the state dicts
+    in `app_state` (model, optimisers, ...) with the progress counters; `load` fills the same
+    structure in place."""
 
     def __init__(self, folder: Path, keep: int, rank: int, world_size: int, signature: dict[str, Any],
                  read_order: dict[str, Any] | None = None) -> None:
@@ -77,9 +131,13 @@ class Checkpointer:
         barrier()
         dcp.save({**app_state, "progress": _encode(progress)}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
-        barrier()
+        # Each rank checksums what it wrote (DCP names a rank's files __<rank>_*), rank 0 the rest.
+        mine = _describe(sorted(tmp.glob(f"__{self.rank}_*")) + [tmp / f"rng-rank{self.rank:05d}.pt"])
+        files = _gather_dicts(mine, self.world_size)
         if self.rank == 0:
-            meta = {**progress, "world_size": self.world_size, "signature": self.signature, "read_order": self.read_order}
+            files |= _describe([p for p in sorted(tmp.iterdir()) if p.name not in files and p.is_file()])
+            meta = {**progress, "world_size": self.world_size, "signature": self.signature,
+                    "read_order": self.read_order, "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if final.exists():  # same step saved twice (epoch end after a step save): replace
                 shutil.rmtree(final)
@@ -94,7 +152,11 @@ class Checkpointer:
         meta = json.loads((path / "meta.json").read_text())
         self._check_compatible(path, meta)
         state = {**app_state, "progress": _encode(progress)}
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # DCP's errors hold a traceback per rank: keep their first line
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CheckpointError(f"{path} does not load into this model: {first}") from None
         rng = path / f"rng-rank{self.rank:05d}.pt"
         if rng.exists() and meta["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
@@ -129,6 +191,16 @@ PROGRESS_KEYS = ("epoch", "step", "batches_done")
 def _encode(progress: dict[str, int]) -> torch.Tensor:
     # A tensor, not a dict of ints: DCP handles tensors identically on every rank count.
     return torch.tensor([int(progress[k]) for k in PROGRESS_KEYS], dtype=torch.int64)
+
+
+def _gather_dicts(mine: dict[str, Any], world_size: int) -> dict[str, Any]:
+    if world_size == 1:
+        return dict(mine)
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _rng_state() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wdl.launch import add_train_arguments, run_guarded, train_main
+from wdl.launch import add_train_arguments, parse_args, run_guarded, train_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     return run_guarded(args.func, args)
 
 

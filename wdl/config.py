@@ -189,7 +189,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{path}{_yaml_where(e)}: invalid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides:
@@ -197,6 +197,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    if problem:
+        return f"{context}, {problem}" if context else problem
+    return str(e).splitlines()[0]
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -292,6 +305,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"run.name={name!r}: must be a plain folder name (no '/', not starting with '.'); "
+                          "use run.out_dir for where runs go")
     cols = cfg.features.columns
     sparse = {n for n, c in cols.items() if c.kind != "dense"}
     for name, col in cols.items():

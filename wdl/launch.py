@@ -25,12 +25,29 @@ def train_main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
+    trainer = None
     try:
         trainer = Trainer(cfg, env)
         trainer.train()
     finally:
+        if trainer is not None:
+            trainer.close()
         close_distributed()
     return 0
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, accepting `key=value` overrides anywhere on the line (argparse takes positionals
+    only in one run, so `--config C a=1 --resume auto b=2` would lose `b=2`)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
 
 
 def run_guarded(fn, *args) -> int:

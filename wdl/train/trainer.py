@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,19 +19,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wdl.checkpoint import Checkpointer, complete_checkpoints, find_checkpoint
+from wdl.checkpoint import Checkpointer
 from wdl.config import Config, ModelConfig, save_config
 from wdl.data.dataset import build_loader, feature_spec, open_dataset
 from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, barrier, comm_device
 from wdl.distributed.sharding import check_placement, place
-from wdl.errors import CheckpointError, TrainingError, WdlError
+from wdl.errors import TrainingError, WdlError
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate, gather_to_all
 from wdl.train.metrics import MetricsLogger
 from wdl.train.optim import build_optimizers, fused_table_optimizer
+from wdl.train.run_folder import RunFolder
 from wdl.train.sparse_optim import state_bytes_per_row
 
 
@@ -44,8 +46,18 @@ class Trainer:
         fused = (fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
                  if self.backend == "torchrec" and cfg.model.kind != "wide" else None)
 
-        # 1. Run folder (rank 0 picks it, everyone uses it) and the checkpoint to resume from.
-        self.run_dir, resume_from = _run_dir_and_resume(cfg, env)
+        # 1. Run folder (rank 0 picks and locks it, everyone uses it) and the checkpoint to resume
+        #    from. A start that fails before training removes a folder it created.
+        self.folder, self.run_dir, resume_from, restart = _open_run_folder(cfg, env)
+        try:
+            self._build(resume_from, restart, fused)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.discard_if_unused()
+            raise
+
+    def _build(self, resume_from: Path | None, restart: bool, fused: Any) -> None:
+        cfg, env = self.cfg, self.env
         if env.is_main:  # a resumed run keeps its first config.yaml and adds config-2.yaml, ...
             target, i = self.run_dir / "config.yaml", 1
             while target.exists():
@@ -63,6 +75,8 @@ class Trainer:
         loader_args = dict(rank=env.rank, world_size=env.world_size, device=self.device, seed=cfg.run.seed)
         self.train_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.train_split, train=True, **loader_args)
         self.eval_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.eval_split, train=False, **loader_args)
+        if env.is_main:
+            _warn_single_class(manifest, [cfg.data.train_split, cfg.data.eval_split])
 
         # 3. Model: knows nothing of distribution. Its tables are only described (meta device):
         #    placement allocates and initialises each rank's rows, so none exists whole anywhere.
@@ -87,8 +101,14 @@ class Trainer:
 
         # 5. Metrics (rank 0) and checkpoints; resume if asked.
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.data.eval_split)
+        if restart:  # an earlier attempt logged epochs but died before its first checkpoint
+            self.metrics.load_existing(keep_epochs=0)
         self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
+        # The current epoch's summed loss (on the device) and rows, so far: a resumed epoch reports all of it.
+        self.epoch_loss, self.epoch_rows = torch.zeros((), dtype=torch.float64, device=self.device), 0
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        if self.folder is not None:
+            self.folder.check_writable(ckpt_dir, "checkpoint.dir")
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
                                          signature=_signature(model_cfg, self.spec),
                                          read_order=_read_order(cfg))
@@ -123,13 +143,19 @@ class Trainer:
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
                                            "device": str(self.device), "peak_rss_mb": _peak_rss_mb()})
 
+    def close(self) -> None:
+        """Give up the run folder (the lock also goes when the process dies)."""
+        if self.folder is not None:
+            self.folder.release()
+
     def train_epoch(self) -> dict[str, Any]:
         self.model.train()
         # The trainer counts the batches it trained (the loader may be read one batch ahead).
         self.train_loader.load_state_dict({"epoch": self.epoch, "batches_done": self.batches_done})
-        loss_sum = torch.zeros((), device=self.device)  # summed on device: no host sync per step
+        if self.batches_done == 0:
+            self.epoch_loss.zero_()
+            self.epoch_rows = 0
         resumed_at = self.batches_done  # > 0 when resuming mid-epoch
-        rows_before = self.train_loader.rows_done()
         rows, steps = 0, 0
         bar = self._progress(self.train_loader.steps_per_epoch - self.batches_done)
         start = time.perf_counter()
@@ -138,7 +164,8 @@ class Trainer:
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
-            loss_sum += loss.detach() * len(batch)
+            self.epoch_loss += loss.detach() * len(batch)  # summed on the device: no host sync per step
+            self.epoch_rows += len(batch)
             rows += len(batch)
             steps += 1
             self.step += 1
@@ -155,14 +182,14 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        totals = _all_reduce_sum(torch.stack([loss_sum.float().cpu(), torch.tensor(float(rows)),
-                                              torch.tensor(float(rows_before))]), self.env)
-        global_rows = int(totals[1].item())
+        totals = _all_reduce_sum(torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64),
+                                              torch.tensor(float(rows), dtype=torch.float64)]), self.env)
+        epoch_rows, rows_now = int(totals[1].item()), int(totals[2].item())
         return {
-            "train_loss": float(totals[0] / max(global_rows, 1)),
+            "train_loss": float(totals[0] / max(epoch_rows, 1)),  # the whole epoch, across a resume
             "train_seconds": seconds,
-            "samples_per_second": global_rows / seconds if seconds > 0 else float("nan"),
-            "train_rows": global_rows + int(totals[2].item()),  # the whole epoch, across a resume
+            "samples_per_second": rows_now / seconds if seconds > 0 else float("nan"),
+            "train_rows": epoch_rows,
             "steps": steps,
             "resumed_at_batch": resumed_at,
         }
@@ -186,16 +213,25 @@ class Trainer:
     def _progress_state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done}
 
+    def _app_state(self, epoch_sums: torch.Tensor) -> dict[str, Any]:
+        return {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict(),
+                "epoch_sums": epoch_sums}
+
     def save_checkpoint(self) -> Path:
-        app = {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict()}
-        return self.checkpointer.save(app, self._progress_state())
+        # The epoch's loss and rows so far, summed over ranks (saved once, restored on rank 0).
+        sums = _all_reduce_sum(torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64)]),
+                               self.env)
+        return self.checkpointer.save(self._app_state(sums), self._progress_state())
 
     def _resume(self, path: Path) -> None:
         # DCP fills these tensors in place (split ones as this world size splits them).
-        app = {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict()}
+        app = self._app_state(torch.zeros(2, dtype=torch.float64))
         progress = self.checkpointer.load(path, app, self._progress_state())
         self.placed.state_module.load_state_dict(app["model"])
         self.optimizer.load_state_dict(app["optim"])
+        if self.env.is_main and progress["batches_done"] > 0:
+            self.epoch_loss.fill_(app["epoch_sums"][0])
+            self.epoch_rows = int(app["epoch_sums"][1])
         self.epoch, self.step, self.batches_done = progress["epoch"], progress["step"], progress["batches_done"]
         self.metrics.load_existing(keep_epochs=self.epoch)
         if self.env.is_main:
@@ -215,42 +251,28 @@ class Trainer:
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="step", leave=False, dynamic_ncols=True)
 
 
-def _run_dir_and_resume(cfg: Config, env: DistEnv) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from (None: start fresh).
-
-    Fresh runs get out_dir/name, or name-1, name-2, ... so an earlier run's files are never
-    overwritten. `resume: auto` reuses out_dir/name and continues from its newest complete
-    checkpoint if there is one (so a torchrun restart uses the same command line); an explicit
-    path must hold a complete checkpoint.
-    """
-    box: list[Any] = [None, None, None]
+def _open_run_folder(cfg: Config, env: DistEnv) -> tuple[RunFolder | None, Path, Path | None, bool]:
+    """Rank 0 opens (and locks) the run folder; every rank learns where it is and what to resume."""
+    folder, box = None, [None, None, False, None]
     if env.is_main:
         try:
-            base = Path(cfg.run.out_dir) / cfg.run.name
-            resume = cfg.checkpoint.resume
-            ckpt_default = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else base / "checkpoints"
-            if resume == "auto":
-                path = base
-                found = complete_checkpoints(ckpt_default)
-                ckpt = found[-1] if found else None
-            elif resume and not cfg.train.eval_only:
-                ckpt = find_checkpoint(resume, ckpt_default)
-                path = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else base
-            else:  # a fresh folder (also for evaluating someone else's checkpoint)
-                ckpt = find_checkpoint(resume, ckpt_default) if resume else None
-                path, i = base, 0
-                while path.exists() and any(path.iterdir()):
-                    i += 1
-                    path = base.with_name(f"{base.name}-{i}")
-            path.mkdir(parents=True, exist_ok=True)
-            box = [str(path), str(ckpt) if ckpt else None, None]
+            folder = RunFolder.open(cfg)
+            box = [str(folder.path), str(folder.resume_from) if folder.resume_from else None, folder.restart, None]
         except WdlError as e:
-            box = [None, None, str(e)]
+            box = [None, None, False, e]
     if env.distributed:
         dist.broadcast_object_list(box, src=0)
-    if box[2] is not None:
-        raise CheckpointError(box[2])
-    return Path(box[0]), Path(box[1]) if box[1] else None
+    if box[3] is not None:
+        raise box[3]
+    return folder, Path(box[0]), Path(box[1]) if box[1] else None, box[2]
+
+
+def _warn_single_class(manifest: Any, splits: list[str]) -> None:
+    for split in dict.fromkeys(splits):
+        rate = manifest.split(split).positive_rate
+        if rate in (0.0, 1.0):
+            print(f"wdl: warning: every label of the {split!r} split is {int(rate)}, so its AUC is undefined "
+                  f"(shown as '-'); logloss is still computed", file=sys.stderr, flush=True)
 
 
 def _signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""Resume, checkpoints and run folders fail loudly or work exactly (single process, in-process
+runs of `wdl train` on the tiny data set: each run takes about a second)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wdl.cli import build_parser, main
+from wdl.launch import parse_args
+
+
+def train(config: Path, *args: str) -> int:
+    return main(["train", "--config", str(config), *args])
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("step-*"))
+
+
+@pytest.fixture
+def two_epochs(tiny_config, tmp_path) -> Path:
+    """A finished 2-epoch run with a checkpoint at each epoch end."""
+    assert train(tiny_config, "run.name=base") == 0
+    return tmp_path / "runs" / "base"
+
+
+def test_resumed_epoch_reports_the_whole_epoch(tiny_config, tmp_path):
+    """A run cut mid-epoch and resumed logs the same epoch record (loss, rows, AUC) as one that
+    was never cut: the epoch's loss so far travels in the checkpoint."""
+    assert train(tiny_config, "run.name=whole", "train.epochs=1") == 0
+    assert train(tiny_config, "run.name=cut", "train.epochs=1", "checkpoint.every_steps=5", "train.max_steps=7") == 0
+    assert train(tiny_config, "run.name=cut", "train.epochs=1", "--resume", "auto") == 0
+    (whole,), (cut,) = records(tmp_path / "runs" / "whole"), records(tmp_path / "runs" / "cut")
+    assert cut["resumed_at_batch"] == 7 and cut["train_rows"] == whole["train_rows"] == 2400
+    assert cut["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-7)
+    assert cut["auc"] == pytest.approx(whole["auc"], abs=1e-9)
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_good_one(tiny_config, two_epochs, capsys):
+    older, newest = checkpoints(two_epochs)
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[100:4196] = os.urandom(4096)  # damage inside the file, size unchanged
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    # an explicit path to it is refused with one line ...
+    assert train(tiny_config, "--resume", str(newest)) == 2
+    one_line_error(capsys, str(newest), "is damaged", "does not match its checksum")
+    # ... `auto` warns and continues from the epoch-1 checkpoint: epoch 2 trained again, logged once
+    assert train(tiny_config, "run.name=base", "train.epochs=3", "--resume", "auto") == 0
+    err = capsys.readouterr().err
+    assert f"skipping damaged checkpoint {newest}" in err
+    assert [r["epoch"] for r in records(two_epochs)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["truncate meta.json", "delete rng", "delete shard", "truncate .metadata"])
+def test_each_kind_of_damage_is_found(two_epochs, damage):
+    from wdl.checkpoint import checkpoint_damage, newest_good_checkpoint
+
+    older, newest = checkpoints(two_epochs)
+    assert checkpoint_damage(newest) is None
+    target = {"truncate meta.json": newest / "meta.json", "delete rng": newest / "rng-rank00000.pt",
+              "delete shard": next(newest.glob("*.distcp")), "truncate .metadata": newest / ".metadata"}[damage]
+    if damage.startswith("delete"):
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    assert checkpoint_damage(newest) is not None
+    assert newest_good_checkpoint(two_epochs / "checkpoints") == older
+
+
+def test_a_run_folder_has_one_owner(tiny_config, two_epochs, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in two_epochs.iterdir() if p.is_file() and p.name != ".lock"}
+    fd = os.open(two_epochs / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds it
+    try:
+        capsys.readouterr()
+        assert train(tiny_config, "run.name=base", "train.epochs=3", "--resume", "auto") == 2
+        one_line_error(capsys, str(two_epochs), "is in use by another run")
+        # a fresh run of the same name skips a locked, still empty folder too
+        (tmp_path / "runs" / "fresh").mkdir()
+        fd2 = os.open(tmp_path / "runs" / "fresh" / ".lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd2, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train(tiny_config, "run.name=fresh", "train.epochs=1") == 0
+        assert (tmp_path / "runs" / "fresh-1" / "summary.json").exists()
+        os.close(fd2)
+    finally:
+        os.close(fd)
+    after = {p.name: p.read_bytes() for p in two_epochs.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+    # the lock goes with its holder: the same resume now works
+    assert train(tiny_config, "run.name=base", "train.epochs=3", "--resume", "auto") == 0
+
+
+def test_killed_before_the_first_checkpoint_logs_each_epoch_once(tiny_config, two_epochs):
+    """As after a SIGKILL during the first epoch-end checkpoint: epochs are logged, no
+    checkpoint completed (a half-written one is left), no summary. `--resume auto` starts over."""
+    for c in checkpoints(two_epochs):
+        shutil.rmtree(c)
+    (two_epochs / "checkpoints" / "step-00000019.tmp").mkdir()
+    (two_epochs / "summary.json").unlink()
+    assert train(tiny_config, "run.name=base", "--resume", "auto") == 0
+    assert [r["epoch"] for r in records(two_epochs)] == [1, 2]
+
+
+def test_resume_auto_never_overwrites_a_finished_run_without_checkpoints(tiny_config, tmp_path, capsys):
+    assert train(tiny_config, "run.name=done", "train.epochs=1", "checkpoint.at_epoch_end=false") == 0
+    run = tmp_path / "runs" / "done"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train(tiny_config, "run.name=done", "--resume", "auto") == 2
+    one_line_error(capsys, "holds a finished run and no checkpoint")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_unwritable_paths_fail_before_training_and_leave_no_run_folder(tiny_config, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a path under a file cannot be created, even by root
+    capsys.readouterr()
+    assert train(tiny_config, f"run.out_dir={blocker}/runs") == 2
+    one_line_error(capsys, "run.out_dir", "cannot create folder")
+    assert train(tiny_config, "run.name=ck", f"checkpoint.dir={blocker}/ckpt") == 2
+    one_line_error(capsys, "checkpoint.dir", "cannot create folder")
+    assert not (tmp_path / "runs" / "ck").exists()  # a failed start uses up no run name
+
+
+def test_overrides_anywhere_on_the_command_line():
+    args = parse_args(build_parser(), ["train", "--config", "c.yaml", "a.b=1", "--resume", "auto", "c.d=2"])
+    assert args.resume == "auto" and args.overrides == ["a.b=1", "c.d=2"]
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["train", "--config", "c.yaml", "--bogus"])
