@@ -242,3 +242,23 @@ def test_labels_outside_0_1(tmp_path, tiny, label):
     r = _train(tmp_path, tiny)
     line = one_error_line(r.stderr)
     assert r.returncode == 2 and f"{shard} (row group 0): label column 'label' holds {float(label)} at row 10" in line
+
+
+def test_data_error_in_a_loader_worker_is_one_line(tmp_path, tiny):
+    """Streaming with DataLoader workers: the worker's error reaches the user as one line, not
+    as the worker's traceback."""
+    _poison_year(tiny / "train/part-00000.parquet", float("inf"))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG.format(path=cfg, runs=tmp_path / "runs", data=tiny))
+    r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "train.epochs=1",
+                        "data.in_memory=false", "data.num_workers=2"], capture_output=True, text=True, env=ENV, timeout=300)
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and "dense column 'release_year' holds inf" in line and "Traceback" not in r.stderr
+
+
+def test_text_in_a_dense_column(tmp_path, tiny):
+    shard = tiny / "train/part-00000.parquet"
+    _rewrite(shard, lambda t: _set(t, "release_year", pa.array([f"year {v}" for v in t.column("release_year").to_pylist()])))
+    r = _train(tmp_path, tiny)
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and "'release_year'" in line and "string" in line, line

@@ -55,7 +55,12 @@ def load_table(files: list[Path], spec: FeatureSpec) -> FeatureTable:
 
 def build_loader(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, *, train: bool, rank: int,
                  world_size: int, device: torch.device, seed: int) -> InMemoryLoader | StreamingLoader:
-    files = [f.path for f in manifest.split(split).files]
+    entry = manifest.split(split)
+    key = "data.train_split" if train else "data.eval_split"
+    if entry.rows < world_size:
+        raise DataError(f"the {split!r} split of {manifest.root} ({key}) has {entry.rows} rows, too few for "
+                        f"{world_size} rank(s); prepare it with more rows or pick another split")
+    files = [f.path for f in entry.files]
     batch_size = cfg.batch_size if train else cfg.eval_batch_size
     if cfg.in_memory:
         table = load_table(files, spec).to(device)

@@ -394,6 +394,10 @@ class FeatureSpec:
     def _dense(col: pa.ChunkedArray, d: DenseColumn, where: str) -> np.ndarray:
         # A null is a missing value (filled); a NaN or inf in the data is an error. Arrow keeps
         # the two apart, numpy would not, so fill nulls before converting.
+        t = col.type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
+            raise DataError(f"{where}: column {d.name!r} is declared dense but holds {t}; declare it categorical "
+                            "(vocab_size, hash_buckets or vocab_file) or store numbers")
         x = pc.fill_null(pc.cast(col, pa.float64()), d.fill).to_numpy(zero_copy_only=False)
         if not np.isfinite(x).all():
             row = int(np.flatnonzero(~np.isfinite(x))[0])

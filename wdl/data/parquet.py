@@ -27,7 +27,7 @@ import torch
 
 from wdl.data.batch import Batch
 from wdl.data.features import FeatureSpec, FeatureTable
-from wdl.errors import DataError
+from wdl.errors import DataError, WdlError
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,17 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         local = ((0 if info is None else info.id) + self.rotate) % L.num_workers
         part = L.rank * L.num_workers + local
         stream = _PartStream(L.units, L.spec, L.batch_size, L.shuffle_buffer, L.shuffle, L.seed, L.epoch, part, L.parts)
-        yield from stream.batches(self.skip_per_part[local])
+        try:
+            yield from stream.batches(self.skip_per_part[local])
+        except WdlError as e:
+            # Handed over as an item: raised in a worker, the DataLoader would re-raise it with
+            # the worker's whole traceback in the message.
+            yield _Failure(e)
+
+
+@dataclass
+class _Failure:
+    error: WdlError
 
 
 class StreamingLoader(_Position):
@@ -267,5 +277,7 @@ class StreamingLoader(_Position):
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers_proc,
                                                   persistent_workers=False))
         for batch in it:
+            if isinstance(batch, _Failure):
+                raise batch.error
             self.batches_done += 1
             yield batch
