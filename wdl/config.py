@@ -94,6 +94,14 @@ class DeepConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 128, 64])
     dropout: float = 0.0
     init_std: float = 0.01  # N(0, std) embeddings; PyTorch's default N(0, 1) overfits badly
+    # Explicit second-order interactions between the pooled embeddings (wdl/model/interactions.py):
+    # none (Wide & Deep as in the paper) | dot (pairwise dot products appended to the MLP input, as
+    # in DLRM) | fm (the sum of the pairwise dot products added to the logit, as in DeepFM).
+    interaction: Literal["none", "dot", "fm"] = "none"
+    # Only these pairs, e.g. [[user_id, movie_id]]; empty: every pair of embedded features. The two
+    # features of a pair need the same embedding dimension.
+    interaction_pairs: list[list[str]] = field(default_factory=list)
+    embedding_dropout: float = 0.0  # dropout on the pooled embeddings, training only
 
 
 @dataclass
@@ -387,7 +395,40 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume)")
     if not 0.0 <= m.deep.dropout < 1.0:
         raise ConfigError(f"model.deep.dropout: must be in [0, 1), got {m.deep.dropout}")
+    if not 0.0 <= m.deep.embedding_dropout < 1.0:
+        raise ConfigError(f"model.deep.embedding_dropout: must be in [0, 1), got {m.deep.embedding_dropout}")
+    _validate_interaction(m.deep)
 
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _validate_interaction(deep: DeepConfig) -> None:
+    """Pairs name two different embedded features of one dimension; all pairs need one dimension."""
+    dims = deep.embeddings
+    if deep.interaction == "none":
+        if deep.interaction_pairs:
+            raise ConfigError("model.deep.interaction_pairs is set but model.deep.interaction=none; "
+                              "set model.deep.interaction=dot or fm")
+        return
+    where = f"model.deep.interaction={deep.interaction}"
+    for i, pair in enumerate(deep.interaction_pairs):
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ConfigError(f"model.deep.interaction_pairs[{i}]: expected two different features, got {pair}")
+        missing = [f for f in pair if f not in dims]
+        if missing:
+            raise ConfigError(f"model.deep.interaction_pairs[{i}]: {', '.join(missing)} not in model.deep.embeddings")
+        if dims[pair[0]] != dims[pair[1]]:
+            raise ConfigError(f"model.deep.interaction_pairs[{i}]: {pair[0]} (dim {dims[pair[0]]}) and {pair[1]} "
+                              f"(dim {dims[pair[1]]}) need the same embedding dimension")
+    if len({tuple(sorted(p)) for p in deep.interaction_pairs}) != len(deep.interaction_pairs):
+        raise ConfigError("model.deep.interaction_pairs: a pair is listed twice")
+    if deep.interaction_pairs:
+        return
+    if len(dims) < 2:
+        raise ConfigError(f"{where} needs at least two features in model.deep.embeddings, got {len(dims)}")
+    if len(set(dims.values())) > 1:
+        listed = ", ".join(f"{f} {d}" for f, d in dims.items())
+        raise ConfigError(f"{where} over all pairs needs one embedding dimension, got {listed}; make them equal "
+                          "or name pairs of equal dimension in model.deep.interaction_pairs")

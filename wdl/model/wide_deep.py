@@ -5,7 +5,8 @@
 wide: a generalised linear model over raw sparse features and hashed crosses, i.e. one
       embedding table of dimension 1 per feature, sum-pooled and summed.
 deep: embeddings (sum-pooled for multi-hot) concatenated with dense features, then an MLP
-      with ReLU ending in one unit.
+      with ReLU ending in one unit; optionally with explicit pairwise interactions of the
+      embeddings (dot products into the MLP, or their sum onto the logit; wdl.model.interactions).
 Both parts are trained jointly through one loss (never as an ensemble).
 """
 
@@ -21,6 +22,7 @@ from wdl.config import ModelConfig
 from wdl.data.batch import Batch
 from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, TorchRecEmbeddingBags, build_embedding_bags
 from wdl.model.init import generator
+from wdl.model.interactions import PairwiseInteraction
 
 
 class ByteDropout(nn.Module):
@@ -69,20 +71,33 @@ class WideArch(nn.Module):
 
 
 class DeepArch(nn.Module):
-    """Embeddings + dense features -> MLP(ReLU) -> one unit.
+    """Embeddings + dense features -> MLP(ReLU) -> one unit, with optional explicit interactions.
+
+    The pooled embeddings E [B, sum(dims)] (dropped out with `embedding_dropout` in training)
+    feed the MLP with the dense features; `interaction` (see wdl.model.interactions) adds
+    dot: the P pairwise dot products of E's vectors to the MLP input ([B, sum(dims) + dense + P]);
+    fm: the sum of those dot products to the output.
 
     forward: Batch -> [B] logits
     """
 
     def __init__(self, embedding_dims: dict[str, int], num_embeddings: dict[str, int], dense_dim: int,
                  hidden: list[int], dropout: float, init_std: float, backend: str,
-                 device: torch.device | None = None, table_device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, table_device: torch.device | None = None,
+                 interaction: str = "none", interaction_pairs: list[list[str]] | None = None,
+                 embedding_dropout: float = 0.0) -> None:
         super().__init__()
         self.features = list(embedding_dims)
         tables = [TableSpec(f, num_embeddings[f], d, f"deep_{f}", init_std) for f, d in embedding_dims.items()]
         self.embeddings = build_embedding_bags(tables, backend, table_device) if tables else None
+        self.embedding_dropout = ByteDropout(embedding_dropout) if embedding_dropout > 0 else None
+        self.interaction = (
+            PairwiseInteraction(embedding_dims, [tuple(p) for p in interaction_pairs] if interaction_pairs else None,
+                                interaction)
+            if interaction != "none" else None
+        )
         layers: list[nn.Module] = []
-        width = sum(embedding_dims.values()) + dense_dim
+        width = sum(embedding_dims.values()) + dense_dim + (self.interaction.num_outputs if self.interaction else 0)
         for h in hidden:
             layers += [nn.Linear(width, h, device=device), nn.ReLU()]
             if dropout > 0:
@@ -92,13 +107,28 @@ class DeepArch(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, batch: Batch) -> Tensor:
-        parts = []
+        parts, pairwise = [], None
         if self.embeddings is not None:
             pooled = self.embeddings(batch)
-            parts += [pooled[f] for f in self.features]
+            vectors = [pooled[f] for f in self.features]
+            if self.embedding_dropout is None and self.interaction is None:
+                parts += vectors  # concatenated once, below, with the dense features
+            else:
+                emb = torch.cat(vectors, dim=1)  # [B, sum(dims)]
+                if self.embedding_dropout is not None:
+                    emb = self.embedding_dropout(emb)
+                parts.append(emb)
+                if self.interaction is not None:
+                    pairwise = self.interaction(emb)
         if batch.dense.shape[1]:
             parts.append(batch.dense)
-        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        if pairwise is not None and self.interaction.kind == "dot":
+            parts.append(pairwise)
+        out = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        # fm goes to the logit, not through the MLP: a user x item dot product on the logit is
+        # matrix factorisation exactly, the shape an MLP learns poorly (module docstring of
+        # wdl.model.interactions); the MLP still models what is not a dot product.
+        return out + pairwise if pairwise is not None and self.interaction.kind == "fm" else out
 
 
 @dataclass
@@ -131,7 +161,8 @@ class WideDeep(nn.Module):
         )
         self.deep = (
             DeepArch(cfg.deep.embeddings, num_embeddings, dense_dim if cfg.deep.dense else 0, cfg.deep.hidden,
-                     cfg.deep.dropout, cfg.deep.init_std, cfg.embedding_backend, device, table_device)
+                     cfg.deep.dropout, cfg.deep.init_std, cfg.embedding_backend, device, table_device,
+                     cfg.deep.interaction, cfg.deep.interaction_pairs, cfg.deep.embedding_dropout)
             if cfg.kind in ("wide_deep", "deep") else None
         )
         # The bias: the wide part's bias row when there is one, else a parameter of its own.

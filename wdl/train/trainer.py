@@ -288,6 +288,9 @@ def _signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
         "deep_tables": {f: [rows(f), d] for f, d in m.deep.embeddings.items()} if m.kind != "wide" else {},
         "dense_dim": spec.dense_dim if m.kind != "wide" else 0,
         "hidden": list(m.deep.hidden) if m.kind != "wide" else [],
+        # dot widens the MLP input, fm changes the logit; left out for none so older checkpoints load
+        **({"interaction": [m.deep.interaction, m.deep.interaction_pairs]}
+           if m.kind != "wide" and m.deep.interaction != "none" else {}),
     }
 
 
