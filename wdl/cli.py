@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_import_arguments(imp)
     imp.set_defaults(func=importer.run_import)
 
+    from wdl.distributed.planning import add_plan_arguments  # torchrec is imported only when a plan runs
+
+    add_plan_arguments(sub.add_parser("plan", help="memory per rank and time per step for N GPUs, on paper"))
+
     # The benchmark harness lives in benchmarks/ at the top of the source tree.
     from benchmarks.cli import add_bench_arguments
 

@@ -1,0 +1,99 @@
+"""`wdl plan`: placement and step estimates on paper, in process, with no data prepared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torchrec")
+
+from wdl.cli import main  # noqa: E402
+
+ML_ROWS = ["user_id=944", "movie_id=1683", "age_bucket=8", "gender=3", "occupation=22", "zip_prefix=383",
+           "genres=20", "release_decade=9"]
+# Criteo Kaggle's cardinalities (as DLRM's preprocessing counts them), C1..C26.
+KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10,
+          5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+KAGGLE_ROWS = [f"C{i + 1}={n}" for i, n in enumerate(KAGGLE)]
+
+
+def _plan(capsys, tmp_path, config: str, *args: str) -> tuple[int, str, str]:
+    # A data path with no data set: sizes come from --table-rows, nothing is prepared.
+    rc = main(["plan", f"data.path={tmp_path / 'none'}", "--config", config, *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8, 128])
+def test_plan_movielens_prints_plan(capsys, tmp_path, world_size):
+    rc, out, err = _plan(capsys, tmp_path, "configs/movielens-100k.yaml", "--world-size", str(world_size),
+                         "--table-rows", *ML_ROWS)
+    assert rc == 0, err
+    for what in ("deep_user_id", "deep_movie_id", "wide (wdl, 13 tables)", "look-up forward compute",
+                 "input communication", "output communication", "dense MLP compute", "estimated samples/s",
+                 "torchrec/distributed/planner/constants.py"):
+        assert what in out
+    assert f"plan: {world_size} x cuda" in out
+
+
+def test_plan_json_memory_adds_up(capsys, tmp_path):
+    rc, out, err = _plan(capsys, tmp_path, "configs/criteo.yaml", "--world-size", "8", "--json",
+                         "--table-rows", *KAGGLE_ROWS)
+    assert rc == 0, err
+    p = json.loads(out)
+    assert p["world_size"] == 8 and len(p["memory_per_rank"]) == 8
+    deep = {t["name"]: t for t in p["tables"] if t["owner"] == "torchrec"}
+    assert sorted(deep) == sorted(f"deep_C{i}" for i in range(1, 27))
+    # Every row placed exactly once: the ranks' tables + state add up to the tables' size plus
+    # optimiser state (deep: fp32 weights + AdaGrad's sum; wide: fp32 weight + FTRL's z and n).
+    wide_rows = sum(KAGGLE) + 1000 + 2000 + 1000 + 50000 + 1  # columns, crosses, bias row
+    expected = sum(n * 16 * (4 + 4) for n in KAGGLE) + wide_rows * (4 + 8)
+    assert sum(m["tables_bytes"] for m in p["memory_per_rank"]) == expected
+    assert sum(t["bytes"] for t in p["tables"]) == expected
+    for m in p["memory_per_rank"]:
+        assert m["tables_bytes"] <= m["hbm_bytes"] <= 0.85 * 80 * 2**30
+    s = p["step_ms"]
+    parts = ("lookup_fwd", "lookup_bwd", "input_comms", "output_comms", "dense_compute", "dense_allreduce")
+    assert s["total"] == pytest.approx(sum(s[k] for k in parts)) and all(s[k] > 0 for k in parts)
+    assert p["samples_per_second"] == pytest.approx(8 * 4096 / (s["total"] / 1e3))
+    assert 1 / 8 - 1e-9 <= p["busiest_share"] <= 1
+
+
+def test_plan_fp16_halves_the_weights(capsys, tmp_path):
+    rows = [f"C{i}=40000000" for i in range(1, 27)]
+    sizes = {}
+    for dtype in ("fp32", "fp16"):
+        rc, out, err = _plan(capsys, tmp_path, "configs/criteo-1tb.yaml", "--world-size", "16", "--json",
+                             "--dtype", dtype, "--table-rows", *rows)
+        assert rc == 0, err
+        sizes[dtype] = sum(t["bytes"] for t in json.loads(out)["tables"] if t["owner"] == "torchrec")
+    # dim 128: 512 (fp32) or 256 (fp16) bytes of weights per row, plus 4 of row-wise AdaGrad state
+    assert sizes["fp32"] == 26 * 40_000_000 * (512 + 4)
+    assert sizes["fp16"] == 26 * 40_000_000 * (256 + 4)
+
+
+def test_plan_refuses_tables_that_do_not_fit(capsys, tmp_path):
+    rc, out, err = _plan(capsys, tmp_path, "configs/criteo.yaml", "--world-size", "2", "--hbm-gb", "0.5",
+                         "--table-rows", *KAGGLE_ROWS)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "GiB missing" in err and "Traceback" not in err
+
+
+def test_plan_names_a_feature_without_a_size(capsys, tmp_path):
+    rc, out, err = _plan(capsys, tmp_path, "configs/criteo.yaml", "--world-size", "2", "--table-rows", *KAGGLE_ROWS[1:])
+    assert rc == 2 and err.count("\n") == 1
+    assert "features.columns.C1" in err and "--table-rows C1=ROWS" in err
+
+
+def test_plan_cpu_honours_cpu_sharding(capsys, tmp_path):
+    rc, out, err = _plan(capsys, tmp_path, "configs/movielens-100k.yaml", "--world-size", "4", "--device", "cpu",
+                         "--json", "--table-rows", *ML_ROWS)
+    assert rc == 0, err
+    p = json.loads(out)
+    assert {t["sharding"] for t in p["tables"] if t["owner"] == "torchrec"} <= {"table_wise", "column_wise",
+                                                                                 "table_column_wise"}
+    assert all(m["hbm_bytes"] == 0 and m["host_bytes"] > 0 for m in p["memory_per_rank"])
+    rc, out, err = _plan(capsys, tmp_path, "configs/movielens-100k.yaml", "--world-size", "4", "--device", "cpu",
+                         "distributed.sharding=row_wise", "--table-rows", *ML_ROWS)
+    assert rc == 2 and "needs CUDA" in err

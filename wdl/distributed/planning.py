@@ -1,0 +1,455 @@
+"""Planning on paper: how many devices the tables need and what a step will cost, with no GPU.
+
+The tables are the model's own (`WideDeep.table_specs` on the `meta` device), placed as training
+places them (wdl.distributed.sharding):
+
+- TorchRec's tables (the deep part with the torchrec backend) go through TorchRec's planner:
+  its enumerator, storage and perf estimators (`EmbeddingStorageEstimator`,
+  `EmbeddingPerfEstimator`), proposers and `GreedyPerfPartitioner` choose a sharding per table
+  and give each shard's memory and fwd/bwd compute and communication time.
+- wdl's fused groups (the wide part always; the deep part with the torch backend) are split in
+  contiguous row blocks (wdl.distributed.rows); their memory is the block's rows times
+  (weight + optimiser state), their time the same bandwidth model TorchRec uses: bytes of the
+  touched rows over memory bandwidth, and the three id/row/gradient all-to-alls over the
+  topology's all-to-all bandwidth.
+- The dense part: MLP FLOPs (forward + a backward twice as costly) over an assumed peak, and
+  DDP's gradient all-reduce over TorchRec's all-reduce bandwidth.
+
+The step estimate is the busiest rank's embedding time plus the dense part, with no overlap of
+communication and compute (TorchRec's pipeline hides some of it: an upper bound in that respect).
+Every bandwidth is TorchRec's default (torchrec/distributed/planner/constants.py) unless given.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wdl.config import SHARDING_TYPES, Config
+from wdl.errors import ConfigError
+
+GIB = 1 << 30
+RESERVED = 0.15  # TorchRec planner's default storage reservation (dense layers, inputs, activations)
+CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise")  # as wdl.distributed.sharding
+PEAK_TFLOPS = {"cuda": 67.0, "cpu": 0.1}  # dense fp32 without tensor cores: H100 SXM; a modest CPU
+
+
+@dataclass
+class Hardware:
+    """The machines planned for. Bandwidths in GB/s (1e9 bytes); None: TorchRec's default."""
+
+    device: str = "cuda"
+    world_size: int = 1
+    local_world_size: int = 8
+    hbm_gib: float = 80.0
+    ddr_gib: float = 512.0
+    hbm_bw: float | None = None
+    ddr_bw: float | None = None
+    intra_bw: float | None = None
+    inter_bw: float | None = None
+    peak_tflops: float | None = None
+    allow_uvm: bool = False  # let TorchRec keep tables in host memory behind an HBM cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: exactly the model's
+
+
+def table_sizes(cfg: Config, table_rows: dict[str, int]) -> dict[str, int]:
+    """Rows of every sparse column and cross the model reads: the manifest's when the data set is
+    prepared, `table_rows` where given (they win), the config's hash_buckets otherwise."""
+    from wdl.data.dataset import feature_spec
+    from wdl.data.manifest import MANIFEST, Manifest, load_manifest
+
+    features = copy.deepcopy(cfg.features)
+    for name, rows in table_rows.items():
+        if name in features.crosses:
+            features.crosses[name].hash_buckets = rows
+        elif name in features.columns and features.columns[name].kind != "dense":
+            features.columns[name] = dataclasses.replace(features.columns[name], vocab_size=rows, hash_buckets=None,
+                                                         vocab_file=None)
+        else:
+            raise ConfigError(f"--table-rows {name}={rows}: {name!r} is not a sparse column or cross of the config")
+    root = Path(cfg.data.path)
+    if (root / MANIFEST).is_file():
+        manifest = load_manifest(root)
+    else:  # not prepared: sizes must come from the config or --table-rows (never prepare data here)
+        manifest = Manifest(root, "", cfg.features.label, {c: {"mean": 0.0, "std": 1.0} for c in cfg.model.deep.dense},
+                            {}, {})
+        wanted = {c for k in _sparse_keys(cfg) for c in (cfg.features.crosses[k].columns if k in cfg.features.crosses
+                                                          else [k])}
+        for c in sorted(wanted):
+            col = features.columns[c]
+            if col.vocab_size == "auto" or (col.vocab_file and not Path(col.vocab_file).is_absolute()):
+                raise ConfigError(f"features.columns.{c} takes its size from the data set, and {root} has no "
+                                  f"{MANIFEST}: give it with --table-rows {c}=ROWS (wdl plan never prepares data)")
+    spec = feature_spec(dataclasses.replace(cfg, features=features), manifest)
+    return {k: spec.num_embeddings(k) for k in spec.sparse_keys}
+
+
+def _sparse_keys(cfg: Config) -> list[str]:
+    m = cfg.model
+    keys = list(m.wide.features) if m.kind in ("wide_deep", "wide") else []
+    return keys + (list(m.deep.embeddings) if m.kind in ("wide_deep", "deep") else [])
+
+
+def build_model(cfg: Config, sizes: dict[str, int]):
+    """The model on `meta` with wdl's fused tables, whose groups are what wdl splits row-wise."""
+    from wdl.model.wide_deep import WideDeep
+
+    dense_dim = len(cfg.model.deep.dense) if cfg.model.kind != "wide" else 0
+    meta = torch.device("meta")
+    return WideDeep(dataclasses.replace(cfg.model, embedding_backend="torch"), sizes, dense_dim, device=meta,
+                    table_device=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchRec's planner
+
+
+def _topology(hw: Hardware, hbm: float, ddr: float):
+    from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
+
+    bw = {k: getattr(hw, a) * 1e6 for k, a in (("hbm_mem_bw", "hbm_bw"), ("ddr_mem_bw", "ddr_bw"),
+                                                 ("intra_host_bw", "intra_bw"), ("inter_host_bw", "inter_bw"))
+          if getattr(hw, a) is not None}  # GB/s -> bytes/ms, TorchRec's unit
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=hw.world_size, local_world_size=min(hw.local_world_size, hw.world_size),
+                                     hbm_cap_bytes=int(hbm), ddr_cap_bytes=int(ddr)),
+        hardware_config=HardwareConfig(**bw), kernel_config=KernelConfig(compute_device=hw.device))
+
+
+class _OncePerShape:
+    """A TorchRec shard estimator run once per distinct (table shape, sharding, kernel, shard size).
+
+    A shard's estimate does not depend on its rank, but TorchRec estimates every shard of every
+    option: at 1024 ranks a row-wise option has 1024 equal shards, and planning took minutes.
+    Estimating one of each and copying the result gives the same numbers in seconds."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.done = inner, {}
+
+    def estimate(self, sharding_options: list, sharder_data_map: Any = None) -> None:
+        proxies = {}
+        for so in sharding_options:
+            key = self._key(so)
+            for s in so.shards:
+                if (key, tuple(s.size)) not in self.done:
+                    p = proxies.setdefault(key, copy.copy(so))
+                    if p is so or p.shards is so.shards:
+                        p.shards = []
+                    if all(tuple(q.size) != tuple(s.size) for q in p.shards):
+                        p.shards.append(copy.copy(s))
+        if proxies:
+            self.inner.estimate(list(proxies.values()), sharder_data_map=sharder_data_map)
+            for key, p in proxies.items():
+                for s in p.shards:
+                    self.done[key, tuple(s.size)] = s.perf
+        for so in sharding_options:
+            key = self._key(so)
+            for s in so.shards:
+                s.perf = copy.copy(self.done[key, tuple(s.size)])
+
+    @staticmethod
+    def _key(so: Any) -> tuple:
+        return (so.sharding_type, so.compute_kernel, tuple(so.tensor.shape), so.tensor.dtype, tuple(so.input_lengths),
+                so.batch_size, so.is_pooled, so.cache_load_factor, so.module_type_key)
+
+
+def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_size: int, hbm: float, ddr: float) -> list:
+    """TorchRec's chosen sharding options (one per table, shards with rank, storage and perf)."""
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
+    from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
+    from torchrec.distributed.planner.stats import NoopEmbeddingStats
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from wdl.train.optim import fused_table_optimizer
+
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.num_embeddings, feature_names=[t.feature],
+                           pooling=PoolingType.SUM, data_type=DataType.FP16 if dtype == "fp16" else DataType.FP32)
+        for t in specs], device=torch.device("meta"))
+    opt_cls, opt_args = fused_table_optimizer(cfg.optim.deep, hw.device, "deep")
+    _apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_args)  # the storage estimator reads it
+
+    kernels = ["fused", "fused_uvm_caching"] if hw.allow_uvm and hw.device == "cuda" else ["fused"]
+    constraints = {}
+    for t in specs:
+        kind = cfg.distributed.tables.get(t.name, cfg.distributed.sharding)
+        types = [kind] if kind != "auto" else list(SHARDING_TYPES if hw.device == "cuda" else CPU_SHARDING)
+        if hw.device != "cuda" and any(k not in CPU_SHARDING for k in types):
+            raise ConfigError(f"distributed sharding {kind} for {t.name} needs CUDA; on CPU TorchRec offers only "
+                              f"{', '.join(CPU_SHARDING)}")
+        constraints[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+    topology = _topology(hw, hbm, ddr)
+    estimators = [_OncePerShape(EmbeddingPerfEstimator(topology, constraints)),
+                  EmbeddingStorageEstimator(topology, constraints)]
+    # Partitioning a proposal costs O(world size); the greedy search stops after this many
+    # proposals without a better plan (TorchRec's default search never stops early).
+    proposals = max(2, 1024 // hw.world_size)
+    chosen: list = []
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints,
+        enumerator=EmbeddingEnumerator(topology, batch_size, constraints, estimator=estimators),
+        storage_reservation=FixedPercentageStorageReservation(0.0),  # RESERVED is taken off the capacity already
+        proposer=[UniformProposer(), GreedyProposer(threshold=proposals)], stats=[NoopEmbeddingStats()], debug=False,
+        callbacks=[lambda plan: chosen.append(plan) or plan])
+    planner.plan(ebc, [EmbeddingBagCollectionSharder()])
+    return chosen[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
+         table_rows: dict[str, int] | None = None) -> dict[str, Any]:
+    """Where every table goes and what a step costs on `hw`; a plain dict (the --json output)."""
+    from torchrec.distributed.planner import constants as C
+    from torchrec.distributed.planner.types import CollectiveType, PlannerError
+
+    from wdl.distributed.rows import block
+    from wdl.model.embeddings import resolve_backend
+    from wdl.train.sparse_optim import state_bytes_per_row
+
+    logging.getLogger("torchrec").setLevel(logging.ERROR)  # its planner logs every proposal
+    w, device = hw.world_size, hw.device
+    backend = resolve_backend(cfg.model.embedding_backend)
+    model = build_model(cfg, table_sizes(cfg, table_rows or {}))
+    parts = model.parts()
+    groups = [(p, g) for p in ("wide", "deep") for g in parts[p].tables]
+    if backend == "torchrec":
+        groups = [(p, g) for p, g in groups if p == "wide"]
+    tr_specs = [t for t in model.table_specs() if t.name.startswith("deep_")] if backend == "torchrec" else []
+    elt = 2 if dtype == "fp16" else 4
+
+    # Memory: wdl's row blocks (the largest is rank 0's), then what is left for TorchRec per rank.
+    dense_params = sum(p.numel() for p in parts["deep"].dense)
+    dense_bytes = dense_params * 4 * (2 + state_bytes_per_row(cfg.optim.deep, 1) // 4)  # weight, grad, state
+    wdl_rank = [0] * w
+    tables: list[dict[str, Any]] = []
+    for part, g in groups:
+        per_row = 4 * g.dim + state_bytes_per_row(getattr(cfg.optim, part), g.dim) + (4 if w == 1 else 0)
+        for r in range(w):
+            lo, hi = block(g.num_rows, w, r)
+            wdl_rank[r] += (hi - lo) * per_row
+        names = [t.name for t in g.tables] + (["bias"] if g.bias_row is not None else [])
+        tables.append({"name": f"{part} (wdl fused, {len(names)} tables: {', '.join(names)})", "owner": "wdl",
+                       "rows": g.num_rows, "dim": g.dim, "dtype": "fp32", "sharding": "wdl_row_blocks",
+                       "kernel": "wdl", "ranks": list(range(min(w, g.num_rows))), "bytes": g.num_rows * per_row,
+                       "features": len(g.tables) + (g.bias_row is not None)})
+    tables_hbm = device == "cuda"
+    hbm_cap, ddr_cap = hw.hbm_gib * GIB if tables_hbm else 0.0, hw.ddr_gib * GIB
+    cap = hbm_cap if tables_hbm else ddr_cap
+    usable = (1 - RESERVED) * cap - max(wdl_rank) - dense_bytes
+    need = sum(t["bytes"] for t in tables) + dense_bytes * w + sum(
+        t.num_embeddings * (elt * t.dim + state_bytes_per_row(cfg.optim.deep, t.dim)) for t in tr_specs)
+    where = "HBM" if tables_hbm else "host memory"
+    short = (f"the tables and optimiser state need {need / GIB:,.1f} GiB of {where} in all, {w} rank(s) x "
+             f"{cap / GIB:,.1f} GiB less TorchRec's {RESERVED:.0%} reserve give {(1 - RESERVED) * cap * w / GIB:,.1f} GiB")
+    if usable < 0 or need > (1 - RESERVED) * cap * w + (ddr_cap * w if hw.allow_uvm and tables_hbm else 0):
+        missing = need - (1 - RESERVED) * cap * w
+        ranks = math.ceil(need / ((1 - RESERVED) * cap)) if cap else 0
+        raise ConfigError(f"{short}: {max(missing, 0) / GIB:,.1f} GiB missing; use at least {ranks} ranks, more memory "
+                          "per rank, --dtype fp16, fewer rows or optim.deep.name=rowwise_adagrad")
+
+    shards: list = []
+    if tr_specs:
+        hbm_left, ddr_left = (usable, ddr_cap) if tables_hbm else (0.0, usable)
+        try:
+            shards = _torchrec_plan(cfg, tr_specs, hw, dtype, batch_size, hbm_left, ddr_left)
+        except PlannerError as e:
+            raise ConfigError(f"{short}; TorchRec's planner found no placement for the tables one by one "
+                              f"({str(e).splitlines()[0].strip()}); use more ranks or smaller tables") from None
+    topology = _topology(hw, hbm_cap, ddr_cap)
+
+    # Per rank: memory and embedding time (ms), TorchRec's shards plus wdl's blocks.
+    mem = [{"rank": r, "hbm_bytes": wdl_rank[r] + dense_bytes if tables_hbm else 0,
+            "host_bytes": 0 if tables_hbm else wdl_rank[r] + dense_bytes,
+            "tables_bytes": wdl_rank[r]} for r in range(w)]
+    keys = ("lookup_fwd", "lookup_bwd", "input_comms", "output_comms")
+    t_rank = [dict.fromkeys(keys, 0.0) for _ in range(w)]
+    state_of = {t.name: state_bytes_per_row(cfg.optim.deep, t.dim) for t in tr_specs}
+    for so in shards:
+        ranks = sorted({s.rank for s in so.shards})
+        nbytes = 0
+        for s in so.shards:
+            rows, cols = s.size
+            b = rows * cols * elt + rows * state_of[so.name] * cols // so.tensor.shape[1]
+            nbytes += b
+            m = mem[s.rank]
+            m["hbm_bytes"] += s.storage.hbm
+            m["host_bytes"] += s.storage.ddr
+            m["tables_bytes"] += b
+            t = t_rank[s.rank]
+            t["lookup_fwd"] += s.perf.fwd_compute
+            t["lookup_bwd"] += s.perf.bwd_compute + s.perf.prefetch_compute
+            t["input_comms"] += s.perf.input_dist_comms
+            t["output_comms"] += s.perf.fwd_comms + s.perf.bwd_comms
+        tables.append({"name": so.name, "owner": "torchrec", "rows": int(so.tensor.shape[0]),
+                       "dim": int(so.tensor.shape[1]), "dtype": dtype, "sharding": so.sharding_type,
+                       "kernel": so.compute_kernel, "ranks": ranks, "bytes": nbytes, "features": 1})
+
+    # wdl's blocks: every rank looks up batch x features ids (pooling factor 1, as TorchRec
+    # assumes) and serves as many; (W-1)/W of them travel.
+    dev_bw = topology.hbm_mem_bw if tables_hbm else topology.ddr_mem_bw
+    a2a = topology.comms_bandwidths.get_bw(local_world_size=topology.local_world_size, world_size=w,
+                                           collective_type=CollectiveType.ALL_TO_ALL)
+    away = (w - 1) / w
+    for part, g in groups:
+        ids = batch_size * (len(g.tables) + (g.bias_row is not None))
+        state = state_bytes_per_row(getattr(cfg.optim, part), g.dim)
+        for t in t_rank:
+            t["lookup_fwd"] += ids * (4 * g.dim + 8) / dev_bw
+            t["lookup_bwd"] += ids * (3 * 4 * g.dim + 2 * state) / dev_bw  # grad read, weight and state r/w
+            t["input_comms"] += away * ids * 8 / a2a
+            t["output_comms"] += away * ids * 2 * 4 * g.dim / a2a
+
+    # Dense part: MLP FLOPs over an assumed peak, DDP's all-reduce of its gradients.
+    layers = [m for m in model.deep.mlp if isinstance(m, torch.nn.Linear)] if model.deep is not None else []
+    flops = 3 * 2 * batch_size * sum(m.in_features * m.out_features for m in layers)
+    peak = hw.peak_tflops or PEAK_TFLOPS[device]
+    ar_bw = topology.comms_bandwidths.get_bw(local_world_size=topology.local_world_size, world_size=w,
+                                             collective_type=CollectiveType.ALL_REDUCE)
+    dense_ms = {"dense_compute": flops / (peak * 1e12) * 1e3,
+                "dense_allreduce": 2 * away * dense_params * 4 / ar_bw if w > 1 else 0.0}
+    emb = [sum(t.values()) for t in t_rank]
+    busiest = max(range(w), key=lambda r: emb[r])
+    step = {**t_rank[busiest], **dense_ms}
+    step["total"] = sum(step.values())
+    return {
+        "world_size": w, "local_world_size": topology.local_world_size, "device": device, "backend": backend,
+        "batch_size": batch_size, "global_batch_size": batch_size * w, "dtype": dtype,
+        "capacity": {"hbm_bytes": hbm_cap, "host_bytes": ddr_cap, "reserved_fraction": RESERVED},
+        "tables": tables, "memory_per_rank": mem, "step_ms": step, "busiest_rank": busiest,
+        "busiest_share": emb[busiest] / sum(emb) if sum(emb) else 1.0,
+        "samples_per_second": batch_size * w / (step["total"] / 1e3),
+        "dense": {"flops_per_step": flops, "peak_tflops": peak, "params": dense_params},
+        "assumptions": {
+            "source": C.__file__.split("site-packages/")[-1],
+            "hbm_bw_gbs": topology.hbm_mem_bw / 1e6, "ddr_bw_gbs": topology.ddr_mem_bw / 1e6,
+            "intra_node_bw_gbs": topology.intra_host_bw / 1e6, "inter_node_bw_gbs": topology.inter_host_bw / 1e6,
+            "all_to_all_bw_gbs": a2a / 1e6, "all_reduce_bw_gbs": ar_bw / 1e6,
+            "bwd_compute_multiplier": C.BWD_COMPUTE_MULTIPLIER, "pooling_factor": C.POOLING_FACTOR,
+            "overlap": "none: communication and compute add up"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing and the command line
+
+
+def _ranks(rs: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, i = [], 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        out.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
+        i = j + 1
+    return ",".join(out) or "-"
+
+
+def render(p: dict[str, Any]) -> str:
+    g = lambda b: f"{b / GIB:,.2f}" if b >= GIB / 100 or not b else f"{b / GIB:.1e}"  # noqa: E731
+    a, s, w = p["assumptions"], p["step_ms"], p["world_size"]
+    out = [f"plan: {w} x {p['device']} ({p['local_world_size']} per node), batch {p['batch_size']:,} per rank "
+           f"({p['global_batch_size']:,} global), TorchRec tables {p['dtype']}, embedding backend {p['backend']}", "",
+           f"{'table':<28} {'rows':>14} {'dim':>4}  {'sharding':<17} {'ranks':<14} {'GiB + state':>11}"]
+    for t in p["tables"]:
+        name = t["name"] if t["owner"] == "torchrec" else f"{t['name'].split(' ')[0]} (wdl, {t['features']} tables)"
+        out.append(f"{name:<28} {t['rows']:>14,} {t['dim']:>4}  {t['sharding']:<17} {_ranks(t['ranks']):<14} "
+                   f"{g(t['bytes']):>11}")
+    mem = p["memory_per_rank"]
+    total = sum(m["tables_bytes"] for m in mem)
+    out += ["", f"memory per rank, GiB (tables + optimiser state; HBM/host as TorchRec estimates them, with input "
+                f"and output buffers; dense layers included); all ranks: {g(total)} of tables + state"]
+    shown = mem if w <= 16 else sorted({max(mem, key=lambda m: m['hbm_bytes'] + m['host_bytes'])['rank'], 0, w - 1})
+    out.append(f"{'rank':>6} {'HBM':>9} {'host':>9} {'tables+state':>13}")
+    for r in shown:
+        m = mem[r] if isinstance(r, int) else r
+        out.append(f"{m['rank']:>6} {g(m['hbm_bytes']):>9} {g(m['host_bytes']):>9} {g(m['tables_bytes']):>13}")
+    if w > 16:
+        out.append(f"  (ranks 0, {w - 1} and the fullest shown; --json lists all {w})")
+    cap = p["capacity"]
+    out.append(f"capacity per rank: {g(cap['hbm_bytes'])} HBM, {g(cap['host_bytes'])} host; "
+               f"{cap['reserved_fraction']:.0%} kept free as TorchRec's planner does")
+    d = p["dense"]
+    out += ["", f"step estimate, busiest rank ({p['busiest_rank']}), ms:",
+            f"  look-up forward compute     {s['lookup_fwd']:10.4f}",
+            f"  look-up backward compute    {s['lookup_bwd']:10.4f}   (gradients and the fused optimiser)",
+            f"  input communication         {s['input_comms']:10.4f}   (ids to the ranks that hold their rows)",
+            f"  output communication        {s['output_comms']:10.4f}   (pooled rows back, their gradients out)",
+            f"  dense MLP compute           {s['dense_compute']:10.4f}   ({d['flops_per_step'] / 1e9:,.2f} GFLOP at an "
+            f"assumed {d['peak_tflops']:g} TFLOP/s)",
+            f"  dense gradient all-reduce   {s['dense_allreduce']:10.4f}   ({d['params']:,} parameters)",
+            f"  total                       {s['total']:10.4f}",
+            f"the busiest rank does {p['busiest_share']:.1%} of all embedding work (even: {1 / w:.1%})",
+            f"estimated samples/s: {p['samples_per_second']:,.0f}", "",
+            f"assumptions ({a['source']}, unless given): HBM {a['hbm_bw_gbs']:,.0f} GB/s, DDR {a['ddr_bw_gbs']:,.0f} "
+            f"GB/s, intra-node {a['intra_node_bw_gbs']:,.0f} GB/s, inter-node {a['inter_node_bw_gbs']:,.1f} GB/s "
+            f"(all-to-all here {a['all_to_all_bw_gbs']:,.1f}, all-reduce {a['all_reduce_bw_gbs']:,.1f}); backward "
+            f"{a['bwd_compute_multiplier']:g}x forward; {a['pooling_factor']:g} id per feature and sample; "
+            f"no overlap of communication and compute"]
+    return "\n".join(out)
+
+
+def add_plan_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs or processes) in all")
+    p.add_argument("--local-world-size", type=int, default=8, help="ranks per node (default 8)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="GiB of device memory per rank (default 80)")
+    p.add_argument("--ddr-gb", type=float, default=512.0, help="GiB of host memory per rank (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the config's data.batch_size)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="TorchRec table weights")
+    p.add_argument("--table-rows", nargs="+", default=[], metavar="FEATURE=ROWS",
+                   help="table sizes, e.g. for vocab_size: auto when the data set is not prepared")
+    p.add_argument("--uvm", action="store_true", help="let TorchRec keep tables in host memory behind an HBM cache")
+    for flag, what in (("hbm-bw", "HBM"), ("ddr-bw", "host memory"), ("intra-bw", "intra-node link"),
+                       ("inter-bw", "inter-node link")):
+        p.add_argument(f"--{flag}", type=float, default=None, metavar="GB/s", help=f"{what} bandwidth (default: TorchRec's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"dense FLOP/s assumed for the MLP (default {PEAK_TFLOPS['cuda']:g} on cuda, "
+                        f"{PEAK_TFLOPS['cpu']:g} on cpu)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, as for wdl train")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args) -> int:
+    import json
+
+    from wdl.config import load_config
+
+    if args.world_size < 1 or args.local_world_size < 1:
+        raise ConfigError("--world-size and --local-world-size must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    rows = {}
+    for item in args.table_rows:
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--table-rows {item!r}: expected FEATURE=ROWS with ROWS >= 1")
+        rows[name] = int(n)
+    cfg = load_config(args.config, args.overrides)
+    hw = Hardware(args.device, args.world_size, args.local_world_size, args.hbm_gb, args.ddr_gb, args.hbm_bw,
+                  args.ddr_bw, args.intra_bw, args.inter_bw, args.peak_tflops, args.uvm)
+    result = plan(cfg, hw, batch_size=args.batch_size or cfg.data.batch_size, dtype=args.dtype, table_rows=rows)
+    print(json.dumps(result, indent=1) if args.json else render(result))
+    return 0
