@@ -31,6 +31,11 @@ def one_line_error(capsys, *needles: str) -> str:
     return err
 
 
+def files(run: Path) -> dict[str, bytes]:
+    """The run's files and their contents (the lock file names its latest holder: left out)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+
 def checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("step-*"))
 
@@ -88,7 +93,7 @@ def test_each_kind_of_damage_is_found(two_epochs, damage):
 
 
 def test_a_run_folder_has_one_owner(tiny_config, two_epochs, tmp_path, capsys):
-    before = {p.name: p.read_bytes() for p in two_epochs.iterdir() if p.is_file() and p.name != ".lock"}
+    before = files(two_epochs)
     fd = os.open(two_epochs / ".lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds it
     try:
@@ -104,8 +109,7 @@ def test_a_run_folder_has_one_owner(tiny_config, two_epochs, tmp_path, capsys):
         os.close(fd2)
     finally:
         os.close(fd)
-    after = {p.name: p.read_bytes() for p in two_epochs.iterdir() if p.is_file() and p.name != ".lock"}
-    assert after == before
+    assert files(two_epochs) == before
     # the lock goes with its holder: the same resume now works
     assert train(tiny_config, "run.name=base", "train.epochs=3", "--resume", "auto") == 0
 
@@ -124,11 +128,11 @@ def test_killed_before_the_first_checkpoint_logs_each_epoch_once(tiny_config, tw
 def test_resume_auto_never_overwrites_a_finished_run_without_checkpoints(tiny_config, tmp_path, capsys):
     assert train(tiny_config, "run.name=done", "train.epochs=1", "checkpoint.at_epoch_end=false") == 0
     run = tmp_path / "runs" / "done"
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = files(run)
     capsys.readouterr()
     assert train(tiny_config, "run.name=done", "--resume", "auto") == 2
     one_line_error(capsys, "holds a finished run and no checkpoint")
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert files(run) == before
 
 
 def test_unwritable_paths_fail_before_training_and_leave_no_run_folder(tiny_config, tmp_path, capsys):

@@ -122,8 +122,9 @@ class Checkpointer:
         # means something only when these agree.
         self.read_order = read_order or {}
 
-    def save(self, app_state: dict[str, Any], progress: dict[str, int]) -> Path:
-        final = self.folder / f"{PREFIX}{progress['step']:08d}"
+    def save(self, app_state: dict[str, Any], progress: dict[str, int], name: str | None = None) -> Path:
+        """Save as step-<step> (the newest `keep` are kept), or as `name` (e.g. best), replacing it."""
+        final = self.folder / (name or f"{PREFIX}{progress['step']:08d}")
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -139,9 +140,14 @@ class Checkpointer:
             meta = {**progress, "world_size": self.world_size, "signature": self.signature,
                     "read_order": self.read_order, "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():  # same step saved twice (epoch end after a step save): replace
-                shutil.rmtree(final)
+            # Replacing (a named checkpoint, or a step saved twice): the old one stays until the new
+            # one is in place, so a crash in between leaves one of them under .old.
+            old = final.with_name(final.name + ".old")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
             tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
             for old in complete_checkpoints(self.folder)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()

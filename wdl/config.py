@@ -73,7 +73,11 @@ class PrepareConfig:
 class DataConfig:
     path: str = "data/ml-100k"
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = "test"  # scored every epoch; with a validation split, once at the end (best epoch's model)
+    # Model selection: a split of the data set that picks the best epoch (and early stopping)...
+    valid_split: str = ""
+    # ... or this share of the train split held out for it (seeded by run.seed; whole row groups when streaming).
+    valid_fraction: float = 0.0
     batch_size: int = 1024  # per rank: the global batch is batch_size * world_size
     eval_batch_size: int = 16384
     in_memory: bool = True  # hold the (small) data set as tensors on the device
@@ -132,8 +136,18 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when the validation metric has not improved by min_delta for `patience` epochs."""
+
+    metric: Literal["auc", "logloss"] = "auc"
+    patience: int = 0  # 0: off (the best epoch is still selected on validation)
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 20
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and smoke runs
     progress: bool = True
     # Only evaluate the model state (e.g. a checkpoint given by checkpoint.resume) and write
@@ -376,6 +390,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.keep: must be >= 1")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
+    _validate_selection(cfg.data, cfg.train.early_stopping)
     for where, n in (("train.max_steps", cfg.train.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                      ("data.num_workers", cfg.data.num_workers)):
         if n < 0:
@@ -402,6 +417,22 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _validate_selection(d: DataConfig, es: EarlyStoppingConfig) -> None:
+    if d.valid_split and d.valid_fraction:
+        raise ConfigError("data.valid_split and data.valid_fraction: give one (a split of the data set, or a share "
+                          "of the train split to hold out)")
+    if not 0 <= d.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {d.valid_fraction}")
+    if d.valid_split and d.valid_split in (d.train_split, d.eval_split):
+        raise ConfigError(f"data.valid_split={d.valid_split!r} is also the train or eval split; selecting the "
+                          "epoch on it would make the reported numbers optimistic")
+    if es.patience < 0 or es.min_delta < 0:
+        raise ConfigError("train.early_stopping: patience and min_delta must be >= 0")
+    if es.patience and not (d.valid_split or d.valid_fraction):
+        raise ConfigError("train.early_stopping.patience needs a validation split: set data.valid_split or "
+                          "data.valid_fraction (stopping on the test split would select on it)")
 
 
 def _validate_interaction(deep: DeepConfig) -> None:

@@ -22,8 +22,11 @@ def train_main(args: argparse.Namespace) -> int:
     from wdl.distributed.env import close_distributed, init_distributed
     from wdl.train.trainer import Trainer
 
+    from wdl.train import run_log
+
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
+    run_log.capture()  # library warnings go to <run folder>/run.log once the folder is known
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     trainer = None
     try:
@@ -32,6 +35,7 @@ def train_main(args: argparse.Namespace) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        run_log.release()
         close_distributed()
     return 0
 

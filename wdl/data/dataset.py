@@ -3,14 +3,16 @@ give each rank its loaders for the train and eval splits."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
 from wdl.config import Config, DataConfig
 from wdl.data.features import FeatureSpec, FeatureTable
 from wdl.data.manifest import Manifest, load_manifest
-from wdl.data.parquet import InMemoryLoader, StreamingLoader, list_row_groups, read_row_group
+from wdl.data.parquet import InMemoryLoader, RowGroup, StreamingLoader, list_row_groups, read_row_group
 from wdl.errors import DataError
 
 
@@ -53,18 +55,70 @@ def load_table(files: list[Path], spec: FeatureSpec) -> FeatureTable:
     return FeatureTable.concat(parts)
 
 
-def build_loader(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, *, train: bool, rank: int,
-                 world_size: int, device: torch.device, seed: int) -> InMemoryLoader | StreamingLoader:
+Loader = Union[InMemoryLoader, StreamingLoader]
+
+
+@dataclass
+class Loaders:
+    """One rank's loaders: `train`; `valid` selects the epoch (None without a validation split);
+    `test` is data.eval_split."""
+
+    train: Loader
+    valid: Optional[Loader]
+    test: Loader
+
+
+def build_loaders(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, *, rank: int, world_size: int,
+                  device: torch.device, seed: int) -> Loaders:
+    def loader(rows: FeatureTable | list[RowGroup], train: bool) -> Loader:
+        if isinstance(rows, FeatureTable):
+            return InMemoryLoader(rows.to(device), cfg.batch_size if train else cfg.eval_batch_size,
+                                  rank=rank, world_size=world_size, shuffle=train, seed=seed)
+        return StreamingLoader(rows, spec, cfg.batch_size if train else cfg.eval_batch_size, rank=rank,
+                               world_size=world_size, num_workers=cfg.num_workers if train else 0, shuffle=train,
+                               shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+
+    train = _rows(cfg, manifest, spec, cfg.train_split, "data.train_split", world_size)
+    valid = None
+    if cfg.valid_split:
+        valid = _rows(cfg, manifest, spec, cfg.valid_split, "data.valid_split", world_size)
+    elif cfg.valid_fraction > 0:
+        train, valid = _carve(train, cfg.valid_fraction, seed, world_size, f"{manifest.root}/{cfg.train_split}")
+    test = _rows(cfg, manifest, spec, cfg.eval_split, "data.eval_split", world_size)
+    return Loaders(loader(train, True), loader(valid, False) if valid is not None else None, loader(test, False))
+
+
+def _rows(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, key: str,
+          world_size: int) -> FeatureTable | list[RowGroup]:
+    """A split's rows: a table in memory, or its row groups to stream."""
     entry = manifest.split(split)
-    key = "data.train_split" if train else "data.eval_split"
     if entry.rows < world_size:
         raise DataError(f"the {split!r} split of {manifest.root} ({key}) has {entry.rows} rows, too few for "
                         f"{world_size} rank(s); prepare it with more rows or pick another split")
     files = [f.path for f in entry.files]
-    batch_size = cfg.batch_size if train else cfg.eval_batch_size
-    if cfg.in_memory:
-        table = load_table(files, spec).to(device)
-        return InMemoryLoader(table, batch_size, rank=rank, world_size=world_size, shuffle=train, seed=seed)
-    return StreamingLoader(files, spec, batch_size, rank=rank, world_size=world_size,
-                           num_workers=cfg.num_workers if train else 0, shuffle=train,
-                           shuffle_buffer=cfg.shuffle_buffer, seed=seed)
+    return load_table(files, spec) if cfg.in_memory else list_row_groups(files, spec)
+
+
+def _carve(rows: FeatureTable | list[RowGroup], fraction: float, seed: int, world_size: int,
+           where: str) -> tuple[FeatureTable | list[RowGroup], FeatureTable | list[RowGroup]]:
+    """Hold out `fraction` of the train rows for validation, the same rows on every rank and in
+    every epoch: single rows in memory, whole row groups when streaming."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(rows, FeatureTable):
+        n = len(rows)
+        n_valid = int(round(n * fraction))
+        order = torch.randperm(n, generator=g)
+        held, kept = order[:n_valid].sort().values, order[n_valid:].sort().values
+        if n_valid < world_size or n - n_valid < world_size:
+            raise DataError(f"data.valid_fraction={fraction} of the {n} rows of {where} leaves too few rows for "
+                            f"{world_size} rank(s) on one side")
+        return rows.take_table(kept), rows.take_table(held)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    total, held = sum(u.rows for u in rows), []
+    while order and sum(u.rows for u in held) < fraction * total:
+        held.append(rows[order.pop(0)])
+    kept = [rows[i] for i in sorted(order)]
+    if not held or not kept:
+        raise DataError(f"data.valid_fraction={fraction}: {where} has {len(rows)} row groups, too few to hold out "
+                        "whole row groups for validation; use a valid split in the data (data.valid_split)")
+    return kept, sorted(held, key=rows.index)

@@ -243,7 +243,7 @@ class StreamingLoader(_Position):
     num_workers: DataLoader worker processes for this rank (0 = read in the training process).
     """
 
-    def __init__(self, files: list[Path], spec: FeatureSpec, batch_size: int, *, rank: int = 0,
+    def __init__(self, source: list[Path] | list[RowGroup], spec: FeatureSpec, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 65536,
                  seed: int = 0) -> None:
         super().__init__()
@@ -251,7 +251,9 @@ class StreamingLoader(_Position):
         self.num_workers_proc = num_workers
         self.num_workers = max(1, num_workers)  # parts per rank
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
-        self.units = list_row_groups(files, spec)
+        # Whole files, or chosen row groups (e.g. the train rows left after holding some out).
+        chosen = bool(source) and isinstance(source[0], RowGroup)
+        self.units = list(source) if chosen else list_row_groups(list(source), spec)
         self.parts = world_size * self.num_workers
         if len(self.units) < self.parts:
             raise DataError(

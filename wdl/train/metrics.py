@@ -49,20 +49,31 @@ class MetricsLogger:
             self.header_printed = True
         print(" | ".join(_fmt(fmt, record.get(k)) for k, _, fmt in COLUMNS), flush=True)
 
-    def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+    def write_summary(self, extra: dict[str, Any], selection: Any = None, test: dict[str, Any] | None = None,
+                      test_split: str = "test") -> dict[str, Any]:
+        """With a `selection` (validation protocol): the selected epoch and its `test` scores;
+        without: the epoch of best AUC on the split scored every epoch."""
         scored = [r for r in self.records if r.get("auc") is not None and not math.isnan(r["auc"])]
         best = max(scored, key=lambda r: r["auc"]) if scored else None
         summary = {
             "epochs": len(self.records),
-            "best_auc": best["auc"] if best else None,
+            "selected_on": self.eval_split,
+            "best_auc": best["auc"] if best else None,  # on selected_on
             "best_epoch": best["epoch"] if best else None,
             "final": self.records[-1] if self.records else None,
             "mean_train_seconds": (sum(r["train_seconds"] for r in self.records) / len(self.records)) if self.records else None,
             **extra,
         }
+        if selection is not None:
+            summary["best_epoch"] = selection.best_epoch
+            summary[f"best_{selection.cfg.metric}"] = selection.best_value
+            summary["test_split"], summary["test"] = test_split, test
         if self.enabled:
             self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-            if best:
+            if selection is not None and selection.best_epoch is not None and test is not None:
+                print(f"best {selection.describe()}; {test_split} AUC of that model {_num(test['auc'])} "
+                      f"(scored once); results in {self.path.parent}")
+            elif best:
                 print(f"best {self.eval_split} AUC {best['auc']:.4f} at epoch {best['epoch']}; results in {self.path.parent}")
         return summary
 
@@ -72,3 +83,7 @@ def _fmt(fmt: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return " " * (width - 1) + "-"
     return fmt.format(value)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.4f}"

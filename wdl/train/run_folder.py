@@ -23,7 +23,7 @@ from wdl.errors import CheckpointError, ConfigError
 
 LOCK = ".lock"
 # What a run writes before its first step: a folder holding only these is an unused one.
-START_FILES = {LOCK, "config.yaml", "plan.txt"}
+START_FILES = {LOCK, "config.yaml", "plan.txt", "run.log"}
 
 
 class RunFolder:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from wdl.checkpoint import Checkpointer
 from wdl.config import Config, ModelConfig, save_config
-from wdl.data.dataset import build_loader, feature_spec, open_dataset
+from wdl.data.dataset import build_loaders, feature_spec, open_dataset
 from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, barrier, comm_device
@@ -32,7 +32,9 @@ from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate, gather_to_all
 from wdl.train.metrics import MetricsLogger
 from wdl.train.optim import build_optimizers, fused_table_optimizer
+from wdl.train import run_log
 from wdl.train.run_folder import RunFolder
+from wdl.train.selection import Selection
 from wdl.train.sparse_optim import state_bytes_per_row
 
 
@@ -49,6 +51,7 @@ class Trainer:
         # 1. Run folder (rank 0 picks and locks it, everyone uses it) and the checkpoint to resume
         #    from. A start that fails before training removes a folder it created.
         self.folder, self.run_dir, resume_from, restart = _open_run_folder(cfg, env)
+        run_log.attach(self.run_dir / ("run.log" if env.is_main else f"run-rank{env.rank}.log"))
         try:
             self._build(resume_from, restart, fused)
         except BaseException:
@@ -72,11 +75,17 @@ class Trainer:
         if not env.is_main:
             manifest = open_dataset(cfg.data, may_prepare=False)
         self.spec = feature_spec(cfg, manifest)
-        loader_args = dict(rank=env.rank, world_size=env.world_size, device=self.device, seed=cfg.run.seed)
-        self.train_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.train_split, train=True, **loader_args)
-        self.eval_loader = build_loader(cfg.data, manifest, self.spec, cfg.data.eval_split, train=False, **loader_args)
+        loaders = build_loaders(cfg.data, manifest, self.spec, rank=env.rank, world_size=env.world_size,
+                                device=self.device, seed=cfg.run.seed)
+        self.train_loader, self.test_loader = loaders.train, loaders.test
+        # Each epoch is scored on the validation split when there is one (it picks the epoch, and
+        # the test split is scored once at the end); else on the test split.
+        self.eval_loader = loaders.valid or loaders.test
+        self.eval_name = ("valid" if loaders.valid is not None else cfg.data.eval_split)
+        self.selection = Selection(cfg.train.early_stopping) if loaders.valid is not None else None
         if env.is_main:
-            _warn_single_class(manifest, [cfg.data.train_split, cfg.data.eval_split])
+            _warn_single_class(manifest, [cfg.data.train_split, cfg.data.valid_split or cfg.data.train_split,
+                                          cfg.data.eval_split])
 
         # 3. Model: knows nothing of distribution. Its tables are only described (meta device):
         #    placement allocates and initialises each rank's rows, so none exists whole anywhere.
@@ -97,10 +106,10 @@ class Trainer:
         _seed_everything(cfg.run.seed + env.rank)
         if env.is_main:
             (self.run_dir / "plan.txt").write_text(self.placed.plan + "\n")
-            print(f"wdl: sharding plan\n{self.placed.plan}", flush=True)
+            print(f"wdl: sharding plan in {self.run_dir / 'plan.txt'}", flush=True)
 
         # 5. Metrics (rank 0) and checkpoints; resume if asked.
-        self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.data.eval_split)
+        self.metrics = MetricsLogger(self.run_dir, env.is_main, self.eval_name)
         if restart:  # an earlier attempt logged epochs but died before its first checkpoint
             self.metrics.load_existing(keep_epochs=0)
         self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
@@ -126,22 +135,35 @@ class Trainer:
             print(f"wdl: {self.cfg.model.kind} ({self.backend} embeddings) on {self.device}, "
                   f"world size {self.env.world_size}; {n} train rows, {self.train_loader.steps_per_epoch} steps/epoch; "
                   f"run folder {self.run_dir}", flush=True)
-        while self.epoch < cfg.epochs and not self._out_of_steps():
+        while self.epoch < cfg.epochs and not self._out_of_steps() and not self._stop_early():
             train_stats = self.train_epoch()
             if not math.isfinite(train_stats["train_loss"]):  # the same all-reduced value on every rank
                 raise TrainingError(
                     f"training diverged: the train loss of epoch {self.epoch + 1} is {train_stats['train_loss']} "
                     f"(step {self.step}); lower optim.wide.lr / optim.deep.lr (nothing of this epoch was saved)")
-            eval_stats = self.evaluate()
+            eval_stats = self.evaluate(self.eval_loader)
             rss = gather_to_all(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
-            self.metrics.log_epoch({"epoch": self.epoch + 1, **train_stats, **eval_stats,
-                                    "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss})
+            record = {"epoch": self.epoch + 1, **train_stats, "eval_split": self.eval_name, **eval_stats,
+                      "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss}
+            self.metrics.log_epoch(record)
             if self.batches_done >= self.train_loader.steps_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
+            if self.selection is not None and self.selection.update(record["epoch"], record[self.selection.cfg.metric]):
+                self.save_checkpoint(name="best")
             if self.cfg.checkpoint.at_epoch_end:
                 self.save_checkpoint()
+        test = self.score_selected() if self.selection is not None else None
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
-                                           "device": str(self.device), "peak_rss_mb": _peak_rss_mb()})
+                                           "device": str(self.device), "peak_rss_mb": _peak_rss_mb()},
+                                          selection=self.selection, test=test, test_split=self.cfg.data.eval_split)
+
+    def score_selected(self) -> dict[str, Any] | None:
+        """Score the test split once, with the model of the best validation epoch."""
+        best = self.checkpointer.folder / "best"
+        if self.selection.best_epoch is None or not best.exists():
+            return None
+        self._load(best)
+        return {"epoch": self.selection.best_epoch, **self.evaluate(self.test_loader)}
 
     def close(self) -> None:
         """Give up the run folder (the lock also goes when the process dies)."""
@@ -194,14 +216,15 @@ class Trainer:
             "resumed_at_batch": resumed_at,
         }
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, loader: Any) -> dict[str, Any]:
         start = time.perf_counter()
-        self.eval_loader.load_state_dict({"epoch": 0, "batches_done": 0})
-        m = evaluate(self.model, self.eval_loader, self.device)
+        loader.load_state_dict({"epoch": 0, "batches_done": 0})
+        m = evaluate(self.model, loader, self.device)
         return {**m, "eval_seconds": time.perf_counter() - start}
 
     def evaluate_only(self) -> dict[str, Any]:
-        result = {"epoch": self.epoch, "step": self.step, "world_size": self.env.world_size, **self.evaluate()}
+        result = {"epoch": self.epoch, "step": self.step, "world_size": self.env.world_size,
+                  **self.evaluate(self.test_loader)}
         if self.env.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             print(f"{self.cfg.data.eval_split} AUC {result['auc']:.6f} logloss {result['logloss']:.6f} "
@@ -217,23 +240,29 @@ class Trainer:
         return {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict(),
                 "epoch_sums": epoch_sums}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, name: str | None = None) -> Path:
         # The epoch's loss and rows so far, summed over ranks (saved once, restored on rank 0).
         sums = _all_reduce_sum(torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64)]),
                                self.env)
-        return self.checkpointer.save(self._app_state(sums), self._progress_state())
+        return self.checkpointer.save(self._app_state(sums), self._progress_state(), name=name)
 
-    def _resume(self, path: Path) -> None:
+    def _load(self, path: Path) -> tuple[dict[str, int], dict[str, Any]]:
         # DCP fills these tensors in place (split ones as this world size splits them).
         app = self._app_state(torch.zeros(2, dtype=torch.float64))
         progress = self.checkpointer.load(path, app, self._progress_state())
         self.placed.state_module.load_state_dict(app["model"])
         self.optimizer.load_state_dict(app["optim"])
+        return progress, app
+
+    def _resume(self, path: Path) -> None:
+        progress, app = self._load(path)
         if self.env.is_main and progress["batches_done"] > 0:
             self.epoch_loss.fill_(app["epoch_sums"][0])
             self.epoch_rows = int(app["epoch_sums"][1])
         self.epoch, self.step, self.batches_done = progress["epoch"], progress["step"], progress["batches_done"]
         self.metrics.load_existing(keep_epochs=self.epoch)
+        if self.selection is not None:
+            self.selection.replay(self.metrics.records)
         if self.env.is_main:
             print(f"wdl: resumed from {path} (epoch {self.epoch + 1}, step {self.step}, "
                   f"{progress['batches_done']} batches into the epoch)", flush=True)
@@ -242,6 +271,14 @@ class Trainer:
 
     def _out_of_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.step
+
+    def _stop_early(self) -> bool:
+        if self.selection is None or not self.selection.should_stop():
+            return False
+        if self.env.is_main:
+            print(f"wdl: early stop after epoch {self.selection.last_epoch}: no better {self.eval_name} "
+                  f"{self.selection.cfg.metric} for {self.selection.cfg.patience} epochs", flush=True)
+        return True
 
     def _progress(self, total: int):
         if not (self.env.is_main and self.cfg.train.progress):
@@ -297,7 +334,8 @@ def _signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
 def _read_order(cfg: Config) -> dict[str, Any]:
     """The settings that fix which rows each step reads within an epoch (see data/parquet.py)."""
     d = cfg.data
-    order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed}
+    order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed,
+             "data.valid_split": d.valid_split, "data.valid_fraction": d.valid_fraction}  # what train holds
     if not d.in_memory:
         order |= {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer}
     return order
