@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks import tune
 from benchmarks.results import fmt
 
 
@@ -49,18 +50,18 @@ def render(result: dict[str, Any]) -> str:
         out.append("")
 
     kinds = {v.get("kind") for v in summary.values()}
-    if kinds & {"wdl", "peer", "reference", "sklearn_lr", "planted", "mlp_floor"}:
+    if kinds & {"wdl", "peer", "reference", "sklearn_lr", "planted", "mlp_floor", "tune"}:
         out += ["## Systems", "",
                 "| system | s/epoch | samples/s | final AUC | best AUC | logloss | peak RSS MB |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for s, v in summary.items():
-            if v.get("kind") in ("throughput", "reader"):
+            if v.get("kind") in ("throughput", "reader", "tune_trial"):  # trials: in the tuning table
                 continue
             out.append(f"| {s} | {_pm(v, 'train_seconds')} | {_pm(v, 'samples_per_second')} | {_pm(v, 'auc')} "
                        f"| {fmt(v.get('best_auc'))} | {_pm(v, 'logloss')} | {fmt(_m(v, 'peak_rss_mb'))} |")
         out.append("")
     out += _peers(result) + _mlp_floor(summary) + _throughput(result) + _table_rows(summary)
-    out += _scaling(summary) + _planted(result)
+    out += _scaling(summary) + _planted(result) + tune.report(result)
     if result.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]] + [""]
     out += ["Timings are medians of the timed (non-warm-up) epochs of each repetition, then the mean over "

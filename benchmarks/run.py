@@ -144,6 +144,11 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
             measurements += _run_mlp_floor(suite, system, reps, epochs)
         elif kind == "planted":
             measurements += _run_planted(suite, system, out, reps, epochs, threads)
+        elif kind == "tune":
+            from benchmarks import tune
+
+            cfg_path, overrides = _config(suite, system)
+            measurements += tune.run_tune(suite, system, out, epochs, threads, cfg_path, overrides, skipped)
         system["seconds"] = round(time.perf_counter() - t0, 1)
         load[-1]["after"] = _loadavg()
     result = {

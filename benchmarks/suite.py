@@ -20,7 +20,7 @@ from wdl.errors import ConfigError
 SUITES = Path(__file__).resolve().parent / "suites"
 CONFIG_SECTIONS = ("train", "data", "model", "optim", "run", "features")
 DEFAULTS = {"repetitions": 1, "warmup_epochs": 1, "epochs": 1, "threads": None, "systems": []}
-KINDS = ("wdl", "sklearn_lr", "peer", "reference", "throughput", "planted", "mlp_floor")
+KINDS = ("wdl", "sklearn_lr", "peer", "reference", "throughput", "planted", "mlp_floor", "tune")
 
 
 def list_suites() -> list[tuple[str, str]]:

@@ -122,3 +122,29 @@ def test_suites_parse_and_bad_input_is_one_line(capsys):
         assert s["epochs"] == 2 and s["trainer_overrides"] == ["train.max_steps=3"]
     assert bench_main(["run", "no-such-suite"]) == 2
     assert "no benchmark suite" in capsys.readouterr().err
+
+
+def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, tiny_data):
+    from benchmarks.tune import trials
+
+    grid = {"name": "t", "space": {"optim.deep.lr": [0.01, 0.1], "optim.wide.lr": [1, 2]}, "candidates": {"a": []}}
+    assert [n for n, _ in trials(grid)][:3] == ["a", "optim.deep.lr=0.01,optim.wide.lr=1",
+                                                 "optim.deep.lr=0.01,optim.wide.lr=2"]
+    picked = trials({**grid, "search": "random", "trials": 2, "seed": 3})
+    assert len(picked) == 3 and picked == trials({**grid, "search": "random", "trials": 2, "seed": 3})
+
+    suite = {"name": "tiny-tune", "config": str(tiny_config), "data": {"path": str(tiny_data)}, "epochs": 2,
+             "systems": [{"name": "tune", "kind": "tune", "valid_fraction": 0.2,
+                          "overrides": ["model.deep.interaction_pairs=[[user_id, movie_id]]"],
+                          "space": {"model.deep.interaction": ["none", "fm"]}}]}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert bench_main(["run", str(path), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    # none + pairs is refused by the config: skipped with its reason, not run
+    assert [s["system"] for s in result["skipped"]] == ["tune: interaction=none"]
+    trial, final = result["measurements"]
+    assert trial["kind"] == "tune_trial" and 0 < trial["valid_auc"] <= 1 and "auc" not in trial
+    assert final["kind"] == "tune" and final["trial"] == "interaction=fm" and 0 < final["auc"] <= 1
+    assert final["test_split"] == "test" and final["valid_auc"] is not None
+    assert "## Tuning" in (tmp_path / "out" / "report.md").read_text()
