@@ -216,3 +216,16 @@ def test_diverged_training_stops_with_one_line(tiny_config, tmp_path):
     err = proc.stderr.strip()
     assert "\n" not in err and "training diverged" in err and "epoch 1" in err, err
     assert not (tmp_path / "runs" / "div" / "metrics.jsonl").exists()  # no epoch with a non-finite loss logged
+
+
+def test_two_process_run_with_dot_interaction(tiny_config, tmp_path):
+    """Explicit interactions are model code only: sharded tables and DDP carry them unchanged, and
+    a checkpoint of a dot model does not resume into a model without it (another MLP input)."""
+    dot = ["model.deep.interaction=dot", "model.deep.interaction_pairs=[[user_id, movie_id]]",
+           "model.deep.embedding_dropout=0.1"]
+    ok(launch(tiny_config, 2, *TORCHREC, *dot, "train.epochs=1", "run.name=dot"))
+    recs = records(tmp_path / "runs" / "dot")
+    assert len(recs) == 1 and recs[0]["train_rows"] == 2400 and 0.6 < recs[0]["auc"] < 1.0
+    proc = launch(tiny_config, 0, *TORCHREC, "--resume", str(tmp_path / "runs" / "dot"))
+    assert proc.returncode == 2
+    assert "incompatible config" in proc.stderr and "interaction" in proc.stderr
