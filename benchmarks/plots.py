@@ -90,10 +90,19 @@ def make_plots(result: dict[str, Any], out: Path) -> list[str]:
             ax.plot(xs, [pts[x] for x in xs], marker="o", label=group)
             if 1 in pts:
                 ax.plot(xs, [pts[1] * x for x in xs], ls=":", color="grey", lw=1)
+        for group in by_ws:  # wdl plan's estimates, measured world sizes and beyond
+            est = sorted((p["world_size"], p["planned_samples_per_second"]) for p in result.get("planned", [])
+                         if p["group"] == group)
+            if est:
+                ax.plot(*zip(*est), marker="x", ls="--", label=f"{group} (planned)")
+        if result.get("planned"):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
         ax.set_xlabel("world size (processes)")
         ax.set_ylabel("training samples/s")
-        ax.set_xticks(sorted({x for p in by_ws.values() for x in p}))
-        ax.set_title(f"Samples/s vs world size (dotted: linear): {title}", fontsize=9)
+        ax.set_xticks(sorted({x for p in by_ws.values() for x in p} | {p["world_size"] for p in result.get("planned", [])}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"Samples/s vs world size (dotted: linear; dashed: planned)\n{title}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         made.append(_save(fig, out / "samples_vs_world_size.png"))

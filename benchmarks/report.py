@@ -61,7 +61,7 @@ def render(result: dict[str, Any]) -> str:
                        f"| {fmt(v.get('best_auc'))} | {_pm(v, 'logloss')} | {fmt(_m(v, 'peak_rss_mb'))} |")
         out.append("")
     out += _peers(result) + _mlp_floor(summary) + _throughput(result) + _table_rows(summary)
-    out += _scaling(summary) + _planted(result) + tune.report(result)
+    out += _scaling(summary, result.get("planned", [])) + _planted(result) + tune.report(result)
     if result.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]] + [""]
     out += ["Timings are medians of the timed (non-warm-up) epochs of each repetition, then the mean over "
@@ -209,23 +209,36 @@ def _table_rows(summary: dict) -> list[str]:
     return out + [""]
 
 
-def _scaling(summary: dict) -> list[str]:
+def _scaling(summary: dict, planned: list[dict]) -> list[str]:
     groups: dict[str, dict[int, dict]] = {}
     for s, v in summary.items():
         if v.get("kind") == "wdl" and "@ws" in s:
             groups.setdefault(v["group"], {})[int(v["world_size"])] = v
+    est = {(p["group"], p["world_size"]): p for p in planned}
     out = []
     for g, pts in groups.items():
         one = _m(pts.get(1, {}), "samples_per_second")
-        out += [f"## Scaling: {g}", "", "| world size | batch/rank | samples/s | speedup | efficiency | final AUC |",
-                "|---:|---:|---:|---:|---:|---:|"]
+        out += [f"## Scaling: {g}", "", "| world size | batch/rank | samples/s | speedup | efficiency | final AUC "
+                "| planned samples/s | measured ÷ planned |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for ws in sorted(pts):
             v = pts[ws]
             sps = _m(v, "samples_per_second")
             speed = sps / one if one and sps else None
+            p = est.get((g, ws), {}).get("planned_samples_per_second")
             out.append(f"| {ws} | {v.get('batch_size')} | {fmt(sps)} | {fmt(speed, 3)} "
-                       f"| {fmt(speed / ws if speed else None, 3)} | {fmt(_m(v, 'auc'))} |")
+                       f"| {fmt(speed / ws if speed else None, 3)} | {fmt(_m(v, 'auc'))} | {fmt(p)} "
+                       f"| {fmt(sps / p if sps and p else None, 3)} |")
+        for (pg, ws), p in sorted(est.items()):
+            if pg == g and ws not in pts:
+                out.append(f"| {ws} (planned) | {p['batch_size']} | - | - | - | - "
+                           f"| {fmt(p['planned_samples_per_second'])} | - |")
         out.append("")
+    if planned:
+        p = planned[0]
+        out += [f"Planned: `wdl plan` (wdl/distributed/planning.py) on {p['device']} with {fmt(p['bandwidth_gbs'])} GB/s "
+                f"memory bandwidth and {fmt(p['peak_tflops'] * 1e3)} GFLOP/s for the MLP (measured here, "
+                "benchmarks/floors.py), TorchRec's default link bandwidths, one device per rank; an estimate, "
+                "not a measurement (see docs/scaling.md).", ""]
     return out
 
 

@@ -166,6 +166,10 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         "measurements": measurements,
         "summary": summarise(measurements),
     }
+    if any(s.get("scaling") for s in suite["systems"]):
+        from benchmarks.planned import add_planned
+
+        add_planned(result)
     write_results(out, result)
     from benchmarks import report
 

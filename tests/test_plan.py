@@ -97,3 +97,13 @@ def test_plan_cpu_honours_cpu_sharding(capsys, tmp_path):
     rc, out, err = _plan(capsys, tmp_path, "configs/movielens-100k.yaml", "--world-size", "4", "--device", "cpu",
                          "distributed.sharding=row_wise", "--table-rows", *ML_ROWS)
     assert rc == 2 and "needs CUDA" in err
+
+
+def test_plan_takes_given_bandwidths(capsys, tmp_path):
+    rc, out, err = _plan(capsys, tmp_path, "configs/movielens-100k.yaml", "--world-size", "16", "--json",
+                         "--hbm-bw", "3350", "--intra-bw", "450", "--inter-bw", "50", "--peak-tflops", "50",
+                         "--table-rows", *ML_ROWS)
+    assert rc == 0, err
+    a = json.loads(out)["assumptions"]
+    assert (a["hbm_bw_gbs"], a["intra_node_bw_gbs"], a["inter_node_bw_gbs"]) == pytest.approx((3350, 450, 50))
+    assert a["all_to_all_bw_gbs"] == pytest.approx(50)  # 16 ranks span two 8-rank nodes

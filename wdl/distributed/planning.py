@@ -123,7 +123,9 @@ def _topology(hw: Hardware, hbm: float, ddr: float):
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=hw.world_size, local_world_size=min(hw.local_world_size, hw.world_size),
                                      hbm_cap_bytes=int(hbm), ddr_cap_bytes=int(ddr)),
-        hardware_config=HardwareConfig(**bw), kernel_config=KernelConfig(compute_device=hw.device))
+        # use_hardware_based_bandwidth: take the given bandwidths (TorchRec's defaults fill the rest)
+        hardware_config=HardwareConfig(**bw),
+        kernel_config=KernelConfig(compute_device=hw.device, use_hardware_based_bandwidth=True))
 
 
 class _OncePerShape:
