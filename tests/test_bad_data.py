@@ -83,6 +83,16 @@ def test_bad_lines_skip_and_warn_count_them(tmp_path, capsys):
     assert counts["bad_lines_by_reason"] == {"field_count": 1, "categorical": 1, "dense": 1, "label": 2}
 
 
+def test_a_line_that_is_not_utf8_is_one_bad_line(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_bytes("".join(random_lines(10)).encode() + criteo_line(1).encode().replace(b"\t", b"\t\xff", 1)
+                    + "".join(random_lines(5)).encode())
+    rc, _, err = prepare(capsys, "--input", src, "--out", tmp_path / "out")
+    assert rc == 2 and f"{src}:11: bad line: not valid UTF-8 text" in one_error_line(err)
+    rc, out, err = prepare(capsys, "--input", src, "--out", tmp_path / "skip", "--on-bad-line", "skip")
+    assert rc == 0 and "lines 16;" in out and "bad lines: 1 (" in out
+
+
 def test_nan_and_inf_in_tsv_dense_are_bad_lines(tmp_path):
     src = write(tmp_path / "in.txt", [criteo_line(1, dense=["nan"] + [""] * 12), criteo_line(1, dense=["inf"] * 13)])
     with pytest.raises(DataError, match=r"in.txt:1: bad line: I1 value 'nan' is not a finite number"):
@@ -96,6 +106,7 @@ def test_truncated_gzip(tmp_path, capsys):
     rc, _, err = prepare(capsys, "--input", src, "--out", tmp_path / "out", "--workers", "2")
     line = one_error_line(err)
     assert rc == 2 and f"{src}: truncated or corrupt gzip data after line" in line
+    assert int(line.split("after line ")[1].split()[0]) > 1000  # where it broke, not "line 0"
     assert nothing_written(tmp_path, tmp_path / "out")
 
 

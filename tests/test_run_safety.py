@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from wdl.cli import build_parser, main
@@ -151,3 +152,44 @@ def test_overrides_anywhere_on_the_command_line():
     assert args.resume == "auto" and args.overrides == ["a.b=1", "c.d=2"]
     with pytest.raises(SystemExit):
         parse_args(build_parser(), ["train", "--config", "c.yaml", "--bogus"])
+
+
+def test_ids_outside_the_vocabulary_are_counted_and_stop_the_run_above_the_limit(tiny_config, tmp_path, capsys):
+    """user_id holds 1..50: with vocab_size 49 the raw 49 and 50 would silently train id 0."""
+    capsys.readouterr()
+    assert train(tiny_config, "run.name=oov", "features.columns.user_id.vocab_size=40") == 2
+    one_line_error(capsys, "column 'user_id'", "outside its vocabulary", "'train' split", "data.max_unknown_fraction")
+    assert not (tmp_path / "runs" / "oov").exists()
+    assert train(tiny_config, "run.name=oov", "train.epochs=1", "features.columns.user_id.vocab_size=49",
+                 "data.max_unknown_fraction=0.1") == 0
+    assert "unknown ids (id 0): train: user_id " in capsys.readouterr().out
+    counts = json.loads((tmp_path / "runs" / "oov" / "summary.json").read_text())["unknown_ids"]
+    train_rows, test_rows = counts["train"]["user_id"], counts["test"]["user_id"]
+    assert train_rows["values"] == 2400 and test_rows["values"] == 600
+    assert 0 < train_rows["out_of_vocab"] < 0.1 * 2400 and train_rows["missing"] == 0
+
+
+def test_an_empty_split_and_a_single_class_split_are_named(tiny_data, tmp_path, capsys):
+    """A copy of the tiny set whose test split is emptied, then given one class only."""
+    import pyarrow.parquet as pq
+
+    from conftest import TINY_CONFIG
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_CONFIG.format(path=config, runs=tmp_path / "runs", data=data))
+    for f in (data / "test").glob("*.parquet"):  # all labels 0
+        t = pq.read_table(f)
+        pq.write_table(t.set_column(t.schema.get_field_index("label"), "label",
+                                    pa.array([0] * t.num_rows, pa.int8())), f)
+    manifest["splits"]["test"]["positive_rate"] = 0.0
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train(config, "train.epochs=1") == 0
+    assert "every label of the 'test' split is 0, so its AUC is undefined" in capsys.readouterr().err
+    manifest["splits"]["test"]["rows"] = 0
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert train(config, "train.epochs=1") == 2
+    one_line_error(capsys, "the 'test' split", "(data.eval_split) has 0 rows")

@@ -78,6 +78,9 @@ class DataConfig:
     valid_split: str = ""
     # ... or this share of the train split held out for it (seeded by run.seed; whole row groups when streaming).
     valid_fraction: float = 0.0
+    # Stop at start when more than this share of a vocabulary column's values (in any split) lie
+    # outside its vocabulary: they would all train one "unknown" row.
+    max_unknown_fraction: float = 0.05
     batch_size: int = 1024  # per rank: the global batch is batch_size * world_size
     eval_batch_size: int = 16384
     in_memory: bool = True  # hold the (small) data set as tensors on the device
@@ -423,6 +426,8 @@ def _validate_selection(d: DataConfig, es: EarlyStoppingConfig) -> None:
     if d.valid_split and d.valid_fraction:
         raise ConfigError("data.valid_split and data.valid_fraction: give one (a split of the data set, or a share "
                           "of the train split to hold out)")
+    if not 0 <= d.max_unknown_fraction <= 1:
+        raise ConfigError(f"data.max_unknown_fraction: must be in [0, 1], got {d.max_unknown_fraction}")
     if not 0 <= d.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {d.valid_fraction}")
     if d.valid_split and d.valid_split in (d.train_split, d.eval_split):

@@ -160,8 +160,8 @@ def _plan_splits(inputs: list[str], split: str, test_day: int | None, halve: boo
             raise DataError(f"--test-fraction {test_fraction} and --valid-fraction {valid_fraction} must be in [0, 1) "
                             "and leave rows for training")
         if test_fraction == 0:
-            print("wdl: warning: --test-fraction 0 leaves the test split empty; training on this set needs "
-                  "data.eval_split set to another split", file=sys.stderr, flush=True)
+            print("wdl: note: --test-fraction 0 leaves the test split empty; training on this set needs "
+                  "data.eval_split set to another split", flush=True)
         return "random", ["random"] * len(inputs), 0, {"kind": "random", "test_fraction": test_fraction,
                                                        "valid_fraction": valid_fraction}
     bad = [p for p, d in zip(inputs, days) if not d]

@@ -66,6 +66,9 @@ class Loaders:
     train: Loader
     valid: Optional[Loader]
     test: Loader
+    # Per split read, per column with a vocabulary: values, out_of_vocab, missing (and
+    # sampled_row_groups when streaming: counted on a sample of row groups, not all).
+    unknown: dict[str, dict[str, dict[str, int]]]
 
 
 def build_loaders(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, *, rank: int, world_size: int,
@@ -78,25 +81,63 @@ def build_loaders(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, *, ran
                                world_size=world_size, num_workers=cfg.num_workers if train else 0, shuffle=train,
                                shuffle_buffer=cfg.shuffle_buffer, seed=seed)
 
-    train = _rows(cfg, manifest, spec, cfg.train_split, "data.train_split", world_size)
+    unknown: dict[str, dict[str, dict[str, int]]] = {}
+    train = _rows(cfg, manifest, spec, cfg.train_split, "data.train_split", world_size, unknown)
     valid = None
     if cfg.valid_split:
-        valid = _rows(cfg, manifest, spec, cfg.valid_split, "data.valid_split", world_size)
+        valid = _rows(cfg, manifest, spec, cfg.valid_split, "data.valid_split", world_size, unknown)
     elif cfg.valid_fraction > 0:
         train, valid = _carve(train, cfg.valid_fraction, seed, world_size, f"{manifest.root}/{cfg.train_split}")
-    test = _rows(cfg, manifest, spec, cfg.eval_split, "data.eval_split", world_size)
-    return Loaders(loader(train, True), loader(valid, False) if valid is not None else None, loader(test, False))
+    test = _rows(cfg, manifest, spec, cfg.eval_split, "data.eval_split", world_size, unknown)
+    return Loaders(loader(train, True), loader(valid, False) if valid is not None else None, loader(test, False),
+                   unknown)
 
 
-def _rows(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, key: str,
-          world_size: int) -> FeatureTable | list[RowGroup]:
-    """A split's rows: a table in memory, or its row groups to stream."""
+def check_unknown(unknown: dict[str, dict[str, dict[str, int]]], max_fraction: float) -> str | None:
+    """A line naming the ids the vocabularies cannot honour, per split (None when there are
+    none); a DataError when a column's out-of-vocabulary share passes `max_fraction` (those
+    values would all become id 0)."""
+    splits = []
+    for split, columns in unknown.items():
+        parts = []
+        for col, c in columns.items():
+            n = max(c["values"], 1)
+            oov, missing = c["out_of_vocab"] / n, c["missing"] / n
+            if oov > max_fraction:
+                raise DataError(
+                    f"column {col!r}: {oov:.1%} of its values in the {split!r} split are outside its vocabulary "
+                    f"and would all become the unknown id 0; raise its vocab_size, use hash_buckets, import the data "
+                    f"with `wdl data import`, or allow it with data.max_unknown_fraction (now {max_fraction})")
+            what = [f"{oov:.2%} out of vocabulary"] * bool(oov) + [f"{missing:.2%} missing"] * bool(missing)
+            if what:
+                parts.append(f"{col} {', '.join(what)}")
+        if parts:
+            sampled = " (sampled)" if any("sampled_row_groups" in c for c in columns.values()) else ""
+            splits.append(f"{split}{sampled}: {'; '.join(parts)}")
+    return f"unknown ids (id 0): {' | '.join(splits)}" if splits else None
+
+
+def _rows(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, key: str, world_size: int,
+          unknown: dict[str, dict[str, dict[str, int]]]) -> FeatureTable | list[RowGroup]:
+    """A split's rows: a table in memory, or its row groups to stream. Counts the ids its
+    vocabularies cannot honour into `unknown[split]` (all rows in memory, a sample when streaming)."""
     entry = manifest.split(split)
     if entry.rows < world_size:
         raise DataError(f"the {split!r} split of {manifest.root} ({key}) has {entry.rows} rows, too few for "
                         f"{world_size} rank(s); prepare it with more rows or pick another split")
     files = [f.path for f in entry.files]
-    return load_table(files, spec) if cfg.in_memory else list_row_groups(files, spec)
+    spec.take_unknown_counts()
+    if cfg.in_memory:
+        table = load_table(files, spec)
+        unknown[split] = spec.take_unknown_counts()
+        return table
+    units = list_row_groups(files, spec)
+    sample = [units[i] for i in sorted({int(j * len(units) / 4) for j in range(4)} & set(range(len(units))))]
+    open_files: dict = {}
+    for u in sample:
+        spec.encode(read_row_group(u, spec.columns, open_files), f"{u.path} (row group {u.index})")
+    unknown[split] = {k: {**c, "sampled_row_groups": len(sample)} for k, c in spec.take_unknown_counts().items()}
+    return units
 
 
 def _carve(rows: FeatureTable | list[RowGroup], fraction: float, seed: int, world_size: int,

@@ -238,6 +238,9 @@ class FeatureSpec:
         root: Path | None = None,
     ) -> None:
         self.label = cfg.label
+        # Per vocabulary column: [values, out of vocabulary, missing] seen by `encode` (see
+        # `take_unknown_counts`): ids the data cannot honour are counted, never silently dropped.
+        self.unknown: dict[str, list[int]] = {}
         self.sparse_keys = list(dict.fromkeys(sparse_keys))
         self.dense: list[DenseColumn] = []
         self.sparse: dict[str, SparseColumn] = {}
@@ -325,7 +328,7 @@ class FeatureSpec:
         labels = self._labels(table.column(self.label), where)
         ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, sc in self.sparse.items():
-            ids[name] = self._sparse_ids(table.column(name), sc, where)
+            ids[name] = self._sparse_ids(table.column(name), sc, where, self.unknown.setdefault(name, [0, 0, 0]))
         sparse: dict[str, Jagged] = {}
         lengths_t: dict[int, Tensor] = {}
         for key in self.sparse_keys:
@@ -349,8 +352,19 @@ class FeatureSpec:
             raise DataError(f"{where}: label column {self.label!r} holds {float(y[row])} at row {row}; labels must be 0 or 1")
         return y
 
+    def take_unknown_counts(self) -> dict[str, dict[str, int]]:
+        """Counts since the last call, per column with a vocabulary: `values`, `out_of_vocab`
+        (raw values outside vocab_size or the vocab_file, mapped to id 0) and `missing` (nulls,
+        and ids already 0 = unknown in the data set)."""
+        out = {k: {"values": v, "out_of_vocab": o, "missing": m} for k, (v, o, m) in self.unknown.items()
+               if self.sparse[k].mode != "hash"}
+        self.unknown = {}
+        return out
+
     @staticmethod
-    def _sparse_ids(col: pa.ChunkedArray | pa.Array, sc: SparseColumn, where: str) -> tuple[np.ndarray, np.ndarray]:
+    def _sparse_ids(col: pa.ChunkedArray | pa.Array, sc: SparseColumn, where: str,
+                    counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """counts: [values, out of vocabulary, missing], added to in place."""
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
         if sc.kind == "multi_hot":
@@ -367,15 +381,26 @@ class FeatureSpec:
         elif sc.mode == "vocab":
             idx = pc.index_in(flat, value_set=sc.vocab.cast(flat.type) if sc.vocab.type != flat.type else sc.vocab)
             values = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            zeros = int(np.count_nonzero(values == 0))
+            counts[0] += len(values)
+            counts[1] += zeros - flat.null_count
+            counts[2] += flat.null_count
         else:
             if not pa.types.is_integer(flat.type):
                 raise DataError(f"{where}: column {sc.name!r} has type {flat.type}; vocab_size needs integer ids (use hash_buckets)")
-            if flat.null_count:
+            nulls = flat.null_count
+            if nulls:
                 flat = pc.fill_null(flat, 0)
             # Zero-copy when the column is already int64 without nulls; clip (copying) only when needed.
             values = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            outside = 0
             if len(values) and (values.min() < 0 or values.max() >= sc.num_embeddings):
-                values = np.where((values < 0) | (values >= sc.num_embeddings), 0, values)  # reserved OOV id
+                bad = (values < 0) | (values >= sc.num_embeddings)
+                outside = int(np.count_nonzero(bad))
+                values = np.where(bad, 0, values)  # reserved OOV id
+            counts[0] += len(values)
+            counts[1] += outside
+            counts[2] += int(np.count_nonzero(values == 0)) - outside
         return values, lengths
 
     @staticmethod

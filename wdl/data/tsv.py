@@ -34,7 +34,7 @@ NEWLINE = b"\n"
 BLOCK_BYTES = 8 << 20  # text handed to one parse call; bounds a worker's memory
 
 # Reasons a line is bad, in the order they are checked.
-REASONS = ("field_count", "label", "dense", "categorical")
+REASONS = ("field_count", "label", "dense", "categorical", "encoding")
 
 _SHIFTS = np.arange(28, -1, -4, dtype=np.uint32)  # nibble weights of 8 hex digits, most significant first
 
@@ -100,7 +100,7 @@ def iter_blocks(path: str, file_index: int = 0, block_bytes: int = BLOCK_BYTES) 
             try:
                 chunk = stream.read(block_bytes)
             except (EOFError, OSError, zlib.error) as e:
-                done = line - 1 + carry.count(NEWLINE)
+                done = _lines_before_damage(path) if line == 1 and not carry else line - 1 + carry.count(NEWLINE)
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise DataError(f"{path}: truncated or corrupt gzip data after line {done} ({reason})") from None
             new_pos = raw.tell()
@@ -121,6 +121,22 @@ def iter_blocks(path: str, file_index: int = 0, block_bytes: int = BLOCK_BYTES) 
     finally:
         stream.close()
         raw.close()
+
+
+def _lines_before_damage(path: str) -> int:
+    """Complete lines readable before a gzip stream breaks, read in small pieces (a large first
+    read fails before returning anything, which would name line 0)."""
+    stream, raw = open_input(path)
+    lines = 0
+    try:
+        while chunk := stream.read(1 << 16):
+            lines += chunk.count(NEWLINE)
+    except (EOFError, OSError, zlib.error):
+        pass
+    finally:
+        stream.close()
+        raw.close()
+    return lines
 
 
 def count_lines(path: str) -> int:
@@ -152,6 +168,7 @@ MAX_EXAMPLES = 20
 
 def parse_block(block: Block) -> Parsed:
     wrong_count: list[tuple[int, str]] = []
+    data, not_utf8 = _blank_non_utf8(block.data, block.first_line)
 
     def on_invalid(row) -> str:  # called for lines whose field count is not 40
         wrong_count.append((block.first_line + row.number - 1,
@@ -160,7 +177,7 @@ def parse_block(block: Block) -> Parsed:
 
     try:
         table = pacsv.read_csv(
-            pa.BufferReader(block.data),
+            pa.BufferReader(data),
             read_options=pacsv.ReadOptions(column_names=FIELDS, use_threads=False,
                                            block_size=max(len(block.data) + 1, 1 << 16)),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
@@ -185,6 +202,8 @@ def parse_block(block: Block) -> Parsed:
             for r in np.flatnonzero(new)[:MAX_EXAMPLES]:
                 notes.setdefault(int(r), message(int(r)))
 
+    if not_utf8:  # blanked lines came through as empty rows
+        mark(np.isin(lines, np.array(sorted(not_utf8), dtype=np.int64)), "encoding", lambda r: "not valid UTF-8 text")
     label_col = table.column("label").combine_chunks()
     label_f = _to_float(label_col)
     label_ok = (label_f == 0) | (label_f == 1)
@@ -214,6 +233,26 @@ def parse_block(block: Block) -> Parsed:
     keep = bad == 0
     return Parsed(lines[keep], label_f[keep].astype(np.int8), dense[keep], cat[keep], cat_missing[keep],
                   {k: v for k, v in counts.items() if v}, examples)
+
+
+def _blank_non_utf8(data: bytes, first_line: int) -> tuple[bytes, set[int]]:
+    """The block with every line that is not UTF-8 emptied (the CSV reader would fail the whole
+    block; an empty line reads as a row of nulls, marked bad by its line number), and those
+    lines' numbers."""
+    if data.isascii():
+        return data, set()
+    try:
+        data.decode("utf-8")
+        return data, set()
+    except UnicodeDecodeError:
+        pass
+    lines, bad = data.split(b"\n"), set()
+    for i, line in enumerate(lines):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            lines[i], _ = b"", bad.add(first_line + i)
+    return b"\n".join(lines), bad
 
 
 def _to_float(col: pa.Array) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from wdl.checkpoint import Checkpointer
 from wdl.config import Config, ModelConfig, save_config
-from wdl.data.dataset import build_loaders, feature_spec, open_dataset
+from wdl.data.dataset import build_loaders, check_unknown, feature_spec, open_dataset
 from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, barrier, comm_device
@@ -78,6 +78,10 @@ class Trainer:
         loaders = build_loaders(cfg.data, manifest, self.spec, rank=env.rank, world_size=env.world_size,
                                 device=self.device, seed=cfg.run.seed)
         self.train_loader, self.test_loader = loaders.train, loaders.test
+        self.unknown = loaders.unknown
+        line = check_unknown(loaders.unknown, cfg.data.max_unknown_fraction)
+        if line and env.is_main:
+            print(f"wdl: {line}", flush=True)
         # Each epoch is scored on the validation split when there is one (it picks the epoch, and
         # the test split is scored once at the end); else on the test split.
         self.eval_loader = loaders.valid or loaders.test
@@ -154,7 +158,8 @@ class Trainer:
                 self.save_checkpoint()
         test = self.score_selected() if self.selection is not None else None
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
-                                           "device": str(self.device), "peak_rss_mb": _peak_rss_mb()},
+                                           "device": str(self.device), "peak_rss_mb": _peak_rss_mb(),
+                                           "unknown_ids": self.unknown},
                                           selection=self.selection, test=test, test_split=self.cfg.data.eval_split)
 
     def score_selected(self) -> dict[str, Any] | None:
