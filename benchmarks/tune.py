@@ -9,8 +9,9 @@
         space:                       # config key -> values (any YAML value)
           model.deep.interaction: [none, fm]
           optim.deep.lr: [0.02, 0.05]
-        candidates:                  # and/or named override lists, run first (`only`: names or prefixes)
-          paper: []
+        candidates:                  # and/or named override lists, each tried at every point of the grid
+          wide-deep: []              #   (`only`: run just these names or name prefixes)
+          fm-user-movie: [model.deep.interaction=fm, "model.deep.interaction_pairs=[[user_id, movie_id]]"]
         overrides: [...]             # applied to every trial (and the final run)
         seeds: [2021, 1, 2]          # each trial runs with each; its score is the mean (default: run.seed)
         final_seeds: [2021]          # the chosen config is trained afresh with each (default: run.seed)
@@ -52,22 +53,27 @@ def _value(v: Any) -> str:
 
 
 def trials(system: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """(label, overrides) of every trial, in the order they run: the named candidates (filtered
-    by `only`: names or name prefixes), then the points of the grid over `space`."""
+    """(label, overrides) of every trial, in the order they run: each named candidate (filtered by
+    `only`: names or name prefixes) at each point of the grid (or random sample) over `space`."""
     if not system.get("space") and not system.get("candidates"):
         raise BenchError(f"tune system {system['name']!r}: give `space` (a grid or random search over config "
                          "keys) and/or `candidates` (named override lists)")
     only = system.get("only") or []
-    out = [(name, list(ov or [])) for name, ov in (system.get("candidates") or {}).items()
-           if not only or any(name == o or name.startswith(f"{o}-") for o in only)]
-    if only and not out:
+    cands = [(name, list(ov or [])) for name, ov in (system.get("candidates") or {}).items()
+             if not only or any(name == o or name.startswith(f"{o}-") for o in only)]
+    if system.get("candidates") and not cands:
         raise BenchError(f"tune system {system['name']!r}: no candidate matches only={only}")
+    return [(",".join(n for n in (cn, pn) if n), [*cov, *pov])
+            for cn, cov in (cands or [("", [])]) for pn, pov in _grid(system)]
+
+
+def _grid(system: dict[str, Any]) -> list[tuple[str, list[str]]]:
     space: dict[str, list] = system.get("space") or {}
     for key, values in space.items():
         if not isinstance(values, list) or not values:
             raise BenchError(f"tune system {system['name']!r}: space.{key} must be a non-empty list of values")
     if not space:
-        return out
+        return [("", [])]
     grid = list(itertools.product(*space.values()))
     search = system.get("search", "grid")
     if search == "random":
@@ -78,8 +84,8 @@ def trials(system: dict[str, Any]) -> list[tuple[str, list[str]]]:
     short = {k: k.rsplit(".", 1)[-1] for k in space}
     if len(set(short.values())) < len(short):  # two keys ending alike (optim.wide.lr, optim.deep.lr)
         short = {k: k for k in space}
-    return out + [(",".join(f"{short[k]}={_value(v)}" for k, v in zip(space, point)),
-                   [f"{k}={_value(v)}" for k, v in zip(space, point)]) for point in grid]
+    return [(",".join(f"{short[k]}={_value(v)}" for k, v in zip(space, point)),
+             [f"{k}={_value(v)}" for k, v in zip(space, point)]) for point in grid]
 
 
 def run_tune(suite: dict, system: dict, out: Path, epochs: int, threads: int | None,

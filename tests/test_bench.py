@@ -128,10 +128,11 @@ def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, 
     from benchmarks.tune import trials
 
     grid = {"name": "t", "space": {"optim.deep.lr": [0.01, 0.1], "optim.wide.lr": [1, 2]}, "candidates": {"a": []}}
-    assert [n for n, _ in trials(grid)][:3] == ["a", "optim.deep.lr=0.01,optim.wide.lr=1",
-                                                 "optim.deep.lr=0.01,optim.wide.lr=2"]
-    picked = trials({**grid, "search": "random", "trials": 2, "seed": 3})
-    assert len(picked) == 3 and picked == trials({**grid, "search": "random", "trials": 2, "seed": 3})
+    assert trials(grid)[:2] == [("a,optim.deep.lr=0.01,optim.wide.lr=1", ["optim.deep.lr=0.01", "optim.wide.lr=1"]),
+                                ("a,optim.deep.lr=0.01,optim.wide.lr=2", ["optim.deep.lr=0.01", "optim.wide.lr=2"])]
+    picked = trials({**grid, "candidates": {"a": [], "b": ["x=1"]}, "search": "random", "trials": 2, "seed": 3})
+    assert len(picked) == 4 and picked[2][1][0] == "x=1"  # every candidate at each sampled point
+    assert picked == trials({**grid, "candidates": {"a": [], "b": ["x=1"]}, "search": "random", "trials": 2, "seed": 3})
 
     suite = {"name": "tiny-tune", "config": str(tiny_config), "data": {"path": str(tiny_data)}, "epochs": 2,
              "systems": [{"name": "tune", "kind": "tune", "valid_fraction": 0.2,
