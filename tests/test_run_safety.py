@@ -193,3 +193,19 @@ def test_an_empty_split_and_a_single_class_split_are_named(tiny_data, tmp_path, 
     (data / "manifest.json").write_text(json.dumps(manifest))
     assert train(config, "train.epochs=1") == 2
     one_line_error(capsys, "the 'test' split", "(data.eval_split) has 0 rows")
+
+
+def test_mid_epoch_resume_on_another_data_set_is_refused(tiny_data, tmp_path, capsys):
+    from conftest import TINY_CONFIG
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_CONFIG.format(path=config, runs=tmp_path / "runs", data=data))
+    assert train(config, "run.name=cut", "checkpoint.every_steps=5", "train.max_steps=7") == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["source"]["seed"] = 12345  # a data set written again: another one as far as a read position goes
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train(config, "run.name=cut", "--resume", "auto") == 2
+    one_line_error(capsys, "saved mid-epoch with data set (manifest hash)=")

@@ -124,7 +124,7 @@ class Trainer:
             self.folder.check_writable(ckpt_dir, "checkpoint.dir")
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
                                          signature=_signature(model_cfg, self.spec),
-                                         read_order=_read_order(cfg))
+                                         read_order=_read_order(cfg, manifest))
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -143,8 +143,9 @@ class Trainer:
             train_stats = self.train_epoch()
             if not math.isfinite(train_stats["train_loss"]):  # the same all-reduced value on every rank
                 raise TrainingError(
-                    f"training diverged: the train loss of epoch {self.epoch + 1} is {train_stats['train_loss']} "
-                    f"(step {self.step}); lower optim.wide.lr / optim.deep.lr (nothing of this epoch was saved)")
+                    f"training diverged: the train loss of epoch {self.epoch + 1} (steps {self.step - train_stats['steps'] + 1}"
+                    f"-{self.step}) is {train_stats['train_loss']}; lower optim.wide.lr / optim.deep.lr "
+                    "(nothing of this epoch was saved)")
             eval_stats = self.evaluate(self.eval_loader)
             rss = gather_to_all(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
             record = {"epoch": self.epoch + 1, **train_stats, "eval_split": self.eval_name, **eval_stats,
@@ -336,11 +337,16 @@ def _signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
     }
 
 
-def _read_order(cfg: Config) -> dict[str, Any]:
-    """The settings that fix which rows each step reads within an epoch (see data/parquet.py)."""
+def _read_order(cfg: Config, manifest: Any) -> dict[str, Any]:
+    """The settings that fix which rows each step reads within an epoch (see data/parquet.py),
+    and the data set itself (its manifest names every shard and its row count)."""
+    import hashlib
+
     d = cfg.data
+    identity = hashlib.sha256(json.dumps(manifest.raw, sort_keys=True).encode()).hexdigest()[:16]
     order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed,
-             "data.valid_split": d.valid_split, "data.valid_fraction": d.valid_fraction}  # what train holds
+             "data.valid_split": d.valid_split, "data.valid_fraction": d.valid_fraction,  # what train holds
+             "data set (manifest hash)": identity}
     if not d.in_memory:
         order |= {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer}
     return order
