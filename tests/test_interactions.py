@@ -141,12 +141,12 @@ def test_embedding_dropout_trains_only():
 
 
 def test_checkpoint_signature_includes_the_interaction():
-    from wdl.train.trainer import _signature
+    from wdl.train.trainer import model_signature
 
-    spec = SimpleNamespace(crosses={}, dense_dim=0, num_embeddings=lambda f: 10)  # what _signature reads
+    spec = SimpleNamespace(crosses={}, dense_dim=0, num_embeddings=lambda f: 10)  # what model_signature reads
     none = _cfg().model
     dot = _cfg("model.deep.interaction=dot", "model.deep.interaction_pairs=[[u, m]]").model
     fm = _cfg("model.deep.interaction=fm", "model.deep.interaction_pairs=[[u, m]]").model
-    sigs = [_signature(c, spec) for c in (none, dot, fm)]
+    sigs = [model_signature(c, spec) for c in (none, dot, fm)]
     assert "interaction" not in sigs[0]  # checkpoints from before interactions existed still load
     assert sigs[0] != sigs[1] != sigs[2] != sigs[0]

@@ -158,23 +158,33 @@ class Checkpointer:
         meta = json.loads((path / "meta.json").read_text())
         self._check_compatible(path, meta)
         state = {**app_state, "progress": _encode(progress)}
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP's errors hold a traceback per rank: keep their first line
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise CheckpointError(f"{path} does not load into this model: {first}") from None
+        _dcp_load(path, state)
         rng = path / f"rng-rank{self.rank:05d}.pt"
         if rng.exists() and meta["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
         return dict(zip(PROGRESS_KEYS, state["progress"].tolist()))
 
-    def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
+    def load_weights(self, path: Path, app_state: dict[str, Any]) -> dict[str, Any]:
+        """Fill only `app_state` (e.g. {"model": ...}) from `path`, for using a trained model:
+        no progress, RNG or read position. Returns the checkpoint's meta.json."""
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged ({damage})")
+        meta = json.loads((path / "meta.json").read_text())
+        self._check_signature(path, meta)
+        _dcp_load(path, app_state)
+        return meta
+
+    def _check_signature(self, path: Path, meta: dict[str, Any]) -> None:
         saved = meta.get("signature", {})
         for key in sorted(set(saved) | set(self.signature)):
             if saved.get(key) != self.signature.get(key):
                 raise CheckpointError(
                     f"{path} comes from an incompatible config: {key} is {saved.get(key)} there, {self.signature.get(key)} now"
                 )
+
+    def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
+        self._check_signature(path, meta)
         mid_epoch = meta.get("batches_done", 0) != 0
         saved_order = meta.get("read_order", {})
         for key in sorted(set(saved_order) | set(self.read_order)):
@@ -197,6 +207,14 @@ PROGRESS_KEYS = ("epoch", "step", "batches_done")
 def _encode(progress: dict[str, int]) -> torch.Tensor:
     # A tensor, not a dict of ints: DCP handles tensors identically on every rank count.
     return torch.tensor([int(progress[k]) for k in PROGRESS_KEYS], dtype=torch.int64)
+
+
+def _dcp_load(path: Path, state: dict[str, Any]) -> None:
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP's errors hold a traceback per rank: keep their first line
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path} does not load into this model: {first}") from None
 
 
 def _gather_dicts(mine: dict[str, Any], world_size: int) -> dict[str, Any]:

@@ -16,6 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=train_main)
 
+    from wdl.predict import add_predict_arguments, predict_main
+
+    p = sub.add_parser("predict", help="score a data set's rows with a trained model (Parquet: row, score, label)")
+    add_predict_arguments(p)
+    p.set_defaults(func=predict_main)
+
     data = sub.add_parser("data", help="prepare or generate data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="convert a public data set to wdl Parquet shards")

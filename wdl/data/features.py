@@ -238,6 +238,7 @@ class FeatureSpec:
         root: Path | None = None,
     ) -> None:
         self.label = cfg.label
+        self.has_labels = True  # False: score rows without a label column (labels read as 0)
         # Per vocabulary column: [values, out of vocabulary, missing] seen by `encode` (see
         # `take_unknown_counts`): ids the data cannot honour are counted, never silently dropped.
         self.unknown: dict[str, list[int]] = {}
@@ -307,7 +308,7 @@ class FeatureSpec:
     @property
     def columns(self) -> list[str]:
         """The Parquet columns to read."""
-        return [self.label, *self.sparse, *(d.name for d in self.dense)]
+        return [self.label] * self.has_labels + [*self.sparse, *(d.name for d in self.dense)]
 
     # --- Arrow -> tensors -----------------------------------------------------------------------
 
@@ -325,7 +326,7 @@ class FeatureSpec:
     def encode(self, table: pa.Table | pa.RecordBatch, where: str) -> FeatureTable:
         """Vectorised conversion of N rows; `where` names the source in error messages."""
         n = table.num_rows
-        labels = self._labels(table.column(self.label), where)
+        labels = self._labels(table.column(self.label), where) if self.has_labels else np.zeros(n, np.float32)
         ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, sc in self.sparse.items():
             ids[name] = self._sparse_ids(table.column(name), sc, where, self.unknown.setdefault(name, [0, 0, 0]))

@@ -145,8 +145,9 @@ def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, cfg: Dist
         kind = cfg.tables.get(t.name, cfg.sharding)
         if kind != "auto":
             constraints[t.name] = ParameterConstraints(sharding_types=[kind])
-        elif env.device.type != "cuda":
-            constraints[t.name] = ParameterConstraints(sharding_types=list(CPU_SHARDING))
+        else:  # the planner's own choice, but never data_parallel (see CPU_SHARDING)
+            allowed = CPU_SHARDING if env.device.type != "cuda" else (*CPU_SHARDING, "row_wise", "table_row_wise")
+            constraints[t.name] = ParameterConstraints(sharding_types=list(allowed))
     sharding_env = ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD)
     topology = Topology(world_size=env.world_size, compute_device=env.device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))

@@ -93,15 +93,10 @@ class Trainer:
 
         # 3. Model: knows nothing of distribution. Its tables are only described (meta device):
         #    placement allocates and initialises each rank's rows, so none exists whole anywhere.
-        sizes = {k: self.spec.num_embeddings(k) for k in self.spec.sparse_keys}
-        model_cfg = dataclasses.replace(cfg.model, embedding_backend=self.backend)
-        model = WideDeep(model_cfg, sizes, self.spec.dense_dim, device=self.device, table_device=torch.device("meta"))
-
         # 4. Placement (TorchRec shards + DDP for the dense layers, or wdl's row-split tables +
         #    DDP) and optimisers: FTRL for the wide part, AdaGrad (or another) for the deep part,
         #    sparse row updates for every table. See distributed/sharding.py and train/optim.py.
-        self.placed = place(WideDeepTrain(model), cfg.distributed, env, seed=cfg.run.seed, fused=fused,
-                            state_bytes=lambda part, dim: state_bytes_per_row(getattr(cfg.optim, part), dim))
+        model, model_cfg, self.placed = build_model(cfg, self.spec, env, self.backend, fused)
         self.model = self.placed.model  # what a step calls (maybe wrapped)
         self.wide_deep = model  # the model itself, unwrapped (its parameter objects are the live ones)
         self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer)
@@ -123,7 +118,7 @@ class Trainer:
         if self.folder is not None:
             self.folder.check_writable(ckpt_dir, "checkpoint.dir")
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
-                                         signature=_signature(model_cfg, self.spec),
+                                         signature=model_signature(model_cfg, self.spec),
                                          read_order=_read_order(cfg, manifest))
         if resume_from is not None:
             self._resume(resume_from)
@@ -294,6 +289,17 @@ class Trainer:
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="step", leave=False, dynamic_ncols=True)
 
 
+def build_model(cfg: Config, spec: FeatureSpec, env: DistEnv, backend: str,
+                fused: Any) -> tuple[WideDeep, ModelConfig, Any]:
+    """The model (tables described on the meta device) and its placement on this rank."""
+    sizes = {k: spec.num_embeddings(k) for k in spec.sparse_keys}
+    model_cfg = dataclasses.replace(cfg.model, embedding_backend=backend)
+    model = WideDeep(model_cfg, sizes, spec.dense_dim, device=env.device, table_device=torch.device("meta"))
+    placed = place(WideDeepTrain(model), cfg.distributed, env, seed=cfg.run.seed, fused=fused,
+                   state_bytes=lambda part, dim: state_bytes_per_row(getattr(cfg.optim, part), dim))
+    return model, model_cfg, placed
+
+
 def _open_run_folder(cfg: Config, env: DistEnv) -> tuple[RunFolder | None, Path, Path | None, bool]:
     """Rank 0 opens (and locks) the run folder; every rank learns where it is and what to resume."""
     folder, box = None, [None, None, False, None]
@@ -318,7 +324,7 @@ def _warn_single_class(manifest: Any, splits: list[str]) -> None:
                   f"(shown as '-'); logloss is still computed", file=sys.stderr, flush=True)
 
 
-def _signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
+def model_signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded: the model's shape, and what each row of a
     table means (a cross over other columns with the same bucket count has the same shape)."""
     rows = spec.num_embeddings

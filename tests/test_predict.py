@@ -1,0 +1,68 @@
+"""`wdl predict`: every row scored once, in input order, with the selected model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from wdl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data) -> Path:
+    from conftest import TINY_CONFIG
+
+    root = tmp_path_factory.mktemp("predict")
+    config = root / "c.yaml"
+    config.write_text(TINY_CONFIG.format(path=config, runs=root / "runs", data=tiny_data))
+    assert main(["train", "--config", str(config), "run.name=model", "train.epochs=3", "data.valid_fraction=0.2"]) == 0
+    return root / "runs" / "model"
+
+
+def test_scores_equal_the_selected_models_test_auc(trained, tiny_data, tmp_path):
+    out = tmp_path / "scores.parquet"
+    assert main(["predict", "--run", str(trained), "--out", str(out)]) == 0
+    t = pq.read_table(out)
+    assert t.column_names == ["row", "score", "label"] and t.num_rows == 600
+    assert t["row"].to_pylist() == list(range(600))
+    labels = np.concatenate([pq.read_table(f).column("label").to_numpy() for f in sorted((tiny_data / "test").glob("*.parquet"))])
+    np.testing.assert_array_equal(t["label"].to_numpy(), labels)  # input order kept
+    summary = json.loads((trained / "summary.json").read_text())
+    assert roc_auc_score(labels, t["score"].to_numpy()) == pytest.approx(summary["test"]["auc"], abs=1e-9)
+
+
+def test_rows_without_labels_and_two_processes_give_the_same_scores(trained, tiny_data, tmp_path):
+    """Unlabelled rows (a copy of the test split without its label column) scored by two
+    processes: the same scores, in the same order, as one process on the labelled rows."""
+    data = tmp_path / "unlabelled"
+    shutil.copytree(tiny_data, data)
+    for f in (data / "test").glob("*.parquet"):
+        pq.write_table(pq.read_table(f).drop_columns(["label"]), f, row_group_size=128)
+    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    assert main(["predict", "--run", str(trained), "--checkpoint", "latest", "--out", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "wdl.cli", "predict", str(trained), "--checkpoint", "latest",
+                           "--data", str(data), "--out", str(two)], capture_output=True, text=True, env=env,
+                          timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = pq.read_table(one), pq.read_table(two)
+    assert b.column_names == ["row", "score"] and b["row"].to_pylist() == list(range(600))
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_bad_run_folder_is_one_line(tmp_path, capsys):
+    assert main(["predict", "--run", str(tmp_path), "--out", str(tmp_path / "s.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --run") and "no config.yaml" in err and "\n" not in err
