@@ -99,3 +99,40 @@ def test_take_gathers_jagged_rows():
     assert b.sparse["m"].lengths.tolist() == [3, 1, 0, 2]
     assert b.sparse["m"].values.tolist() == [4, 5, 6, 1, 2, 3]
     assert b.labels.tolist() == [1, 0, 0, 1]
+
+
+def test_a_dense_column_in_buckets_is_a_categorical_id_for_the_wide_part_and_crosses():
+    cols = {"price": ColumnConfig(kind="dense", normalize="none", buckets=[1.0, 10.0, 100.0]),
+            "g": ColumnConfig(kind="categorical", vocab_size=3)}
+    s = spec(cols, {"g_price": CrossConfig(columns=["g", "price"], hash_buckets=50)},
+             sparse=["price", "g_price"], dense=["price"], meta={"price": {"mean": 0.0, "std": 1.0}})
+    assert s.num_embeddings("price") == 5 and s.columns == ["label", "price", "g"]  # read once for both uses
+    t = pa.table({"label": pa.array([0, 1, 0, 1, 0], pa.int8()), "g": pa.array([1, 1, 2, 2, 1]),
+                  "price": pa.array([0.5, 1.0, 50.0, 1e6, None], pa.float64())})
+    table = s.encode(t, "t")
+    assert table.sparse["price"].values.tolist() == [1, 2, 3, 4, 0]  # edges are lower bounds; null -> 0
+    assert table.dense[:, 0].tolist() == [0.5, 1.0, 50.0, 1e6, 0.0]  # the dense value is still there
+    crosses = table.sparse["g_price"].values.tolist()
+    assert crosses[0] != crosses[1] and len(set(crosses)) == 5
+    with pytest.raises(DataError, match="'price' holds nan"):
+        s.encode(t.set_column(2, "price", pa.array([float("nan")] * 5)), "t")
+
+
+def test_bucket_edges_from_the_manifest_and_config_errors():
+    from wdl.config import load_config
+    from wdl.errors import ConfigError
+
+    s = spec({"price": ColumnConfig(kind="dense", buckets="auto")}, sparse=["price"],
+             meta={"price": {"bucket_edges": [2.0, 2.0, 5.0]}})
+    assert s.num_embeddings("price") == 4 and s.sparse["price"].edges.tolist() == [2.0, 5.0]
+    with pytest.raises(ConfigError, match="no bucket_edges"):
+        spec({"price": ColumnConfig(kind="dense", buckets="auto")}, sparse=["price"], meta={"price": {}})
+    base = "configs/movielens-100k.yaml"
+    with pytest.raises(ConfigError, match="strictly ascending"):
+        load_config(base, ["features.columns.release_year.buckets=[1990, 1980]"])
+    with pytest.raises(ConfigError, match="only dense columns are bucketed"):
+        load_config(base, ["features.columns.gender.buckets=[1, 2]"])
+    with pytest.raises(ConfigError, match="is not a sparse column or cross"):
+        load_config(base, ["model.wide.features=[release_year]"])
+    cfg = load_config(base, ["features.columns.release_year.buckets=[1970, 1990]", "model.wide.features=[release_year]"])
+    assert cfg.features.columns["release_year"].buckets == [1970.0, 1990.0]

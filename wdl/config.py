@@ -44,6 +44,10 @@ class ColumnConfig:
     # Dense only: standard (train mean/std from the manifest) | log1p | none.
     normalize: Literal["standard", "log1p", "none"] = "standard"
     fill: float = 0.0  # dense: value used for null
+    # Dense only: also a categorical id usable in the wide part, crosses and deep embeddings:
+    # the bucket of the raw value between these ascending edges (id 1 .. len+1; null -> 0), or
+    # "auto": the equal-frequency edges `wdl data import` wrote into the manifest.
+    buckets: Optional[Union[list[float], Literal["auto"]]] = None
 
 
 @dataclass
@@ -335,11 +339,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.name={name!r}: must be a plain folder name (no '/', not starting with '.'); "
                           "use run.out_dir for where runs go")
     cols = cfg.features.columns
-    sparse = {n for n, c in cols.items() if c.kind != "dense"}
+    sparse = {n for n, c in cols.items() if c.kind != "dense" or c.buckets is not None}
     for name, col in cols.items():
         where = f"features.columns.{name}"
         if col.kind == "dense":
+            edges = col.buckets
+            if isinstance(edges, list) and (not edges or any(b <= a for a, b in zip(edges, edges[1:]))):
+                raise ConfigError(f"{where}.buckets: give strictly ascending edges (or auto), got {edges}")
             continue
+        if col.buckets is not None:
+            raise ConfigError(f"{where}.buckets: only dense columns are bucketed")
         given = [k for k in ("vocab_size", "hash_buckets", "vocab_file") if getattr(col, k) is not None]
         if len(given) != 1:
             raise ConfigError(f"{where}: give exactly one of vocab_size, hash_buckets, vocab_file")
@@ -357,7 +366,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: a cross needs at least two columns")
         for c in cross.columns:
             if c not in sparse:
-                raise ConfigError(f"{where}: {c!r} is not a categorical or multi_hot column")
+                raise ConfigError(f"{where}: {c!r} is not a categorical or multi_hot column (or a dense one with buckets)")
         if sum(cols[c].kind == "multi_hot" for c in cross.columns) > 1:
             raise ConfigError(f"{where}: at most one multi_hot column per cross")
         if cross.hash_buckets < 1:

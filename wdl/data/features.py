@@ -91,8 +91,9 @@ class SparseColumn:
     name: str
     kind: str  # categorical | multi_hot
     num_embeddings: int
-    mode: str  # ids | hash | vocab
+    mode: str  # ids | hash | vocab | buckets (a dense column's bucket)
     vocab: Optional[pa.Array] = None
+    edges: Optional[np.ndarray] = None  # buckets: ascending edges; id = 1 + number of edges <= value
 
 
 @dataclass
@@ -276,7 +277,16 @@ class FeatureSpec:
             return
         col = cfg.columns[name]
         meta = meta_cols.get(name, {})
-        if col.hash_buckets is not None:
+        if col.kind == "dense":  # bucketed (config validation allows nothing else here)
+            edges = col.buckets
+            if edges == "auto":
+                if not meta.get("bucket_edges"):
+                    raise ConfigError(f"features.columns.{name}.buckets=auto but the manifest gives no bucket_edges "
+                                      "for it (`wdl data import` writes them); give the edges as a list")
+                edges = sorted(set(meta["bucket_edges"]))  # repeated quantiles mean one bucket
+            self.sparse[name] = SparseColumn(name, "categorical", len(edges) + 2, "buckets",
+                                             edges=np.asarray(edges, dtype=np.float64))
+        elif col.hash_buckets is not None:
             self.sparse[name] = SparseColumn(name, col.kind, col.hash_buckets, "hash")
         elif col.vocab_file is not None:
             path = Path(col.vocab_file)
@@ -308,7 +318,8 @@ class FeatureSpec:
     @property
     def columns(self) -> list[str]:
         """The Parquet columns to read."""
-        return [self.label] * self.has_labels + [*self.sparse, *(d.name for d in self.dense)]
+        # a bucketed dense column is read once for both uses
+        return list(dict.fromkeys([self.label] * self.has_labels + [*self.sparse, *(d.name for d in self.dense)]))
 
     # --- Arrow -> tensors -----------------------------------------------------------------------
 
@@ -374,7 +385,17 @@ class FeatureSpec:
         else:
             lengths = _ones(len(col))
             flat = col
-        if sc.mode == "hash":
+        if sc.mode == "buckets":
+            if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)):
+                raise DataError(f"{where}: column {sc.name!r} has type {flat.type}; buckets need numbers")
+            null = flat.is_null().to_numpy(zero_copy_only=False)
+            x = pc.fill_null(pc.cast(flat, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+            if not np.isfinite(x).all():  # as for dense values: null is missing, NaN/inf an error
+                raise DataError(f"{where}: column {sc.name!r} holds {x[~np.isfinite(x)][0]}")
+            values = np.where(null, 0, np.searchsorted(sc.edges, x, side="right") + 1).astype(np.int64)
+            counts[0] += len(values)
+            counts[2] += int(np.count_nonzero(values == 0))
+        elif sc.mode == "hash":
             if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
                 values = hash_strings(flat, sc.num_embeddings)
             else:
