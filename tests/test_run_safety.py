@@ -120,10 +120,11 @@ def test_killed_before_the_first_checkpoint_logs_each_epoch_once(tiny_config, tw
     checkpoint completed (a half-written one is left), no summary. `--resume auto` starts over."""
     for c in checkpoints(two_epochs):
         shutil.rmtree(c)
-    (two_epochs / "checkpoints" / "step-00000019.tmp").mkdir()
+    (two_epochs / "checkpoints" / "step-00000007.tmp").mkdir()  # cut short mid-save
     (two_epochs / "summary.json").unlink()
     assert train(tiny_config, "run.name=base", "--resume", "auto") == 0
     assert [r["epoch"] for r in records(two_epochs)] == [1, 2]
+    assert not list((two_epochs / "checkpoints").glob("*.tmp"))  # the half-written one is cleared
 
 
 def test_resume_auto_never_overwrites_a_finished_run_without_checkpoints(tiny_config, tmp_path, capsys):

@@ -121,6 +121,9 @@ class Checkpointer:
         # What fixes the order rows are read in (batch size, seed, ...): a mid-epoch read position
         # means something only when these agree.
         self.read_order = read_order or {}
+        if rank == 0 and folder.is_dir():  # saves cut short by a kill or Ctrl-C: never loadable, only clutter
+            for stale in folder.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, app_state: dict[str, Any], progress: dict[str, int], name: str | None = None) -> Path:
         """Save as step-<step> (the newest `keep` are kept), or as `name` (e.g. best), replacing it."""
