@@ -62,3 +62,44 @@ def test_early_stopping_keeps_best_and_scores_test_once(tiny_config, tmp_path, c
     assert main(args + ["--resume", "auto"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == len(recs)
     assert json.loads((run / "summary.json").read_text())["test"]["auc"] == pytest.approx(summary["test"]["auc"])
+
+
+def _naive_ranking(scores, labels, groups, k):
+    import math
+
+    ndcg, recall = [], []
+    for g in sorted(set(groups.tolist())):
+        rows = [i for i in range(len(groups)) if groups[i] == g]
+        positives = sum(labels[i] for i in rows)
+        if not positives:
+            continue
+        ranked = sorted(rows, key=lambda i: (-scores[i], i))[:k]
+        dcg = sum(labels[i] / math.log2(r + 2) for r, i in enumerate(ranked))
+        ideal = sum(1 / math.log2(r + 2) for r in range(min(int(positives), k)))
+        ndcg.append(dcg / ideal)
+        recall.append(sum(labels[i] for i in ranked) / positives)
+    return sum(ndcg) / len(ndcg), sum(recall) / len(recall)
+
+
+def test_ranking_metrics_equal_a_per_group_reference():
+    import numpy as np
+
+    from wdl.train.evaluate import ranking_metrics
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 30, 500)
+    labels = (rng.random(500) < 0.3).astype(np.float64)
+    scores = np.round(rng.random(500), 2)  # ties
+    for k in (1, 3, 10):
+        m = ranking_metrics(scores, labels, groups, k)
+        ndcg, recall = _naive_ranking(scores, labels, groups, k)
+        assert m[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-12) and m[f"recall@{k}"] == pytest.approx(recall, abs=1e-12)
+
+
+def test_ranking_metrics_in_a_run(tiny_config, tmp_path):
+    assert main(["train", "--config", str(tiny_config), "run.name=rank", "train.epochs=1",
+                 "train.ranking_group=user_id", "train.ranking_k=5"]) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "runs" / "rank" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < rec["ndcg@5"] <= 1 and 0 < rec["recall@5"] <= 1
+    with pytest.raises(ConfigError, match="must be a categorical column the model reads"):
+        load_config(tiny_config, ["train.ranking_group=release_year"])

@@ -163,6 +163,11 @@ class TrainConfig:
     # Fault injection for tests: the last rank SIGKILLs itself after this step on the first
     # attempt under torchrun (0 = off).
     kill_at_step: int = 0
+    # Ranking metrics beside AUC: NDCG@k and Recall@k of each group's (e.g. user's) evaluated rows
+    # ranked by score, averaged over groups with a positive. "" = off; else a categorical column
+    # the model reads.
+    ranking_group: str = ""
+    ranking_k: int = 10
 
 
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
@@ -403,6 +408,14 @@ def validate(cfg: Config) -> None:
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
     _validate_selection(cfg.data, cfg.train.early_stopping)
+    if cfg.train.ranking_group:
+        g = cfg.train.ranking_group
+        read = (set(m.wide.features) if m.kind != "deep" else set()) | (set(m.deep.embeddings) if m.kind != "wide" else set())
+        if g not in cols or cols[g].kind != "categorical" or g not in read:
+            raise ConfigError(f"train.ranking_group={g!r}: must be a categorical column the model reads "
+                              "(in model.wide.features or model.deep.embeddings)")
+        if cfg.train.ranking_k < 1:
+            raise ConfigError(f"train.ranking_k: must be >= 1, got {cfg.train.ranking_k}")
     for where, n in (("train.max_steps", cfg.train.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                      ("data.num_workers", cfg.data.num_workers)):
         if n < 0:

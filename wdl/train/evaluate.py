@@ -33,24 +33,47 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def ranking_metrics(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> dict[str, float]:
+    """NDCG@k and Recall@k of each group's rows ranked by score (ties in row order), averaged
+    over the groups with at least one positive. scores, labels, groups: [N]."""
+    order = np.lexsort((-scores, groups))  # by group, then score descending (lexsort is stable)
+    g, y = groups[order], labels[order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))
+    top = rank < k
+    discount = 1.0 / np.log2(rank + 2.0)
+    dcg = np.add.reduceat(np.where(top, y * discount, 0.0), starts)
+    hits = np.add.reduceat(np.where(top, y, 0.0), starts)
+    positives = np.add.reduceat(y, starts)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))[np.minimum(positives, k).astype(int) - 1]
+    has = positives > 0
+    if not has.any():
+        return {f"ndcg@{k}": float("nan"), f"recall@{k}": float("nan")}
+    return {f"ndcg@{k}": float(np.mean(dcg[has] / ideal[has])), f"recall@{k}": float(np.mean(hits[has] / positives[has]))}
+
+
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and labels of this rank's rows, on CPU.
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device,
+            group: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Probabilities and labels of this rank's rows, on CPU (and the ids of the `group` column).
 
     `model` is the training module (WideDeepTrain, maybe sharded or in DDP): Batch ->
     (loss, (loss, logits, labels)). Going through it keeps sharded look-ups collective.
     """
     was_training = model.training
     model.eval()
-    scores, labels = [], []
+    scores, labels, groups = [], [], []
     for batch in to_device(batches, device):
         _, (_, logits, _) = model(batch)
         scores.append(torch.sigmoid(logits.float()))
         labels.append(batch.labels)
+        if group:
+            groups.append(batch.sparse[group].values)
     model.train(was_training)
     if not scores:
-        return torch.empty(0), torch.empty(0)
-    return torch.cat(scores).cpu(), torch.cat(labels).cpu()
+        return (torch.empty(0),) * (3 if group else 2)
+    out = (torch.cat(scores).cpu(), torch.cat(labels).cpu())
+    return out + (torch.cat(groups).cpu(),) if group else out
 
 
 def gather_to_all(t: torch.Tensor) -> torch.Tensor:
@@ -70,8 +93,12 @@ def gather_to_all(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()
 
 
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
-    """Global metrics of the split (identical on every rank)."""
-    scores, labels = predict(model, batches, device)
-    scores, labels = gather_to_all(scores), gather_to_all(labels)
-    return binary_metrics(scores.numpy(), labels.numpy())
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, group: str = "",
+             k: int = 10) -> dict[str, float]:
+    """Global metrics of the split (identical on every rank); with a `group` column, its
+    ranking metrics too."""
+    out = [gather_to_all(t) for t in predict(model, batches, device, group or None)]
+    metrics = binary_metrics(out[0].numpy(), out[1].numpy())
+    if group:
+        metrics |= ranking_metrics(out[0].numpy(), out[1].numpy(), out[2].numpy(), k)
+    return metrics

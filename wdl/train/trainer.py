@@ -220,7 +220,7 @@ class Trainer:
     def evaluate(self, loader: Any) -> dict[str, Any]:
         start = time.perf_counter()
         loader.load_state_dict({"epoch": 0, "batches_done": 0})
-        m = evaluate(self.model, loader, self.device)
+        m = evaluate(self.model, loader, self.device, self.cfg.train.ranking_group, self.cfg.train.ranking_k)
         return {**m, "eval_seconds": time.perf_counter() - start}
 
     def evaluate_only(self) -> dict[str, Any]:
