@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_arguments(p)
     p.set_defaults(func=predict_main)
 
+    from wdl.export import add_export_arguments, export_main
+
+    p = sub.add_parser("export", help="a trained model as a folder to serve from (torch.export program + feature encoding)")
+    add_export_arguments(p)
+    p.set_defaults(func=export_main)
+
     data = sub.add_parser("data", help="prepare or generate data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="convert a public data set to wdl Parquet shards")

@@ -24,3 +24,7 @@ class CheckpointError(WdlError):
 
 class TrainingError(WdlError):
     """Training cannot go on meaningfully (e.g. the loss is no longer finite)."""
+
+
+class ArtefactError(WdlError):
+    """An exported model folder (`wdl export`) is missing, incomplete or unreadable."""

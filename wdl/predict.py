@@ -25,43 +25,41 @@ from wdl.errors import CheckpointError, ConfigError, DataError
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", nargs="?", default=None, help="run folder of a trained model (holds config.yaml and checkpoints/)")
-    # Also as an option; under torchrun give it positionally (torchrun takes --run for its own --run-path).
-    p.add_argument("--run", dest="run_option", default=None, metavar="RUN", help="the same as RUN")
-    p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
-                   help="best: the validation-selected epoch (latest when the run had no validation split); "
-                        "latest: the newest good checkpoint; or a checkpoint folder")
+    add_run_arguments(p)
     p.add_argument("--data", default=None, metavar="DIR", help="a wdl data set folder (default: the run's training data)")
     p.add_argument("--split", default=None, help="split of --data to score (default: the run's data.eval_split)")
     p.add_argument("--out", required=True, help="Parquet file to write (row, score, label)")
     p.add_argument("--batch-size", type=int, default=16384)
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """RUN (positionally or --run) and --checkpoint: which trained model a command uses."""
+    p.add_argument("run", nargs="?", default=None, help="run folder of a trained model (holds config.yaml and checkpoints/)")
+    # Also as an option; under torchrun give it positionally (torchrun takes --run for its own --run-path).
+    p.add_argument("--run", dest="run_option", default=None, metavar="RUN", help="the same as RUN")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
+                   help="best: the validation-selected epoch (latest when the run had no validation split); "
+                        "latest: the newest good checkpoint; or a checkpoint folder")
+
+
 def predict_main(args: argparse.Namespace) -> int:
-    from wdl.checkpoint import Checkpointer, newest_good_checkpoint
+    from wdl.checkpoint import newest_good_checkpoint
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.data.manifest import load_manifest
     from wdl.data.parquet import StreamingLoader, list_row_groups
     from wdl.distributed.env import close_distributed, init_distributed
-    from wdl.model.embeddings import resolve_backend
     from wdl.train import run_log
     from wdl.train.evaluate import gather_to_all, predict
-    from wdl.train.optim import fused_table_optimizer
-    from wdl.train.trainer import build_model, model_signature
 
-    if bool(args.run) == bool(args.run_option):
-        raise ConfigError("give the run folder once: wdl predict RUN ... (or --run RUN)")
-    run = Path(args.run or args.run_option)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run {run}: no config.yaml there (a run folder is runs/<name>)")
+    run = run_folder(args, "predict")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as scores.parquet")
     cfg = load_config(run / "config.yaml")
-    ckpt = _pick_checkpoint(run, cfg, args.checkpoint, newest_good_checkpoint)
+    ckpt = pick_checkpoint(run, cfg, args.checkpoint, newest_good_checkpoint)
     run_log.capture()
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     try:
@@ -77,12 +75,7 @@ def predict_main(args: argparse.Namespace) -> int:
         loader = StreamingLoader(list_row_groups(files, spec), spec, args.batch_size, rank=env.rank,
                                  world_size=env.world_size, shuffle=False)
 
-        backend = resolve_backend(cfg.model.embedding_backend)
-        fused = (fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
-                 if backend == "torchrec" and cfg.model.kind != "wide" else None)
-        model, model_cfg, placed = build_model(cfg, spec, env, backend, fused)
-        checkpointer = Checkpointer(ckpt.parent, 1, env.rank, env.world_size, signature=model_signature(model_cfg, spec))
-        checkpointer.load_weights(ckpt, {"model": placed.state_module.state_dict()})
+        placed = load_trained_model(cfg, spec, env, ckpt)
         scores, labels = predict(placed.model, loader, env.device)
         scores, labels = gather_to_all(scores), gather_to_all(labels)  # rank order = input order
         if env.is_main:
@@ -101,7 +94,34 @@ def predict_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pick_checkpoint(run: Path, cfg, which: str, newest_good) -> Path:
+def run_folder(args: argparse.Namespace, command: str) -> Path:
+    """The run folder given positionally or as --run (exactly once), checked to hold a config."""
+    if bool(args.run) == bool(args.run_option):
+        raise ConfigError(f"give the run folder once: wdl {command} RUN ... (or --run RUN)")
+    run = Path(args.run or args.run_option)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {run}: no config.yaml there (a run folder is runs/<name>)")
+    return run
+
+
+def load_trained_model(cfg, spec, env, ckpt: Path):
+    """The model rebuilt as training built it (tables, placement) with `ckpt`'s weights only
+    (the checkpoint's signature is verified first). Returns build_model's placement (`Placed`)."""
+    from wdl.checkpoint import Checkpointer
+    from wdl.model.embeddings import resolve_backend
+    from wdl.train.optim import fused_table_optimizer
+    from wdl.train.trainer import build_model, model_signature
+
+    backend = resolve_backend(cfg.model.embedding_backend)
+    fused = (fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
+             if backend == "torchrec" and cfg.model.kind != "wide" else None)
+    _, model_cfg, placed = build_model(cfg, spec, env, backend, fused)
+    checkpointer = Checkpointer(ckpt.parent, 1, env.rank, env.world_size, signature=model_signature(model_cfg, spec))
+    checkpointer.load_weights(ckpt, {"model": placed.state_module.state_dict()})
+    return placed
+
+
+def pick_checkpoint(run: Path, cfg, which: str, newest_good) -> Path:
     folder = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run / "checkpoints"
     if which in ("best", "latest"):
         if which == "best" and (folder / "best").is_dir():
