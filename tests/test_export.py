@@ -55,6 +55,31 @@ def test_torchrec_backend_round_trip_equals_predict(tmp_path, tiny_data):
     _round_trip(run, tiny_data, tmp_path)
 
 
+def test_every_encoding_mode_and_interactions_round_trip(tmp_path, tiny_data):
+    """Hashed, vocab-file and bucketed columns, a cross over a bucket, a dot interaction."""
+    vocab = tmp_path / "movies.json"
+    vocab.write_text(json.dumps([None, *range(80, 0, -1)]))  # position = id; ids unlike the raw values
+    run = _train(tmp_path, tiny_data,
+                 "features.columns.user_id={kind: categorical, hash_buckets: 64}",
+                 f"features.columns.movie_id={{kind: categorical, vocab_file: {vocab}}}",
+                 "features.columns.release_year={kind: dense, normalize: log1p, buckets: [1960, 1980, 1990]}",
+                 "features.crosses.year_gender={columns: [release_year, gender], hash_buckets: 40}",
+                 "model.wide.features=[user_id, movie_id, genres, release_year, year_gender]",
+                 "model.deep.interaction=dot", "model.deep.interaction_pairs=[[user_id, movie_id]]")
+    _round_trip(run, tiny_data, tmp_path)
+    enc = json.loads((tmp_path / "exported" / "encoding.json").read_text())
+    assert {c: enc["columns"][c]["mode"] for c in ("user_id", "movie_id", "release_year")} == {
+        "user_id": "hash", "movie_id": "vocab", "release_year": "buckets"}
+    assert (tmp_path / "exported" / enc["columns"]["movie_id"]["vocab_file"]).read_text() == vocab.read_text()
+
+
+def test_deep_only_with_fm_round_trip(tmp_path, tiny_data):
+    """No wide part (the model's own bias), the factorisation-machine identity over all pairs."""
+    run = _train(tmp_path, tiny_data, "model.kind=deep", "model.deep.interaction=fm",
+                 "model.deep.embeddings={user_id: 8, movie_id: 8, genres: 8}")
+    _round_trip(run, tiny_data, tmp_path)
+
+
 def test_dicts_equal_table_and_unknown_values_are_id_0(torch_run, tiny_data, tmp_path):
     out = tmp_path / "exported"
     assert main(["export", str(torch_run), "--out", str(out), "--checkpoint", "latest"]) == 0
