@@ -429,6 +429,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"optim.{part}.{k}: must be >= 0, got {getattr(o, k)}")
         if not o.eps > 0:
             raise ConfigError(f"optim.{part}.eps: must be > 0, got {o.eps}")
+        if o.name != "ftrl" and (o.l1 or o.l2):  # would be silently ignored
+            raise ConfigError(f"optim.{part}.l1/l2 are FTRL's; with {o.name} use optim.{part}.weight_decay "
+                              "(L2 on the rows a step touches)")
     if any(h < 1 for h in m.deep.hidden):
         raise ConfigError(f"model.deep.hidden: every layer needs >= 1 unit, got {m.deep.hidden}")
     if cfg.train.eval_only and not cfg.checkpoint.resume:
