@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -161,11 +162,17 @@ def test_read_only_output_folder(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ trainer side
-def _train(tmp_path: Path, data: Path) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, data: Path) -> SimpleNamespace:
+    """One epoch of `wdl train` in this process (the command's own error handling included)."""
+    import contextlib
+    import io
+
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY_CONFIG.format(path=cfg, runs=tmp_path / "runs", data=data))
-    return subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "train.epochs=1"],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(["train", "--config", str(cfg), "train.epochs=1", "train.progress=false"])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 TorchRec and torch report through `logging` and `warnings` (planner notes, FutureWarnings)
 that a user of wdl cannot act on. `capture()` routes both into a buffer from the start of a run;
-`attach(path)` writes the buffer, and everything after it, to `<run folder>/run.log`. wdl's
-own messages are printed and stay on the console.
+`attach(path)` writes the buffer, and everything after it, to `<run folder>/run.log`;
+`release()` ends it. wdl's own messages are printed and stay on the console.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _buffer: logging.handlers.MemoryHandler | None = None
+_removed: list[logging.Handler] = []
 
 
 def capture() -> None:
@@ -28,6 +29,7 @@ def capture() -> None:
     for h in list(root.handlers):
         if h is not _buffer:
             root.removeHandler(h)
+            _removed.append(h)  # given back by release(), for a caller that runs wdl in-process
     if _buffer not in root.handlers:
         root.addHandler(_buffer)
     root.setLevel(min(root.level or logging.WARNING, logging.WARNING))
@@ -49,10 +51,17 @@ def attach(path: Path) -> None:
 
 
 def release() -> None:
-    """Close the file; later records are buffered again (the next run attaches its own)."""
-    if _buffer is not None and _buffer.target is not None:
-        _buffer.flush()
-        target = _buffer.target
-        _buffer.setTarget(None)
-        _buffer.flushLevel = logging.CRITICAL + 1
-        target.close()
+    """Close the file and give the root logger its earlier handlers back."""
+    root = logging.getLogger()
+    if _buffer is not None:
+        if _buffer.target is not None:
+            _buffer.flush()
+            target = _buffer.target
+            _buffer.setTarget(None)
+            _buffer.flushLevel = logging.CRITICAL + 1
+            target.close()
+        _buffer.buffer.clear()
+        root.removeHandler(_buffer)
+    while _removed:
+        root.addHandler(_removed.pop())
+    logging.captureWarnings(False)
