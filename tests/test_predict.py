@@ -32,7 +32,11 @@ def trained(tmp_path_factory, tiny_data) -> Path:
 
 def test_scores_equal_the_selected_models_test_auc(trained, tiny_data, tmp_path):
     out = tmp_path / "scores.parquet"
+    in_progress = trained / "checkpoints" / "step-99999999.tmp"  # as a save of a run still training
+    in_progress.mkdir()
     assert main(["predict", "--run", str(trained), "--out", str(out)]) == 0
+    assert in_progress.is_dir()  # a reader never clears another run's unfinished save
+    in_progress.rmdir()
     t = pq.read_table(out)
     assert t.column_names == ["row", "score", "label"] and t.num_rows == 600
     assert t["row"].to_pylist() == list(range(600))

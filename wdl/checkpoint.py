@@ -121,8 +121,12 @@ class Checkpointer:
         # What fixes the order rows are read in (batch size, seed, ...): a mid-epoch read position
         # means something only when these agree.
         self.read_order = read_order or {}
-        if rank == 0 and folder.is_dir():  # saves cut short by a kill or Ctrl-C: never loadable, only clutter
-            for stale in folder.glob("*.tmp"):
+
+    def clear_unfinished(self) -> None:
+        """Remove saves cut short by a kill or Ctrl-C (never loadable, only clutter). Only for the
+        run that owns the folder: a reader (predict, export) would delete a live run's save."""
+        if self.rank == 0 and self.folder.is_dir():
+            for stale in self.folder.glob("*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, app_state: dict[str, Any], progress: dict[str, int], name: str | None = None) -> Path:

@@ -93,7 +93,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace) -> int:
-    from wdl.checkpoint import newest_good_checkpoint
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.distributed.env import close_distributed, init_distributed
@@ -106,7 +105,7 @@ def export_main(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("wdl export runs in one process (it reads every table whole); run it without torchrun")
     cfg = load_config(run / "config.yaml")
-    ckpt = pick_checkpoint(run, cfg, args.checkpoint, newest_good_checkpoint)
+    ckpt = pick_checkpoint(run, cfg, args.checkpoint)
     cfg = _one_cpu_process(cfg)
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)  # cpu: the artefact is a CPU program
     try:

@@ -43,7 +43,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def predict_main(args: argparse.Namespace) -> int:
-    from wdl.checkpoint import newest_good_checkpoint
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.data.manifest import load_manifest
@@ -59,7 +58,7 @@ def predict_main(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as scores.parquet")
     cfg = load_config(run / "config.yaml")
-    ckpt = pick_checkpoint(run, cfg, args.checkpoint, newest_good_checkpoint)
+    ckpt = pick_checkpoint(run, cfg, args.checkpoint)
     run_log.capture()
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     try:
@@ -109,24 +108,23 @@ def load_trained_model(cfg, spec, env, ckpt: Path):
     (the checkpoint's signature is verified first). Returns build_model's placement (`Placed`)."""
     from wdl.checkpoint import Checkpointer
     from wdl.model.embeddings import resolve_backend
-    from wdl.train.optim import fused_table_optimizer
-    from wdl.train.trainer import build_model, model_signature
+    from wdl.train.trainer import build_model, deep_fused_optimizer, model_signature
 
     backend = resolve_backend(cfg.model.embedding_backend)
-    fused = (fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
-             if backend == "torchrec" and cfg.model.kind != "wide" else None)
-    _, model_cfg, placed = build_model(cfg, spec, env, backend, fused)
+    _, model_cfg, placed = build_model(cfg, spec, env, backend, deep_fused_optimizer(cfg, env, backend))
     checkpointer = Checkpointer(ckpt.parent, 1, env.rank, env.world_size, signature=model_signature(model_cfg, spec))
     checkpointer.load_weights(ckpt, {"model": placed.state_module.state_dict()})
     return placed
 
 
-def pick_checkpoint(run: Path, cfg, which: str, newest_good) -> Path:
+def pick_checkpoint(run: Path, cfg, which: str) -> Path:
+    from wdl.checkpoint import newest_good_checkpoint
+
     folder = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run / "checkpoints"
     if which in ("best", "latest"):
         if which == "best" and (folder / "best").is_dir():
             return folder / "best"
-        found = newest_good(folder)
+        found = newest_good_checkpoint(folder)
         if found is None:
             raise CheckpointError(f"{run} has no complete checkpoint to score with (looked in {folder})")
         return found

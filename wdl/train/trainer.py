@@ -45,8 +45,7 @@ class Trainer:
         self.backend = resolve_backend(cfg.model.embedding_backend)
         deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if self.backend == "torchrec" else []
         check_placement(cfg.distributed, deep_tables, env)  # fail before any data is touched
-        fused = (fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
-                 if self.backend == "torchrec" and cfg.model.kind != "wide" else None)
+        fused = deep_fused_optimizer(cfg, env, self.backend)
 
         # 1. Run folder (rank 0 picks and locks it, everyone uses it) and the checkpoint to resume
         #    from. A start that fails before training removes a folder it created.
@@ -88,8 +87,7 @@ class Trainer:
         self.eval_name = ("valid" if loaders.valid is not None else cfg.data.eval_split)
         self.selection = Selection(cfg.train.early_stopping) if loaders.valid is not None else None
         if env.is_main:
-            _warn_single_class(manifest, [cfg.data.train_split, cfg.data.valid_split or cfg.data.train_split,
-                                          cfg.data.eval_split])
+            _warn_single_class(manifest, [s for s in (cfg.data.train_split, cfg.data.valid_split, cfg.data.eval_split) if s])
 
         # 3. Model: knows nothing of distribution. Its tables are only described (meta device):
         #    placement allocates and initialises each rank's rows, so none exists whole anywhere.
@@ -120,6 +118,7 @@ class Trainer:
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
                                          signature=model_signature(model_cfg, self.spec),
                                          read_order=_read_order(cfg, manifest))
+        self.checkpointer.clear_unfinished()  # this run holds the folder's lock
         if resume_from is not None:
             self._resume(resume_from)
 
@@ -205,8 +204,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        totals = _all_reduce_sum(torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64),
-                                              torch.tensor(float(rows), dtype=torch.float64)]), self.env)
+        totals = _all_reduce_sum(torch.cat([self._epoch_sums(), torch.tensor([float(rows)], dtype=torch.float64)]),
+                                 self.env)
         epoch_rows, rows_now = int(totals[1].item()), int(totals[2].item())
         return {
             "train_loss": float(totals[0] / max(epoch_rows, 1)),  # the whole epoch, across a resume
@@ -243,9 +242,12 @@ class Trainer:
 
     def save_checkpoint(self, name: str | None = None) -> Path:
         # The epoch's loss and rows so far, summed over ranks (saved once, restored on rank 0).
-        sums = _all_reduce_sum(torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64)]),
-                               self.env)
-        return self.checkpointer.save(self._app_state(sums), self._progress_state(), name=name)
+        return self.checkpointer.save(self._app_state(_all_reduce_sum(self._epoch_sums(), self.env)),
+                                      self._progress_state(), name=name)
+
+    def _epoch_sums(self) -> torch.Tensor:
+        """[loss summed over rows, rows] of the current epoch on this rank, float64 on the CPU."""
+        return torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64)])
 
     def _load(self, path: Path) -> tuple[dict[str, int], dict[str, Any]]:
         # DCP fills these tensors in place (split ones as this world size splits them).
@@ -287,6 +289,14 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="step", leave=False, dynamic_ncols=True)
+
+
+def deep_fused_optimizer(cfg: Config, env: DistEnv, backend: str) -> Any:
+    """FBGEMM's optimiser for TorchRec's deep tables (None without them); a ConfigError for one
+    FBGEMM lacks, so it fails before anything is built."""
+    if backend != "torchrec" or cfg.model.kind == "wide":
+        return None
+    return fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
 
 
 def build_model(cfg: Config, spec: FeatureSpec, env: DistEnv, backend: str,
