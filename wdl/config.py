@@ -1,6 +1,8 @@
 """One typed config tree, loaded from YAML.
 
-Every component receives only its slice (`cfg.data`, `cfg.model`, ...). Unknown keys are
+The model, the loaders, placement and the optimisers receive only their slice (`cfg.model`,
+`cfg.data`, `cfg.distributed`, `cfg.optim`); the whole tree goes only to what combines slices
+(the Trainer, the run folder, `feature_spec`: columns and the model's use of them). Unknown keys are
 errors that name the key; `a.b=c` overrides from the command line are parsed as YAML values
 and checked exactly like the file.
 """
@@ -180,9 +182,15 @@ class DistributedConfig:
     # Default for every table: auto lets TorchRec's planner choose among what the device
     # supports; or one of SHARDING_TYPES. row_wise / table_row_wise need CUDA.
     sharding: str = "auto"
-    # Per-table override, e.g. {deep_user_id: column_wise}. Tables are named wide_<feature>
-    # and deep_<feature>.
+    # Per-table override, e.g. {deep_user_id: column_wise}. TorchRec's tables are the deep ones,
+    # named deep_<feature>; the wide part is wdl's own fused table, split row-wise over ranks.
     tables: dict[str, str] = field(default_factory=dict)
+
+    def sharding_of(self, table: str) -> tuple[str, str]:
+        """(sharding type asked for `table`, the config key that asks it)."""
+        if table in self.tables:
+            return self.tables[table], f"distributed.tables.{table}"
+        return self.sharding, "distributed.sharding"
 
 
 @dataclass

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from wdl.errors import CheckpointError, ConfigError, DataError
 
@@ -47,9 +46,9 @@ def predict_main(args: argparse.Namespace) -> int:
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.data.manifest import load_manifest
     from wdl.data.parquet import StreamingLoader, list_row_groups
-    from wdl.distributed.env import close_distributed, init_distributed
+    from wdl.distributed.env import all_gather_cat, close_distributed, init_distributed
     from wdl.train import run_log
-    from wdl.train.evaluate import gather_to_all, predict
+    from wdl.train.evaluate import predict
 
     run = run_folder(args, "predict")
     if args.batch_size < 1:
@@ -76,7 +75,7 @@ def predict_main(args: argparse.Namespace) -> int:
 
         placed = load_trained_model(cfg, spec, env, ckpt)
         scores, labels = predict(placed.model, loader, env.device)
-        scores, labels = gather_to_all(scores), gather_to_all(labels)  # rank order = input order
+        scores, labels = all_gather_cat(scores), all_gather_cat(labels)  # rank order = input order
         if env.is_main:
             columns = {"row": pa.array(np.arange(len(scores), dtype=np.int64)),
                        "score": pa.array(scores.numpy().astype(np.float32))}

@@ -95,6 +95,32 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d tensor of any length from every rank, concatenated in rank order (on the CPU)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    device = comm_device()
+    t = t.to(device)
+    n = torch.tensor([t.numel()], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(counts), dtype=t.dtype, device=device)  # all_gather needs equal lengths
+    padded[: t.numel()] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:c] for o, c in zip(out, counts)]).cpu()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over ranks (on the CPU); `t` itself with one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.to(comm_device())
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

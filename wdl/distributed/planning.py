@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 
-from wdl.config import SHARDING_TYPES, Config
+from wdl.config import Config
 from wdl.errors import ConfigError
 
 GIB = 1 << 30
 RESERVED = 0.15  # TorchRec planner's default storage reservation (dense layers, inputs, activations)
-CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise")  # as wdl.distributed.sharding
 PEAK_TFLOPS = {"cuda": 67.0, "cpu": 0.1}  # dense fp32 without tensor cores: H100 SXM; a modest CPU
 
 
@@ -179,6 +178,7 @@ def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_siz
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+    from wdl.distributed.sharding import allowed_sharding
     from wdl.train.optim import fused_table_optimizer
 
     ebc = EmbeddingBagCollection(tables=[
@@ -191,11 +191,7 @@ def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_siz
     kernels = ["fused", "fused_uvm_caching"] if hw.allow_uvm and hw.device == "cuda" else ["fused"]
     constraints = {}
     for t in specs:
-        kind = cfg.distributed.tables.get(t.name, cfg.distributed.sharding)
-        types = [kind] if kind != "auto" else list(SHARDING_TYPES if hw.device == "cuda" else CPU_SHARDING)
-        if hw.device != "cuda" and any(k not in CPU_SHARDING for k in types):
-            raise ConfigError(f"distributed sharding {kind} for {t.name} needs CUDA; on CPU TorchRec offers only "
-                              f"{', '.join(CPU_SHARDING)}")
+        types = allowed_sharding(*cfg.distributed.sharding_of(t.name), hw.device)
         constraints[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
     topology = _topology(hw, hbm, ddr)
     estimators = [_OncePerShape(EmbeddingPerfEstimator(topology, constraints)),

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from wdl.config import DistributedConfig
+from wdl.config import SHARDING_TYPES, DistributedConfig
 from wdl.distributed.env import DistEnv
 from wdl.distributed.rows import ShardedRows, block, check_memory
 from wdl.errors import ConfigError
@@ -32,9 +32,18 @@ from wdl.model.embeddings import LocalRows, TorchRecEmbeddingBags
 from wdl.model.init import normal_block
 from wdl.model.wide_deep import WideDeepTrain
 
-# TorchRec's sharding types on CPU (gloo). data_parallel is never used: it replicates a table and
-# all-reduces its whole gradient every step (config validation refuses it).
-CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise")
+
+def allowed_sharding(kind: str, where: str, device_type: str) -> list[str]:
+    """The sharding types TorchRec's planner may choose from for a table asked to be `kind`
+    (`auto`: any the device supports) on `device_type`; a ConfigError naming `where` when the
+    device lacks it. Row-wise types need CUDA (FBGEMM's CPU kernels lack them); data_parallel is
+    never one (it replicates a table and all-reduces its whole gradient every step)."""
+    supported = SHARDING_TYPES if device_type == "cuda" else tuple(t for t in SHARDING_TYPES if "row" not in t)
+    if kind == "auto":
+        return list(supported)
+    if kind not in supported:
+        raise ConfigError(f"{where}={kind} needs CUDA; on CPU (gloo) TorchRec offers only {', '.join(supported)}")
+    return [kind]
 
 
 @dataclass
@@ -63,12 +72,8 @@ def check_placement(cfg: DistributedConfig, deep_table_names: list[str], env: Di
                 f"model.embedding_backend=torchrec: {', '.join(deep_table_names) or 'none here'}); wide tables are "
                 "one fused table that wdl splits row-wise over the ranks"
             )
-    if env.device.type == "cuda":
-        return
-    asked = [("distributed.sharding", cfg.sharding)] + [(f"distributed.tables.{t}", k) for t, k in cfg.tables.items()]
-    for where, kind in asked:
-        if kind not in ("auto", *CPU_SHARDING):
-            raise ConfigError(f"{where}={kind} needs CUDA; on CPU (gloo) TorchRec offers only {', '.join(CPU_SHARDING)}")
+    for table in ["", *cfg.tables]:  # "": the default, distributed.sharding
+        allowed_sharding(*cfg.sharding_of(table), env.device.type)
 
 
 def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, seed: int,
@@ -142,12 +147,8 @@ def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, cfg: Dist
     # 2. Planner: TorchRec chooses among the allowed sharding types for this topology.
     constraints: dict[str, ParameterConstraints] = {}
     for t in emb.tables:
-        kind = cfg.tables.get(t.name, cfg.sharding)
-        if kind != "auto":
-            constraints[t.name] = ParameterConstraints(sharding_types=[kind])
-        else:  # the planner's own choice, but never data_parallel (see CPU_SHARDING)
-            allowed = CPU_SHARDING if env.device.type != "cuda" else (*CPU_SHARDING, "row_wise", "table_row_wise")
-            constraints[t.name] = ParameterConstraints(sharding_types=list(allowed))
+        types = allowed_sharding(*cfg.sharding_of(t.name), env.device.type)
+        constraints[t.name] = ParameterConstraints(sharding_types=types)
     sharding_env = ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD)
     topology = Topology(world_size=env.world_size, compute_device=env.device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))

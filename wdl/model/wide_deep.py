@@ -29,7 +29,7 @@ class ByteDropout(nn.Module):
     """Inverted dropout whose keep-mask comes from random bytes.
 
     torch's CPU dropout draws one Bernoulli sample per element (4.4 ms for a 1024 x 256
-    activation on a 2-core machine, a third of a MovieLens training step). One random byte per
+    activation with 2 intra-op threads, a third of a MovieLens training step). One random byte per
     element (8 from each 64-bit draw) is far cheaper, and the mask is built with arithmetic
     only: comparisons that produce bool tensors, and bool-float products, are not vectorised
     on CPU and cost 5-10x more. An element is kept when its byte >= t, i.e. when

@@ -11,13 +11,12 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from wdl.data.batch import Batch
 from wdl.data.prefetch import to_device
-from wdl.distributed.env import comm_device
+from wdl.distributed.env import all_gather_cat
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -76,28 +75,11 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device,
     return out + (torch.cat(groups).cpu(),) if group else out
 
 
-def gather_to_all(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-d tensor of any length across ranks (rank order)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    backend_device = comm_device()
-    t = t.to(backend_device)
-    n = torch.tensor([t.numel()], device=backend_device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, dtype=t.dtype, device=backend_device)
-    padded[: t.numel()] = t
-    out = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()
-
-
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, group: str = "",
              k: int = 10) -> dict[str, float]:
     """Global metrics of the split (identical on every rank); with a `group` column, its
     ranking metrics too."""
-    out = [gather_to_all(t) for t in predict(model, batches, device, group or None)]
+    out = [all_gather_cat(t) for t in predict(model, batches, device, group or None)]
     metrics = binary_metrics(out[0].numpy(), out[1].numpy())
     if group:
         metrics |= ranking_metrics(out[0].numpy(), out[1].numpy(), out[2].numpy(), k)

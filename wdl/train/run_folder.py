@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from wdl.checkpoint import complete_checkpoints, find_checkpoint, newest_good_checkpoint
+from wdl.checkpoint import find_checkpoint, newest_good_checkpoint
 from wdl.config import Config
 from wdl.errors import CheckpointError, ConfigError
 

@@ -24,12 +24,12 @@ from wdl.config import Config, ModelConfig, save_config
 from wdl.data.dataset import build_loaders, check_unknown, feature_spec, open_dataset
 from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
-from wdl.distributed.env import DistEnv, barrier, comm_device
+from wdl.distributed.env import DistEnv, all_gather_cat, all_reduce_sum, barrier
 from wdl.distributed.sharding import check_placement, place
 from wdl.errors import TrainingError, WdlError
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
-from wdl.train.evaluate import evaluate, gather_to_all
+from wdl.train.evaluate import evaluate
 from wdl.train.metrics import MetricsLogger
 from wdl.train.optim import build_optimizers, fused_table_optimizer
 from wdl.train import run_log
@@ -141,7 +141,7 @@ class Trainer:
                     f"-{self.step}) is {train_stats['train_loss']}; lower optim.wide.lr / optim.deep.lr "
                     "(nothing of this epoch was saved)")
             eval_stats = self.evaluate(self.eval_loader)
-            rss = gather_to_all(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
+            rss = all_gather_cat(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
             record = {"epoch": self.epoch + 1, **train_stats, "eval_split": self.eval_name, **eval_stats,
                       "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss}
             self.metrics.log_epoch(record)
@@ -204,8 +204,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        totals = _all_reduce_sum(torch.cat([self._epoch_sums(), torch.tensor([float(rows)], dtype=torch.float64)]),
-                                 self.env)
+        totals = all_reduce_sum(torch.cat([self._epoch_sums(), torch.tensor([float(rows)], dtype=torch.float64)]))
         epoch_rows, rows_now = int(totals[1].item()), int(totals[2].item())
         return {
             "train_loss": float(totals[0] / max(epoch_rows, 1)),  # the whole epoch, across a resume
@@ -242,7 +241,7 @@ class Trainer:
 
     def save_checkpoint(self, name: str | None = None) -> Path:
         # The epoch's loss and rows so far, summed over ranks (saved once, restored on rank 0).
-        return self.checkpointer.save(self._app_state(_all_reduce_sum(self._epoch_sums(), self.env)),
+        return self.checkpointer.save(self._app_state(all_reduce_sum(self._epoch_sums())),
                                       self._progress_state(), name=name)
 
     def _epoch_sums(self) -> torch.Tensor:
@@ -387,14 +386,6 @@ def _seed_everything(seed: int) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if not env.distributed:
-        return t
-    t = t.to(comm_device())
-    dist.all_reduce(t)
-    return t.cpu()
 
 
 def _peak_rss_mb() -> float:
