@@ -115,6 +115,10 @@ class DeepConfig:
     # features of a pair need the same embedding dimension.
     interaction_pairs: list[list[str]] = field(default_factory=list)
     embedding_dropout: float = 0.0  # dropout on the pooled embeddings, training only
+    # The MLP's arithmetic: fp32, or bf16 under autocast (its weights stay fp32 masters, the
+    # embedding tables and the loss stay fp32). bf16 pays on GPUs; CPUs without bf16 units run it
+    # many times slower.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -139,9 +143,23 @@ class OptimizerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """One multiplier on every learning rate (wide, deep, tables): a linear warm-up over the
+    first steps, then a decay each time the validation metric plateaus."""
+
+    warmup_steps: int = 0  # the multiplier rises linearly from 1/warmup_steps to 1 over these steps
+    # After `plateau_patience` epochs without a better validation metric (train.early_stopping's
+    # metric and min_delta), multiply by `plateau_factor` (1: never); needs a validation split.
+    plateau_factor: float = 1.0
+    plateau_patience: int = 1
+    min_scale: float = 0.0  # the plateau decay stops here
+
+
+@dataclass
 class OptimConfig:
     wide: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="ftrl", lr=0.05))
     deep: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adagrad", lr=0.05))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 @dataclass
@@ -416,6 +434,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
     _validate_selection(cfg.data, cfg.train.early_stopping)
+    _validate_schedule(cfg.optim.schedule, cfg.data)
     if cfg.train.ranking_group:
         g = cfg.train.ranking_group
         read = (set(m.wide.features) if m.kind != "deep" else set()) | (set(m.deep.embeddings) if m.kind != "wide" else set())
@@ -471,6 +490,20 @@ def _validate_selection(d: DataConfig, es: EarlyStoppingConfig) -> None:
     if es.patience and not (d.valid_split or d.valid_fraction):
         raise ConfigError("train.early_stopping.patience needs a validation split: set data.valid_split or "
                           "data.valid_fraction (stopping on the test split would select on it)")
+
+
+def _validate_schedule(sc: ScheduleConfig, d: DataConfig) -> None:
+    if sc.warmup_steps < 0:
+        raise ConfigError(f"optim.schedule.warmup_steps: must be >= 0, got {sc.warmup_steps}")
+    if not 0 < sc.plateau_factor <= 1:
+        raise ConfigError(f"optim.schedule.plateau_factor: must be in (0, 1], got {sc.plateau_factor}")
+    if sc.plateau_patience < 1:
+        raise ConfigError(f"optim.schedule.plateau_patience: must be >= 1, got {sc.plateau_patience}")
+    if not 0 <= sc.min_scale <= 1:
+        raise ConfigError(f"optim.schedule.min_scale: must be in [0, 1], got {sc.min_scale}")
+    if sc.plateau_factor < 1 and not (d.valid_split or d.valid_fraction):
+        raise ConfigError("optim.schedule.plateau_factor needs a validation split: set data.valid_split or "
+                          "data.valid_fraction (decaying on the test split would tune on it)")
 
 
 def _validate_interaction(deep: DeepConfig) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from wdl.config import ModelConfig
+from wdl.config import DeepConfig, ModelConfig
 from wdl.data.batch import Batch
 from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, TorchRecEmbeddingBags, build_embedding_bags
 from wdl.model.init import generator
@@ -76,35 +76,34 @@ class DeepArch(nn.Module):
     The pooled embeddings E [B, sum(dims)] (dropped out with `embedding_dropout` in training)
     feed the MLP with the dense features; `interaction` (see wdl.model.interactions) adds
     dot: the P pairwise dot products of E's vectors to the MLP input ([B, sum(dims) + dense + P]);
-    fm: the sum of those dot products to the output.
+    fm: the sum of those dot products to the output. With `precision: bf16` the MLP runs under
+    bf16 autocast (fp32 weights; the embeddings, interactions and logit stay fp32).
 
     forward: Batch -> [B] logits
     """
 
-    def __init__(self, embedding_dims: dict[str, int], num_embeddings: dict[str, int], dense_dim: int,
-                 hidden: list[int], dropout: float, init_std: float, backend: str,
-                 device: torch.device | None = None, table_device: torch.device | None = None,
-                 interaction: str = "none", interaction_pairs: list[list[str]] | None = None,
-                 embedding_dropout: float = 0.0) -> None:
+    def __init__(self, cfg: DeepConfig, num_embeddings: dict[str, int], dense_dim: int, backend: str,
+                 device: torch.device | None = None, table_device: torch.device | None = None) -> None:
         super().__init__()
+        embedding_dims = cfg.embeddings
         self.features = list(embedding_dims)
-        tables = [TableSpec(f, num_embeddings[f], d, f"deep_{f}", init_std) for f, d in embedding_dims.items()]
+        tables = [TableSpec(f, num_embeddings[f], d, f"deep_{f}", cfg.init_std) for f, d in embedding_dims.items()]
         self.embeddings = build_embedding_bags(tables, backend, table_device) if tables else None
-        self.embedding_dropout = ByteDropout(embedding_dropout) if embedding_dropout > 0 else None
+        self.embedding_dropout = ByteDropout(cfg.embedding_dropout) if cfg.embedding_dropout > 0 else None
         self.interaction = (
-            PairwiseInteraction(embedding_dims, [tuple(p) for p in interaction_pairs] if interaction_pairs else None,
-                                interaction)
-            if interaction != "none" else None
+            PairwiseInteraction(embedding_dims, [tuple(p) for p in cfg.interaction_pairs] or None, cfg.interaction)
+            if cfg.interaction != "none" else None
         )
         layers: list[nn.Module] = []
         width = sum(embedding_dims.values()) + dense_dim + (self.interaction.num_outputs if self.interaction else 0)
-        for h in hidden:
+        for h in cfg.hidden:
             layers += [nn.Linear(width, h, device=device), nn.ReLU()]
-            if dropout > 0:
-                layers.append(ByteDropout(dropout))
+            if cfg.dropout > 0:
+                layers.append(ByteDropout(cfg.dropout))
             width = h
         layers.append(nn.Linear(width, 1, bias=False, device=device))
         self.mlp = nn.Sequential(*layers)
+        self.bf16 = cfg.precision == "bf16"
 
     def forward(self, batch: Batch) -> Tensor:
         parts, pairwise = [], None
@@ -124,7 +123,12 @@ class DeepArch(nn.Module):
             parts.append(batch.dense)
         if pairwise is not None and self.interaction.kind == "dot":
             parts.append(pairwise)
-        out = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        x = torch.cat(parts, dim=1)
+        if self.bf16:  # the MLP's matmuls in bf16, its weights fp32 masters; the logit back in fp32
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                out = self.mlp(x).squeeze(1).float()
+        else:
+            out = self.mlp(x).squeeze(1)
         # fm goes to the logit, not through the MLP: a user x item dot product on the logit is
         # matrix factorisation exactly, the shape an MLP learns poorly (module docstring of
         # wdl.model.interactions); the MLP still models what is not a dot product.
@@ -160,9 +164,8 @@ class WideDeep(nn.Module):
             if cfg.kind in ("wide_deep", "wide") else None
         )
         self.deep = (
-            DeepArch(cfg.deep.embeddings, num_embeddings, dense_dim if cfg.deep.dense else 0, cfg.deep.hidden,
-                     cfg.deep.dropout, cfg.deep.init_std, cfg.embedding_backend, device, table_device,
-                     cfg.deep.interaction, cfg.deep.interaction_pairs, cfg.deep.embedding_dropout)
+            DeepArch(cfg.deep, num_embeddings, dense_dim if cfg.deep.dense else 0, cfg.embedding_backend, device,
+                     table_device)
             if cfg.kind in ("wide_deep", "deep") else None
         )
         # The bias: the wide part's bias row when there is one, else a parameter of its own.

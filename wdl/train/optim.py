@@ -99,6 +99,10 @@ class NamedOptimizer:
     def __init__(self, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
         self.named, self.optimizer = named, optimizer
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -138,10 +142,19 @@ class NamedOptimizer:
 
 
 class Optimizers:
-    """Several named optimisers stepped together; state is checkpointed by name."""
+    """Several named optimisers stepped together; state is checkpointed by name. Each has
+    `param_groups` whose "lr" it reads at every step (TorchRec's fused optimiser too, when it
+    hands the rate to FBGEMM), so `scale_lr` reaches every part."""
 
     def __init__(self, optimizers: dict[str, Any]) -> None:
         self.optimizers = {k: v for k, v in optimizers.items() if v is not None}
+        self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
+
+    def scale_lr(self, scale: float) -> None:
+        """Every learning rate = the configured one x `scale` (the schedule's multiplier)."""
+        for k, o in self.optimizers.items():
+            for group, lr in zip(o.param_groups, self._base_lr[k]):
+                group["lr"] = lr * scale
 
     def zero_grad(self) -> None:
         for o in self.optimizers.values():

@@ -33,10 +33,10 @@ class Selection:
         self.best_value, self.best_epoch = value, epoch
         return True
 
-    def replay(self, records: list[dict[str, Any]]) -> None:
-        """Rebuild the state from the epochs already logged (after a resume)."""
-        for r in records:
-            self.update(r["epoch"], r.get(self.cfg.metric))
+    def replay(self, records: list[dict[str, Any]]) -> list[bool]:
+        """Rebuild the state from the epochs already logged (after a resume); per epoch, whether
+        it was a new best."""
+        return [self.update(r["epoch"], r.get(self.cfg.metric)) for r in records]
 
     def should_stop(self) -> bool:
         since = self.last_epoch - (self.best_epoch if self.best_epoch is not None else 0)

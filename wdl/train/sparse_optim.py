@@ -36,6 +36,7 @@ class RowRule:
 
     per_row: tuple[str, ...] = ()
     scalars: tuple[str, ...] = ()
+    lr: float  # read at every step (the learning-rate schedule sets it)
 
     def init_state(self, rows: int, dim: int, device: torch.device) -> State:
         return {}
@@ -178,6 +179,7 @@ class SparseTableOptimizer:
 
     def __init__(self, groups: dict[str, Any], rule: RowRule) -> None:
         self.groups, self.rule = groups, rule
+        self.param_groups = [{"lr": rule.lr}]  # as torch optimisers have it: the schedule sets it
         self.state: dict[str, State] = {}
         for name, g in groups.items():
             w = g.rows.weight
@@ -188,6 +190,7 @@ class SparseTableOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        self.rule.lr = self.param_groups[0]["lr"]
         for name, g in self.groups.items():
             pending = g.take_pending()
             if pending is None:

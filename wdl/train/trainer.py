@@ -34,6 +34,7 @@ from wdl.train.metrics import MetricsLogger
 from wdl.train.optim import build_optimizers, fused_table_optimizer
 from wdl.train import run_log
 from wdl.train.run_folder import RunFolder
+from wdl.train.schedule import LrSchedule
 from wdl.train.selection import Selection
 from wdl.train.sparse_optim import state_bytes_per_row
 
@@ -98,6 +99,7 @@ class Trainer:
         self.model = self.placed.model  # what a step calls (maybe wrapped)
         self.wide_deep = model  # the model itself, unwrapped (its parameter objects are the live ones)
         self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer)
+        self.schedule = LrSchedule(cfg.optim.schedule)  # warm-up, decay on a validation plateau
         # Seed the global RNGs (dropout) only now: building and sharding the model draw from them,
         # so seeding here gives the same masks for every backend and world size.
         _seed_everything(cfg.run.seed + env.rank)
@@ -147,8 +149,14 @@ class Trainer:
             self.metrics.log_epoch(record)
             if self.batches_done >= self.train_loader.steps_per_epoch:
                 self.epoch, self.batches_done = self.epoch + 1, 0
-            if self.selection is not None and self.selection.update(record["epoch"], record[self.selection.cfg.metric]):
-                self.save_checkpoint(name="best")
+            if self.selection is not None:
+                improved = self.selection.update(record["epoch"], record[self.selection.cfg.metric])
+                if improved:
+                    self.save_checkpoint(name="best")
+                if self.schedule.epoch_end(improved) and self.env.is_main:
+                    print(f"wdl: no better {self.eval_name} {self.selection.cfg.metric} for "
+                          f"{self.cfg.optim.schedule.plateau_patience} epoch(s): learning rates x{self.schedule.decay:g} "
+                          "of the configured ones", flush=True)
             if self.cfg.checkpoint.at_epoch_end:
                 self.save_checkpoint()
         test = self.score_selected() if self.selection is not None else None
@@ -179,9 +187,13 @@ class Trainer:
             self.epoch_rows = 0
         resumed_at = self.batches_done  # > 0 when resuming mid-epoch
         rows, steps = 0, 0
+        lr_scale = self.schedule.scale(self.step)
+        self.optimizer.scale_lr(lr_scale)
         bar = self._progress(self.train_loader.steps_per_epoch - self.batches_done)
         start = time.perf_counter()
         for batch in to_device(self.train_loader, self.device):
+            if self.schedule.warming_up(self.step):
+                self.optimizer.scale_lr(self.schedule.scale(self.step))
             loss, _ = self.model(batch)
             self.optimizer.zero_grad()
             loss.backward()
@@ -213,6 +225,7 @@ class Trainer:
             "train_rows": epoch_rows,
             "steps": steps,
             "resumed_at_batch": resumed_at,
+            "lr_scale": lr_scale,  # the schedule's multiplier at the epoch's start
         }
 
     def evaluate(self, loader: Any) -> dict[str, Any]:
@@ -264,7 +277,7 @@ class Trainer:
         self.epoch, self.step, self.batches_done = progress["epoch"], progress["step"], progress["batches_done"]
         self.metrics.load_existing(keep_epochs=self.epoch)
         if self.selection is not None:
-            self.selection.replay(self.metrics.records)
+            self.schedule.replay(self.selection.replay(self.metrics.records))
         if self.env.is_main:
             print(f"wdl: resumed from {path} (epoch {self.epoch + 1}, step {self.step}, "
                   f"{progress['batches_done']} batches into the epoch)", flush=True)
