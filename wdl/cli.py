@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(p)
     p.set_defaults(func=export_main)
 
+    from wdl.recommend import add_recommend_arguments, recommend_main
+
+    p = sub.add_parser("recommend", help="the top k movies for one user of a MovieLens run (seen ones left out)")
+    add_recommend_arguments(p)
+    p.set_defaults(func=recommend_main)
+
     data = sub.add_parser("data", help="prepare or generate data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="convert a public data set to wdl Parquet shards")

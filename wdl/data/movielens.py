@@ -7,6 +7,7 @@ users/movies files, so a movie's id does not depend on the split; id 0 is missin
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import sys
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from wdl.data.grouplens import Source as _Source
 from wdl.data.grouplens import default_cache_dir, file_hashes as _hashes, resolve_source as _resolve_source
@@ -42,6 +44,7 @@ ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "c
 NO_GENRES = {"(no genres listed)", ""}
 _CHUNK = 1 << 20  # rows per table handed to the writer: bounds memory on ml-32m
 _LUT_MAX = 1 << 25  # ids below this are encoded through a lookup table
+ITEMS_FILE = "items.parquet"  # every movie with its features (manifest key "items"; wdl recommend)
 
 
 # ---------------------------------------------------------------------------- readers
@@ -52,7 +55,7 @@ class _Raw:
     rating: np.ndarray    # float32
     ts: np.ndarray        # int64 seconds
     users: dict | None    # {"id": int64[], "age": [int], "gender", "occupation", "zip": [str]}
-    items: dict           # {"id": int64[], "year": float64[] (nan = unknown), "genres": [[str]]}
+    items: dict           # {"id": int64[], "title": [str], "year": float64[] (nan = unknown), "genres": [[str]]}
 
 
 def _read_ratings(src: _Source, name: str) -> tuple[np.ndarray, ...]:
@@ -92,14 +95,15 @@ def _genre_list(text: str, sep: str) -> list[str]:
 
 
 def _read_items(src: _Source, name: str) -> dict:
-    ids, years, genres = [], [], []
+    ids, titles, years, genres = [], [], [], []
     try:
         if name.endswith(".csv"):  # quoted titles need a real CSV parser
             with src.open(name) as f:
                 t = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
                     column_types={"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}))
             ids = t.column("movieId").to_pylist()
-            years = [_year_from_title(s or "") for s in t.column("title").to_pylist()]
+            titles = [s or "" for s in t.column("title").to_pylist()]
+            years = [_year_from_title(s) for s in titles]
             genres = [_genre_list(s or "", "|") for s in t.column("genres").to_pylist()]
         elif name == "u.item":  # id|title|release date|video date|url|19 genre flags
             flags = tuple(f[0] for _, f in _lines(src, "u.genre", "|")) if src.has("u.genre") else ML100K_GENRES
@@ -107,6 +111,7 @@ def _read_items(src: _Source, name: str) -> dict:
                 if len(f) < 5 + len(flags):
                     raise ValueError(f"line {i}: expected {5 + len(flags)} '|' fields, got {len(f)}")
                 ids.append(int(f[0]))
+                titles.append(f[1])
                 years.append(float(f[2][-4:]) if re.search(r"\d{4}$", f[2]) else float("nan"))
                 genres.append([g for g, flag in zip(flags, f[5:]) if flag == "1"])
         elif name.endswith(".item"):  # RecBole: item_id, movie_title, release_year, class
@@ -114,6 +119,7 @@ def _read_items(src: _Source, name: str) -> dict:
                 if len(f) < 4:
                     raise ValueError(f"line {i}: expected 4 tab-separated fields, got {len(f)}")
                 ids.append(int(f[0]))
+                titles.append(f[1])
                 years.append(float(f[2]) if f[2].isdigit() else float("nan"))
                 genres.append(_genre_list(f[3], " "))
         else:  # movies.dat: MovieID::Title::Genres
@@ -121,13 +127,15 @@ def _read_items(src: _Source, name: str) -> dict:
                 if len(f) < 3:
                     raise ValueError(f"line {i}: expected 'MovieID::Title::Genres'")
                 ids.append(int(f[0]))
-                years.append(_year_from_title("::".join(f[1:-1])))
+                titles.append("::".join(f[1:-1]))
+                years.append(_year_from_title(titles[-1]))
                 genres.append(_genre_list(f[-1], "|"))
     except (ValueError, KeyError, pa.ArrowInvalid) as e:
         raise DataError(f"{src.where(name)}: malformed movies file ({str(e).splitlines()[0]})") from None
     if len(set(ids)) != len(ids):
         raise DataError(f"{src.where(name)}: duplicate movie ids")
-    return {"id": np.asarray(ids, np.int64), "year": np.asarray(years, np.float64), "genres": genres}
+    return {"id": np.asarray(ids, np.int64), "title": titles, "year": np.asarray(years, np.float64),
+            "genres": genres}
 
 
 def _read_users(src: _Source, name: str) -> dict:
@@ -201,6 +209,7 @@ class _Encoded:
     year: np.ndarray                    # float64[n_movies + 1], nan = unknown
     decade: np.ndarray                  # int64[n_movies + 1]
     genres: pa.ListArray                # list<int64>[n_movies + 1]
+    titles: list[str]                   # [n_movies]: the title of movie id i + 1
     vocabs: dict[str, list]             # column -> raw values of ids 1..
 
 
@@ -230,16 +239,21 @@ def _encode_all(raw: _Raw) -> _Encoded:
     gindex = {g: i + 1 for i, g in enumerate(vocabs["genres"])}
     lists = [[]] + [[gindex[g] for g in raw.items["genres"][i]] for i in order]
     genres = pa.array(lists, type=pa.list_(pa.int64()))
+    titles = [raw.items["title"][i] for i in order]
     return _Encoded(_encode(raw.user, user_vocab), _encode(raw.item, movie_vocab),
-                    user_feats, year, decade, genres, vocabs)
+                    user_feats, year, decade, genres, titles, vocabs)
+
+
+def _movie_columns(enc: _Encoded, mid: np.ndarray, year_filled: np.ndarray) -> dict:
+    """The movie-side feature columns of movie ids `mid`, as every row of the data set has them."""
+    return {"movie_id": mid, "genres": enc.genres.take(pa.array(mid)),
+            "release_year": year_filled[mid].astype(np.float32), "release_decade": enc.decade[mid]}
 
 
 def _table(raw: _Raw, enc: _Encoded, idx: np.ndarray, year_filled: np.ndarray, threshold: float) -> pa.Table:
     uid, mid = enc.user_id[idx], enc.movie_id[idx]
     cols = {"user_id": uid, "movie_id": mid, **{c: t[uid] for c, t in enc.user_feats.items()}}
-    cols["genres"] = enc.genres.take(pa.array(mid))
-    cols["release_year"] = year_filled[mid].astype(np.float32)
-    cols["release_decade"] = enc.decade[mid]
+    cols.update(_movie_columns(enc, mid, year_filled))
     cols["timestamp"], cols["rating"] = raw.ts[idx], raw.rating[idx]
     cols["label"] = (raw.rating[idx] >= threshold).astype(np.int8)
     return pa.table(cols)
@@ -323,12 +337,34 @@ def prepare_movielens(variant: str, out, *, source=None, threshold: float = 4.0,
                             "vocab_size": len(enc.vocabs[col]) + 1,
                             "vocab_file": w.write_vocab(col, enc.vocabs[col])}
         extra = {"threshold": threshold,
+                 "items": _write_items(w, enc, year_filled, user_columns=["user_id", *enc.user_feats]),
                  "counts": {"ratings": len(raw.ts), "users": len(enc.vocabs["user_id"]),
                             "movies": len(enc.vocabs["movie_id"])},
                  "other_columns": {"timestamp": "int64 Unix seconds, not a feature",
                                    "rating": "float32 raw rating; label = rating >= threshold"}}
         return w.commit(source={"kind": "movielens", "variant": variant, "layout": layout, **src.info},
                         label="label", columns=columns, split=split_info, extra=extra)
+
+
+def _write_items(w: DatasetWriter, enc: _Encoded, year_filled: np.ndarray, user_columns: list[str]) -> dict:
+    """items.parquet: one row per movie (id order) with its raw id, title and movie-side feature
+    columns exactly as the rating rows carry them, so that `wdl recommend` can score a user
+    against every movie. Returns the manifest's description of it."""
+    mid = np.arange(1, len(enc.titles) + 1, dtype=np.int64)
+    features = _movie_columns(enc, mid, year_filled)
+    table = pa.table({**features, "raw_movie_id": np.asarray(enc.vocabs["movie_id"], np.int64),
+                      "title": pa.array(enc.titles, pa.string())})
+    # Written into the writer's unfinished folder, so it moves into place with the manifest.
+    try:
+        with open(w.tmp / ITEMS_FILE, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise DataError(f"cannot write {ITEMS_FILE} of {w.out}: {e.strerror or e}") from None
+    return {"file": ITEMS_FILE, "rows": len(mid), "id_column": "movie_id", "raw_id_column": "raw_movie_id",
+            "title_column": "title", "item_columns": list(features), "user_id_column": "user_id",
+            "user_columns": user_columns}
 
 
 # ---------------------------------------------------------------------------- CLI
