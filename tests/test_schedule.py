@@ -148,3 +148,32 @@ def test_bf16_trains_with_both_backends(tiny_config, tmp_path, backend):
     recs = _runs(tmp_path, backend)
     assert len(recs) == 2 and all(0.5 < r["auc"] <= 1 for r in recs)
     assert recs[1]["train_loss"] < recs[0]["train_loss"]
+
+
+def test_scale_lr_reaches_torchrec_fused_tables(tiny_config):
+    """FBGEMM updates TorchRec's tables inside backward, with the rate its optimiser's param
+    groups hold at zero_grad: a scale of 0 must leave those tables as they were."""
+    pytest.importorskip("torchrec")
+    from wdl.distributed.env import init_distributed
+    from wdl.train.trainer import Trainer
+
+    cfg = load_config(tiny_config, ["model.embedding_backend=torchrec", "optim.deep.name=adagrad"])
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        def tables():
+            state = trainer.placed.state_module.state_dict()
+            return {k: v.local_shards()[0].tensor.clone() for k, v in state.items()
+                    if "embedding_bags" in k and k.endswith(".weight")}
+
+        def step(scale):
+            trainer.optimizer.scale_lr(scale)
+            trainer.train_step(next(iter(trainer.train_loader)))
+
+        before = tables()
+        assert before, "the config should give TorchRec tables"
+        step(0.0)
+        assert all(torch.equal(before[k], v) for k, v in tables().items())
+        step(1.0)
+        assert any(not torch.equal(before[k], v) for k, v in tables().items())
+    finally:
+        trainer.close()

@@ -194,11 +194,8 @@ class Trainer:
         for batch in to_device(self.train_loader, self.device):
             if self.schedule.warming_up(self.step):
                 self.optimizer.scale_lr(self.schedule.scale(self.step))
-            loss, _ = self.model(batch)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            self.epoch_loss += loss.detach() * len(batch)  # summed on the device: no host sync per step
+            loss = self.train_step(batch)
+            self.epoch_loss += loss * len(batch)  # summed on the device: no host sync per step
             self.epoch_rows += len(batch)
             rows += len(batch)
             steps += 1
@@ -227,6 +224,17 @@ class Trainer:
             "resumed_at_batch": resumed_at,
             "lr_scale": lr_scale,  # the schedule's multiplier at the epoch's start
         }
+
+    def train_step(self, batch: Any) -> torch.Tensor:
+        """One optimiser step on `batch`; its mean loss (detached, on the device).
+
+        zero_grad comes first: TorchRec's fused optimiser hands its learning rate to FBGEMM
+        there, and FBGEMM's CPU kernels read it in the forward pass."""
+        self.optimizer.zero_grad()
+        loss, _ = self.model(batch)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
 
     def evaluate(self, loader: Any) -> dict[str, Any]:
         start = time.perf_counter()
