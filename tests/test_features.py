@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
-from wdl.data.features import FeatureSpec, cross_ids, hash_ids, hash_strings
+from wdl.data.features import FeatureSpec
+from wdl.data.hashing import cross_ids, hash_ids, hash_strings
 from wdl.errors import DataError
 
 

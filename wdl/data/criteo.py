@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from wdl.data import tsv
+from wdl.data.hashing import mix64, unit_uniform
 from wdl.data.tsv import CATEGORICAL, DENSE, Block, Parsed
 from wdl.data.writer import DatasetWriter, RunningStats
 from wdl.errors import DataError
@@ -88,7 +89,7 @@ def _assign(plan: Plan, p: Parsed, file_index: int) -> np.ndarray:
             return np.where(p.lines <= plan.half, 1, 2).astype(np.int8)
         return np.full(len(p.lines), {"train": 0, "valid": 1, "test": 2}[rule], dtype=np.int8)
     key = p.lines.astype(np.uint64) ^ (np.uint64(file_index) << np.uint64(40))
-    u = tsv.unit_uniform(key ^ tsv.mix64(np.array([plan.seed], dtype=np.uint64)))
+    u = unit_uniform(key ^ mix64(np.array([plan.seed], dtype=np.uint64)))
     return np.where(u < plan.test_fraction, 2, np.where(u < plan.test_fraction + plan.valid_fraction, 1, 0)).astype(np.int8)
 
 
@@ -117,7 +118,7 @@ def _encode_job(block: Block) -> tuple[Block, Parsed, dict[str, pa.Table]]:
         v = p.cat[:, j]
         if plan.vocabs is None:
             salted = v.astype(np.uint64) | (np.uint64(j + 1) << np.uint64(32))
-            col = 1 + (tsv.mix64(salted) % np.uint64(plan.hash_buckets - 1)).astype(np.int64)
+            col = 1 + (mix64(salted) % np.uint64(plan.hash_buckets - 1)).astype(np.int64)
         else:
             vocab = plan.vocabs[j]
             pos = np.searchsorted(vocab, v)

@@ -7,7 +7,6 @@ model only learns the table sizes (`num_embeddings`) and the dense width from it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -22,51 +21,8 @@ from torch import Tensor
 
 from wdl.config import FeaturesConfig
 from wdl.data.batch import Batch, Jagged, jagged_positions
+from wdl.data.hashing import cross_ids, cross_salt, hash_ids, hash_strings
 from wdl.errors import ConfigError, DataError
-
-# ---------------------------------------------------------------------------------------------
-# Hashing. splitmix64's finaliser: cheap, vectorises in numpy (uint64 wraps), mixes well enough
-# that `% buckets` is uniform. Stable across processes and versions, unlike Python's hash().
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x += _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def hash_ids(values: np.ndarray, buckets: int) -> np.ndarray:
-    """int64 ids in [0, buckets) for integer raw values."""
-    return (mix64(values.astype(np.int64).view(np.uint64)) % np.uint64(buckets)).astype(np.int64)
-
-
-def hash_strings(arr: pa.Array, buckets: int) -> np.ndarray:
-    """Hash a string column: only the distinct values go through Python (dictionary encoding).
-    Nulls hash like the empty string."""
-    arr = pc.fill_null(arr, "")
-    enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
-    uniq = enc.dictionary.to_pylist()
-    digests = np.array(
-        [int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little") for u in uniq],
-        dtype=np.uint64,
-    )
-    h = digests[enc.indices.to_numpy(zero_copy_only=False)] if len(uniq) else np.zeros(len(arr), np.uint64)
-    return (h % np.uint64(buckets)).astype(np.int64)
-
-
-def cross_ids(parts: list[np.ndarray], buckets: int, salt: int) -> np.ndarray:
-    """hash(v_1, ..., v_n) % buckets for aligned int64 id arrays (TF crossed_column style)."""
-    h = np.full(parts[0].shape, np.uint64(salt))
-    for p in parts:
-        h = mix64(h ^ mix64(p.astype(np.int64).view(np.uint64)))
-    return (h % np.uint64(buckets)).astype(np.int64)
 
 
 def _ones(n: int) -> np.ndarray:
@@ -252,8 +208,7 @@ class FeatureSpec:
                 c = cfg.crosses[key]
                 for col in c.columns:
                     self._add_sparse(col, cfg, manifest_columns, root)
-                salt = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little")
-                self.crosses[key] = Cross(key, list(c.columns), c.hash_buckets, salt)
+                self.crosses[key] = Cross(key, list(c.columns), c.hash_buckets, cross_salt(key))
             else:
                 self._add_sparse(key, cfg, manifest_columns, root)
         # Keys with exactly one id per row (no multi-hot column involved): batches gather them

@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wdl.data import import_spec as S
-from wdl.data.tsv import mix64, unit_uniform
+from wdl.data.hashing import mix64, unit_uniform
 from wdl.data.vocab import IdEncoder, Reservoir, ValueCounts
 from wdl.data.writer import RunningStats
 from wdl.errors import DataError

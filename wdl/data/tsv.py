@@ -38,26 +38,6 @@ REASONS = ("field_count", "label", "dense", "categorical", "encoding")
 
 _SHIFTS = np.arange(28, -1, -4, dtype=np.uint32)  # nibble weights of 8 hex digits, most significant first
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 (the same function as wdl.data.features.mix64, kept
-    here so that preparation and generation never import torch into their worker processes)."""
-    x = np.asarray(x).astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x += _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def unit_uniform(x: np.ndarray) -> np.ndarray:
-    """Deterministic uniforms in [0, 1) from uint64 keys."""
-    return (mix64(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
 
 # ---------------------------------------------------------------------------------- reading
 @dataclass
