@@ -5,6 +5,9 @@ is a handful of copies. Sparse features are jagged: per key, a flat `values` ten
 per-row `lengths` tensor, exactly TorchRec's KeyedJaggedTensor layout split by key. Keeping
 them split by key lets the pure-PyTorch embedding backend look up each table without a
 host sync; the TorchRec backend joins them into a KeyedJaggedTensor with one `cat`.
+
+A FeatureTable is N rows in the same columnar form (what FeatureSpec.encode makes of a row
+group, or a whole split held in memory); loaders cut Batches from it.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class Batch:
         )
 
 
+
 def jagged_positions(lengths: Tensor, offsets: Tensor, idx: Tensor, total: int | None = None) -> tuple[Tensor, Tensor]:
     """Where rows `idx` of a jagged column keep their ids, vectorised (no per-row Python).
 
@@ -106,3 +110,98 @@ def jagged_positions(lengths: Tensor, offsets: Tensor, idx: Tensor, total: int |
     # position j of output row r reads values[starts[r] + j]
     shift = torch.repeat_interleave(starts - out_starts, lens64, output_size=total)
     return torch.arange(shift.numel(), device=shift.device) + shift, out_lengths
+
+
+class FeatureTable:
+    """N rows as columnar tensors; a Batch is cut from it by `take`/`slice`.
+
+    dense [N, D] float32 and labels [N] float32. The ids of every key with exactly one id per
+    row sit in one matrix `ids` [N, S] (column j holds single_keys[j]), so cutting a batch of
+    rows is one gather of adjacent ids, not one per key. Keys with several ids per row are
+    Jagged columns (`multi`); keys that share their lengths (a multi-hot column and its
+    crosses) share one lengths tensor, so their row positions are computed once per batch.
+    `sparse` shows every key as a Jagged column (single keys as column views of `ids`).
+    """
+
+    def __init__(self, dense: Tensor, labels: Tensor, ids: Tensor, single_keys: tuple[str, ...],
+                 multi: dict[str, Jagged], order: tuple[str, ...], host_lengths: list[Tensor] | None = None) -> None:
+        self.dense, self.labels, self.ids, self.multi = dense, labels, ids, multi
+        self.single_keys, self.order = single_keys, order
+        self._host_lengths = host_lengths  # per group, on CPU, for a table held on a GPU
+        self._col = {k: j for j, k in enumerate(single_keys)}
+        # Multi-valued keys grouped by their (shared) lengths tensor, with its row offsets.
+        self._groups: list[tuple[Tensor, Tensor, list[str]]] = []
+        for k, jag in multi.items():
+            for lengths, _, keys in self._groups:
+                if lengths is jag.lengths:
+                    keys.append(k)
+                    break
+            else:
+                self._groups.append((jag.lengths, jag.offsets(), [k]))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def sparse(self) -> dict[str, Jagged]:
+        return self._sparse(self.ids, self.multi)
+
+    def _sparse(self, ids: Tensor, multi: dict[str, Jagged]) -> dict[str, Jagged]:
+        ones = torch.ones(ids.shape[0], dtype=torch.int32, device=ids.device)  # shared by every single key
+        return {k: multi[k] if k in multi else Jagged(ids[:, self._col[k]], ones, single=True) for k in self.order}
+
+    def _with(self, dense: Tensor, labels: Tensor, ids: Tensor, multi: dict[str, Jagged],
+              host_lengths: list[Tensor] | None = None) -> "FeatureTable":
+        return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order, host_lengths)
+
+    def take_table(self, idx: Tensor, host_idx: Tensor | None = None) -> "FeatureTable":
+        """Rows `idx` (a 1-d int64 tensor on the table's device): one gather per tensor.
+        host_idx: the same rows on the CPU, so a table on a GPU needs no host sync."""
+        multi = {}
+        for g, (lengths, offsets, keys) in enumerate(self._groups):
+            total = None
+            if self._host_lengths is not None and host_idx is not None:
+                total = int(self._host_lengths[g].index_select(0, host_idx).sum())
+            pos, out_lengths = jagged_positions(lengths, offsets, idx, total)
+            multi.update({k: Jagged(self.multi[k].values.index_select(0, pos), out_lengths) for k in keys})
+        return self._with(self.dense.index_select(0, idx), self.labels.index_select(0, idx),
+                          self.ids.index_select(0, idx), multi)
+
+    def slice_table(self, start: int, stop: int) -> "FeatureTable":
+        """Rows [start, stop) as views: no gather (the streaming hot path)."""
+        multi = {}
+        for lengths, offsets, keys in self._groups:
+            total = self.multi[keys[0]].values.numel()
+            lo = int(offsets[start]) if start < len(offsets) else total
+            hi = int(offsets[stop]) if stop < len(offsets) else total
+            multi.update({k: Jagged(self.multi[k].values[lo:hi], lengths[start:stop]) for k in keys})
+        return self._with(self.dense[start:stop], self.labels[start:stop], self.ids[start:stop], multi)
+
+    def take(self, idx: Tensor, host_idx: Tensor | None = None) -> Batch:
+        return self.take_table(idx, host_idx).as_batch()
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return self.slice_table(start, stop).as_batch()
+
+    def as_batch(self) -> Batch:
+        return Batch(self.dense, self.sparse, self.labels)
+
+    def to(self, device: torch.device) -> "FeatureTable":
+        moved: dict[int, Tensor] = {}  # shared lengths stay shared
+
+        def mv(t: Tensor) -> Tensor:
+            return moved.setdefault(id(t), t.to(device))
+
+        multi = {k: Jagged(mv(j.values), mv(j.lengths)) for k, j in self.multi.items()}
+        host_lengths = [lengths.cpu() for lengths, _, _ in self._groups] if device.type == "cuda" else None
+        return self._with(self.dense.to(device), self.labels.to(device), self.ids.to(device), multi, host_lengths)
+
+    @staticmethod
+    def concat(tables: list["FeatureTable"]) -> "FeatureTable":
+        first = tables[0]
+        multi = {}
+        for _, _, keys in first._groups:
+            lengths = torch.cat([t.multi[keys[0]].lengths for t in tables])
+            multi.update({k: Jagged(torch.cat([t.multi[k].values for t in tables]), lengths) for k in keys})
+        return first._with(torch.cat([t.dense for t in tables]), torch.cat([t.labels for t in tables]),
+                           torch.cat([t.ids for t in tables]), multi)

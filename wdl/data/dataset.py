@@ -10,7 +10,8 @@ from typing import Optional, Union
 import torch
 
 from wdl.config import Config, DataConfig
-from wdl.data.features import FeatureSpec, FeatureTable
+from wdl.data.batch import FeatureTable
+from wdl.data.features import FeatureSpec
 from wdl.data.manifest import Manifest, load_manifest
 from wdl.data.parquet import InMemoryLoader, RowGroup, StreamingLoader, list_row_groups, read_row_group
 from wdl.errors import DataError

@@ -1,7 +1,8 @@
 """FeatureSpec: the single source of truth for columns, vocabularies, hashing and crosses.
 
-It turns Arrow record batches into `FeatureTable`s (columnar tensors), fully vectorised:
-pyarrow compute for nulls and vocab look-ups, numpy uint64 arithmetic for hashing. The
+It turns Arrow record batches into `FeatureTable`s (columnar tensors, wdl.data.batch), fully
+vectorised: pyarrow compute for nulls and vocab look-ups, numpy uint64 arithmetic for hashing
+(wdl.data.hashing). The
 model only learns the table sizes (`num_embeddings`) and the dense width from it.
 """
 
@@ -20,26 +21,20 @@ import torch
 from torch import Tensor
 
 from wdl.config import FeaturesConfig
-from wdl.data.batch import Batch, Jagged, jagged_positions
+from wdl.data.batch import FeatureTable, Jagged
 from wdl.data.hashing import cross_ids, cross_salt, hash_ids, hash_strings
 from wdl.errors import ConfigError, DataError
 
 
-def _ones(n: int) -> np.ndarray:
-    """Lengths of single-valued columns: one shared read-only array per size."""
-    if _ONES.get("n", 0) < n:
-        _ONES["a"] = np.ones(max(n, 1 << 16), dtype=np.int32)
-        _ONES["a"].flags.writeable = False
-        _ONES["n"] = len(_ONES["a"])
-    return _ONES["a"][:n]
-
-
-_ONES: dict = {}
-
-# Arrow hands out read-only numpy views; the tensors made from them are never written to.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-# ---------------------------------------------------------------------------------------------
+def _tensor(a: np.ndarray) -> Tensor:
+    """`a` as a tensor without a copy. Arrow's zero-copy numpy views are read-only, which torch
+    warns about; the tensors made here are only ever read (batches are cut from them by gathers
+    and slices), so the warning is silenced for this call, not for the whole process."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 @dataclass
@@ -67,111 +62,6 @@ class Cross:
     columns: list[str]
     buckets: int
     salt: int
-
-
-class FeatureTable:
-    """N rows as columnar tensors; a Batch is cut from it by `take`/`slice`.
-
-    dense [N, D] float32 and labels [N] float32. The ids of every key with exactly one id per
-    row sit in one matrix `ids` [N, S] (column j holds single_keys[j]), so cutting a batch of
-    rows is one gather of adjacent ids, not one per key. Keys with several ids per row are
-    Jagged columns (`multi`); keys that share their lengths (a multi-hot column and its
-    crosses) share one lengths tensor, so their row positions are computed once per batch.
-    `sparse` shows every key as a Jagged column (single keys as column views of `ids`).
-    """
-
-    def __init__(self, dense: Tensor, labels: Tensor, ids: Tensor, single_keys: tuple[str, ...],
-                 multi: dict[str, Jagged], order: tuple[str, ...], host_lengths: list[Tensor] | None = None) -> None:
-        self.dense, self.labels, self.ids, self.multi = dense, labels, ids, multi
-        self.single_keys, self.order = single_keys, order
-        self._host_lengths = host_lengths  # per group, on CPU, for a table held on a GPU
-        self._col = {k: j for j, k in enumerate(single_keys)}
-        # Multi-valued keys grouped by their (shared) lengths tensor, with its row offsets.
-        self._groups: list[tuple[Tensor, Tensor, list[str]]] = []
-        for k, jag in multi.items():
-            for lengths, _, keys in self._groups:
-                if lengths is jag.lengths:
-                    keys.append(k)
-                    break
-            else:
-                self._groups.append((jag.lengths, jag.offsets(), [k]))
-
-    @classmethod
-    def from_columns(cls, dense: Tensor, sparse: dict[str, Jagged], labels: Tensor,
-                     single: frozenset[str]) -> "FeatureTable":
-        """From one Jagged column per key; `single` names the exactly-one-id keys."""
-        single_keys = tuple(k for k in sparse if k in single)
-        ids = (torch.stack([sparse[k].values for k in single_keys], 1) if single_keys
-               else torch.empty(len(labels), 0, dtype=torch.int64, device=labels.device))
-        multi = {k: Jagged(j.values, j.lengths) for k, j in sparse.items() if k not in single}
-        return cls(dense, labels, ids, single_keys, multi, tuple(sparse))
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def sparse(self) -> dict[str, Jagged]:
-        return self._sparse(self.ids, self.multi)
-
-    def _sparse(self, ids: Tensor, multi: dict[str, Jagged]) -> dict[str, Jagged]:
-        ones = torch.ones(ids.shape[0], dtype=torch.int32, device=ids.device)  # shared by every single key
-        return {k: multi[k] if k in multi else Jagged(ids[:, self._col[k]], ones, single=True) for k in self.order}
-
-    def _with(self, dense: Tensor, labels: Tensor, ids: Tensor, multi: dict[str, Jagged],
-              host_lengths: list[Tensor] | None = None) -> "FeatureTable":
-        return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order, host_lengths)
-
-    def take_table(self, idx: Tensor, host_idx: Tensor | None = None) -> "FeatureTable":
-        """Rows `idx` (a 1-d int64 tensor on the table's device): one gather per tensor.
-        host_idx: the same rows on the CPU, so a table on a GPU needs no host sync."""
-        multi = {}
-        for g, (lengths, offsets, keys) in enumerate(self._groups):
-            total = None
-            if self._host_lengths is not None and host_idx is not None:
-                total = int(self._host_lengths[g].index_select(0, host_idx).sum())
-            pos, out_lengths = jagged_positions(lengths, offsets, idx, total)
-            multi.update({k: Jagged(self.multi[k].values.index_select(0, pos), out_lengths) for k in keys})
-        return self._with(self.dense.index_select(0, idx), self.labels.index_select(0, idx),
-                          self.ids.index_select(0, idx), multi)
-
-    def slice_table(self, start: int, stop: int) -> "FeatureTable":
-        """Rows [start, stop) as views: no gather (the streaming hot path)."""
-        multi = {}
-        for lengths, offsets, keys in self._groups:
-            total = self.multi[keys[0]].values.numel()
-            lo = int(offsets[start]) if start < len(offsets) else total
-            hi = int(offsets[stop]) if stop < len(offsets) else total
-            multi.update({k: Jagged(self.multi[k].values[lo:hi], lengths[start:stop]) for k in keys})
-        return self._with(self.dense[start:stop], self.labels[start:stop], self.ids[start:stop], multi)
-
-    def take(self, idx: Tensor, host_idx: Tensor | None = None) -> Batch:
-        return self.take_table(idx, host_idx).as_batch()
-
-    def slice(self, start: int, stop: int) -> Batch:
-        return self.slice_table(start, stop).as_batch()
-
-    def as_batch(self) -> Batch:
-        return Batch(self.dense, self.sparse, self.labels)
-
-    def to(self, device: torch.device) -> "FeatureTable":
-        moved: dict[int, Tensor] = {}  # shared lengths stay shared
-
-        def mv(t: Tensor) -> Tensor:
-            return moved.setdefault(id(t), t.to(device))
-
-        multi = {k: Jagged(mv(j.values), mv(j.lengths)) for k, j in self.multi.items()}
-        host_lengths = [lengths.cpu() for lengths, _, _ in self._groups] if device.type == "cuda" else None
-        return self._with(self.dense.to(device), self.labels.to(device), self.ids.to(device), multi, host_lengths)
-
-    @staticmethod
-    def concat(tables: list["FeatureTable"]) -> "FeatureTable":
-        first = tables[0]
-        multi = {}
-        for _, _, keys in first._groups:
-            lengths = torch.cat([t.multi[keys[0]].lengths for t in tables])
-            multi.update({k: Jagged(torch.cat([t.multi[k].values for t in tables]), lengths) for k in keys})
-        return first._with(torch.cat([t.dense for t in tables]), torch.cat([t.labels for t in tables]),
-                           torch.cat([t.ids for t in tables]), multi)
 
 
 class FeatureSpec:
@@ -293,23 +183,29 @@ class FeatureSpec:
         """Vectorised conversion of N rows; `where` names the source in error messages."""
         n = table.num_rows
         labels = self._labels(table.column(self.label), where) if self.has_labels else np.zeros(n, np.float32)
-        ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        ids: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for name, sc in self.sparse.items():
             ids[name] = self._sparse_ids(table.column(name), sc, where, self.unknown.setdefault(name, [0, 0, 0]))
-        sparse: dict[str, Jagged] = {}
+        single: list[np.ndarray] = []  # ids of the keys with one id per row, in sparse_keys order
+        multi: dict[str, Jagged] = {}
         lengths_t: dict[int, Tensor] = {}
         for key in self.sparse_keys:
             if key in self.crosses:
-                values, lengths = self._cross(self.crosses[key], ids, n, self.sparse)
+                values, lengths = self._cross(self.crosses[key], ids, self.sparse)
             else:
                 values, lengths = ids[key]
+            if key in self.single_keys:  # no lengths: one id per row
+                single.append(values)
+                continue
             if id(lengths) not in lengths_t:  # a multi-hot column and its crosses share one lengths tensor
-                lengths_t[id(lengths)] = torch.from_numpy(lengths)
-            sparse[key] = Jagged(torch.from_numpy(values), lengths_t[id(lengths)], single=key in self.single_keys)
+                lengths_t[id(lengths)] = _tensor(lengths)
+            multi[key] = Jagged(_tensor(values), lengths_t[id(lengths)])
+        single_ids = np.stack(single, 1) if single else np.empty((n, 0), np.int64)
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for i, d in enumerate(self.dense):
             dense[:, i] = self._dense(table.column(d.name), d, where)
-        return FeatureTable.from_columns(torch.from_numpy(dense), sparse, torch.from_numpy(labels), self.single_keys)
+        return FeatureTable(torch.from_numpy(dense), torch.from_numpy(labels), torch.from_numpy(single_ids),
+                            tuple(k for k in self.sparse_keys if k in self.single_keys), multi, tuple(self.sparse_keys))
 
     def _labels(self, col: pa.Array, where: str) -> np.ndarray:
         y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
@@ -330,16 +226,16 @@ class FeatureSpec:
 
     @staticmethod
     def _sparse_ids(col: pa.ChunkedArray | pa.Array, sc: SparseColumn, where: str,
-                    counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """counts: [values, out of vocabulary, missing], added to in place."""
+                    counts: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids, lengths per row; None for a categorical column: one id per row).
+        counts: [values, out of vocabulary, missing], added to in place."""
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
+        lengths = None
+        flat = col
         if sc.kind == "multi_hot":
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int32)
             flat = pc.list_flatten(col)
-        else:
-            lengths = _ones(len(col))
-            flat = col
         if sc.mode == "buckets":
             if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)):
                 raise DataError(f"{where}: column {sc.name!r} has type {flat.type}; buckets need numbers")
@@ -381,13 +277,13 @@ class FeatureSpec:
         return values, lengths
 
     @staticmethod
-    def _cross(cross: Cross, ids: dict[str, tuple[np.ndarray, np.ndarray]], n: int,
-               columns: dict[str, SparseColumn]) -> tuple[np.ndarray, np.ndarray]:
+    def _cross(cross: Cross, ids: dict[str, tuple[np.ndarray, np.ndarray | None]],
+               columns: dict[str, SparseColumn]) -> tuple[np.ndarray, np.ndarray | None]:
         # A multi-hot component yields one cross id per list element (sharing its lengths);
-        # the scalar components are repeated along its elements.
+        # the scalar components are repeated along its elements. Without one: one id per row.
         multi = [c for c in cross.columns if columns[c].kind == "multi_hot"]
         if not multi:
-            return cross_ids([ids[c][0] for c in cross.columns], cross.buckets, cross.salt), np.ones(n, np.int32)
+            return cross_ids([ids[c][0] for c in cross.columns], cross.buckets, cross.salt), None
         m_values, m_lengths = ids[multi[0]]
         parts = [m_values if c == multi[0] else np.repeat(ids[c][0], m_lengths) for c in cross.columns]
         return cross_ids(parts, cross.buckets, cross.salt), m_lengths

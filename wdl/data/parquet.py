@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from wdl.data.batch import Batch
-from wdl.data.features import FeatureSpec, FeatureTable
+from wdl.data.batch import Batch, FeatureTable
+from wdl.data.features import FeatureSpec
 from wdl.errors import DataError, WdlError
 
 
