@@ -2,8 +2,8 @@
 
 It turns Arrow record batches into `FeatureTable`s (columnar tensors, wdl.data.batch), fully
 vectorised: pyarrow compute for nulls and vocab look-ups, numpy uint64 arithmetic for hashing
-(wdl.data.hashing). The
-model only learns the table sizes (`num_embeddings`) and the dense width from it.
+(wdl.data.hashing). The model only learns the table sizes (`num_embeddings`) and the dense
+width from it.
 """
 
 from __future__ import annotations

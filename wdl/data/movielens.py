@@ -7,7 +7,6 @@ users/movies files, so a movie's id does not depend on the split; id 0 is missin
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import sys
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from wdl.data.grouplens import Source as _Source
 from wdl.data.grouplens import default_cache_dir, file_hashes as _hashes, resolve_source as _resolve_source
@@ -354,15 +352,7 @@ def _write_items(w: DatasetWriter, enc: _Encoded, year_filled: np.ndarray, user_
     features = _movie_columns(enc, mid, year_filled)
     table = pa.table({**features, "raw_movie_id": np.asarray(enc.vocabs["movie_id"], np.int64),
                       "title": pa.array(enc.titles, pa.string())})
-    # Written into the writer's unfinished folder, so it moves into place with the manifest.
-    try:
-        with open(w.tmp / ITEMS_FILE, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise DataError(f"cannot write {ITEMS_FILE} of {w.out}: {e.strerror or e}") from None
-    return {"file": ITEMS_FILE, "rows": len(mid), "id_column": "movie_id", "raw_id_column": "raw_movie_id",
+    return {"file": w.add_table(ITEMS_FILE, table), "rows": len(mid), "id_column": "movie_id", "raw_id_column": "raw_movie_id",
             "title_column": "title", "item_columns": list(features), "user_id_column": "user_id",
             "user_columns": user_columns}
 

@@ -7,6 +7,7 @@ or Ctrl-C never leaves something at DIR that looks like a finished data set.
     with DatasetWriter(out, name="criteo-kaggle") as w:
         w.write("train", table)                      # any number of times, any sizes
         w.write_vocab("c1", ["a", "b"])              # ids 1, 2 (0 = out-of-vocabulary)
+        w.add_table("items.parquet", items)          # a further table the manifest will name
         w.commit(source={...}, label="label", columns={...}, split={...})
 """
 
@@ -27,10 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from wdl.data.manifest import FORMAT, MANIFEST
 from wdl.errors import DataError
 
-FORMAT = "wdl-dataset/1"
-MANIFEST = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -123,6 +123,7 @@ class DatasetWriter:
         self.row_group_rows = row_group_rows
         self._splits: dict[str, _Split] = {}
         self._vocab_files: list[str] = []
+        self._tables: list[str] = []  # further files at the top of the folder (add_table)
         self._done = False
         self._check_target()
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -215,6 +216,21 @@ class DatasetWriter:
             self._vocab_files.append(rel)
         return rel
 
+    def add_table(self, name: str, table: pa.Table) -> str:
+        """Write `table` as the Parquet file `name` at the top of the data set (e.g. MovieLens'
+        items.parquet), not a split; it moves into place with the manifest. Returns `name`, the
+        path the manifest should give for it."""
+        self._check_open()
+        if not _NAME_RE.match(name) or not name.endswith(".parquet") or name in self._tables:
+            raise DataError(f"invalid or repeated table name {name!r} (a new NAME.parquet)")
+        try:
+            pq.write_table(table, self.tmp / name)
+        except OSError as e:
+            self.abort()
+            raise _os_error(f"cannot write {name} of {self.out}", e) from None
+        self._tables.append(name)
+        return name
+
     # -- finishing -----------------------------------------------------------------------
     def commit(self, *, source: dict, label: str, columns: dict, split: dict,
                extra: dict | None = None) -> pathlib.Path:
@@ -263,7 +279,7 @@ class DatasetWriter:
         for state in self._splits.values():
             for f in state.files:
                 _fsync(self.tmp / f["path"])
-        for rel in self._vocab_files:
+        for rel in [*self._vocab_files, *self._tables]:
             _fsync(self.tmp / rel)
         with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, default=_json_default)
