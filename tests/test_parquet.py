@@ -82,7 +82,6 @@ def test_streaming_resume_mid_epoch_continues_exactly(spec_and_files, workers):
     assert state == {"epoch": 2, "batches_done": 7}
     resumed = StreamingLoader(files, spec, 100, num_workers=workers, shuffle_buffer=300, seed=5)
     resumed.load_state_dict(state)
-    assert resumed.rows_done() == sum(len(h) for h in head)
     tail = [row_keys(b) for b in resumed]
     assert head + tail == reference
 

@@ -100,10 +100,6 @@ class _Position:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
-    def rows_done(self) -> int:
-        """Rows this rank has consumed in the current epoch (exact, also after a resume)."""
-        raise NotImplementedError
-
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.batches_done = epoch, 0
@@ -121,9 +117,6 @@ class InMemoryLoader(_Position):
         self.sizes, self.steps_per_epoch = part_sizes(self.num_rows, world_size, batch_size)
         if self.steps_per_epoch == 0:
             raise DataError(f"{self.num_rows} rows cannot be split over {world_size} ranks")
-
-    def rows_done(self) -> int:
-        return batch_bounds(self.sizes[self.rank], self.steps_per_epoch, self.batch_size)[self.batches_done]
 
     def __iter__(self) -> Iterator[Batch]:
         device = self.table.labels.device
@@ -263,12 +256,6 @@ class StreamingLoader(_Position):
         self.num_rows = sum(u.rows for u in self.units)
         _, steps = part_sizes(self.num_rows, self.parts, batch_size)
         self.steps_per_epoch = steps * self.num_workers
-
-    def rows_done(self) -> int:
-        K = self.num_workers
-        sizes, steps = part_sizes(self.num_rows, self.parts, self.batch_size)
-        return sum(batch_bounds(sizes[self.rank * K + q], steps, self.batch_size)[k]
-                   for q, k in enumerate(batches_per_part(self.batches_done, K)))
 
     def __iter__(self) -> Iterator[Batch]:
         ds = StreamingDataset(self, batches_per_part(self.batches_done, self.num_workers),

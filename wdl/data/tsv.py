@@ -52,11 +52,6 @@ class Block:
     raw_bytes: int  # bytes of the file on disk consumed by this block (for progress)
 
 
-def is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
 def open_input(path: str):
     """(text stream, raw file) of a plain or gzip file; gzip is recognised by its magic bytes."""
     try:
