@@ -241,7 +241,7 @@ def estimate_table_bytes(cfg, backend: str) -> int:
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.train.sparse_optim import state_bytes_per_row
 
-    spec = feature_spec(cfg, open_dataset(cfg.data, may_prepare=False))
+    spec = feature_spec(cfg, open_dataset(cfg.data))
     m, total = cfg.model, 0
     if m.kind in ("wide_deep", "wide"):
         total += sum(spec.num_embeddings(f) for f in m.wide.features) * (4 + state_bytes_per_row(cfg.optim.wide, 1) + 4)

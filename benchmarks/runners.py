@@ -70,11 +70,12 @@ def run_sklearn_lr(cfg, *, max_iter: int = 200) -> list[dict[str, Any]]:
     import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
-    from wdl.data.dataset import feature_spec, load_table, open_dataset
+    from wdl.data.dataset import feature_spec, load_table
+    from wdl.ingest.prepare import open_or_prepare
     from wdl.train.evaluate import binary_metrics
 
     cfg.model.kind = "wide"
-    manifest = open_dataset(cfg.data)
+    manifest = open_or_prepare(cfg.data)
     spec = feature_spec(cfg, manifest)
 
     def matrix(split: str):

@@ -121,10 +121,11 @@ def measure(cfg: Config, run_dir: Path, *, warmup_steps: int, steps: int,
 
 def measure_reader(cfg: Config, *, max_rows: int) -> list[dict[str, Any]]:
     """StreamingLoader vs bare pyarrow over the same row groups (up to about max_rows rows)."""
-    from wdl.data.dataset import feature_spec, open_dataset
+    from wdl.data.dataset import feature_spec
     from wdl.data.parquet import StreamingLoader, list_row_groups
+    from wdl.ingest.prepare import open_or_prepare
 
-    manifest = open_dataset(cfg.data)
+    manifest = open_or_prepare(cfg.data)
     spec = feature_spec(cfg, manifest)
     # Whole files (the loader reads whole files) until about max_rows rows.
     chosen, n = [], 0

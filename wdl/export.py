@@ -109,7 +109,7 @@ def export_main(args: argparse.Namespace) -> int:
     cfg = _one_cpu_process(cfg)
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)  # cpu: the artefact is a CPU program
     try:
-        manifest = open_dataset(cfg.data, may_prepare=False)  # ids and statistics of training
+        manifest = open_dataset(cfg.data)  # ids and statistics of training
         spec = feature_spec(cfg, manifest)
         placed = load_trained_model(cfg, spec, env, ckpt)
         module = inference_model(placed.state_module, spec.sparse_keys)

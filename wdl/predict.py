@@ -61,7 +61,7 @@ def predict_main(args: argparse.Namespace) -> int:
     run_log.capture()
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     try:
-        manifest = open_dataset(cfg.data, may_prepare=False)  # ids and statistics of training
+        manifest = open_dataset(cfg.data)  # ids and statistics of training
         spec = feature_spec(cfg, manifest)
         source = load_manifest(Path(args.data)) if args.data else manifest
         split = args.split or cfg.data.eval_split

@@ -72,7 +72,7 @@ def recommend_main(args: argparse.Namespace) -> int:
     ckpt = pick_checkpoint(run, cfg, args.checkpoint)
 
     # The data first (cheap, and where a user's mistakes show), the model second.
-    manifest = open_dataset(cfg.data, may_prepare=False)  # the training data set: ids and statistics
+    manifest = open_dataset(cfg.data)  # the training data set: ids and statistics
     items = read_catalogue(manifest)
     user = encode_user(manifest, items.user_id_column, args.user)
     user_row, seen, found_in = user_history(manifest, cfg.data.train_split, items, user, args.user)

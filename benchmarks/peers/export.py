@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from wdl.config import Config
-from wdl.data.dataset import feature_spec, load_table, open_dataset
+from wdl.data.dataset import feature_spec, load_table
+from wdl.ingest.prepare import open_or_prepare
 
 
 def export(cfg: Config, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    manifest = open_dataset(cfg.data)
+    manifest = open_or_prepare(cfg.data)
     spec = feature_spec(cfg, manifest)
     arrays: dict[str, np.ndarray] = {}
     keys: dict[str, dict] = {}

@@ -1,5 +1,5 @@
-"""From config to loaders: open (or first prepare) the data set, build the FeatureSpec, and
-give each rank its loaders for the train and eval splits."""
+"""From config to loaders: open the data set, build the FeatureSpec, and give each rank its
+loaders for the train and eval splits."""
 
 from __future__ import annotations
 
@@ -17,17 +17,9 @@ from wdl.data.parquet import InMemoryLoader, RowGroup, StreamingLoader, list_row
 from wdl.errors import DataError
 
 
-def open_dataset(cfg: DataConfig, *, may_prepare: bool = True) -> Manifest:
-    """The data set at cfg.path; prepared first when missing and cfg.prepare names a source."""
-    root = Path(cfg.path)
-    # Only a missing (or empty) folder is prepared: anything else is reported by load_manifest.
-    missing = not root.exists() or (root.is_dir() and not any(root.iterdir()))
-    if missing and may_prepare and cfg.prepare.source == "movielens":
-        from wdl.data.movielens import prepare_movielens
-
-        print(f"wdl: {root} has no data set yet; preparing MovieLens {cfg.prepare.variant} there", flush=True)
-        prepare_movielens(cfg.prepare.variant, root)
-    return load_manifest(root)
+def open_dataset(cfg: DataConfig) -> Manifest:
+    """The data set at cfg.path (wdl.ingest.prepare.open_or_prepare first creates a missing one)."""
+    return load_manifest(Path(cfg.path))
 
 
 def feature_spec(cfg: Config, manifest: Manifest) -> FeatureSpec:

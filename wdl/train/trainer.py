@@ -27,6 +27,7 @@ from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, all_gather_cat, all_reduce_sum, barrier
 from wdl.distributed.sharding import check_placement, place
 from wdl.errors import TrainingError, WdlError
+from wdl.ingest.prepare import open_or_prepare
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate
@@ -70,10 +71,10 @@ class Trainer:
 
         # 2. Data: rank 0 prepares a missing data set while the others wait, then everyone reads it.
         if env.is_main:
-            manifest = open_dataset(cfg.data)
+            manifest = open_or_prepare(cfg.data)
         barrier()
         if not env.is_main:
-            manifest = open_dataset(cfg.data, may_prepare=False)
+            manifest = open_dataset(cfg.data)
         self.spec = feature_spec(cfg, manifest)
         loaders = build_loaders(cfg.data, manifest, self.spec, rank=env.rank, world_size=env.world_size,
                                 device=self.device, seed=cfg.run.seed)
