@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wdl.data import grouplens
-from wdl.data import movielens as ml
 from wdl.data.manifest import load_manifest
-from wdl.data.movielens import add_prepare_arguments, prepare_movielens, run_prepare
 from wdl.errors import DataError
+from wdl.ingest import grouplens
+from wdl.ingest import movielens as ml
+from wdl.ingest.movielens import add_prepare_arguments, prepare_movielens, run_prepare
 
 # A tiny MovieLens: 4 users (user 4 never rates), 5 movies (movie 5 has no release date),
 # 20 ratings with distinct timestamps so a row can be recognised after shuffling; one rating

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from wdl.cli import main
-from wdl.data.movielens import ML100K_GENRES, prepare_movielens
+from wdl.ingest.movielens import ML100K_GENRES, prepare_movielens
 
 ROOT = Path(__file__).resolve().parents[1]
 N_USERS, N_MOVIES, N_RATINGS = 30, 50, 1500

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wdl.data import movielens as ml
+from wdl.ingest import movielens as ml
 from wdl.model.embeddings import torchrec_available
 
 ROOT = Path(__file__).resolve().parents[1]

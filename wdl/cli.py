@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data_sub.add_parser("prepare", help="convert a public data set to wdl Parquet shards")
     prepare_sub = prepare.add_subparsers(dest="source", required=True)
 
-    from wdl.data import movielens
+    from wdl.ingest import movielens
 
     ml = prepare_sub.add_parser("movielens", help="MovieLens 100k ... 32M from GroupLens archives")
     movielens.add_prepare_arguments(ml)

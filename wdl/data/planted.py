@@ -145,7 +145,7 @@ def criteo_columns(stats: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- movielens
 def movielens_chunk(seed: int, rng: np.random.Generator, n: int, n_users: int, n_items: int) -> dict:
-    """n MovieLens-shaped ratings with the columns wdl.data.movielens writes (ids from 1)."""
+    """n MovieLens-shaped ratings with the columns wdl.ingest.movielens writes (ids from 1)."""
     u = zipf_ranks(rng, n, n_users, 0.9) + 1
     i = zipf_ranks(rng, n, n_items, 1.05) + 1
     age = (mix64(u.astype(np.uint64) ^ _salt(seed, 1)) % np.uint64(ML_AGES)).astype(np.int64) + 1

@@ -17,7 +17,7 @@ def open_or_prepare(cfg: DataConfig) -> Manifest:
     # Only a missing (or empty) folder is prepared: anything else is reported by open_dataset.
     missing = not root.exists() or (root.is_dir() and not any(root.iterdir()))
     if missing and cfg.prepare.source == "movielens":
-        from wdl.data.movielens import prepare_movielens
+        from wdl.ingest.movielens import prepare_movielens
 
         print(f"wdl: {root} has no data set yet; preparing MovieLens {cfg.prepare.variant} there", flush=True)
         prepare_movielens(cfg.prepare.variant, root)

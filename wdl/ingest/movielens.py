@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from wdl.data.grouplens import Source as _Source
-from wdl.data.grouplens import default_cache_dir, file_hashes as _hashes, resolve_source as _resolve_source
+from wdl.ingest.grouplens import Source as _Source
+from wdl.ingest.grouplens import default_cache_dir, file_hashes as _hashes, resolve_source as _resolve_source
 from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 
