@@ -13,9 +13,9 @@ from wdl.config import DeepConfig, ScheduleConfig, load_config
 from wdl.data.batch import Batch, Jagged
 from wdl.errors import ConfigError
 from wdl.model.wide_deep import DeepArch
-from wdl.train.optim import NamedOptimizer, Optimizers
+from wdl.train.optim import FTRL, NamedOptimizer, Optimizers
 from wdl.train.schedule import LrSchedule
-from wdl.train.sparse_optim import SGDRule, SparseTableOptimizer
+from wdl.train.sparse_optim import FtrlRule, SGDRule, SparseTableOptimizer
 
 
 def test_warm_up_then_plateau_decay_down_to_the_floor():
@@ -66,6 +66,15 @@ def test_scale_lr_reaches_dense_and_row_optimisers():
         assert w.detach().tolist() == pytest.approx([expect] * 3)
         assert table.rows.weight[2].tolist() == pytest.approx([expect] * 2)
         assert table.rows.weight[0].tolist() == [1.0, 1.0]  # untouched rows stay
+
+
+def test_ftrl_keeps_its_rate_because_the_rate_is_part_of_its_weights():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opts = Optimizers({"wide": NamedOptimizer({"w": w}, FTRL([w], lr=0.1)),
+                       "wide_tables": SparseTableOptimizer({"t": _Group(torch.zeros(4, 1))}, FtrlRule(0.2))})
+    opts.scale_lr(0.5)
+    assert opts.optimizers["wide"].param_groups[0]["lr"] == 0.1
+    assert opts.optimizers["wide_tables"].param_groups[0]["lr"] == 0.2
 
 
 def _runs(tmp_path, name):

@@ -144,8 +144,9 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """One multiplier on every learning rate (wide, deep, tables): a linear warm-up over the
-    first steps, then a decay each time the validation metric plateaus."""
+    """One multiplier on every learning rate (dense layers and tables) but FTRL's, whose rate is
+    part of its closed-form weights: a linear warm-up over the first steps, then a decay each time
+    the validation metric plateaus."""
 
     warmup_steps: int = 0  # the multiplier rises linearly from 1/warmup_steps to 1 over these steps
     # After `plateau_patience` epochs without a better validation metric (train.early_stopping's

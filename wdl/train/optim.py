@@ -148,12 +148,14 @@ class Optimizers:
 
     def __init__(self, optimizers: dict[str, Any]) -> None:
         self.optimizers = {k: v for k, v in optimizers.items() if v is not None}
-        self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
+        self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()
+                         if _follows_schedule(o)}
 
     def scale_lr(self, scale: float) -> None:
-        """Every learning rate = the configured one x `scale` (the schedule's multiplier)."""
-        for k, o in self.optimizers.items():
-            for group, lr in zip(o.param_groups, self._base_lr[k]):
+        """Every learning rate = the configured one x `scale` (the schedule's multiplier),
+        except FTRL's (see _follows_schedule)."""
+        for k, base in self._base_lr.items():
+            for group, lr in zip(self.optimizers[k].param_groups, base):
                 group["lr"] = lr * scale
 
     def zero_grad(self) -> None:
@@ -170,6 +172,14 @@ class Optimizers:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, o in self.optimizers.items():
             o.load_state_dict(state[k])
+
+
+def _follows_schedule(optimizer: Any) -> bool:
+    """FTRL's rate is part of its closed-form weights, w = -(z - sign(z) l1) / ((beta + sqrt(n)) / lr
+    + l2): scaling it would rescale at once every weight learned so far (a plateau decay of 0.5
+    halves the wide model). FTRL already anneals per coordinate, so it keeps its configured rate."""
+    inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "rule", None)
+    return not isinstance(inner, (FTRL, FtrlRule))
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None) -> Optimizers:

@@ -1,4 +1,5 @@
-"""The learning-rate schedule: one multiplier on every part's configured learning rate.
+"""The learning-rate schedule: one multiplier on the configured learning rates (all but FTRL's:
+see wdl.train.optim._follows_schedule).
 
     scale = warm-up(step) x plateau decay
     warm-up(step) = min(1, (step + 1) / warmup_steps)     linear over the first steps
