@@ -14,12 +14,12 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import ROOT
 from wdl.cli import main as cli_main
-from wdl.data import synthetic
 from wdl.data.criteo import prepare_criteo
-from wdl.data.planted import zipf_ranks
-from wdl.data.synthetic import generate
 from wdl.data.tsv import CATEGORICAL, DENSE
 from wdl.errors import DataError
+from wdl.ingest import synthetic
+from wdl.ingest.planted import zipf_ranks
+from wdl.ingest.synthetic import generate
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`wdl data generate`: synthetic data sets with a planted signal (models in wdl.data.planted).
+"""`wdl data generate`: synthetic data sets with a planted signal (models in wdl.ingest.planted).
 
     wdl data generate --profile criteo --rows 1000000 --out data/synthetic-criteo
     wdl data generate --profile criteo --rows 100000000 --out /tmp/crit-tsv --format criteo-tsv --workers 2
@@ -33,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from wdl.data import planted, tsv
+from wdl.data import tsv
 from wdl.data.tsv import CATEGORICAL, DENSE
 from wdl.data.writer import DatasetWriter, RunningStats
 from wdl.errors import DataError
+from wdl.ingest import planted
 
 CHUNK_ROWS = 1 << 17
 AUC_BINS = 1 << 20
