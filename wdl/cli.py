@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = data_sub.add_parser("generate", help="a synthetic data set with a planted signal and known best AUC")
     synthetic.add_generate_arguments(gen)
     gen.set_defaults(func=synthetic.run_generate)
-    from wdl.data import importer
+    from wdl.ingest import importer
 
     imp = data_sub.add_parser("import", help="your own Parquet or CSV files -> a wdl data set (vocabularies, statistics, split)")
     importer.add_import_arguments(imp)

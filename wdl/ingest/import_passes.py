@@ -1,5 +1,5 @@
 """The two passes of `wdl data import` over one work unit (a few Parquet row groups or one CSV
-file), run in worker processes; `wdl.data.importer` plans them and merges their results.
+file), run in worker processes; `wdl.ingest.importer` plans them and merges their results.
 
 Pass 1 (`stats_job`) gathers statistics of the unit's train rows; pass 2 (`encode_job`) turns
 its rows into the data set's columns. Both assign each row's split the same way: from
@@ -16,11 +16,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from wdl.data import import_spec as S
 from wdl.data.hashing import mix64, unit_uniform
-from wdl.data.vocab import IdEncoder, Reservoir, ValueCounts
 from wdl.data.writer import RunningStats
 from wdl.errors import DataError
+from wdl.ingest import import_spec as S
+from wdl.ingest.vocab import IdEncoder, Reservoir, ValueCounts
 
 
 @dataclass
