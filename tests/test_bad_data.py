@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT, TINY_CONFIG, make_tiny_dataset
 from test_criteo import criteo_line, random_lines, write
 from wdl.cli import main as cli_main
-from wdl.data.criteo import prepare_criteo
 from wdl.errors import DataError
+from wdl.ingest.criteo import prepare_criteo
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 

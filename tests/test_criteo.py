@@ -15,11 +15,11 @@ import pytest
 from conftest import ROOT
 from wdl.cli import main as cli_main
 from wdl.config import load_config
-from wdl.data import tsv
-from wdl.data.criteo import prepare_criteo
-from wdl.data.tsv import CATEGORICAL, DENSE
-from wdl.model.embeddings import torchrec_available
 from wdl.errors import DataError
+from wdl.ingest import criteo_tsv as tsv
+from wdl.ingest.criteo import prepare_criteo
+from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE
+from wdl.model.embeddings import torchrec_available
 
 
 def criteo_line(label=1, dense=None, cats=None) -> str:

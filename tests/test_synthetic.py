@@ -14,10 +14,10 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import ROOT
 from wdl.cli import main as cli_main
-from wdl.data.criteo import prepare_criteo
-from wdl.data.tsv import CATEGORICAL, DENSE
 from wdl.errors import DataError
 from wdl.ingest import synthetic
+from wdl.ingest.criteo import prepare_criteo
+from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE
 from wdl.ingest.planted import zipf_ranks
 from wdl.ingest.synthetic import generate
 

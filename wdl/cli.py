@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_prepare_arguments(ml)
     ml.set_defaults(func=movielens.run_prepare)
 
-    from wdl.data import criteo
-    from wdl.ingest import synthetic
+    from wdl.ingest import criteo, synthetic
 
     cr = prepare_sub.add_parser("criteo", help="Criteo TSV click logs (Kaggle train.txt, Terabyte day_N), plain or gzip")
     criteo.add_prepare_arguments(cr)

@@ -27,11 +27,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from wdl.data.tsv import ordered_map
 from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError
 from wdl.ingest import import_spec as S
 from wdl.ingest.import_passes import Plan, Stats, Unit, encode, encode_job, first_line, init_worker, stats_job
+from wdl.ingest.pool import ordered_map
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".gz": "csv"}
 UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker

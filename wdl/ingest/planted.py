@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from wdl.data.hashing import mix64, unit_uniform
-from wdl.data.tsv import CATEGORICAL, DENSE
+from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE
 
 # Distinct values per categorical column of Criteo Kaggle's train.txt (C1..C26, as commonly
 # reported): from 3 to 10 million.

@@ -33,11 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from wdl.data import tsv
-from wdl.data.tsv import CATEGORICAL, DENSE
 from wdl.data.writer import DatasetWriter, RunningStats
 from wdl.errors import DataError
 from wdl.ingest import planted
+from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, format_hex32
+from wdl.ingest.pool import ordered_map
 
 CHUNK_ROWS = 1 << 17
 AUC_BINS = 1 << 20
@@ -84,7 +84,7 @@ def _tsv_bytes(seed: int, c: dict, rows: np.ndarray) -> bytes:
         cols[name] = pa.array(c["raw"][rows, j], from_pandas=True).cast(pa.int64())
     for j, name in enumerate(CATEGORICAL):
         r = c["ranks"][rows, j]
-        hexes = tsv.format_hex32(planted.criteo_hex(seed, r, j))
+        hexes = format_hex32(planted.criteo_hex(seed, r, j))
         cols[name] = pa.array(hexes.astype(object), pa.binary(), mask=r < 0).cast(pa.string())
     sink = pa.BufferOutputStream()
     pacsv.write_csv(pa.table(cols), sink, write_options=pacsv.WriteOptions(
@@ -131,7 +131,7 @@ def generate(profile: str, rows: int, out, *, seed: int = 2021, fmt: str = "parq
     params = {"profile": profile, "rows": rows, "seed": seed, "format": fmt, "test_fraction": test_fraction,
               "valid_fraction": valid_fraction, "n_users": n_users, "n_items": n_items}
     chunks = range((rows + CHUNK_ROWS - 1) // CHUNK_ROWS)
-    results = tsv.ordered_map(_chunk, chunks, max(1, int(workers)), _init_worker, params)
+    results = ordered_map(_chunk, chunks, max(1, int(workers)), _init_worker, params)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=rows, desc=f"generate {profile}", unit="row", unit_scale=True, dynamic_ncols=True,

@@ -4,7 +4,7 @@
     wdl data prepare criteo --input train.txt --out data/criteo-kaggle --min-frequency 4 --workers 2
 
 Memory stays bounded whatever the input size: the main process cuts the files into blocks of
-whole lines (wdl.data.tsv), a pool of `--workers` processes parses and encodes them, and the
+whole lines (wdl.ingest.criteo_tsv), a pool of `--workers` processes parses and encodes them, and the
 results come back in input order (at most 2 blocks per worker in flight) to the DatasetWriter.
 Output is therefore identical for any number of workers.
 
@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from wdl.data import tsv
 from wdl.data.hashing import mix64, unit_uniform
-from wdl.data.tsv import CATEGORICAL, DENSE, Block, Parsed
 from wdl.data.writer import DatasetWriter, RunningStats
 from wdl.errors import DataError
+from wdl.ingest import criteo_tsv
+from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, Block, Parsed
+from wdl.ingest.pool import ordered_map
 
 DEFAULT_HASH_BUCKETS = 1_000_000
 _DAY = re.compile(r"^day_(\d+)(\..+)?$")
@@ -95,7 +96,7 @@ def _assign(plan: Plan, p: Parsed, file_index: int) -> np.ndarray:
 
 def _count_job(block: Block) -> tuple[Block, Parsed, list]:
     """First pass of vocabulary mode: distinct values and their counts over the train rows."""
-    p = tsv.parse_block(block)
+    p = criteo_tsv.parse_block(block)
     train = _assign(_PLAN, p, block.file_index) == 0
     counts = []
     for j in range(len(CATEGORICAL)):
@@ -106,7 +107,7 @@ def _count_job(block: Block) -> tuple[Block, Parsed, list]:
 
 def _encode_job(block: Block) -> tuple[Block, Parsed, dict[str, pa.Table]]:
     plan = _PLAN
-    p = tsv.parse_block(block)
+    p = criteo_tsv.parse_block(block)
     where = _assign(plan, p, block.file_index)
     dense = np.nan_to_num(p.dense, nan=0.0)
     if plan.dense_transform in ("log1p", "clamp"):
@@ -147,7 +148,7 @@ def _strip_parsed(p: Parsed) -> Parsed:
 
 
 def _pipeline(job, blocks, plan: Plan, workers: int):
-    return tsv.ordered_map(job, blocks, workers, _init_worker, plan)
+    return ordered_map(job, blocks, workers, _init_worker, plan)
 
 
 # ---------------------------------------------------------------------------------- main side
@@ -184,7 +185,7 @@ def _plan_splits(inputs: list[str], split: str, test_day: int | None, halve: boo
         test_files = [p for p, n in zip(inputs, numbers) if n == test_day]
         if len(test_files) > 1:
             raise DataError(f"--halve-test-day needs exactly one file for day {test_day}, got {len(test_files)}")
-        half = tsv.count_lines(test_files[0]) // 2  # first half valid, second half test
+        half = criteo_tsv.count_lines(test_files[0]) // 2  # first half valid, second half test
     info = {"kind": "days", "test_day": test_day, "train_days": sorted({n for n in numbers if n != test_day}),
             "test_day_halved": halve, "rule": "day < test_day -> train; test day -> test"
             + (" (first half -> valid)" if halve else "")}
@@ -217,7 +218,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _blocks(inputs: list[str], block_bytes: int):
     for i, path in enumerate(inputs):
-        yield from tsv.iter_blocks(path, i, block_bytes)
+        yield from criteo_tsv.iter_blocks(path, i, block_bytes)
 
 
 def _count_vocabs(inputs, plan, workers, on_bad, min_frequency, block_bytes, progress) -> list[np.ndarray]:
@@ -234,7 +235,7 @@ def _count_vocabs(inputs, plan, workers, on_bad, min_frequency, block_bytes, pro
         merged[j] = (u, np.bincount(inv, weights=cnts, minlength=len(u)).astype(np.int64))
         pending[j] = []
 
-    bar = _progress(tsv.input_size(inputs), "count", progress)
+    bar = _progress(criteo_tsv.input_size(inputs), "count", progress)
     for block, p, counts in _pipeline(_count_job, _blocks(inputs, block_bytes), plan, workers):
         _check_bad(block, p, tally, on_bad, report=False)
         for j, c in enumerate(counts):
@@ -256,7 +257,7 @@ def prepare_criteo(inputs, out, *, hash_buckets: int | None = None, min_frequenc
                    valid_fraction: float = 0.0, test_day: int | None = None, halve_test_day: bool = False,
                    seed: int = 2021, dense_transform: str = "log1p", overwrite: bool = False,
                    row_group_rows: int = 16384, rows_per_file: int = 1_000_000, progress: bool = True,
-                   block_bytes: int = tsv.BLOCK_BYTES) -> dict:
+                   block_bytes: int = criteo_tsv.BLOCK_BYTES) -> dict:
     """Convert Criteo TSV files into a data set at `out`; returns the summary (also in the manifest)."""
     inputs = [str(p) for p in inputs]
     if not inputs:
@@ -289,7 +290,7 @@ def prepare_criteo(inputs, out, *, hash_buckets: int | None = None, min_frequenc
             plan.vocabs = _count_vocabs(inputs, plan, workers, on_bad_line, min_frequency, block_bytes, progress)
         tally = Tally()
         stats = [RunningStats() for _ in DENSE]
-        bar = _progress(tsv.input_size(inputs), "prepare", progress)
+        bar = _progress(criteo_tsv.input_size(inputs), "prepare", progress)
         for block, p, tables in _pipeline(_encode_job, _blocks(inputs, block_bytes), plan, workers):
             _check_bad(block, p, tally, on_bad_line, report=True)
             tally.lines += block.lines
@@ -317,7 +318,7 @@ def prepare_criteo(inputs, out, *, hash_buckets: int | None = None, min_frequenc
             if plan.vocabs is None:
                 columns[c] = {"kind": "categorical", "vocab_size": hash_buckets, "encoding": "hash"}
             else:
-                values = [v.decode() for v in tsv.format_hex32(plan.vocabs[j])]
+                values = [v.decode() for v in criteo_tsv.format_hex32(plan.vocabs[j])]
                 columns[c] = {"kind": "categorical", "vocab_size": len(values) + 1, "encoding": "vocab",
                               "min_frequency": min_frequency, "vocab_file": w.write_vocab(c, values)}
         seconds = time.perf_counter() - start
