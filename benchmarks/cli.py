@@ -1,4 +1,8 @@
-"""`wdl bench ...` and `python -m benchmarks ...`."""
+"""`wdl bench ...` and `python -m benchmarks ...`.
+
+The harness is not installed with the `wdl` package: it needs the source tree (launch/train.py,
+configs/, suites/). `wdl bench` loads it from there (wdl/cli.py) and hands its arguments to `main`.
+"""
 
 from __future__ import annotations
 
@@ -63,10 +67,10 @@ def compare_main(args: argparse.Namespace) -> int:
     return 1 if args.fail_on_regression and any(r["flag"] == "WORSE" for r in rows) else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
     from wdl.launch import run_guarded
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="wdl benchmark harness")
+    parser = argparse.ArgumentParser(prog=prog, description="wdl benchmark harness")
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     return run_guarded(args.func, args)

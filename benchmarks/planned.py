@@ -24,7 +24,7 @@ def planned_points(result: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
     from benchmarks import floors
-    from benchmarks.run import _config
+    from benchmarks.suite import system_config
     from wdl.config import load_config
     from wdl.distributed.planning import Hardware, plan
 
@@ -39,7 +39,7 @@ def planned_points(result: dict[str, Any]) -> list[dict[str, Any]]:
     for system in suite["systems"]:
         if system.get("kind") != "wdl" or not system.get("scaling") or not system.get("enabled", True):
             continue
-        cfg_path, overrides = _config({**suite, "trainer_overrides": suite.get("trainer_overrides", [])}, system)
+        cfg_path, overrides = system_config({**suite, "trainer_overrides": suite.get("trainer_overrides", [])}, system)
         cfg = load_config(cfg_path, overrides)
         base = int(system.get("batch_size") or cfg.data.batch_size)
         for ws in sorted({*system.get("world_sizes", [1]), *PLANNED_WORLD_SIZES}):

@@ -27,32 +27,54 @@ def _label(ax, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
     ax.legend(fontsize=legend_size)
 
 
-def make_plots(result: dict[str, Any], out: Path) -> list[str]:
-    ms, summary = result["measurements"], result["summary"]
-    made = []
-    title = f"{result['suite']} on {result['machine']['kind']}"
+def _test_star(ax, selected: list[dict], color, first: bool) -> None:
+    """The test AUC of each repetition's selected epoch, as a star at that epoch (one legend entry)."""
+    ax.plot([m["epoch"] for m in selected], [m["test_auc"] for m in selected], "*", ms=11, color=color,
+            markeredgecolor="black", markeredgewidth=0.5,
+            label="test AUC, model of the selected epoch" if first else "_nolegend_")
 
-    # AUC vs epoch, one line per system (mean over repetitions), reference points as markers.
+
+def _auc_vs_epoch(ms: list[dict], summary: dict, out: Path, title: str) -> list[str]:
+    """One line per system (mean over repetitions), reference points as markers. A system selected
+    on validation draws its validation AUC per epoch and a star at the test AUC of the selected
+    epoch's model."""
     curves: dict[str, dict[int, list[float]]] = {}
     for m in ms:
         if m.get("auc") is not None and m.get("epoch") is not None and m.get("kind") in ("wdl", "peer", "reference",
                                                                                           "sklearn_lr", "planted"):
             curves.setdefault(m["system"], {}).setdefault(int(m["epoch"]), []).append(m["auc"])
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for system, pts in curves.items():
-            xs = sorted(pts)
-            ys = [sum(pts[x]) / len(pts[x]) for x in xs]
-            measured = any(m.get("measured", True) for m in ms if m["system"] == system)
-            if len(xs) == 1 or not measured:
-                ax.plot(xs, ys, "o" if measured else "x", label=system + ("" if measured else " (published)"))
-            else:
-                ax.plot(xs, ys, marker=".", label=system)
-            bayes = next((m.get("bayes_auc") for m in ms if m["system"] == system and m.get("bayes_auc")), None)
-            if bayes:
-                ax.axhline(bayes, color="grey", ls="--", lw=1)
-        _label(ax, "epoch", "test AUC", f"AUC vs epoch: {title}", legend_size=8)
-        made.append(_save(fig, out / "auc_vs_epoch.png"))
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    validated = {s for s in curves if summary.get(s, {}).get("protocol") == "validation"}
+    starred = False
+    for system, pts in curves.items():
+        xs = sorted(pts)
+        ys = [sum(pts[x]) / len(pts[x]) for x in xs]
+        measured = any(m.get("measured", True) for m in ms if m["system"] == system)
+        if len(xs) == 1 or not measured:
+            ax.plot(xs, ys, "o" if measured else "x", label=system + ("" if measured else " (published)"))
+        else:
+            line, = ax.plot(xs, ys, marker=".", label=system + (" (valid)" if system in validated else ""))
+            if system in validated:
+                _test_star(ax, [m for m in ms if m["system"] == system and m.get("selected")], line.get_color(),
+                           first=not starred)
+                starred = True
+        bayes = next((m.get("bayes_auc") for m in ms if m["system"] == system and m.get("bayes_auc")), None)
+        if bayes:
+            ax.axhline(bayes, color="grey", ls="--", lw=1)
+    ylabel = ("test AUC" if not validated else "valid AUC" if validated == set(curves)
+              else "test AUC, or valid AUC (valid)")
+    _label(ax, "epoch", ylabel, f"AUC vs epoch: {title}", legend_size=8)
+    return [_save(fig, out / "auc_vs_epoch.png")]
+
+
+def make_plots(result: dict[str, Any], out: Path) -> list[str]:
+    ms, summary = result["measurements"], result["summary"]
+    made = []
+    title = f"{result['suite']} on {result['machine']['kind']}"
+
+    made += _auc_vs_epoch(ms, summary, out, title)
 
     # Seconds per training epoch per system (warm-up excluded), error bars across repetitions.
     rows = [(s, v["train_seconds"]) for s, v in summary.items()

@@ -19,6 +19,30 @@ def _pm(v: dict, metric: str, nd: int = 4) -> str:
     return fmt(d["mean"], nd) + (f" ± {fmt(d['std'], 2)}" if d.get("std") else "")
 
 
+def _validated(v: dict) -> bool:
+    """Was this system's epoch chosen on a validation split (its test split scored once)?"""
+    return v.get("protocol") == "validation"
+
+
+def _final_auc(v: dict) -> float | None:
+    """The AUC a table reports for a system: after the last epoch on test, or, for a system
+    selected on validation, the test AUC of the selected epoch's model."""
+    return _m(v, "test_auc") if _validated(v) else _m(v, "auc")
+
+
+def _auc_header(rows: list[dict], old: str) -> str:
+    """An AUC column's header: `old` where no row was selected on validation, else says which were."""
+    if rows and all(_validated(v) for v in rows):
+        return "test AUC (epoch chosen on valid)"
+    return old + ("; * test AUC, epoch chosen on valid" if any(_validated(v) for v in rows) else "")
+
+
+def _auc_cell(v: dict, rows: list[dict]) -> str:
+    """_final_auc, marked * when the column mixes both protocols."""
+    mixed = not all(_validated(r) for r in rows)
+    return fmt(_final_auc(v)) + (" *" if mixed and _validated(v) else "")
+
+
 def render(result: dict[str, Any]) -> str:
     mach, summary = result["machine"], result["summary"]
     git = mach.get("git") or {}
@@ -49,24 +73,44 @@ def render(result: dict[str, Any]) -> str:
     if result.get("notes") or result.get("skipped"):
         out.append("")
 
-    kinds = {v.get("kind") for v in summary.values()}
-    if kinds & {"wdl", "peer", "reference", "sklearn_lr", "planted", "mlp_floor", "tune"}:
-        out += ["## Systems", "",
-                "| system | s/epoch | samples/s | final AUC | best AUC | logloss | peak RSS MB |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
-        for s, v in summary.items():
-            if v.get("kind") in ("throughput", "reader", "tune_trial"):  # trials: in the tuning table
-                continue
-            out.append(f"| {s} | {_pm(v, 'train_seconds')} | {_pm(v, 'samples_per_second')} | {_pm(v, 'auc')} "
-                       f"| {fmt(v.get('best_auc'))} | {_pm(v, 'logloss')} | {fmt(_m(v, 'peak_rss_mb'))} |")
-        out.append("")
-    out += _peers(result) + _mlp_floor(summary) + _throughput(result) + _table_rows(summary)
+    out += _systems(summary) + _peers(result) + _mlp_floor(summary) + _throughput(result) + _table_rows(summary)
     out += _scaling(summary, result.get("planned", [])) + _planted(result) + tune.report(result)
     if result.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]] + [""]
     out += ["Timings are medians of the timed (non-warm-up) epochs of each repetition, then the mean over "
-            "repetitions (± their standard deviation); AUC and logloss are those after the last epoch.", ""]
+            "repetitions (± their standard deviation); AUC and logloss are those after the last epoch"
+            + ("; for systems selected on validation, those of the selected epoch's model on the test split, "
+               "scored once." if any(_validated(v) for v in summary.values()) else "."), ""]
     return "\n".join(out)
+
+
+def _systems(summary: dict) -> list[str]:
+    """One table for the systems scored on test every epoch, one for those selected on validation."""
+    kinds = {v.get("kind") for v in summary.values()}
+    if not kinds & {"wdl", "peer", "reference", "sklearn_lr", "planted", "mlp_floor", "tune"}:
+        return []
+    rows = [(s, v) for s, v in summary.items()
+            if v.get("kind") not in ("throughput", "reader", "tune_trial")]  # trials: in the tuning table
+    out = []
+    if any(not _validated(v) for _, v in rows):
+        out += ["## Systems", "",
+                "| system | s/epoch | samples/s | final AUC | best AUC | logloss | peak RSS MB |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {s} | {_pm(v, 'train_seconds')} | {_pm(v, 'samples_per_second')} | {_pm(v, 'auc')} "
+                f"| {fmt(v.get('best_auc'))} | {_pm(v, 'logloss')} | {fmt(_m(v, 'peak_rss_mb'))} |"
+                for s, v in rows if not _validated(v)]
+        out.append("")
+    if any(_validated(v) for _, v in rows):
+        out += ["## Systems selected on validation", "",
+                "Every epoch scored on a validation split held out of the train split; the epoch of the best "
+                "validation score selected; the test split scored once, with that epoch's model.", "",
+                "| system | s/epoch | samples/s | valid AUC | selected epoch | test AUC (selected epoch) "
+                "| test logloss | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {s} | {_pm(v, 'train_seconds')} | {_pm(v, 'samples_per_second')} | {_pm(v, 'valid_auc')} "
+                f"| {'/'.join(str(e) for e in v.get('selected_epoch', [])) or '-'} | {_pm(v, 'test_auc')} "
+                f"| {_pm(v, 'test_logloss')} | {fmt(_m(v, 'peak_rss_mb'))} |" for s, v in rows if _validated(v)]
+        out.append("")
+    return out
 
 
 def peer_ratios(summary: dict) -> list[dict]:
@@ -117,11 +161,13 @@ def _mlp_floor(summary: dict) -> list[str]:
     out = ["## Ours vs the bare MLP floor (same run, same threads)", "",
            f"Floor: median seconds per epoch of the bare MLP (Linear/ReLU, BCE with logits, Adam, batches in "
            f"memory), mean of {len(floors)} run(s) around ours: {fmt(floor)} s ({spread}).", "",
-           "| ours | s/epoch | floor s/epoch | ours ÷ floor | best test AUC | final AUC |", "|---|---:|---:|---:|---:|---:|"]
+           f"| ours | s/epoch | floor s/epoch | ours ÷ floor | best test AUC "
+           f"| {_auc_header([v for _, v in ours], 'final AUC')} |",
+           "|---|---:|---:|---:|---:|---:|"]
     for s, v in ours:
         t = _m(v, "train_seconds")
         out.append(f"| {s} | {_pm(v, 'train_seconds')} | {fmt(floor)} | {fmt(t / floor, 3)} | {fmt(v.get('best_auc'))} "
-                   f"| {fmt(_m(v, 'auc'))} |")
+                   f"| {_auc_cell(v, [v for _, v in ours])} |")
     return out + [""]
 
 
@@ -218,7 +264,8 @@ def _scaling(summary: dict, planned: list[dict]) -> list[str]:
     out = []
     for g, pts in groups.items():
         one = _m(pts.get(1, {}), "samples_per_second")
-        out += [f"## Scaling: {g}", "", "| world size | batch/rank | samples/s | speedup | efficiency | final AUC "
+        auc = _auc_header(list(pts.values()), "final AUC")
+        out += [f"## Scaling: {g}", "", f"| world size | batch/rank | samples/s | speedup | efficiency | {auc} "
                 "| planned samples/s | measured ÷ planned |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for ws in sorted(pts):
             v = pts[ws]
@@ -226,7 +273,7 @@ def _scaling(summary: dict, planned: list[dict]) -> list[str]:
             speed = sps / one if one and sps else None
             p = est.get((g, ws), {}).get("planned_samples_per_second")
             out.append(f"| {ws} | {v.get('batch_size')} | {fmt(sps)} | {fmt(speed, 3)} "
-                       f"| {fmt(speed / ws if speed else None, 3)} | {fmt(_m(v, 'auc'))} | {fmt(p)} "
+                       f"| {fmt(speed / ws if speed else None, 3)} | {_auc_cell(v, list(pts.values()))} | {fmt(p)} "
                        f"| {fmt(sps / p if sps and p else None, 3)} |")
         for (pg, ws), p in sorted(est.items()):
             if pg == g and ws not in pts:
@@ -247,9 +294,10 @@ def _planted(result: dict) -> list[str]:
     if not rows:
         return []
     bayes = next((m.get("bayes_auc") for m in result["measurements"] if m.get("bayes_auc")), None)
-    out = ["## Planted: wide vs deep vs wide & deep", "",
-           f"Bayes-optimal test AUC: {fmt(bayes)}", "", "| model | final AUC | gap to Bayes |", "|---|---:|---:|"]
+    values = [v for _, v in rows]
+    out = ["## Planted: wide vs deep vs wide & deep", "", f"Bayes-optimal test AUC: {fmt(bayes)}", "",
+           f"| model | {_auc_header(values, 'final AUC')} | gap to Bayes |", "|---|---:|---:|"]
     for s, v in rows:
-        a = _m(v, "auc")
-        out.append(f"| {s} | {fmt(a)} | {fmt(bayes - a if bayes and a else None, 3)} |")
+        a = _final_auc(v)
+        out.append(f"| {s} | {_auc_cell(v, values)} | {fmt(bayes - a if bayes and a else None, 3)} |")
     return out + [""]

@@ -4,6 +4,14 @@ report.md; summaries across repetitions and `compare`.
 A measurement is a flat dict: which system/variant, which repetition and epoch, whether it is
 warm-up, and the numbers. Summaries use non-warm-up records only; the noise of a summary is the
 spread across repetitions (or, with one repetition, across the timed epochs of that one).
+
+Two protocols for quality. Without a validation split, every epoch is scored on the test split:
+`auc` / `logloss` are those of the last epoch and `best_auc` the best over epochs (chosen on
+test, so optimistic). With one (`eval_split: valid` in the records), the epochs are scored on
+validation and the test split once, with the selected epoch's model: the summary has
+`protocol: validation`, `test_auc` / `test_logloss` (that one score), `valid_auc` and
+`selected_epoch` (per repetition), and no `auc`, `logloss` or `best_auc`, so that `compare`
+never sets a validation AUC against a test one.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ METRICS = {
     "step_p90_ms": (False, 0.0, 0.02),
     "auc": (True, 0.002, 0.0),
     "logloss": (False, 0.002, 0.0),
+    "test_auc": (True, 0.002, 0.0),  # the validation protocol: the selected epoch's model on test
+    "test_logloss": (False, 0.002, 0.0),
     "peak_rss_mb": (False, 0.0, 0.05),
     "rows_per_second": (True, 0.0, 0.02),
     # CUDA only: per training step (counts, so no noise floor beyond one event)
@@ -61,7 +71,10 @@ def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         summary: dict[str, Any] = {k: ms[0][k] for k in ("group", "kind", "world_size", "batch_size", "embedding_dim",
                                                            "backend", "table_rows", "axis", "table_bytes")
                                    if ms[0].get(k) is not None}
+        validated = any(m.get("eval_split") == "valid" for m in ms)
         for metric in METRICS:
+            if validated and metric in ("auc", "logloss"):  # validation scores: see test_auc, valid_auc
+                continue
             per_rep, within = [], []
             for r in reps:
                 rows = [m for m in ms if m.get("rep", 0) == r and m.get(metric) is not None]
@@ -84,9 +97,17 @@ def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 std, noise_from = _mean(within), "epochs"
             summary[metric] = {"mean": _mean(per_rep), "std": std, "n": len(per_rep), "noise_from": noise_from,
                                "values": per_rep}
-        aucs = [m["auc"] for m in ms if m.get("auc") is not None]
-        if aucs:
-            summary["best_auc"] = max(aucs)
+        if validated:
+            selected = sorted((m for m in ms if m.get("selected")), key=lambda m: m.get("rep", 0))
+            summary["protocol"] = "validation"
+            summary["selected_epoch"] = [m["epoch"] for m in selected]
+            aucs = [m["auc"] for m in selected]
+            summary["valid_auc"] = {"mean": _mean(aucs), "std": _std(aucs), "n": len(aucs),
+                                    "noise_from": "repetitions", "values": aucs}
+        else:
+            aucs = [m["auc"] for m in ms if m.get("auc") is not None]
+            if aucs:
+                summary["best_auc"] = max(aucs)
         out[system] = summary
     return out
 
@@ -143,6 +164,10 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[dict[str, Any]],
     if a.get("machine", {}).get("kind") != b.get("machine", {}).get("kind"):
         notes.append(f"different machines: {a.get('machine', {}).get('kind')} vs {b.get('machine', {}).get('kind')}")
     for system in [s for s in sa if s in sb]:
+        pa, pb = sa[system].get("protocol", "test"), sb[system].get("protocol", "test")
+        if pa != pb:
+            notes.append(f"{system}: A chose its epoch on {_PROTOCOL[pa]}, B on {_PROTOCOL[pb]}: AUC and logloss "
+                         "not compared; with a validation split held out, an epoch also trains on fewer rows")
         for metric, (higher_better, abs_floor, rel_floor) in METRICS.items():
             ma, mb = sa[system].get(metric), sb[system].get(metric)
             if not ma or not mb or ma.get("mean") is None or mb.get("mean") is None:
@@ -158,6 +183,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[dict[str, Any]],
             rows.append({"system": system, "metric": metric, "a": va, "b": vb,
                          "ratio": vb / va if va else None, "diff": diff, "threshold": threshold, "flag": flag})
     return rows, notes
+
+
+_PROTOCOL = {"test": "the test split", "validation": "a validation split"}
 
 
 def format_compare(rows: list[dict[str, Any]], notes: list[str]) -> str:

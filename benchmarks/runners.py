@@ -1,8 +1,10 @@
-"""How each kind of system is run; every runner returns a list of measurement dicts.
+"""How each kind of system is run: one function per kind (`KIND_system(run, system)`, each
+returning a list of measurement dicts), and the single runs they repeat.
 
 Our trainer runs as a subprocess of its real entry point (launch/train.py, under
 torch.distributed.run for world size > 1) and is read back from its run folder's
-metrics.jsonl and summary.json; the harness never reimplements training.
+metrics.jsonl and summary.json; the harness never reimplements training. The `throughput`
+and `tune` kinds live in throughput.py and tune.py.
 """
 
 from __future__ import annotations
@@ -16,11 +18,142 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import ROOT
+from benchmarks.suite import SuiteRun, valid_fraction
+from wdl.config import load_config
 from wdl.errors import WdlError
 
 
 class BenchError(WdlError):
     """A suite cannot run as asked; the message says why and what to do."""
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------ one function per kind
+def wdl_system(run: SuiteRun, system: dict) -> list[dict]:
+    """Our trainer, `repetitions` times for each of `world_sizes` (torchrun when > 1); `scaling:
+    strong` splits `batch_size` over the ranks, otherwise each rank takes it whole."""
+    name, epochs = system["name"], run.epochs(system)
+    cfg_path, overrides = run.config(system, [f"train.epochs={epochs}", *_protocol(run, system)])
+    world_sizes = system.get("world_sizes", [1])
+    base_batch = int(system.get("batch_size") or load_config(cfg_path, overrides).data.batch_size)
+    recs = []
+    for ws in world_sizes:
+        label = name if len(world_sizes) == 1 else f"{name}@ws{ws}"
+        per_rank = base_batch // ws if system.get("scaling") == "strong" else base_batch
+        for rep in range(run.reps):
+            say(f"{label} rep {rep + 1}/{run.reps}: {epochs} epochs, world size {ws}, batch {per_rank}/rank")
+            got = run_wdl(config=cfg_path, overrides=[*overrides, f"data.batch_size={per_rank}"], out=run.out / "runs",
+                          name=f"{label.replace('@', '-')}-r{rep}", world_size=ws,
+                          log=run.out / "logs" / f"{label}-r{rep}.log", threads=run.threads)
+            recs += run.mark(got, system, label, rep, world_size=ws, batch_size=per_rank,
+                             global_batch_size=per_rank * ws, scaling=system.get("scaling"))
+    return recs
+
+
+def planted_system(run: SuiteRun, system: dict) -> list[dict]:
+    """wide vs deep vs wide & deep on the planted set, next to its Bayes-optimal AUC."""
+    cfg_path, overrides = run.config(system, [f"train.epochs={run.epochs(system)}", *_protocol(run, system)])
+    cfg = load_config(cfg_path, overrides)
+    bayes = find_bayes_auc(json.loads((Path(cfg.data.path) / "manifest.json").read_text()))
+    recs = []
+    for kind in system.get("model_kinds", ["wide", "deep", "wide_deep"]):
+        for rep in range(run.reps):
+            say(f"planted {kind} rep {rep + 1}/{run.reps}")
+            got = run_wdl(config=cfg_path, overrides=[*overrides, f"model.kind={kind}"], out=run.out / "runs",
+                          name=f"planted-{kind}-r{rep}", log=run.out / "logs" / f"planted-{kind}-r{rep}.log",
+                          threads=run.threads)
+            recs += run.mark(got, {**system, "name": kind}, kind, rep, bayes_auc=bayes)
+    return recs
+
+
+def sklearn_lr_system(run: SuiteRun, system: dict) -> list[dict]:
+    cfg_path, overrides = run.config(system)
+    recs = []
+    for rep in range(run.reps):
+        say(f"{system['name']} rep {rep + 1}/{run.reps}")
+        recs += run.mark(run_sklearn_lr(load_config(cfg_path, overrides)), system, system["name"], rep, warmup_epochs=0)
+    return recs
+
+
+def peer_system(run: SuiteRun, system: dict) -> list[dict]:
+    """A peer library in its own venv, on our exported features; skipped (saying why) when its
+    venv is missing and --install-peers was not given."""
+    from benchmarks.peers import install
+
+    name, epochs = system["name"], run.epochs(system)
+    ok, why = install.install(system["peer"]) if run.install_peers else install.check(system["peer"])
+    if not ok:
+        run.skip(name, why)
+        return []
+    if run.peer_features is None:
+        from benchmarks.peers.export import export
+
+        cfg_path, overrides = run.config(system)
+        run.peer_features = export(load_config(cfg_path, overrides), run.out / "peer-features")
+    recs = []
+    for rep in range(run.reps):
+        say(f"{name} rep {rep + 1}/{run.reps}: {epochs} epochs ({why})")
+        got = run_peer(system["peer"], system["script"], run.peer_features, epochs,
+                       log=run.out / "logs" / f"{name}-r{rep}.log", threads=run.threads)
+        recs += run.mark(got, system, name, rep, versions=why)
+    return recs
+
+
+def reference_system(run: SuiteRun, system: dict) -> list[dict]:
+    """Published numbers, shown beside ours and marked as not measured here."""
+    run.notes.append(f"{system['name']}: {system.get('note', 'published numbers, not measured here')}")
+    return run.mark([{**r, "measured": False} for r in system["records"]], system, system["name"], 0, warmup_epochs=0)
+
+
+def mlp_floor_system(run: SuiteRun, system: dict) -> list[dict]:
+    """The bare MLP floor (benchmarks/floors.py), in this process (threads as set for the suite)."""
+    import torch
+
+    from benchmarks import floors
+
+    device = torch.device(system.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for o in run.suite["trainer_overrides"]:  # run.device=... for our runs applies to the floor too
+        if o.startswith("run.device=") and o.partition("=")[2] != "auto":
+            device = torch.device(o.partition("=")[2])
+    epochs, recs = run.epochs(system), []
+    for rep in range(run.reps):
+        say(f"{system['name']} rep {rep + 1}/{run.reps}: {epochs} epochs of {system.get('steps', 79)} steps")
+        got = floors.mlp_floor(input_dim=int(system.get("input_dim", 80)), hidden=system.get("hidden", [256, 128, 64]),
+                               batch_size=int(system.get("batch_size", 1024)), steps=int(system.get("steps", 79)),
+                               epochs=epochs, device=device, seed=rep)
+        recs += run.mark(got, system, system["name"], rep, device=str(device))
+    return recs
+
+
+def _protocol(run: SuiteRun, system: dict) -> list[str]:
+    """`data.valid_fraction=F` when the suite (or the system) asks for the validation protocol."""
+    fraction = valid_fraction(run.suite, system)
+    return [] if fraction is None else [f"data.valid_fraction={fraction}"]
+
+
+def find_bayes_auc(manifest: dict) -> float | None:
+    """The generator records the Bayes-optimal AUC of the test split somewhere in the manifest."""
+    stack = [manifest]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if "bayes" in k.lower() and isinstance(v, (int, float)):
+                    return float(v)
+                if "bayes" in k.lower() and isinstance(v, dict):
+                    for kk in ("test", "auc", "test_auc"):
+                        if isinstance(v.get(kk), (int, float)):
+                            return float(v[kk])
+                stack.append(v)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+# ------------------------------------------------------------------------------ single runs
 
 
 def _env(threads: int | None = None) -> dict[str, str]:
@@ -33,7 +166,11 @@ def _env(threads: int | None = None) -> dict[str, str]:
 
 def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_size: int = 1,
             log: Path, threads: int | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
-    """One training run; its per-epoch records (warm-up not marked yet) and peak RSS."""
+    """One training run; its per-epoch records (warm-up not marked yet) and peak RSS.
+
+    A run with a validation split (summary.json has `test`) scored every epoch on it; the record
+    of the epoch it selected is marked `selected` and carries the test split's one score of that
+    epoch's model (`test_auc`, `test_logloss`)."""
     cmd = [sys.executable]
     if world_size > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
@@ -61,6 +198,14 @@ def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_si
         rec["peak_rss_mb"] = summary.get("peak_rss_mb")
         rec["world_size"] = summary.get("world_size", world_size)
         rec["wall_seconds"] = wall
+    if "test" in summary:  # the validation protocol
+        test = summary["test"]
+        selected = [r for r in records if test and r["epoch"] == test["epoch"]]
+        if not selected:
+            raise BenchError(f"training run {name} scored its epochs on a validation split but its summary.json has "
+                             f"no test score of a selected epoch (test: {test}); log {log}")
+        selected[-1].update(selected=True, test_split=summary.get("test_split"), test_auc=test["auc"],
+                            test_logloss=test["logloss"])
     return records
 
 

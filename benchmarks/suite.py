@@ -5,22 +5,33 @@ excluded from the timing summaries), repetitions, world sizes, batch sizes. Comm
 `key=value` items change the suite (`epochs=2`, `repetitions=3`); items whose first part is a
 config section (`train.`, `data.`, `model.`, `optim.`, `run.`, `features.`) are passed on to
 every run of our trainer instead.
+
+`valid_fraction: F` (on the suite or on one system) turns on the validation protocol for our
+trainer's runs: `data.valid_fraction=F` holds out that share of the train rows, every epoch is
+scored on it, and the test split is scored once with the selected epoch's model.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from benchmarks.machine import ROOT
 from wdl.errors import ConfigError
 
 SUITES = Path(__file__).resolve().parent / "suites"
 CONFIG_SECTIONS = ("train", "data", "model", "optim", "run", "features")
-DEFAULTS = {"repetitions": 1, "warmup_epochs": 1, "epochs": 1, "threads": None, "systems": []}
+DEFAULTS = {"repetitions": 1, "warmup_epochs": 1, "epochs": 1, "threads": None, "valid_fraction": None, "systems": []}
 KINDS = ("wdl", "sklearn_lr", "peer", "reference", "throughput", "planted", "mlp_floor", "tune")
+# Kinds whose runs are our trainer's and can hold out a validation split; peers and scikit-learn
+# train on the whole train split, so turning the protocol on for the suite would compare ours,
+# trained on fewer rows, with them. Other kinds score nothing and ignore it.
+VALIDATING_KINDS = ("wdl", "planted", "tune")
+WHOLE_TRAIN_KINDS = ("sklearn_lr", "peer")
 
 
 def list_suites() -> list[tuple[str, str]]:
@@ -69,4 +80,87 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> dict[str, Any]:
         if s.get("kind") not in KINDS:
             raise ConfigError(f"{path}: systems[{i}].kind must be one of {', '.join(KINDS)}, got {s.get('kind')!r}")
         s.setdefault("name", s["kind"])
+        _check_valid_fraction(path, suite, s)
     return suite
+
+
+def _check_valid_fraction(path: Path, suite: dict[str, Any], system: dict[str, Any]) -> None:
+    name, kind = system["name"], system["kind"]
+    if system.get("valid_fraction") is not None and kind not in VALIDATING_KINDS:
+        raise ConfigError(f"{path}: system {name!r}: valid_fraction applies to our trainer's systems "
+                          f"({', '.join(VALIDATING_KINDS)}), not to kind {kind}")
+    if suite.get("valid_fraction") is not None and kind in WHOLE_TRAIN_KINDS:
+        raise ConfigError(f"{path}: valid_fraction for the whole suite would train ours on fewer rows than "
+                          f"system {name!r} ({kind}, which trains on the whole train split); set "
+                          "systems.N.valid_fraction on our systems instead, knowing that")
+    fraction = valid_fraction(suite, system)
+    if kind in VALIDATING_KINDS and fraction is not None and not 0 < fraction < 1:
+        raise ConfigError(f"{path}: valid_fraction of system {name!r} must be in (0, 1), got {fraction}")
+
+
+def valid_fraction(suite: dict[str, Any], system: dict[str, Any]) -> float | None:
+    """The share of train rows `system`'s runs hold out for validation (its own setting, else the
+    suite's); None: every epoch is scored on the test split."""
+    f = system.get("valid_fraction", suite.get("valid_fraction"))
+    if f is None:
+        return None
+    try:
+        return float(f)
+    except (TypeError, ValueError):
+        raise ConfigError(f"valid_fraction of system {system.get('name')!r} must be a number, got {f!r}") from None
+
+
+def abs_path(path: str | Path) -> Path:
+    """Relative paths in suites are from the source tree's root."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def system_config(suite: dict[str, Any], system: dict[str, Any], extra: list[str] = ()) -> tuple[str, list[str]]:
+    """(config path, overrides) of one system: its own overrides, `extra`, then the command line's."""
+    overrides = [*system.get("overrides", []), *extra, *suite["trainer_overrides"]]
+    if suite.get("data", {}).get("path"):
+        overrides.insert(0, f"data.path={abs_path(suite['data']['path'])}")
+    return str(abs_path(system.get("config") or suite["config"])), overrides
+
+
+@dataclass
+class SuiteRun:
+    """One run of a suite: its settings, its output folder, and what the systems leave beside
+    their measurements (skipped systems with the reason, notes for the report)."""
+
+    suite: dict[str, Any]
+    out: Path
+    install_peers: bool = False
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    peer_features: Path | None = None  # the peers' exported features, made once per run
+
+    @property
+    def reps(self) -> int:
+        return int(self.suite["repetitions"])
+
+    @property
+    def threads(self) -> int | None:
+        """One intra-op thread count for every system, so that none wins by using more cores."""
+        return int(self.suite["threads"]) if self.suite.get("threads") else None
+
+    def epochs(self, system: dict[str, Any]) -> int:
+        return int(system.get("epochs", self.suite["epochs"]))
+
+    def config(self, system: dict[str, Any], extra: list[str] = ()) -> tuple[str, list[str]]:
+        return system_config(self.suite, system, extra)
+
+    def skip(self, name: str, reason: str) -> None:
+        print(f"bench: skipping {name}: {reason}", flush=True)
+        self.skipped.append({"system": name, "reason": reason})
+
+    def mark(self, records: list[dict], system: dict[str, Any], label: str, rep: int, *,
+             warmup_epochs: int | None = None, **extra) -> list[dict]:
+        """Records of one repetition as measurements: which system, which repetition, and whether
+        each epoch is warm-up (timed, but left out of the timing summaries): the system's
+        `warmup_epochs`, else `warmup_epochs` given here, else the suite's."""
+        default = self.suite["warmup_epochs"] if warmup_epochs is None else warmup_epochs
+        warm = int(system.get("warmup_epochs", default))
+        return [{"system": label, "group": system["name"], "kind": system["kind"], "rep": rep,
+                 "warmup": bool(r.get("epoch") is not None and r["epoch"] <= warm), **extra, **r} for r in records]

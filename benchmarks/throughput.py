@@ -11,12 +11,16 @@
 - reader: the StreamingLoader alone (Parquet -> Batches) vs a bare pyarrow read of the same row
   groups and columns, in rows per second.
 Warm-up steps are run first and not timed.
+
+`throughput_system` runs a suite's `kind: throughput` system: each point of its axes (backends x
+table rows x batch sizes x embedding sizes), skipping, with the reason, the points whose tables
+would not fit.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
+import gc
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,8 +28,129 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 import torch
 
-from wdl.config import Config
+from benchmarks.runners import say
+from benchmarks.suite import SuiteRun
+from wdl.config import Config, load_config
 from wdl.data.batch import Batch
+
+# The five large columns of configs/synthetic-criteo.yaml (hash_buckets 131072 there).
+LARGE_COLUMNS = ["C3", "C4", "C12", "C16", "C21"]
+
+
+def throughput_system(run: SuiteRun, system: dict) -> list[dict]:
+    """Every point of the system's axes, `repetitions` times, then the reader alone
+    (`reader_rows`). Tables beyond `memory_fraction` (default 0.5) of the available memory are
+    skipped and said so rather than risked: on a machine shared with other jobs, filling it
+    would take them down too."""
+    cfg_path, overrides = run.config(system)
+    recs = []
+    for parts, axis, fields in axes(system):
+        cfg = load_config(cfg_path, overrides + axis)
+        dim = fields["embedding_dim"]
+        if dim:
+            cfg.model.deep.embeddings = {k: int(dim) for k in cfg.model.deep.embeddings}
+        label = "-".join(parts + [f"bs{cfg.data.batch_size}"] + ([f"d{dim}"] if dim else []))
+        need = _fits(run, system, cfg, label)
+        if need is not None:
+            recs += _measure_point(run, system, cfg, label, fields, need)
+    if system.get("reader_rows"):
+        cfg = load_config(cfg_path, overrides)
+        for rep in range(run.reps):
+            say(f"reader vs bare pyarrow rep {rep + 1}/{run.reps}")
+            for r in measure_reader(cfg, max_rows=int(system["reader_rows"])):
+                recs.append({"system": r["variant"], "group": r["variant"], "kind": "reader", "rep": rep,
+                             "warmup": False, "batch_size": cfg.data.batch_size, **r})
+    return recs
+
+
+def _fits(run: SuiteRun, system: dict, cfg: Config, label: str) -> int | None:
+    """The bytes the point's tables and optimiser state take, or None when it is skipped."""
+    from wdl.distributed.env import pick_device
+    from wdl.distributed.rows import available_bytes
+    from wdl.errors import WdlError
+    from wdl.model.embeddings import resolve_backend
+
+    fraction = float(system.get("memory_fraction", 0.5))
+    try:
+        backend = resolve_backend(cfg.model.embedding_backend)
+        need = estimate_table_bytes(cfg, backend)
+        device = pick_device(cfg.run.device, 0)
+        have = available_bytes(device)
+    except WdlError as e:
+        run.skip(f"{system['name']}@{label}", str(e))
+        return None
+    if need > fraction * have:
+        run.skip(f"{system['name']}@{label}",
+                 f"the tables and optimiser state need {need / 2**30:.1f} GiB, more than memory_fraction="
+                 f"{fraction} of the {have / 2**30:.1f} GiB available on {device} (a bigger machine runs it; "
+                 f"or systems.N.memory_fraction=0.9)")
+        return None
+    return need
+
+
+def _measure_point(run: SuiteRun, system: dict, cfg: Config, label: str, fields: dict, need: int) -> list[dict]:
+    """`repetitions` measurements of one point: ours, the compute floor and the hardware floor."""
+    from wdl.errors import WdlError
+
+    recs = []
+    for rep in range(run.reps):
+        say(f"throughput {label} rep {rep + 1}/{run.reps} (tables {need / 2**30:.2f} GiB)")
+        # Time enough steps to cross several shuffle blocks: a streaming reader converts
+        # a block at a time, so a short window would see only cheap slicing.
+        steps = max(int(system.get("steps", 50)), -(-int(system.get("timed_rows", 0)) // cfg.data.batch_size))
+        try:
+            got = measure(cfg, run.out / "runs" / f"throughput-{system['name']}-{label}-r{rep}",
+                          warmup_steps=int(system.get("warmup_steps", 5)), steps=steps,
+                          profile_steps=int(system.get("profile_steps", 5)))
+        except WdlError as e:  # e.g. the placement's own memory check: one line, recorded
+            run.skip(f"{system['name']}@{label}", str(e))
+            break
+        finally:
+            gc.collect()  # the previous Trainer's tables go before the next one's are made
+        for r in got:
+            recs.append({"system": f"{r['variant']}@{label}", "group": r["variant"], "kind": "throughput",
+                         "rep": rep, "warmup": False, "axis": system["name"], "table_bytes": need,
+                         **fields, **r, "batch_size": cfg.data.batch_size})
+    return recs
+
+
+def axes(system: dict) -> list[tuple[list[str], list[str], dict[str, Any]]]:
+    """(label parts, config overrides, record fields) for each point of a throughput system's
+    axes: backends x table_rows x batch_sizes x embedding_dims, an axis left out being one point."""
+    points = []
+    large = system.get("large_columns", LARGE_COLUMNS)
+    for backend in system.get("backends", [None]):
+        for rows in system.get("table_rows", [None]):
+            for bs in system.get("batch_sizes", [None]):
+                for dim in system.get("embedding_dims", [None]):
+                    over, parts = [], []
+                    if backend:
+                        over.append(f"model.embedding_backend={backend}")
+                        parts.append(str(backend))
+                    if rows:
+                        over += [f"features.columns.{c}.hash_buckets={int(rows)}" for c in large]
+                        parts.append(f"r{int(rows)}")
+                    if bs:
+                        over.append(f"data.batch_size={int(bs)}")
+                    points.append((parts, over, {"table_rows": int(rows) if rows else None, "embedding_dim": dim,
+                                                 "batch_size": bs}))
+    return points
+
+
+def estimate_table_bytes(cfg: Config, backend: str) -> int:
+    """Bytes the embedding tables and their optimiser state take (as the placement check counts)."""
+    from wdl.data.dataset import feature_spec, open_dataset
+    from wdl.train.sparse_optim import state_bytes_per_row
+
+    spec = feature_spec(cfg, open_dataset(cfg.data))
+    m, total = cfg.model, 0
+    if m.kind in ("wide_deep", "wide"):
+        total += sum(spec.num_embeddings(f) for f in m.wide.features) * (4 + state_bytes_per_row(cfg.optim.wide, 1) + 4)
+    if m.kind in ("wide_deep", "deep"):
+        scratch = 4 if backend == "torch" else 0  # wdl's dedupe scratch
+        total += sum(spec.num_embeddings(f) * (4 * d + state_bytes_per_row(cfg.optim.deep, d) + scratch)
+                     for f, d in m.deep.embeddings.items())
+    return total
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -154,7 +279,3 @@ def measure_reader(cfg: Config, *, max_rows: int) -> list[dict[str, Any]]:
     loader_s = time.perf_counter() - start
     return [{"variant": "bare_pyarrow", "rows": rows, "rows_per_second": rows / arrow_s, "seconds": arrow_s},
             {"variant": "reader", "rows": loader_rows, "rows_per_second": loader_rows / loader_s, "seconds": loader_s}]
-
-
-def summary_stats(xs: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}

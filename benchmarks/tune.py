@@ -3,7 +3,7 @@
     systems:
       - name: tune
         kind: tune
-        valid_fraction: 0.1          # share of the train split held out to select on
+        valid_fraction: 0.1          # share of the train split held out to select on (else the suite's, else 0.1)
         search: grid                 # grid | random
         trials: 8                    # random: this many distinct points of the grid (seeded by `seed`)
         space:                       # config key -> values (any YAML value)
@@ -35,12 +35,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 from benchmarks import runners
 from benchmarks.results import fmt
-from benchmarks.runners import BenchError
+from benchmarks.runners import BenchError, say
+from benchmarks.suite import SuiteRun, valid_fraction
 from wdl.config import load_config
 from wdl.errors import ConfigError
 
@@ -88,13 +88,14 @@ def _grid(system: dict[str, Any]) -> list[tuple[str, list[str]]]:
              [f"{k}={_value(v)}" for k, v in zip(space, point)]) for point in grid]
 
 
-def run_tune(suite: dict, system: dict, out: Path, epochs: int, threads: int | None,
-             config: str, overrides: list[str], skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+def tune_system(run: SuiteRun, system: dict) -> list[dict[str, Any]]:
     """Search on validation, then train the chosen config with each final seed; see module docstring."""
-    fraction = float(system.get("valid_fraction", 0.1))
+    config, overrides = run.config(system)
+    out, threads = run.out, run.threads
+    fraction = valid_fraction(run.suite, system) or 0.1
     if not 0 < fraction < 1:
         raise BenchError(f"tune system {system['name']!r}: valid_fraction must be in (0, 1), got {fraction}")
-    common = [*overrides, f"train.epochs={epochs}", f"data.valid_fraction={fraction}",
+    common = [*overrides, f"train.epochs={run.epochs(system)}", f"data.valid_fraction={fraction}",
               "checkpoint.at_epoch_end=false"]  # only the best epoch's checkpoint, which the run needs
     label = system["name"]
     seeds = system.get("seeds") or [None]  # None: the config's run.seed
@@ -104,18 +105,18 @@ def run_tune(suite: dict, system: dict, out: Path, epochs: int, threads: int | N
         try:  # a grid may hold combinations the config refuses (e.g. pairs without an interaction)
             load_config(config, [*common, *trial])
         except ConfigError as e:
-            _say(f"{label} trial {i + 1}/{len(plan)}: {name}: skipped, {e}")
-            skipped.append({"system": f"{label}: {name}", "reason": str(e)})
+            say(f"{label} trial {i + 1}/{len(plan)}: {name}: skipped, {e}")
+            run.skipped.append({"system": f"{label}: {name}", "reason": str(e)})
             continue
-        _say(f"{label} trial {i + 1}/{len(plan)}: {name}")
+        say(f"{label} trial {i + 1}/{len(plan)}: {name}")
         best, last, epochs_run, seconds = [], [], [], []
         for j, seed in enumerate(seeds):
-            run = f"{_safe(label)}-trial-{i:02d}" + (f"-s{j}" if len(seeds) > 1 else "")
+            run_name = f"{_safe(label)}-trial-{i:02d}" + (f"-s{j}" if len(seeds) > 1 else "")
             seed_over = [f"run.seed={int(seed)}"] if seed is not None else []
             seen = runners.run_wdl(config=config, overrides=[*common, *trial, *seed_over], out=out / "runs",
-                                   name=run, log=out / "logs" / f"{run}.log", threads=threads)
+                                   name=run_name, log=out / "logs" / f"{run_name}.log", threads=threads)
             if any(r.get("eval_split") != "valid" for r in seen):
-                raise BenchError(f"{run}: its epochs were not scored on a validation split; selecting on them "
+                raise BenchError(f"{run_name}: its epochs were not scored on a validation split; selecting on them "
                                  "would select on the test split")
             top = max(seen, key=lambda r: r["auc"])
             best.append(top)
@@ -130,21 +131,22 @@ def run_tune(suite: dict, system: dict, out: Path, epochs: int, threads: int | N
                "train_seconds_median": sorted(seconds)[len(seconds) // 2]}
         recs.append(rec)
         scored.append(rec)
-        _say(f"{label} trial {name}: valid AUC {rec['valid_auc']:.4f} at epoch {rec['best_epoch']}")
+        say(f"{label} trial {name}: valid AUC {rec['valid_auc']:.4f} at epoch {rec['best_epoch']}")
     if not scored:
         raise BenchError(f"tune system {label!r}: every trial was refused by the config (see above)")
     chosen = max(scored, key=lambda r: r["valid_auc"])
-    _say(f"{label}: chose {chosen['trial']} (valid AUC {chosen['valid_auc']:.4f}); training it afresh")
+    say(f"{label}: chose {chosen['trial']} (valid AUC {chosen['valid_auc']:.4f}); training it afresh")
     final_seeds = system.get("final_seeds") or [None]
     for rep, seed in enumerate(final_seeds):
-        run = f"{_safe(label)}-final-{rep}"
+        run_name = f"{_safe(label)}-final-{rep}"
         seed_over = [f"run.seed={int(seed)}"] if seed is not None else []
         epochs_seen = runners.run_wdl(config=config, overrides=[*common, *chosen["overrides"], *seed_over],
-                                      out=out / "runs", name=run, log=out / "logs" / f"{run}.log", threads=threads)
-        summary = json.loads((out / "runs" / run / "summary.json").read_text())
+                                      out=out / "runs", name=run_name, log=out / "logs" / f"{run_name}.log",
+                                      threads=threads)
+        summary = json.loads((out / "runs" / run_name / "summary.json").read_text())
         test = summary.get("test")
         if not test:
-            raise BenchError(f"{run}: no test score in summary.json (the trainer scores the validation-selected "
+            raise BenchError(f"{run_name}: no test score in summary.json (the trainer scores the validation-selected "
                              "epoch's model on the test split once, at the end)")
         recs.append({"system": f"{label} (chosen: {chosen['trial']})", "group": label, "kind": "tune", "rep": rep,
                      "warmup": False, "trial": chosen["trial"], "overrides": chosen["overrides"], "seed": seed,
@@ -152,8 +154,8 @@ def run_tune(suite: dict, system: dict, out: Path, epochs: int, threads: int | N
                      "valid_auc": summary.get("best_auc"), "test_split": summary.get("test_split"),
                      "train_seconds": sorted(r["train_seconds"] for r in epochs_seen)[len(epochs_seen) // 2],
                      "peak_rss_mb": summary.get("peak_rss_mb")})
-        _say(f"{label} final run {rep + 1}/{len(final_seeds)}: test AUC {test['auc']:.4f} at the validation-selected "
-             f"epoch {test['epoch']}")
+        say(f"{label} final run {rep + 1}/{len(final_seeds)}: test AUC {test['auc']:.4f} at the validation-selected "
+            f"epoch {test['epoch']}")
     return recs
 
 
@@ -176,7 +178,3 @@ def report(result: dict) -> list[str]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
-
-
-def _say(msg: str) -> None:
-    print(f"bench: {msg}", flush=True)

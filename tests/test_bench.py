@@ -1,19 +1,26 @@
 """The benchmark harness on the tiny data set: a short suite writes valid results.json, CSV,
-report and plots; `compare` flags a planted regression and nothing on identical results."""
+report and plots; `compare` flags a planted regression and nothing on identical results; the
+validation protocol reports the selected epoch's one test score; `wdl bench` loads the harness
+from the source tree, which is not installed; the scripts measure what they say."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from benchmarks.cli import main as bench_main
+from benchmarks.machine import ROOT
 from benchmarks.results import compare, format_compare, summarise
-from benchmarks.suite import list_suites, load_suite
+from benchmarks.suite import KINDS, SuiteRun, list_suites, load_suite
+from wdl.errors import ConfigError
 
 
 def _tiny_suite(tmp_path: Path, tiny_config: Path, tiny_data: Path) -> Path:
@@ -27,6 +34,7 @@ def _tiny_suite(tmp_path: Path, tiny_config: Path, tiny_data: Path) -> Path:
         "repetitions": 2,
         "systems": [
             {"name": "wdl", "kind": "wdl"},
+            {"name": "wdl-valid", "kind": "wdl", "valid_fraction": 0.25},  # the validation protocol
             {"name": "sklearn lr", "kind": "sklearn_lr"},
             {"name": "published", "kind": "reference", "note": "made-up numbers",
              "records": [{"epoch": 1, "auc": 0.6, "train_seconds": 9.0}]},
@@ -114,7 +122,64 @@ def test_compare_flags_a_planted_regression(tiny_result, tmp_path, capsys):
     assert "regression(s) beyond noise" in capsys.readouterr().out
 
 
+def test_validation_protocol_reports_the_selected_epoch_and_its_test_score(tiny_result):
+    result = json.loads((tiny_result / "results.json").read_text())
+    ours = [r for r in result["measurements"] if r["system"] == "wdl-valid"]
+    assert [r["eval_split"] for r in ours] == ["valid"] * 3
+    selected = [r for r in ours if r.get("selected")]
+    run = json.loads((tiny_result / "runs" / "wdl-valid-r0" / "summary.json").read_text())
+    assert len(selected) == 1 and selected[0]["epoch"] == run["best_epoch"] == run["test"]["epoch"]
+    assert selected[0]["test_auc"] == run["test"]["auc"] and selected[0]["test_split"] == "test"
+    s = result["summary"]["wdl-valid"]
+    assert s["protocol"] == "validation" and s["selected_epoch"] == [run["best_epoch"]]
+    assert s["test_auc"]["values"] == [run["test"]["auc"]] and s["valid_auc"]["values"] == [selected[0]["auc"]]
+    assert not {"auc", "logloss", "best_auc"} & set(s)  # validation scores are never reported as test ones
+    old = result["summary"]["wdl"]  # a run without validation: reported as before
+    assert "protocol" not in old and "test_auc" not in old and old["best_auc"] >= old["auc"]["mean"]
+
+    report = (tiny_result / "report.md").read_text()
+    systems, selected_table = report.split("## Systems selected on validation")
+    assert "| wdl |" in systems and "| wdl-valid" not in systems.split("## Systems")[1]
+    row = next(line for line in selected_table.splitlines() if line.startswith("| wdl-valid"))
+    assert f"| {run['best_epoch']} | {run['test']['auc']:.4g} |" in row
+
+    # compare never sets a validation-selected test AUC against a last-epoch one
+    b = copy.deepcopy(result)
+    b["summary"]["wdl"] = b["summary"]["wdl-valid"]
+    rows, notes = compare(result, b)
+    assert any(n.startswith("wdl: A chose its epoch on the test split, B on a validation split") for n in notes)
+    assert not [r for r in rows if r["system"] == "wdl" and "auc" in r["metric"]]
+    rows, _ = compare(b, b)
+    assert {"test_auc", "test_logloss"} <= {r["metric"] for r in rows if r["system"] == "wdl-valid"}
+
+
+def test_valid_fraction_setting(tmp_path, capsys):
+    from benchmarks.runners import _protocol
+
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump({"name": "v", "config": "configs/movielens-100k.yaml", "systems": [
+        {"name": "wdl", "kind": "wdl"}, {"name": "floor", "kind": "mlp_floor"}, {"name": "t", "kind": "tune"}]}))
+    suite = load_suite(str(path))
+    assert [_protocol(SuiteRun(suite, tmp_path), s) for s in suite["systems"][:1]] == [[]]  # off by default
+    suite = load_suite(str(path), ["valid_fraction=0.1", "systems.0.valid_fraction=0.2"])
+    run = SuiteRun(suite, tmp_path)
+    assert _protocol(run, suite["systems"][0]) == ["data.valid_fraction=0.2"]  # the system's own first
+    assert _protocol(run, suite["systems"][2]) == ["data.valid_fraction=0.1"]  # else the suite's
+    for items, why in ((["systems.1.valid_fraction=0.1"], "not to kind mlp_floor"),
+                       (["valid_fraction=1.5"], "must be in (0, 1)"), (["valid_fraction=a"], "must be a number")):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load_suite(str(path), items)
+    # ours on fewer rows than a peer or scikit-learn in the same suite: refused for the whole suite
+    assert bench_main(["run", "peers-movielens-100k", "valid_fraction=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer rows" in err and err.count("\n") == 1
+    load_suite("peers-movielens-100k", ["systems.0.valid_fraction=0.1"])  # one of ours, knowingly: allowed
+
+
 def test_suites_parse_and_bad_input_is_one_line(capsys):
+    from benchmarks.run import SYSTEMS
+
+    assert set(SYSTEMS) == set(KINDS)  # every kind a suite may name has its function
     names = {n for n, _ in list_suites()}
     assert {"movielens-100k", "peers-movielens-100k", "throughput", "scaling", "planted"} <= names
     for n in names:
@@ -149,3 +214,59 @@ def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, 
     assert final["kind"] == "tune" and final["trial"] == "interaction=fm" and 0 < final["auc"] <= 1
     assert final["test_split"] == "test" and final["valid_auc"] is not None
     assert "## Tuning" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_wdl_bench_loads_the_harness_from_the_source_tree(tmp_path, capsys):
+    from wdl.cli import bench_main as wdl_bench, build_parser, main as wdl_main
+    from wdl.launch import run_guarded
+
+    assert wdl_main(["bench", "list"]) == 0 and "movielens-100k" in capsys.readouterr().out
+    # options after `bench` belong to the harness
+    assert wdl_main(["bench", "run", "no-such-suite", "--out", str(tmp_path / "o")]) == 2
+    assert "no benchmark suite" in capsys.readouterr().err
+    # wdl installed without its source tree: one line, exit 2
+    assert run_guarded(wdl_bench, argparse.Namespace(bench_args=["list"]), tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and err.count("\n") == 1
+    # building wdl's parser (every command) imports nothing of the harness
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "benchmarks"}
+    try:
+        build_parser()
+        assert not [k for k in sys.modules if k.split(".")[0] == "benchmarks"]
+    finally:
+        sys.modules.update(saved)
+
+
+def test_only_the_wdl_package_is_installed():
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = pytest.importorskip("setuptools")
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_namespace_packages(where=str(ROOT), include=find["include"],
+                                                  exclude=find.get("exclude", ()))
+    assert {"wdl", "wdl.train", "wdl.data"} <= set(packages)
+    assert [p for p in packages if p.split(".")[0] != "wdl"] == []
+
+
+def test_measure_counts_the_whole_process_tree():
+    from benchmarks.scripts.measure import measure
+
+    child = "import time; x = b'x' * (96 * 2**20); time.sleep(0.5)"  # 96 MiB, written, in a grandchild
+    m = measure([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"])
+    assert m["peak_rss_tree_sum_mb"] > 96 and m["peak_rss_largest_process_mb"] > 96 and m["seconds"] > 0.5
+    with pytest.raises(SystemExit, match="command failed"):
+        measure([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_prepare_script_measures_wdl_data_prepare(tmp_path):
+    from benchmarks.scripts import prepare_criteo
+    from wdl.ingest import synthetic
+
+    synthetic.generate("criteo", 2000, tmp_path / "work" / "criteo-tsv-2000", fmt="criteo-tsv", progress=False)
+    args = ["--rows", "2000", "--workers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    assert prepare_criteo.main(args) == 0
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["machine"]["kind"] and r["machine"]["cpu_cores"] and r["command"].endswith(" ".join(args))
+    (run,) = r["runs"]
+    assert run["workers"] == 1 and run["rows_per_second"] > 0 and run["peak_rss_tree_sum_mb"] > 0
+    assert (tmp_path / "work" / "prepared-2000-w1" / "manifest.json").is_file()

@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from benchmarks import floors
-from benchmarks.report import _mlp_floor, render, table_rows_ratios
+from benchmarks.report import _mlp_floor, _planted, _scaling, render, table_rows_ratios
 from benchmarks.results import summarise
-from benchmarks.run import _axes, estimate_table_bytes, run_suite
+from benchmarks.run import run_suite
+from benchmarks.throughput import axes, estimate_table_bytes
 from benchmarks.suite import load_suite
 from wdl.config import OptimizerConfig, load_config
 from wdl.data.batch import Batch, Jagged
@@ -87,7 +88,7 @@ def test_suites_with_the_new_axes_parse():
     s = load_suite("throughput")
     ts = next(x for x in s["systems"] if x["name"] == "table-size")
     assert ts["table_rows"] == [131072, 4194304, 20971520] and ts["backends"] == ["torch", "torchrec"]
-    points = _axes(ts)
+    points = axes(ts)
     assert len(points) == 6
     parts, over, fields = points[1]  # torch, 4M rows
     assert parts == ["torch", "r4194304"] and fields["table_rows"] == 4194304
@@ -96,7 +97,7 @@ def test_suites_with_the_new_axes_parse():
     load_config("configs/synthetic-criteo.yaml", over)  # the overrides are valid config keys
 
     s = load_suite("throughput", ["systems.0.enabled=false", "systems.1.backends=[torch]", "systems.1.table_rows=[4194304]"])
-    assert s["systems"][0]["enabled"] is False and len(_axes(s["systems"][1])) == 1
+    assert s["systems"][0]["enabled"] is False and len(axes(s["systems"][1])) == 1
 
     f = load_suite("movielens-floor", ["threads=2"])
     floors_ = [x for x in f["systems"] if x["kind"] == "mlp_floor"]
@@ -165,6 +166,57 @@ def test_report_ratio_to_the_mlp_floor():
     assert render({"suite": "x", "started": "", "finished": "", "command": "", "suite_config": {}, "summary": summarise(ms),
                    "measurements": ms, "machine": {"kind": "k", "cpu_model": "c", "cpu_cores": 2, "gpus": [],
                                                    "torch": "t", "python": "p"}}).count("bare MLP floor") >= 1
+
+
+def _epochs(system: str, kind: str, aucs: list[float], selected: int | None = None, test_auc: float = 0.0,
+            **extra) -> list[dict]:
+    """One repetition's records; with `selected`, scored on validation and that epoch's model on test."""
+    return [{"system": system, "group": system, "kind": kind, "rep": 0, "epoch": e, "warmup": e == 1, "auc": a,
+             "logloss": 0.6, "train_seconds": 1.0, **extra,
+             **({} if selected is None else {"eval_split": "valid"}),
+             **({"selected": True, "test_auc": test_auc, "test_logloss": 0.55} if e == selected else {})}
+            for e, a in enumerate(aucs, 1)]
+
+
+def test_sections_report_the_test_auc_of_the_validation_selected_epoch():
+    ms = (_epochs("wide", "planted", [0.70, 0.76, 0.74], selected=2, test_auc=0.73, bayes_auc=0.8)
+          + _epochs("deep", "planted", [0.60, 0.65], bayes_auc=0.8))
+    s = summarise(ms)
+    assert s["wide"]["protocol"] == "validation" and s["wide"]["selected_epoch"] == [2]
+    assert s["wide"]["valid_auc"]["mean"] == 0.76 and s["wide"]["test_auc"]["mean"] == 0.73
+    assert s["wide"]["test_logloss"]["mean"] == 0.55 and "auc" not in s["wide"] and "best_auc" not in s["wide"]
+    assert s["deep"]["auc"]["mean"] == 0.65 and s["deep"]["best_auc"] == 0.65 and "protocol" not in s["deep"]
+
+    mixed = _planted({"summary": s, "measurements": ms})
+    assert "| model | final AUC; * test AUC, epoch chosen on valid | gap to Bayes |" in mixed
+    assert "| wide | 0.73 * | 0.07 |" in mixed and "| deep | 0.65 | 0.15 |" in mixed
+    only = _planted({"summary": {"wide": s["wide"]}, "measurements": ms})
+    assert "| model | test AUC (epoch chosen on valid) | gap to Bayes |" in only and "| wide | 0.73 | 0.07 |" in only
+
+    ws = [m for w in (1, 2) for m in _epochs(f"strong@ws{w}", "wdl", [0.7, 0.75], selected=2, test_auc=0.7 + w / 100,
+                                                 world_size=w, samples_per_second=1000.0 * w)]
+    for m in ws:
+        m["group"] = "strong"
+    lines = _scaling(summarise(ws), [])
+    assert any("| efficiency | test AUC (epoch chosen on valid) |" in x for x in lines)
+    assert any(x.startswith("| 2 |") and "| 0.72 |" in x for x in lines)
+
+
+def test_results_json_is_written_once(tmp_path, monkeypatch):
+    path = tmp_path / "ref.yaml"
+    path.write_text(yaml.safe_dump({"name": "ref", "config": "configs/movielens-100k.yaml", "systems": [
+        {"name": "published", "kind": "reference", "records": [{"epoch": 1, "auc": 0.6}, {"epoch": 2, "auc": 0.7}]}]}))
+    written, write_text = [], Path.write_text
+
+    def spy(self, *args, **kwargs):
+        written.append(self.name)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", spy)
+    result = run_suite(load_suite(str(path)), tmp_path / "out")
+    assert written.count("results.json") == 1 and written.count("report.md") == 1
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["plots"] == result["plots"] == ["auc_vs_epoch.png"] and saved["notes"] == result["notes"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from wdl.launch import add_train_arguments, parse_args, run_guarded, train_main
 
@@ -63,11 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(sub.add_parser("plan", help="memory per rank and time per step for N GPUs, on paper"))
 
-    # The benchmark harness lives in benchmarks/ at the top of the source tree.
-    from benchmarks.cli import add_bench_arguments
-
-    add_bench_arguments(sub.add_parser("bench", help="benchmark suites: run, list, compare"))
+    # The benchmark harness is not installed with wdl: it lives in benchmarks/ of the source tree
+    # and is loaded from there when `wdl bench` runs. Its own parser reads the rest of the line
+    # (prefix_chars="+": "--out", "-h" are its options, not this parser's).
+    bench = sub.add_parser("bench", help="benchmark suites: run, list, compare (from a source checkout)",
+                           add_help=False, prefix_chars="+")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=bench_main)
     return parser
+
+
+def bench_main(args: argparse.Namespace, root: Path | None = None) -> int:
+    """`wdl bench ...`: benchmarks/cli.py of the source tree this wdl runs from (`root`)."""
+    from wdl.errors import ConfigError
+
+    root = root or Path(__file__).resolve().parents[1]
+    if not ((root / "benchmarks" / "cli.py").is_file() and (root / "launch" / "train.py").is_file()):
+        raise ConfigError(f"wdl bench runs from a source checkout of wdl (benchmarks/, launch/, configs/), and this "
+                          f"wdl is installed without one ({root}); clone the repository and `pip install -e .` there")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.cli import main as harness_main
+
+    return harness_main(args.bench_args, prog="wdl bench")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """`wdl data import` throughput and peak memory on generated Parquet:
 
-    python benchmarks/bench_import.py --rows 10000000 --workers 2     # writes benchmarks/results/<machine>/import-<date>/
+    python -m benchmarks.scripts.data_import --rows 10000000 --workers 2
+
+writes benchmarks/results/<machine>/import-<date>/ (or --results DIR).
 
 The input looks like a shop's click log: integer user ids from 0 (skewed), string item ids,
 a small string category, a list of string tags (0-3 of 1,000), a log-normal price, an integer
@@ -12,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_data import PY, machine, measure  # noqa: E402
+from benchmarks.machine import ROOT, describe
+from benchmarks.scripts.measure import PY, load_average, measure
 
 SPEC = """\
 label: clicked
@@ -64,42 +62,45 @@ def generate(out: Path, rows: int, rows_per_file: int = 1_000_000, seed: int = 0
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scripts.data_import", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", default="/tmp/wdl-bench-import", help="folder for the generated input and the output")
     p.add_argument("--results", default=None, help="result folder (default benchmarks/results/<machine>/import-<date>)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     work = Path(a.work)
     src = work / f"raw-{a.rows}"
     if not src.exists():
         print(f"generating {a.rows:,} rows into {src} ...", flush=True)
         generate(src, a.rows)
     (work / "columns.yaml").write_text(SPEC)
-    load_before = os.getloadavg()
+    load_before = load_average()
     out = work / "imported"
     cmd = [PY, "-m", "wdl.cli", "data", "import", str(src), "--spec", str(work / "columns.yaml"), "--out", str(out),
            "--workers", str(a.workers), "--overwrite", "--no-progress"]
     print(" ".join(cmd[1:]), flush=True)
     m = measure(cmd)
     manifest = json.loads((out / "manifest.json").read_text())
-    result = {"benchmark": "import", "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    mach = describe()
+    result = {"benchmark": "import", "machine": mach, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "rows": a.rows, "workers": a.workers, "input_bytes": sum(f.stat().st_size for f in src.glob("*.parquet")),
               "seconds": m["seconds"], "rows_per_second": a.rows / m["seconds"],
               "peak_rss_largest_process_mb": m["peak_rss_largest_process_mb"],
               "peak_rss_tree_sum_mb": m["peak_rss_tree_sum_mb"], "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "command": " ".join(cmd[1:]), "spec": SPEC,
+              "load_average_after": load_average(), "command": " ".join(cmd[1:]), "spec": SPEC,
               "vocab_sizes": manifest["counts"]["vocab_sizes"], "split_rows": manifest["counts"]["rows"],
               "targets": {"rows_per_second": 1_000_000, "peak_rss_mb": 2048}}
-    folder = Path(a.results) if a.results else ROOT / "benchmarks/results/cpu-x86_64-2c" / f"import-{time.strftime('%Y-%m-%d')}"
+    folder = (Path(a.results) if a.results
+              else ROOT / "benchmarks" / "results" / mach["kind"] / f"import-{time.strftime('%Y-%m-%d')}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     r = result
     (folder / "report.md").write_text(
-        f"# `wdl data import` throughput\n\n`python benchmarks/bench_import.py --rows {a.rows} --workers {a.workers}`, "
-        f"{r['started']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, load average before "
-        f"{load_before[0]:.2f} / after {r['load_average_after'][0]:.2f} (1 min; the machine is shared).\n\n"
+        f"# `wdl data import` throughput\n\n`python -m benchmarks.scripts.data_import --rows {a.rows} --workers "
+        f"{a.workers}`, {r['started']}, {mach['cpu_model']}, {mach['cpu_cores']} cores, load average before "
+        f"{load_before} / after {r['load_average_after']} (1 min; the machine is shared).\n\n"
         f"Input: {a.rows:,} rows of generated Parquet ({r['input_bytes'] / 2**20:,.0f} MiB, 1M rows per file, "
         "131,072 rows per row group); spec:\n\n```yaml\n" + SPEC + "```\n\n"
         "| rows/s (both passes, end to end) | seconds | peak RSS, largest process | peak RSS, all processes |\n"
@@ -112,7 +113,8 @@ def main() -> None:
         + ", ".join(f"{k} {v:,}" for k, v in r["split_rows"].items()) + ".\n")
     print(f"{r['rows_per_second']:,.0f} rows/s, {r['seconds']:.1f} s, peak RSS {r['peak_rss_largest_process_mb']:,.0f} MB "
           f"(largest process), {r['peak_rss_tree_sum_mb']:,.0f} MB (all); wrote {folder}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

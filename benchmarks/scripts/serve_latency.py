@@ -1,7 +1,7 @@
 """Scoring latency of an exported model (`wdl export` + wdl.serve.Scorer) on the CPU:
 
-    python benchmarks/serve_latency.py                 # trains configs/movielens-100k.yaml for 1 epoch first
-    python benchmarks/serve_latency.py --run runs/NAME # or exports an existing run
+    python -m benchmarks.scripts.serve_latency                  # trains configs/movielens-100k.yaml for 1 epoch first
+    python -m benchmarks.scripts.serve_latency --run runs/NAME  # or exports an existing run
 
 writes benchmarks/results/<machine>/serve-latency-<date>/report.md and results.json. Requests of
 1 and 256 rows, taken in turn from the run's test split as pyarrow Tables (and as lists of
@@ -26,10 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_data import PY, machine  # noqa: E402
+from benchmarks.machine import ROOT, describe
+from benchmarks.scripts.measure import PY, load_average
 
 
 def _percentiles(seconds: list[float]) -> dict:
@@ -49,20 +47,21 @@ def _time(fn, requests: list, warmup: int) -> dict:
     return _percentiles(times)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scripts.serve_latency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a trained run folder (default: train configs/movielens-100k.yaml for 1 epoch)")
     ap.add_argument("--requests", type=int, default=2000, help="timed requests per case")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--out", default=None, help="result folder (default: benchmarks/results/<machine>/serve-latency-<date>)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from wdl.config import load_config
     from wdl.serve import Scorer, model_inputs
 
-    load_before = machine()["load_average"]
+    load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="serve-latency-"))
-    command = "python benchmarks/serve_latency.py" + (f" --run {args.run}" if args.run else "")
+    command = "python -m benchmarks.scripts.serve_latency" + (f" --run {args.run}" if args.run else "")
     run = Path(args.run) if args.run else None
     if run is None:
         # One epoch is enough: latency does not depend on what the weights are.
@@ -88,11 +87,12 @@ def main() -> int:
             "score(list of dicts)": _time(scorer.score, dicts, min(args.warmup, len(dicts) // 4)),
             "program only": _time(lambda x: scorer.program(*x), encoded, args.warmup),
         }
-    load_after = machine()["load_average"]
+    load_after = load_average()
 
-    info = machine()
+    info = describe()
     date = datetime.now(timezone.utc)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "cpu-x86_64-2c" / f"serve-latency-{date:%Y-%m-%d}"
+    out = (Path(args.out) if args.out
+           else ROOT / "benchmarks" / "results" / info["kind"] / f"serve-latency-{date:%Y-%m-%d}")
     out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "time": date.isoformat(timespec="seconds"), "machine": info,
                "load_average_before": load_before, "load_average_after": load_after,
@@ -101,8 +101,8 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [
         "# Scoring latency of an exported model (CPU)", "",
-        f"`{command}`, {payload['time']}, {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-        f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min; the machine is shared).", "",
+        f"`{command}`, {payload['time']}, {info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch']}, "
+        f"load average before {load_before} / after {load_after} (1 min; the machine is shared).", "",
         f"Model: MovieLens-100k Wide & Deep ({len(enc['sparse_keys'])} sparse keys, {len(enc['dense'])} dense), "
         f"exported with `wdl export`; {args.requests} timed requests per case after {args.warmup} warm-up ones "
         "(list of dicts: at most 600 requests).", "",
