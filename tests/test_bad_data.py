@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY_CONFIG, make_tiny_dataset
-from test_criteo import criteo_line, random_lines, write
+from helpers import ROOT, criteo_line, make_tiny_dataset, one_line_error, random_lines, write_lines, write_tiny_config
 from wdl.cli import main as cli_main
 from wdl.errors import DataError
 from wdl.ingest.criteo import prepare_criteo
@@ -30,12 +29,6 @@ def prepare(capsys, *args) -> tuple[int, str, str]:
     rc = cli_main(["data", "prepare", "criteo", "--no-progress", *map(str, args)])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def nothing_written(folder: Path, out: Path) -> bool:
@@ -55,9 +48,9 @@ BAD_LINES = {
 @pytest.mark.parametrize("reason", sorted(BAD_LINES))
 def test_bad_tsv_line_is_an_error_by_default(tmp_path, capsys, reason):
     bad, message = BAD_LINES[reason]
-    src = write(tmp_path / "in.txt", random_lines(10) + [bad] + random_lines(5))
+    src = write_lines(tmp_path / "in.txt", random_lines(10) + [bad] + random_lines(5))
     rc, _, err = prepare(capsys, "--input", src, "--out", tmp_path / "out")
-    line = one_error_line(err)
+    line = one_line_error(err)
     assert rc == 2 and f"{src}:11: bad line: {message}" in line
     assert nothing_written(tmp_path, tmp_path / "out")
 
@@ -67,7 +60,7 @@ def test_bad_lines_skip_and_warn_count_them(tmp_path, capsys):
     for k, (bad, _) in enumerate(BAD_LINES.values()):
         lines.insert(3 + 4 * k, bad)
     lines.insert(0, "\n")  # an empty line is bad too (no label)
-    src = write(tmp_path / "in.txt", lines)
+    src = write_lines(tmp_path / "in.txt", lines)
     rc, out, err = prepare(capsys, "--input", src, "--out", tmp_path / "skip", "--on-bad-line", "skip",
                            "--test-fraction", "0")
     assert rc == 0 and err == ""
@@ -89,13 +82,13 @@ def test_a_line_that_is_not_utf8_is_one_bad_line(tmp_path, capsys):
     src.write_bytes("".join(random_lines(10)).encode() + criteo_line(1).encode().replace(b"\t", b"\t\xff", 1)
                     + "".join(random_lines(5)).encode())
     rc, _, err = prepare(capsys, "--input", src, "--out", tmp_path / "out")
-    assert rc == 2 and f"{src}:11: bad line: not valid UTF-8 text" in one_error_line(err)
+    assert rc == 2 and f"{src}:11: bad line: not valid UTF-8 text" in one_line_error(err)
     rc, out, err = prepare(capsys, "--input", src, "--out", tmp_path / "skip", "--on-bad-line", "skip")
     assert rc == 0 and "lines 16;" in out and "bad lines: 1 (" in out
 
 
 def test_nan_and_inf_in_tsv_dense_are_bad_lines(tmp_path):
-    src = write(tmp_path / "in.txt", [criteo_line(1, dense=["nan"] + [""] * 12), criteo_line(1, dense=["inf"] * 13)])
+    src = write_lines(tmp_path / "in.txt", [criteo_line(1, dense=["nan"] + [""] * 12), criteo_line(1, dense=["inf"] * 13)])
     with pytest.raises(DataError, match=r"in.txt:1: bad line: I1 value 'nan' is not a finite number"):
         prepare_criteo([src], tmp_path / "out", progress=False)
 
@@ -105,28 +98,28 @@ def test_truncated_gzip(tmp_path, capsys):
     src = tmp_path / "day.gz"
     src.write_bytes(data[: len(data) // 2])
     rc, _, err = prepare(capsys, "--input", src, "--out", tmp_path / "out", "--workers", "2")
-    line = one_error_line(err)
+    line = one_line_error(err)
     assert rc == 2 and f"{src}: truncated or corrupt gzip data after line" in line
     assert int(line.split("after line ")[1].split()[0]) > 1000  # where it broke, not "line 0"
     assert nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_empty_input_file(tmp_path, capsys):
-    good = write(tmp_path / "a.txt", random_lines(10))
-    empty = write(tmp_path / "b.txt", [])
+    good = write_lines(tmp_path / "a.txt", random_lines(10))
+    empty = write_lines(tmp_path / "b.txt", [])
     rc, _, err = prepare(capsys, "--input", good, empty, "--out", tmp_path / "out")
-    assert rc == 2 and f"error: {empty}: input file is empty (no lines)" == one_error_line(err)
+    assert rc == 2 and f"error: {empty}: input file is empty (no lines)" == one_line_error(err)
     assert nothing_written(tmp_path, tmp_path / "out")
     rc, _, err = prepare(capsys, "--input", tmp_path / "missing.txt", "--out", tmp_path / "out")
-    assert rc == 2 and "missing.txt does not exist" in one_error_line(err)
+    assert rc == 2 and "missing.txt does not exist" in one_line_error(err)
 
 
 def test_output_already_holds_a_data_set(tmp_path, capsys):
-    src = write(tmp_path / "in.txt", random_lines(50))
+    src = write_lines(tmp_path / "in.txt", random_lines(50))
     assert prepare(capsys, "--input", src, "--out", tmp_path / "out", "--hash-buckets", "10")[0] == 0
     before = (tmp_path / "out/manifest.json").read_text()
     rc, _, err = prepare(capsys, "--input", src, "--out", tmp_path / "out")
-    assert rc == 2 and "already holds a data set; pass --overwrite" in one_error_line(err)
+    assert rc == 2 and "already holds a data set; pass --overwrite" in one_line_error(err)
     assert (tmp_path / "out/manifest.json").read_text() == before
     assert prepare(capsys, "--input", src, "--out", tmp_path / "out", "--overwrite")[0] == 0
     assert '"vocab_size": 1000000' in (tmp_path / "out/manifest.json").read_text()
@@ -138,27 +131,24 @@ def _no_big_files():
 
 
 def test_out_of_disk_space(tmp_path):
-    src = write(tmp_path / "in.txt", random_lines(6000))  # well over 100 kB of Parquet (the input is read, not written)
+    src = write_lines(tmp_path / "in.txt", random_lines(6000))  # well over 100 kB of Parquet (the input is read, not written)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "wdl.cli", "data", "prepare", "criteo", "--input", str(src), "--out",
                         str(out), "--no-progress", "--row-group-rows", "256"],
                        capture_output=True, text=True, env=ENV, preexec_fn=_no_big_files, timeout=120)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and "File too large" in line and str(out) in line
     assert nothing_written(tmp_path, out)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
-def test_read_only_output_folder(tmp_path, capsys):
-    src = write(tmp_path / "in.txt", random_lines(10))
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        rc, _, err = prepare(capsys, "--input", src, "--out", ro / "out")
-        assert rc == 2 and "Permission denied" in one_error_line(err)
-    finally:
-        ro.chmod(0o755)
+def test_unwritable_output_folder(tmp_path, capsys, unwritable_folder):
+    """A read-only folder (as root too: see the fixture) or a path under a file."""
+    folder, reason = unwritable_folder
+    src = write_lines(tmp_path / "in.txt", random_lines(10))
+    rc, _, err = prepare(capsys, "--input", src, "--out", folder / "out")
+    line = one_line_error(err, str(folder / "out"), reason)
+    assert rc == 2, line
+    assert not (folder / "out").exists()
 
 
 # ------------------------------------------------------------------------------ trainer side
@@ -167,8 +157,7 @@ def _train(tmp_path: Path, data: Path) -> SimpleNamespace:
     import contextlib
     import io
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG.format(path=cfg, runs=tmp_path / "runs", data=data))
+    cfg = write_tiny_config(tmp_path, data)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli_main(["train", "--config", str(cfg), "train.epochs=1", "train.progress=false"])
@@ -195,14 +184,14 @@ def test_corrupt_parquet(tmp_path, tiny):
     data[4:4000] = os.urandom(3996)  # keep the magic bytes and footer, scramble the pages
     shard.write_bytes(bytes(data))
     r = _train(tmp_path, tiny)
-    assert r.returncode == 2 and str(shard) in one_error_line(r.stderr)
+    assert r.returncode == 2 and str(shard) in one_line_error(r.stderr)
 
 
 def test_truncated_parquet(tmp_path, tiny):
     shard = tiny / "train/part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])
     r = _train(tmp_path, tiny)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and str(shard) in line and "not a readable Parquet file" in line
 
 
@@ -210,7 +199,7 @@ def test_shard_schema_disagrees_with_manifest(tmp_path, tiny):
     shard = tiny / "train/part-00000.parquet"
     _rewrite(shard, lambda t: _set(t, "genres", pa.array(np.ones(t.num_rows, np.int64))))  # multi_hot -> scalar
     r = _train(tmp_path, tiny)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and str(shard) in line and "'genres'" in line and "multi_hot" in line
 
 
@@ -218,7 +207,7 @@ def test_shard_missing_a_column(tmp_path, tiny):
     shard = tiny / "test/part-00000.parquet"
     _rewrite(shard, lambda t: t.drop_columns(["movie_id"]))
     r = _train(tmp_path, tiny)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and str(shard) in line and "'movie_id'" in line and "missing" in line
 
 
@@ -235,7 +224,7 @@ def test_inf_in_dense_column(tmp_path, tiny):
     shard = tiny / "train/part-00000.parquet"
     _poison_year(shard, float("inf"))
     r = _train(tmp_path, tiny)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     # row 300 of the shard is row 44 of its second row group (256 rows each)
     assert r.returncode == 2 and f"{shard} (row group 1): dense column 'release_year' holds inf at row 44" in line
 
@@ -244,7 +233,7 @@ def test_nan_in_dense_column(tmp_path, tiny):
     shard = tiny / "train/part-00000.parquet"
     _poison_year(shard, float("nan"))
     r = _train(tmp_path, tiny)
-    assert r.returncode == 2 and "'release_year'" in one_error_line(r.stderr)
+    assert r.returncode == 2 and "'release_year'" in one_line_error(r.stderr)
 
 
 @pytest.mark.parametrize("label", [2, -1])
@@ -258,7 +247,7 @@ def test_labels_outside_0_1(tmp_path, tiny, label):
 
     _rewrite(shard, poison)
     r = _train(tmp_path, tiny)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and f"{shard} (row group 0): label column 'label' holds {float(label)} at row 10" in line
 
 
@@ -266,11 +255,10 @@ def test_data_error_in_a_loader_worker_is_one_line(tmp_path, tiny):
     """Streaming with DataLoader workers: the worker's error reaches the user as one line, not
     as the worker's traceback."""
     _poison_year(tiny / "train/part-00000.parquet", float("inf"))
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG.format(path=cfg, runs=tmp_path / "runs", data=tiny))
+    cfg = write_tiny_config(tmp_path, tiny)
     r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "train.epochs=1",
                         "data.in_memory=false", "data.num_workers=2"], capture_output=True, text=True, env=ENV, timeout=300)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and "dense column 'release_year' holds inf" in line and "Traceback" not in r.stderr
 
 
@@ -278,5 +266,5 @@ def test_text_in_a_dense_column(tmp_path, tiny):
     shard = tiny / "train/part-00000.parquet"
     _rewrite(shard, lambda t: _set(t, "release_year", pa.array([f"year {v}" for v in t.column("release_year").to_pylist()])))
     r = _train(tmp_path, tiny)
-    line = one_error_line(r.stderr)
+    line = one_line_error(r.stderr)
     assert r.returncode == 2 and "'release_year'" in line and "string" in line, line

@@ -1,11 +1,10 @@
-from pathlib import Path
-
 import pytest
 
 from wdl.config import Config, load_config
 from wdl.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

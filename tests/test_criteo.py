@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, criteo_line, random_lines, read_split, write_lines
 from wdl.cli import main as cli_main
 from wdl.config import load_config
 from wdl.errors import DataError
@@ -22,38 +19,10 @@ from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE
 from wdl.model.embeddings import torchrec_available
 
 
-def criteo_line(label=1, dense=None, cats=None) -> str:
-    dense = dense if dense is not None else [str(i) for i in range(13)]
-    cats = cats if cats is not None else [f"{i:08x}" for i in range(26)]
-    return "\t".join([str(label), *dense, *cats]) + "\n"
-
-
-def random_lines(n: int, seed: int = 0) -> list[str]:
-    """n well-formed lines with missing values, negatives and a few repeated categorical values."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        dense = ["" if rng.random() < 0.2 else str(int(rng.integers(-2, 1000))) for _ in range(13)]
-        cats = ["" if rng.random() < 0.1 else f"{int(rng.integers(0, 50)) * 2654435761 % 2**32:08x}" for _ in range(26)]
-        out.append(criteo_line(int(rng.random() < 0.3), dense, cats))
-    return out
-
-
-def write(path: Path, lines: list[str], gz: bool = False) -> Path:
-    data = "".join(lines).encode()
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def read_split(out: Path, split: str):
-    m = json.loads((out / "manifest.json").read_text())
-    return pq.ParquetDataset([out / f["path"] for f in m["splits"][split]["files"]]).read()
-
-
 def test_prepare_hash_values_and_manifest(tmp_path):
     lines = [criteo_line(1, ["3", "", "-5"] + ["0"] * 10, ["68fd1e64", ""] + [f"{i:08X}" for i in range(24)]),
              *random_lines(300)]
-    src = write(tmp_path / "train.txt", lines)
+    src = write_lines(tmp_path / "train.txt", lines)
     summary = prepare_criteo([src], tmp_path / "out", hash_buckets=1000, test_fraction=0.0, progress=False)
     assert summary["rows"]["train"] == 301 and summary["bad_lines"] == 0
     m = json.loads((tmp_path / "out/manifest.json").read_text())
@@ -69,14 +38,14 @@ def test_prepare_hash_values_and_manifest(tmp_path):
     ids = np.stack([t.column(c).to_numpy() for c in CATEGORICAL])
     assert ids.min() >= 0 and ids.max() < 1000
     # the same raw value gets the same id in the same column (hex case does not matter)
-    again = prepare_criteo([write(tmp_path / "b.txt", [criteo_line(0, cats=["68FD1E64"] * 26)])], tmp_path / "o2",
+    again = prepare_criteo([write_lines(tmp_path / "b.txt", [criteo_line(0, cats=["68FD1E64"] * 26)])], tmp_path / "o2",
                            hash_buckets=1000, test_fraction=0.0, progress=False)
     assert again["rows"]["train"] == 1
     assert read_split(tmp_path / "o2", "train").column("C1")[0].as_py() == first["C1"]
 
 
 def test_dense_transforms(tmp_path):
-    src = write(tmp_path / "x.txt", [criteo_line(0, ["-4", "8"] + [""] * 11)])
+    src = write_lines(tmp_path / "x.txt", [criteo_line(0, ["-4", "8"] + [""] * 11)])
     for transform, (a, b) in {"log1p": (0.0, np.log1p(8)), "clamp": (0.0, 8.0), "none": (-4.0, 8.0)}.items():
         prepare_criteo([src], tmp_path / transform, dense_transform=transform, test_fraction=0.0, progress=False)
         row = read_split(tmp_path / transform, "train").to_pylist()[0]
@@ -85,8 +54,8 @@ def test_dense_transforms(tmp_path):
 
 def test_gzip_and_workers_give_identical_output(tmp_path):
     lines = random_lines(2000, seed=1)
-    plain = write(tmp_path / "plain.txt", lines)
-    gz = write(tmp_path / "packed.txt", lines, gz=True)  # recognised by its magic bytes, not its name
+    plain = write_lines(tmp_path / "plain.txt", lines)
+    gz = write_lines(tmp_path / "packed.txt", lines, gz=True)  # recognised by its magic bytes, not its name
     prepare_criteo([plain], tmp_path / "a", hash_buckets=500, progress=False)
     prepare_criteo([gz], tmp_path / "b", hash_buckets=500, workers=2, block_bytes=20_000, progress=False)
     for split in ("train", "test"):
@@ -98,7 +67,7 @@ def test_gzip_and_workers_give_identical_output(tmp_path):
 
 def test_blocks_keep_line_numbers(tmp_path):
     lines = random_lines(500, seed=2)
-    path = write(tmp_path / "t.txt", lines)
+    path = write_lines(tmp_path / "t.txt", lines)
     blocks = list(tsv.iter_blocks(str(path), block_bytes=3000))
     assert len(blocks) > 10 and sum(b.lines for b in blocks) == 500
     assert [b.first_line for b in blocks] == list(np.cumsum([1] + [b.lines for b in blocks[:-1]]))
@@ -109,7 +78,7 @@ def test_blocks_keep_line_numbers(tmp_path):
 def test_min_frequency_vocabulary(tmp_path):
     common, rare = "0000abcd", "ffff0001"
     lines = [criteo_line(i % 2, cats=[common] * 26) for i in range(5)] + [criteo_line(0, cats=[rare] + [""] * 25)]
-    src = write(tmp_path / "t.txt", lines)
+    src = write_lines(tmp_path / "t.txt", lines)
     s = prepare_criteo([src], tmp_path / "out", min_frequency=2, test_fraction=0.0, progress=False)
     m = json.loads((tmp_path / "out/manifest.json").read_text())
     c1 = m["columns"]["C1"]
@@ -121,7 +90,7 @@ def test_min_frequency_vocabulary(tmp_path):
 
 def test_days_split_and_halving(tmp_path):
     for d, n in ((0, 30), (1, 20), (2, 10)):
-        write(tmp_path / f"day_{d}", [criteo_line(d % 2, [str(d)] + [""] * 12) for _ in range(n)])
+        write_lines(tmp_path / f"day_{d}", [criteo_line(d % 2, [str(d)] + [""] * 12) for _ in range(n)])
     days = [tmp_path / f"day_{d}" for d in range(3)]
     s = prepare_criteo(days, tmp_path / "out", hash_buckets=100, progress=False)
     assert s["rows"] == {"train": 50, "test": 10}
@@ -138,7 +107,7 @@ def test_days_split_and_halving(tmp_path):
 
 
 def test_cli_prepare_prints_summary(tmp_path, capsys):
-    src = write(tmp_path / "t.txt", random_lines(100))
+    src = write_lines(tmp_path / "t.txt", random_lines(100))
     rc = cli_main(["data", "prepare", "criteo", "--input", str(src), "--out", str(tmp_path / "out"),
                    "--hash-buckets", "64", "--no-progress", "--test-fraction", "0.2", "--valid-fraction", "0.1"])
     out = capsys.readouterr().out
@@ -155,7 +124,7 @@ def test_criteo_config_trains_on_prepared_data(tmp_path, backend):
     cfg = load_config(ROOT / "configs/criteo.yaml")
     assert [c for c, v in cfg.features.columns.items() if v.kind == "dense"] == DENSE
     assert len(cfg.model.deep.embeddings) == 26 and cfg.features.crosses
-    src = write(tmp_path / "t.txt", random_lines(1500))
+    src = write_lines(tmp_path / "t.txt", random_lines(1500))
     prepare_criteo([src], tmp_path / "data", hash_buckets=256, progress=False, row_group_rows=256)
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/criteo.yaml"),
            f"data.path={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'runs'}", "train.epochs=1",

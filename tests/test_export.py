@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,18 +14,13 @@ from wdl.errors import WdlError
 from wdl.model.embeddings import torchrec_available
 from wdl.serve import Scorer
 
+from helpers import ROOT, read_split, write_tiny_config
+
 
 def _train(root: Path, data: Path, *overrides: str) -> Path:
-    from conftest import TINY_CONFIG
-
-    config = root / "c.yaml"
-    config.write_text(TINY_CONFIG.format(path=config, runs=root / "runs", data=data))
+    config = write_tiny_config(root, data)
     assert main(["train", "--config", str(config), "run.name=model", "train.epochs=1", *overrides]) == 0
     return root / "runs" / "model"
-
-
-def _test_rows(data: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(f) for f in sorted((data / "test").glob("*.parquet"))])
 
 
 def _round_trip(run: Path, data: Path, tmp: Path) -> None:
@@ -35,7 +29,7 @@ def _round_trip(run: Path, data: Path, tmp: Path) -> None:
     out = tmp / "exported"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert (out / "model.pt2").is_file() and json.loads((out / "encoding.json").read_text())["format"] == 1
-    scores = Scorer.load(out).score(_test_rows(data).drop_columns(["label"]))  # no label needed
+    scores = Scorer.load(out).score(read_split(data, "test").drop_columns(["label"]))  # no label needed
     assert scores.dtype == np.float32 and scores.shape == (600,)
     np.testing.assert_allclose(scores, pq.read_table(predicted)["score"].to_numpy(), rtol=0, atol=1e-6)
 
@@ -84,7 +78,7 @@ def test_dicts_equal_table_and_unknown_values_are_id_0(torch_run, tiny_data, tmp
     out = tmp_path / "exported"
     assert main(["export", str(torch_run), "--out", str(out), "--checkpoint", "latest"]) == 0
     scorer = Scorer.load(out)
-    table = _test_rows(tiny_data).slice(0, 50)
+    table = read_split(tiny_data, "test").slice(0, 50)
     from_table = scorer.score(table)
     np.testing.assert_array_equal(scorer.score(table.to_pylist()), from_table)
     np.testing.assert_array_equal(scorer.score(table.drop_columns(["label"]).to_pylist()), from_table)
@@ -127,5 +121,5 @@ def test_serving_imports_neither_the_trainer_nor_torchrec():
     code = ("import sys, wdl.serve; print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torchrec', 'fbgemm_gpu') or m.startswith(('wdl.train', 'wdl.distributed'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]

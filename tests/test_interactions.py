@@ -15,7 +15,7 @@ from wdl.model.embeddings import torchrec_available
 from wdl.model.interactions import PairwiseInteraction
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 
-from test_model import SIZES, batch
+from helpers import TOY_SIZES, toy_batch
 
 DIMS = {"a": 4, "b": 3, "c": 4, "d": 4, "e": 3}
 
@@ -87,7 +87,7 @@ def model(backend: str, interaction: str, pairs=(), embedding_dropout: float = 0
                       deep=DeepConfig(embeddings={"u": 4, "m": 4, "g": 2}, dense=["d0", "d1"], hidden=[8, 4],
                                       init_std=0.3, interaction=interaction, interaction_pairs=[list(p) for p in pairs],
                                       embedding_dropout=embedding_dropout))
-    m = WideDeep(cfg, SIZES, dense_dim=2)
+    m = WideDeep(cfg, TOY_SIZES, dense_dim=2)
     m.init_parameters(seed=5)
     return m
 
@@ -97,7 +97,7 @@ def test_deep_part_with_interaction(interaction, pairs):
     m = model("torch", interaction, pairs)
     lin = m.deep.mlp[0]
     assert lin.in_features == 4 + 4 + 2 + 2 + (1 if interaction == "dot" else 0)
-    x = batch(b=16, seed=1)
+    x = toy_batch(b=16, seed=1)
     base = model("torch", "none")
     if interaction == "fm":  # the same MLP weights: the logits differ by exactly <u, m>
         p = base.deep.embeddings(x)
@@ -115,20 +115,20 @@ def test_both_backends_give_the_same_logits(interaction, pairs):
             cfg = ModelConfig(kind="deep", embedding_backend=backend,
                               deep=DeepConfig(embeddings={"u": 4, "m": 4, "g": 4}, dense=["d0", "d1"], hidden=[8],
                                               init_std=0.3, interaction="fm"))
-            out = WideDeep(cfg, SIZES, dense_dim=2)
+            out = WideDeep(cfg, TOY_SIZES, dense_dim=2)
             out.init_parameters(seed=5)
             return out
         a, b = build("torch"), build("torchrec")
     else:
         a, b = model("torch", interaction, pairs), model("torchrec", interaction, pairs)
-    x = batch(b=32, seed=3)
+    x = toy_batch(b=32, seed=3)
     assert torch.allclose(a(x), b(x), atol=1e-6)
 
 
 def test_embedding_dropout_trains_only():
     m = model("torch", "dot", [("u", "m")], embedding_dropout=0.5)
     plain = model("torch", "dot", [("u", "m")])
-    x = batch(b=64, seed=2)
+    x = toy_batch(b=64, seed=2)
     m.eval()
     plain.eval()
     with torch.no_grad():

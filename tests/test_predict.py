@@ -14,18 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from helpers import ROOT, read_split, write_tiny_config
 from wdl.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data) -> Path:
-    from conftest import TINY_CONFIG
-
     root = tmp_path_factory.mktemp("predict")
-    config = root / "c.yaml"
-    config.write_text(TINY_CONFIG.format(path=config, runs=root / "runs", data=tiny_data))
+    config = write_tiny_config(root, tiny_data)
     assert main(["train", "--config", str(config), "run.name=model", "train.epochs=3", "data.valid_fraction=0.2"]) == 0
     return root / "runs" / "model"
 
@@ -40,7 +36,7 @@ def test_scores_equal_the_selected_models_test_auc(trained, tiny_data, tmp_path)
     t = pq.read_table(out)
     assert t.column_names == ["row", "score", "label"] and t.num_rows == 600
     assert t["row"].to_pylist() == list(range(600))
-    labels = np.concatenate([pq.read_table(f).column("label").to_numpy() for f in sorted((tiny_data / "test").glob("*.parquet"))])
+    labels = read_split(tiny_data, "test").column("label").to_numpy()
     np.testing.assert_array_equal(t["label"].to_numpy(), labels)  # input order kept
     summary = json.loads((trained / "summary.json").read_text())
     assert roc_auc_score(labels, t["score"].to_numpy()) == pytest.approx(summary["test"]["auc"], abs=1e-9)

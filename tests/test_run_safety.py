@@ -15,21 +15,11 @@ import pytest
 from wdl.cli import build_parser, main
 from wdl.launch import parse_args
 
+from helpers import one_line_error, records, write_tiny_config
+
 
 def train(config: Path, *args: str) -> int:
     return main(["train", "--config", str(config), *args])
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def files(run: Path) -> dict[str, bytes]:
@@ -69,7 +59,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_good_one(tiny_config, two
     capsys.readouterr()
     # an explicit path to it is refused with one line ...
     assert train(tiny_config, "--resume", str(newest)) == 2
-    one_line_error(capsys, str(newest), "is damaged", "does not match its checksum")
+    one_line_error(capsys.readouterr().err, str(newest), "is damaged", "does not match its checksum")
     # ... `auto` warns and continues from the epoch-1 checkpoint: epoch 2 trained again, logged once
     assert train(tiny_config, "run.name=base", "train.epochs=3", "--resume", "auto") == 0
     err = capsys.readouterr().err
@@ -100,7 +90,7 @@ def test_a_run_folder_has_one_owner(tiny_config, two_epochs, tmp_path, capsys):
     try:
         capsys.readouterr()
         assert train(tiny_config, "run.name=base", "train.epochs=3", "--resume", "auto") == 2
-        one_line_error(capsys, str(two_epochs), "is in use by another run")
+        one_line_error(capsys.readouterr().err, str(two_epochs), "is in use by another run")
         # a fresh run of the same name skips a locked, still empty folder too
         (tmp_path / "runs" / "fresh").mkdir()
         fd2 = os.open(tmp_path / "runs" / "fresh" / ".lock", os.O_RDWR | os.O_CREAT)
@@ -133,7 +123,7 @@ def test_resume_auto_never_overwrites_a_finished_run_without_checkpoints(tiny_co
     before = files(run)
     capsys.readouterr()
     assert train(tiny_config, "run.name=done", "--resume", "auto") == 2
-    one_line_error(capsys, "holds a finished run and no checkpoint")
+    one_line_error(capsys.readouterr().err, "holds a finished run and no checkpoint")
     assert files(run) == before
 
 
@@ -142,9 +132,9 @@ def test_unwritable_paths_fail_before_training_and_leave_no_run_folder(tiny_conf
     blocker.write_text("not a folder")  # a path under a file cannot be created, even by root
     capsys.readouterr()
     assert train(tiny_config, f"run.out_dir={blocker}/runs") == 2
-    one_line_error(capsys, "run.out_dir", "cannot create folder")
+    one_line_error(capsys.readouterr().err, "run.out_dir", "cannot create folder")
     assert train(tiny_config, "run.name=ck", f"checkpoint.dir={blocker}/ckpt") == 2
-    one_line_error(capsys, "checkpoint.dir", "cannot create folder")
+    one_line_error(capsys.readouterr().err, "checkpoint.dir", "cannot create folder")
     assert not (tmp_path / "runs" / "ck").exists()  # a failed start uses up no run name
 
 
@@ -159,7 +149,7 @@ def test_ids_outside_the_vocabulary_are_counted_and_stop_the_run_above_the_limit
     """user_id holds 1..50: with vocab_size 49 the raw 49 and 50 would silently train id 0."""
     capsys.readouterr()
     assert train(tiny_config, "run.name=oov", "features.columns.user_id.vocab_size=40") == 2
-    one_line_error(capsys, "column 'user_id'", "outside its vocabulary", "'train' split", "data.max_unknown_fraction")
+    one_line_error(capsys.readouterr().err, "column 'user_id'", "outside its vocabulary", "'train' split", "data.max_unknown_fraction")
     assert not (tmp_path / "runs" / "oov").exists()
     assert train(tiny_config, "run.name=oov", "train.epochs=1", "features.columns.user_id.vocab_size=49",
                  "data.max_unknown_fraction=0.1") == 0
@@ -174,13 +164,10 @@ def test_an_empty_split_and_a_single_class_split_are_named(tiny_data, tmp_path, 
     """A copy of the tiny set whose test split is emptied, then given one class only."""
     import pyarrow.parquet as pq
 
-    from conftest import TINY_CONFIG
-
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     manifest = json.loads((data / "manifest.json").read_text())
-    config = tmp_path / "c.yaml"
-    config.write_text(TINY_CONFIG.format(path=config, runs=tmp_path / "runs", data=data))
+    config = write_tiny_config(tmp_path, data)
     for f in (data / "test").glob("*.parquet"):  # all labels 0
         t = pq.read_table(f)
         pq.write_table(t.set_column(t.schema.get_field_index("label"), "label",
@@ -193,20 +180,17 @@ def test_an_empty_split_and_a_single_class_split_are_named(tiny_data, tmp_path, 
     manifest["splits"]["test"]["rows"] = 0
     (data / "manifest.json").write_text(json.dumps(manifest))
     assert train(config, "train.epochs=1") == 2
-    one_line_error(capsys, "the 'test' split", "(data.eval_split) has 0 rows")
+    one_line_error(capsys.readouterr().err, "the 'test' split", "(data.eval_split) has 0 rows")
 
 
 def test_mid_epoch_resume_on_another_data_set_is_refused(tiny_data, tmp_path, capsys):
-    from conftest import TINY_CONFIG
-
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    config = tmp_path / "c.yaml"
-    config.write_text(TINY_CONFIG.format(path=config, runs=tmp_path / "runs", data=data))
+    config = write_tiny_config(tmp_path, data)
     assert train(config, "run.name=cut", "checkpoint.every_steps=5", "train.max_steps=7") == 0
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["source"]["seed"] = 12345  # a data set written again: another one as far as a read position goes
     (data / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert train(config, "run.name=cut", "--resume", "auto") == 2
-    one_line_error(capsys, "saved mid-epoch with data set (manifest hash)=")
+    one_line_error(capsys.readouterr().err, "saved mid-epoch with data set (manifest hash)=")

@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import ROOT
+from helpers import ROOT, read_split
 from wdl.cli import main as cli_main
 from wdl.errors import DataError
 from wdl.ingest import synthetic
@@ -28,8 +27,8 @@ def small_chunks(monkeypatch):
 
 
 def read(out, split):
-    m = json.loads((out / "manifest.json").read_text())
-    return pq.ParquetDataset([out / f["path"] for f in m["splits"][split]["files"]]).read(), m
+    """A split's rows and the manifest (as its JSON)."""
+    return read_split(out, split), json.loads((out / "manifest.json").read_text())
 
 
 def test_deterministic_for_a_seed_whatever_the_workers(tmp_path, small_chunks):

@@ -123,20 +123,15 @@ def test_non_empty_foreign_folder_never_touched(tmp_path):
     assert (empty / "manifest.json").exists()
 
 
-def test_read_only_output_folder(tmp_path, monkeypatch):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        if os.access(parent, os.W_OK):  # root ignores permissions: simulate the kernel's answer
-            def deny(self, *a, **k):
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            monkeypatch.setattr(writer_mod.pathlib.Path, "mkdir", deny)
-        with pytest.raises(DataError) as e:
-            DatasetWriter(parent / "ds", name="t")
-        assert "Permission denied" in str(e.value) and "\n" not in str(e.value)
-    finally:
-        parent.chmod(0o755)
+def test_unwritable_output_folder_is_one_line(unwritable_folder):
+    """A folder that refuses new entries (read-only, or a path under a file): one line naming
+    the target and the OS's reason, and nothing left behind."""
+    folder, reason = unwritable_folder
+    with pytest.raises(DataError) as e:
+        DatasetWriter(folder / "ds", name="t")
+    msg = str(e.value)
+    assert "\n" not in msg and f"cannot create data set folder next to {folder / 'ds'}: {reason}" in msg, msg
+    assert not (folder / "ds").exists()
 
 
 def test_disk_full_mid_write_is_one_line_and_cleans_up(tmp_path, monkeypatch):
