@@ -4,8 +4,8 @@
     wdl data prepare criteo --input train.txt --out data/criteo-kaggle --min-frequency 4 --workers 2
 
 Memory stays bounded whatever the input size: the main process cuts the files into blocks of
-whole lines (wdl.ingest.criteo_tsv), a pool of `--workers` processes parses and encodes them, and the
-results come back in input order (at most 2 blocks per worker in flight) to the DatasetWriter.
+whole lines (wdl.ingest.criteo_tsv), a pool of `--workers` processes parses and encodes them
+(wdl.ingest.criteo_passes), and the results come back in input order (at most 2 blocks per worker in flight) to the DatasetWriter.
 Output is therefore identical for any number of workers.
 
 - Dense I1..I13: missing -> 0, then `--dense-transform` log1p (negatives clamped to 0, then
@@ -35,31 +35,63 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from wdl.data.hashing import mix64, unit_uniform
 from wdl.data.writer import DatasetWriter, RunningStats
 from wdl.errors import DataError
 from wdl.ingest import criteo_tsv
+from wdl.ingest.criteo_passes import Plan, count_job, encode_job, init_worker
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, Block, Parsed
+from wdl.ingest.options import from_args, resolve
 from wdl.ingest.pool import ordered_map
 
 DEFAULT_HASH_BUCKETS = 1_000_000
+ON_BAD_LINE = ("error", "skip", "warn")
+SPLITS = ("auto", "days", "random")
+DENSE_TRANSFORMS = ("log1p", "clamp", "none")
 _DAY = re.compile(r"^day_(\d+)(\..+)?$")
 _MAX_WARNINGS = 20
 
 
-@dataclass
-class Plan:
-    """Everything a worker needs to turn a block into tables (sent once per worker)."""
+@dataclass(frozen=True)
+class CriteoOptions:
+    """How `wdl data prepare criteo` encodes, splits and writes: its flags, one field each."""
 
-    split: str  # days | random
-    file_splits: list[str]  # days: per input, train / test / halves
-    half: int  # days with halving: lines of the test day that go to valid
-    seed: int
-    test_fraction: float
-    valid_fraction: float
-    dense_transform: str
-    hash_buckets: int | None
-    vocabs: list[np.ndarray] | None = None  # per categorical column, sorted uint32 values
+    hash_buckets: int | None = None  # ids per categorical column (default DEFAULT_HASH_BUCKETS) ...
+    min_frequency: int | None = None  # ... or a vocabulary of the values seen this often in train
+    workers: int = 1  # parsing processes (fewer than 1 counts as 1)
+    on_bad_line: str = "error"  # ON_BAD_LINE
+    split: str = "auto"  # SPLITS: days when the inputs are day_N files of several days
+    test_fraction: float = 0.1  # random split
+    valid_fraction: float = 0.0  # random split
+    test_day: int | None = None  # days split: the test day (default the highest)
+    halve_test_day: bool = False  # days split: the test day's first half is valid
+    seed: int = 2021  # random split
+    dense_transform: str = "log1p"  # DENSE_TRANSFORMS
+    overwrite: bool = False
+    row_group_rows: int = 16384
+    rows_per_file: int = 1_000_000
+    progress: bool = True
+    block_bytes: int = criteo_tsv.BLOCK_BYTES  # text per parse call
+
+    def __post_init__(self) -> None:
+        if self.hash_buckets is not None and self.min_frequency is not None:
+            raise DataError("give --hash-buckets or --min-frequency, not both")
+        if self.buckets is not None and self.buckets < 2:
+            raise DataError(f"--hash-buckets must be >= 2 (id 0 is reserved), got {self.buckets}")
+        if self.min_frequency is not None and self.min_frequency < 1:
+            raise DataError(f"--min-frequency must be >= 1, got {self.min_frequency}")
+        if self.on_bad_line not in ON_BAD_LINE:
+            raise DataError(f"--on-bad-line must be error, skip or warn, got {self.on_bad_line!r}")
+        if self.split not in SPLITS:
+            raise DataError(f"--split must be auto, days or random, got {self.split!r}")
+        if self.dense_transform not in DENSE_TRANSFORMS:
+            raise DataError(f"--dense-transform must be log1p, clamp or none, got {self.dense_transform!r}")
+
+    @property
+    def buckets(self) -> int | None:
+        """Hash buckets per categorical column; None with a vocabulary (min_frequency)."""
+        if self.min_frequency is not None:
+            return None
+        return DEFAULT_HASH_BUCKETS if self.hash_buckets is None else self.hash_buckets
 
 
 @dataclass
@@ -73,87 +105,15 @@ class Tally:
     warned: int = 0
 
 
-# ---------------------------------------------------------------------------------- workers
-_PLAN: Plan | None = None
-
-
-def _init_worker(plan: Plan) -> None:
-    global _PLAN
-    _PLAN = plan
-
-
-def _assign(plan: Plan, p: Parsed, file_index: int) -> np.ndarray:
-    """Split of every row: 0 train, 1 valid, 2 test."""
-    if plan.split == "days":
-        rule = plan.file_splits[file_index]
-        if rule == "halves":
-            return np.where(p.lines <= plan.half, 1, 2).astype(np.int8)
-        return np.full(len(p.lines), {"train": 0, "valid": 1, "test": 2}[rule], dtype=np.int8)
-    key = p.lines.astype(np.uint64) ^ (np.uint64(file_index) << np.uint64(40))
-    u = unit_uniform(key ^ mix64(np.array([plan.seed], dtype=np.uint64)))
-    return np.where(u < plan.test_fraction, 2, np.where(u < plan.test_fraction + plan.valid_fraction, 1, 0)).astype(np.int8)
-
-
-def _count_job(block: Block) -> tuple[Block, Parsed, list]:
-    """First pass of vocabulary mode: distinct values and their counts over the train rows."""
-    p = criteo_tsv.parse_block(block)
-    train = _assign(_PLAN, p, block.file_index) == 0
-    counts = []
-    for j in range(len(CATEGORICAL)):
-        v = p.cat[train & ~p.cat_missing[:, j], j]
-        counts.append(np.unique(v, return_counts=True))
-    return _strip(block), _strip_parsed(p), counts
-
-
-def _encode_job(block: Block) -> tuple[Block, Parsed, dict[str, pa.Table]]:
-    plan = _PLAN
-    p = criteo_tsv.parse_block(block)
-    where = _assign(plan, p, block.file_index)
-    dense = np.nan_to_num(p.dense, nan=0.0)
-    if plan.dense_transform in ("log1p", "clamp"):
-        dense = np.maximum(dense, 0.0)
-    if plan.dense_transform == "log1p":
-        dense = np.log1p(dense)
-    ids = np.zeros(p.cat.shape, dtype=np.int64)
-    for j in range(len(CATEGORICAL)):
-        v = p.cat[:, j]
-        if plan.vocabs is None:
-            salted = v.astype(np.uint64) | (np.uint64(j + 1) << np.uint64(32))
-            col = 1 + (mix64(salted) % np.uint64(plan.hash_buckets - 1)).astype(np.int64)
-        else:
-            vocab = plan.vocabs[j]
-            pos = np.searchsorted(vocab, v)
-            hit = vocab[np.minimum(pos, len(vocab) - 1)] == v if len(vocab) else np.zeros(len(v), bool)
-            col = np.where(hit, pos + 1, 0)
-        ids[:, j] = np.where(p.cat_missing[:, j], 0, col)
-    tables = {}
-    for code, name in enumerate(("train", "valid", "test")):
-        rows = where == code
-        if rows.any():
-            cols = {"label": pa.array(p.label[rows], pa.int8())}
-            cols.update({c: pa.array(dense[rows, j].astype(np.float32)) for j, c in enumerate(DENSE)})
-            cols.update({c: pa.array(ids[rows, j]) for j, c in enumerate(CATEGORICAL)})
-            tables[name] = pa.table(cols)
-    return _strip(block), _strip_parsed(p), tables
-
-
-def _strip(block: Block) -> Block:
-    """The block without its text: only its position goes back to the main process."""
-    return Block(block.path, block.file_index, block.first_line, block.lines, b"", block.raw_bytes)
-
-
-def _strip_parsed(p: Parsed) -> Parsed:
-    empty = np.zeros(0)
-    return Parsed(empty, empty, empty, empty, empty, p.bad, p.first_bad)
-
-
 def _pipeline(job, blocks, plan: Plan, workers: int):
-    return ordered_map(job, blocks, workers, _init_worker, plan)
+    return ordered_map(job, blocks, workers, init_worker, plan)
 
 
 # ---------------------------------------------------------------------------------- main side
-def _plan_splits(inputs: list[str], split: str, test_day: int | None, halve: bool,
-                 test_fraction: float, valid_fraction: float) -> tuple[str, list[str], int, dict]:
+def _plan_splits(inputs: list[str], opts: CriteoOptions) -> tuple[str, list[str], int, dict]:
+    """(split kind, per input its rule, valid lines of a halved test day, the manifest's split)."""
+    split, test_day, halve = opts.split, opts.test_day, opts.halve_test_day
+    test_fraction, valid_fraction = opts.test_fraction, opts.valid_fraction
     days = [_DAY.match(os.path.basename(p)) for p in inputs]
     if split == "auto":
         split = "days" if all(days) and len({int(d.group(1)) for d in days}) > 1 else "random"
@@ -165,7 +125,7 @@ def _plan_splits(inputs: list[str], split: str, test_day: int | None, halve: boo
             print("wdl: note: --test-fraction 0 leaves the test split empty; training on this set needs "
                   "data.eval_split set to another split", flush=True)
         return "random", ["random"] * len(inputs), 0, {"kind": "random", "test_fraction": test_fraction,
-                                                       "valid_fraction": valid_fraction}
+                                                       "valid_fraction": valid_fraction, "seed": opts.seed}
     bad = [p for p, d in zip(inputs, days) if not d]
     if bad:
         raise DataError(f"--split days needs inputs named day_N (Criteo Terabyte), got {bad[0]}")
@@ -221,7 +181,7 @@ def _blocks(inputs: list[str], block_bytes: int):
         yield from criteo_tsv.iter_blocks(path, i, block_bytes)
 
 
-def _count_vocabs(inputs, plan, workers, on_bad, min_frequency, block_bytes, progress) -> list[np.ndarray]:
+def _count_vocabs(inputs: list[str], plan: Plan, workers: int, opts: CriteoOptions) -> list[np.ndarray]:
     """Pass 1: per column, the sorted values seen at least `min_frequency` times in train rows."""
     merged = [(np.zeros(0, np.uint32), np.zeros(0, np.int64)) for _ in CATEGORICAL]
     pending: list[list] = [[] for _ in CATEGORICAL]
@@ -235,9 +195,9 @@ def _count_vocabs(inputs, plan, workers, on_bad, min_frequency, block_bytes, pro
         merged[j] = (u, np.bincount(inv, weights=cnts, minlength=len(u)).astype(np.int64))
         pending[j] = []
 
-    bar = _progress(criteo_tsv.input_size(inputs), "count", progress)
-    for block, p, counts in _pipeline(_count_job, _blocks(inputs, block_bytes), plan, workers):
-        _check_bad(block, p, tally, on_bad, report=False)
+    bar = _progress(criteo_tsv.input_size(inputs), "count", opts.progress)
+    for block, p, counts in _pipeline(count_job, _blocks(inputs, opts.block_bytes), plan, workers):
+        _check_bad(block, p, tally, opts.on_bad_line, report=False)
         for j, c in enumerate(counts):
             pending[j].append(c)
             pending_size += len(c[0])
@@ -249,92 +209,94 @@ def _count_vocabs(inputs, plan, workers, on_bad, min_frequency, block_bytes, pro
     bar.close()
     for j in range(len(CATEGORICAL)):
         merge(j)
-    return [u[c >= min_frequency] for u, c in merged]
+    return [u[c >= opts.min_frequency] for u, c in merged]
 
 
-def prepare_criteo(inputs, out, *, hash_buckets: int | None = None, min_frequency: int | None = None,
-                   workers: int = 1, on_bad_line: str = "error", split: str = "auto", test_fraction: float = 0.1,
-                   valid_fraction: float = 0.0, test_day: int | None = None, halve_test_day: bool = False,
-                   seed: int = 2021, dense_transform: str = "log1p", overwrite: bool = False,
-                   row_group_rows: int = 16384, rows_per_file: int = 1_000_000, progress: bool = True,
-                   block_bytes: int = criteo_tsv.BLOCK_BYTES) -> dict:
-    """Convert Criteo TSV files into a data set at `out`; returns the summary (also in the manifest)."""
+def prepare_criteo(inputs, out, opts: CriteoOptions | None = None, **options) -> dict:
+    """Convert Criteo TSV files into a data set at `out`; returns the summary (also in the manifest).
+    opts: a CriteoOptions, or its fields as keywords (applied over it when both are given)."""
     inputs = [str(p) for p in inputs]
     if not inputs:
         raise DataError("no --input files given")
     for p in inputs:
         if not os.path.isfile(p):
             raise DataError(f"input {p} does not exist or is not a file")
-    if hash_buckets is not None and min_frequency is not None:
-        raise DataError("give --hash-buckets or --min-frequency, not both")
-    if min_frequency is None and hash_buckets is None:
-        hash_buckets = DEFAULT_HASH_BUCKETS
-    if hash_buckets is not None and hash_buckets < 2:
-        raise DataError(f"--hash-buckets must be >= 2 (id 0 is reserved), got {hash_buckets}")
-    if min_frequency is not None and min_frequency < 1:
-        raise DataError(f"--min-frequency must be >= 1, got {min_frequency}")
-    if on_bad_line not in ("error", "skip", "warn"):
-        raise DataError(f"--on-bad-line must be error, skip or warn, got {on_bad_line!r}")
-    if dense_transform not in ("log1p", "clamp", "none"):
-        raise DataError(f"--dense-transform must be log1p, clamp or none, got {dense_transform!r}")
-    kind, rules, half, split_info = _plan_splits(inputs, split, test_day, halve_test_day, test_fraction, valid_fraction)
-    if kind == "random":
-        split_info["seed"] = seed
-    plan = Plan(kind, rules, half, seed, test_fraction, valid_fraction, dense_transform, hash_buckets)
-    workers = max(1, int(workers))
+    opts = resolve(CriteoOptions, opts, options)
+    kind, rules, half, split_info = _plan_splits(inputs, opts)
+    plan = Plan(kind, rules, half, opts.seed, opts.test_fraction, opts.valid_fraction, opts.dense_transform,
+                opts.buckets)
+    workers = max(1, int(opts.workers))
     start = time.perf_counter()
 
-    with DatasetWriter(out, name="criteo", overwrite=overwrite, rows_per_file=rows_per_file,
-                       row_group_rows=row_group_rows) as w:
-        if min_frequency is not None:
-            plan.vocabs = _count_vocabs(inputs, plan, workers, on_bad_line, min_frequency, block_bytes, progress)
-        tally = Tally()
-        stats = [RunningStats() for _ in DENSE]
-        bar = _progress(criteo_tsv.input_size(inputs), "prepare", progress)
-        for block, p, tables in _pipeline(_encode_job, _blocks(inputs, block_bytes), plan, workers):
-            _check_bad(block, p, tally, on_bad_line, report=True)
-            tally.lines += block.lines
-            for name, t in tables.items():
-                w.write(name, t)
-                tally.rows[name] += t.num_rows
-                tally.positives[name] += int(np.asarray(t.column("label")).sum())
-                if name == "train":
-                    for j, c in enumerate(DENSE):
-                        stats[j].update(t.column(c).to_numpy())
-            bar.update(block.raw_bytes)
-            rows = sum(tally.rows.values())
-            bar.set_postfix_str(f"{rows / max(time.perf_counter() - start, 1e-9):,.0f} rows/s, {rows:,} rows", refresh=False)
-        bar.close()
+    with DatasetWriter(out, name="criteo", overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
+                       row_group_rows=opts.row_group_rows) as w:
+        if opts.min_frequency is not None:
+            plan.vocabs = _count_vocabs(inputs, plan, workers, opts)
+        tally, stats = _encode(w, inputs, plan, workers, opts, start)
         if tally.rows["train"] == 0:
             raise DataError(f"no good training rows in {', '.join(inputs)} ({tally.lines} lines, "
                             f"{sum(tally.bad.values())} bad)")
         for name in ("valid", "test"):  # the splits the plan promises exist even when empty
-            if name == "test" or (kind == "random" and valid_fraction > 0) or (kind == "days" and halve_test_day):
+            if name == "test" or (kind == "random" and opts.valid_fraction > 0) or (kind == "days" and opts.halve_test_day):
                 w.write(name, pa.table({"label": pa.array([], pa.int8()),
                                         **{c: pa.array([], pa.float32()) for c in DENSE},
                                         **{c: pa.array([], pa.int64()) for c in CATEGORICAL}}))
-        columns = {c: {"kind": "dense", **s.result(), "transform": dense_transform} for c, s in zip(DENSE, stats)}
-        for j, c in enumerate(CATEGORICAL):
-            if plan.vocabs is None:
-                columns[c] = {"kind": "categorical", "vocab_size": hash_buckets, "encoding": "hash"}
-            else:
-                values = [v.decode() for v in criteo_tsv.format_hex32(plan.vocabs[j])]
-                columns[c] = {"kind": "categorical", "vocab_size": len(values) + 1, "encoding": "vocab",
-                              "min_frequency": min_frequency, "vocab_file": w.write_vocab(c, values)}
-        seconds = time.perf_counter() - start
-        rows = sum(tally.rows.values())
-        summary = {
-            "lines": tally.lines, "rows": dict(tally.rows), "bad_lines": sum(tally.bad.values()),
-            "bad_lines_by_reason": dict(tally.bad), "on_bad_line": on_bad_line,
-            "positive_rate": {k: tally.positives[k] / n for k, n in tally.rows.items() if n},
-            "vocab_sizes": {c: columns[c]["vocab_size"] for c in CATEGORICAL},
-            "seconds": seconds, "rows_per_second": rows / seconds if seconds > 0 else 0.0, "workers": workers,
-        }
+        columns = _columns(w, plan, stats, opts)
+        summary = _summary(tally, columns, opts.on_bad_line, workers, time.perf_counter() - start)
         source = {"kind": "criteo", "inputs": [os.path.abspath(p) for p in inputs],
-                  "categorical": {"hash_buckets": hash_buckets} if plan.vocabs is None else {"min_frequency": min_frequency}}
+                  "categorical": ({"hash_buckets": opts.buckets} if plan.vocabs is None
+                                  else {"min_frequency": opts.min_frequency})}
         extra = {"counts": summary, **_planted_info(inputs, kind)}
         w.commit(source=source, label="label", columns=columns, split=split_info, extra=extra)
     return summary
+
+
+def _encode(w: DatasetWriter, inputs: list[str], plan: Plan, workers: int, opts: CriteoOptions,
+            start: float) -> tuple[Tally, list[RunningStats]]:
+    """Pass 2: every block parsed, encoded and written; bad lines tallied; the train rows'
+    dense statistics."""
+    tally = Tally()
+    stats = [RunningStats() for _ in DENSE]
+    bar = _progress(criteo_tsv.input_size(inputs), "prepare", opts.progress)
+    for block, p, tables in _pipeline(encode_job, _blocks(inputs, opts.block_bytes), plan, workers):
+        _check_bad(block, p, tally, opts.on_bad_line, report=True)
+        tally.lines += block.lines
+        for name, t in tables.items():
+            w.write(name, t)
+            tally.rows[name] += t.num_rows
+            tally.positives[name] += int(np.asarray(t.column("label")).sum())
+            if name == "train":
+                for j, c in enumerate(DENSE):
+                    stats[j].update(t.column(c).to_numpy())
+        bar.update(block.raw_bytes)
+        rows = sum(tally.rows.values())
+        bar.set_postfix_str(f"{rows / max(time.perf_counter() - start, 1e-9):,.0f} rows/s, {rows:,} rows", refresh=False)
+    bar.close()
+    return tally, stats
+
+
+def _columns(w: DatasetWriter, plan: Plan, stats: list[RunningStats], opts: CriteoOptions) -> dict:
+    """The manifest's column entries (vocabularies written in vocabulary mode)."""
+    columns = {c: {"kind": "dense", **s.result(), "transform": opts.dense_transform} for c, s in zip(DENSE, stats)}
+    for j, c in enumerate(CATEGORICAL):
+        if plan.vocabs is None:
+            columns[c] = {"kind": "categorical", "vocab_size": opts.buckets, "encoding": "hash"}
+        else:
+            values = [v.decode() for v in criteo_tsv.format_hex32(plan.vocabs[j])]
+            columns[c] = {"kind": "categorical", "vocab_size": len(values) + 1, "encoding": "vocab",
+                          "min_frequency": opts.min_frequency, "vocab_file": w.write_vocab(c, values)}
+    return columns
+
+
+def _summary(tally: Tally, columns: dict, on_bad_line: str, workers: int, seconds: float) -> dict:
+    rows = sum(tally.rows.values())
+    return {
+        "lines": tally.lines, "rows": dict(tally.rows), "bad_lines": sum(tally.bad.values()),
+        "bad_lines_by_reason": dict(tally.bad), "on_bad_line": on_bad_line,
+        "positive_rate": {k: tally.positives[k] / n for k, n in tally.rows.items() if n},
+        "vocab_sizes": {c: columns[c]["vocab_size"] for c in CATEGORICAL},
+        "seconds": seconds, "rows_per_second": rows / seconds if seconds > 0 else 0.0, "workers": workers,
+    }
 
 
 def _planted_info(inputs: list[str], kind: str) -> dict:
@@ -365,38 +327,36 @@ def format_summary(out, s: dict) -> str:
 
 # ---------------------------------------------------------------------------------- CLI
 def add_prepare_arguments(parser) -> None:
-    """Flags of `wdl data prepare criteo`."""
-    parser.add_argument("--input", required=True, nargs="+", help="Criteo TSV files, plain or gzip (train.txt, day_0 ...)")
-    parser.add_argument("--out", required=True, help="output data set folder")
+    """Flags of `wdl data prepare criteo`: the fields of CriteoOptions, with their defaults."""
+    d = CriteoOptions()
+    add = parser.add_argument
+    add("--input", required=True, nargs="+", help="Criteo TSV files, plain or gzip (train.txt, day_0 ...)")
+    add("--out", required=True, help="output data set folder")
     enc = parser.add_mutually_exclusive_group()
-    enc.add_argument("--hash-buckets", type=int, default=None,
+    enc.add_argument("--hash-buckets", type=int, default=d.hash_buckets,
                      help=f"hash each categorical column into N ids (default {DEFAULT_HASH_BUCKETS:,}; 0 = missing)")
-    enc.add_argument("--min-frequency", type=int, default=None,
+    enc.add_argument("--min-frequency", type=int, default=d.min_frequency,
                      help="two passes: a vocabulary of values seen >= K times in train, others -> id 0")
-    parser.add_argument("--workers", type=int, default=1, help="parsing processes (default 1)")
-    parser.add_argument("--on-bad-line", choices=("error", "skip", "warn"), default="error",
-                        help="a malformed line stops the run (default), is dropped, or is dropped with a warning")
-    parser.add_argument("--split", choices=("auto", "days", "random"), default="auto",
-                        help="days: day_N files, the last day is test; random: by line; auto: days when inputs are day_N")
-    parser.add_argument("--test-day", type=int, default=None, help="with --split days: the test day (default the highest)")
-    parser.add_argument("--halve-test-day", action="store_true",
-                        help="with --split days: first half of the test day -> valid, second half -> test")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="random split: test share (default 0.1)")
-    parser.add_argument("--valid-fraction", type=float, default=0.0, help="random split: valid share (default 0)")
-    parser.add_argument("--seed", type=int, default=2021, help="seed of the random split")
-    parser.add_argument("--dense-transform", choices=("log1p", "clamp", "none"), default="log1p",
-                        help="dense values: log(1 + max(x, 0)) (default), max(x, 0), or as read; missing -> 0")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
-    parser.add_argument("--row-group-rows", type=int, default=16384, help="rows per Parquet row group")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add("--workers", type=int, default=d.workers, help=f"parsing processes (default {d.workers})")
+    add("--on-bad-line", choices=ON_BAD_LINE, default=d.on_bad_line,
+        help="a malformed line stops the run (default), is dropped, or is dropped with a warning")
+    add("--split", choices=SPLITS, default=d.split,
+        help="days: day_N files, the last day is test; random: by line; auto: days when inputs are day_N")
+    add("--test-day", type=int, default=d.test_day, help="with --split days: the test day (default the highest)")
+    add("--halve-test-day", action="store_true",
+        help="with --split days: first half of the test day -> valid, second half -> test")
+    add("--test-fraction", type=float, default=d.test_fraction, help=f"random split: test share (default {d.test_fraction})")
+    add("--valid-fraction", type=float, default=d.valid_fraction,
+        help=f"random split: valid share (default {d.valid_fraction:g})")
+    add("--seed", type=int, default=d.seed, help="seed of the random split")
+    add("--dense-transform", choices=DENSE_TRANSFORMS, default=d.dense_transform,
+        help="dense values: log(1 + max(x, 0)) (default), max(x, 0), or as read; missing -> 0")
+    add("--overwrite", action="store_true", help="replace an existing data set at --out")
+    add("--row-group-rows", type=int, default=d.row_group_rows, help="rows per Parquet row group")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run_prepare(args) -> int:
-    summary = prepare_criteo(
-        args.input, args.out, hash_buckets=args.hash_buckets, min_frequency=args.min_frequency, workers=args.workers,
-        on_bad_line=args.on_bad_line, split=args.split, test_fraction=args.test_fraction,
-        valid_fraction=args.valid_fraction, test_day=args.test_day, halve_test_day=args.halve_test_day,
-        seed=args.seed, dense_transform=args.dense_transform, overwrite=args.overwrite,
-        row_group_rows=args.row_group_rows, progress=not args.no_progress)
+    summary = prepare_criteo(args.input, args.out, **from_args(CriteoOptions, args))
     print(format_summary(args.out, summary))
     return 0
