@@ -28,6 +28,7 @@ import secrets
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,11 +38,38 @@ from wdl.data.writer import DatasetWriter, RunningStats
 from wdl.errors import DataError
 from wdl.ingest import planted
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, format_hex32
+from wdl.ingest.options import from_args, resolve
 from wdl.ingest.pool import ordered_map
 
 CHUNK_ROWS = 1 << 17
 AUC_BINS = 1 << 20
 SPLITS = ("train", "valid", "test")
+PROFILES = ("criteo", "movielens")
+FORMATS = ("parquet", "criteo-tsv")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How `wdl data generate` draws, splits and writes its rows: its flags, one field each (what
+    it generates, the profile and the number of rows, are `generate`'s own arguments)."""
+
+    seed: int = 2021  # the output depends only on this
+    fmt: str = "parquet"  # FORMATS: a wdl data set, or Criteo TSV files (criteo profile)
+    test_fraction: float = 0.1
+    valid_fraction: float = 0.0
+    workers: int = 1  # generating processes (fewer than 1 counts as 1)
+    overwrite: bool = False
+    row_group_rows: int = 16384
+    rows_per_file: int = 1_000_000
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise DataError(f"unknown format {self.fmt!r} (parquet or criteo-tsv)")
+        if not (0 < self.test_fraction < 1 and 0 <= self.valid_fraction < 1
+                and self.test_fraction + self.valid_fraction < 1):
+            raise DataError(f"--test-fraction {self.test_fraction} must be in (0, 1) and leave rows for training "
+                            f"with --valid-fraction {self.valid_fraction}")
 
 _JOB: dict = {}
 
@@ -112,79 +140,90 @@ class _AUC:
         return float((self.pos * (below + 0.5 * self.neg)).sum() / (P * N))
 
 
-def generate(profile: str, rows: int, out, *, seed: int = 2021, fmt: str = "parquet", test_fraction: float = 0.1,
-             valid_fraction: float = 0.0, workers: int = 1, overwrite: bool = False, row_group_rows: int = 16384,
-             rows_per_file: int = 1_000_000, progress: bool = True) -> dict:
-    """Write a planted synthetic data set to `out`; returns the summary."""
-    if profile not in ("criteo", "movielens"):
-        raise DataError(f"unknown profile {profile!r} (criteo or movielens)")
-    if fmt not in ("parquet", "criteo-tsv"):
-        raise DataError(f"unknown format {fmt!r} (parquet or criteo-tsv)")
-    if fmt == "criteo-tsv" and (profile != "criteo" or valid_fraction > 0):
-        raise DataError("--format criteo-tsv needs --profile criteo and no valid split (day_0 train, day_1 test)")
-    if rows < 1:
-        raise DataError(f"--rows must be >= 1, got {rows}")
-    if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and test_fraction + valid_fraction < 1):
-        raise DataError(f"--test-fraction {test_fraction} must be in (0, 1) and leave rows for training "
-                        f"with --valid-fraction {valid_fraction}")
-    n_users, n_items = planted.movielens_sizes(rows)
-    params = {"profile": profile, "rows": rows, "seed": seed, "format": fmt, "test_fraction": test_fraction,
-              "valid_fraction": valid_fraction, "n_users": n_users, "n_items": n_items}
-    chunks = range((rows + CHUNK_ROWS - 1) // CHUNK_ROWS)
-    results = ordered_map(_chunk, chunks, max(1, int(workers)), _init_worker, params)
-    from tqdm.auto import tqdm
+class _Tally:
+    """What the main process counts while writing the chunks: rows and positives per split, the
+    Bayes-optimal AUC of the test rows, and the progress bar."""
 
-    bar = tqdm(total=rows, desc=f"generate {profile}", unit="row", unit_scale=True, dynamic_ncols=True,
-               disable=None if progress else True, file=sys.stderr)
-    auc, counts, positives = _AUC(), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    start = time.perf_counter()
-    split = {"kind": "random", "seed": seed, "test_fraction": test_fraction, "valid_fraction": valid_fraction,
-             "rule": "each row by a uniform draw from its chunk's stream"}
-    planted_info = {"profile": profile, "seed": seed, "rows": rows, "model": _describe(profile, n_users, n_items)}
+    def __init__(self, rows: int, profile: str, progress: bool) -> None:
+        from tqdm.auto import tqdm
 
-    def consume(tables: dict, p, y, write) -> None:
-        auc.update(p, y)
+        self.auc, self.rows, self.positives = _AUC(), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+        self.bar = tqdm(total=rows, desc=f"generate {profile}", unit="row", unit_scale=True, dynamic_ncols=True,
+                        disable=None if progress else True, file=sys.stderr)
+
+    def consume(self, tables: dict, p: np.ndarray, y: np.ndarray, write) -> None:
+        """One chunk's result: `write(split, table or TSV bytes)` for each split it holds."""
+        self.auc.update(p, y)
         for name, t in tables.items():
             write(name, t)
             n = t.num_rows if isinstance(t, pa.Table) else t.count(b"\n")
-            counts[name] += n
-            positives[name] += int(np.asarray(t.column("label")).sum()) if isinstance(t, pa.Table) else 0
-            bar.update(n)
+            self.rows[name] += n
+            self.positives[name] += int(np.asarray(t.column("label")).sum()) if isinstance(t, pa.Table) else 0
+            self.bar.update(n)
 
-    if fmt == "parquet":
-        stats = {}
-        with DatasetWriter(out, name=f"synthetic-{profile}", overwrite=overwrite, row_group_rows=row_group_rows,
-                           rows_per_file=rows_per_file) as w:
-            dense_cols = DENSE if profile == "criteo" else ["release_year"]
-            stats = {c: RunningStats() for c in dense_cols}
 
-            def write(name, t):
-                w.write(name, t)
-                if name == "train":
-                    for c in dense_cols:
-                        stats[c].update(t.column(c).to_numpy())
-
-            for tables, p, y in results:
-                consume(tables, p, y, write)
-            if counts["test"] == 0:
-                raise DataError(f"{rows} rows leave no test rows at --test-fraction {test_fraction}; ask for more rows")
-            dense_stats = {c: s.result() for c, s in stats.items()}
-            columns = (planted.criteo_columns(dense_stats) if profile == "criteo"
-                       else planted.movielens_columns(n_users, n_items, dense_stats["release_year"]))
-            bayes = auc.result()
-            w.commit(source={"kind": "synthetic", "profile": profile, "seed": seed, "rows": rows}, label="label",
-                     columns=columns, split=split, extra={"bayes_optimal_auc": bayes, "planted": planted_info,
-                                                         "other_columns": {"bayes_p": "true probability of label 1"}})
+def generate(profile: str, rows: int, out, opts: GenerateOptions | None = None, **options) -> dict:
+    """Write a planted synthetic data set of `rows` rows shaped like `profile` to `out`; returns the
+    summary. opts: a GenerateOptions, or its fields as keywords (applied over it when both are given)."""
+    if profile not in PROFILES:
+        raise DataError(f"unknown profile {profile!r} (criteo or movielens)")
+    opts = resolve(GenerateOptions, opts, options)
+    if opts.fmt == "criteo-tsv" and (profile != "criteo" or opts.valid_fraction > 0):
+        raise DataError("--format criteo-tsv needs --profile criteo and no valid split (day_0 train, day_1 test)")
+    if rows < 1:
+        raise DataError(f"--rows must be >= 1, got {rows}")
+    n_users, n_items = planted.movielens_sizes(rows)
+    params = {"profile": profile, "rows": rows, "seed": opts.seed, "format": opts.fmt,
+              "test_fraction": opts.test_fraction, "valid_fraction": opts.valid_fraction, "n_users": n_users,
+              "n_items": n_items}
+    chunks = range((rows + CHUNK_ROWS - 1) // CHUNK_ROWS)
+    results = ordered_map(_chunk, chunks, max(1, int(opts.workers)), _init_worker, params)
+    tally = _Tally(rows, profile, opts.progress)
+    start = time.perf_counter()
+    planted_info = {"profile": profile, "seed": opts.seed, "rows": rows, "model": _describe(profile, n_users, n_items)}
+    if opts.fmt == "parquet":
+        bayes = _write_parquet(out, profile, rows, results, tally, opts, planted_info)
     else:
-        bayes = _write_tsv(out, results, consume, overwrite, planted_info, auc)
-    bar.close()
+        bayes = _write_tsv(out, results, tally, opts.overwrite, planted_info)
+    tally.bar.close()
     seconds = time.perf_counter() - start
+    counts = tally.rows
     return {"out": str(out), "rows": {k: v for k, v in counts.items() if v}, "bayes_optimal_auc": bayes,
-            "positive_rate": {k: positives[k] / v for k, v in counts.items() if v and fmt == "parquet"},
+            "positive_rate": {k: tally.positives[k] / v for k, v in counts.items() if v and opts.fmt == "parquet"},
             "seconds": seconds, "rows_per_second": rows / seconds if seconds else 0.0}
 
 
-def _write_tsv(out, results, consume, overwrite: bool, info: dict, auc: _AUC) -> float:
+def _write_parquet(out, profile: str, rows: int, results, tally: _Tally, opts: GenerateOptions,
+                   planted_info: dict) -> float:
+    """A wdl data set (DatasetWriter); returns the Bayes-optimal test AUC."""
+    dense_cols = DENSE if profile == "criteo" else ["release_year"]
+    stats = {c: RunningStats() for c in dense_cols}
+    with DatasetWriter(out, name=f"synthetic-{profile}", overwrite=opts.overwrite, row_group_rows=opts.row_group_rows,
+                       rows_per_file=opts.rows_per_file) as w:
+
+        def write(name, t):
+            w.write(name, t)
+            if name == "train":
+                for c in dense_cols:
+                    stats[c].update(t.column(c).to_numpy())
+
+        for tables, p, y in results:
+            tally.consume(tables, p, y, write)
+        if tally.rows["test"] == 0:
+            raise DataError(f"{rows} rows leave no test rows at --test-fraction {opts.test_fraction}; ask for more rows")
+        dense_stats = {c: s.result() for c, s in stats.items()}
+        columns = (planted.criteo_columns(dense_stats) if profile == "criteo"
+                   else planted.movielens_columns(*planted.movielens_sizes(rows), dense_stats["release_year"]))
+        split = {"kind": "random", "seed": opts.seed, "test_fraction": opts.test_fraction,
+                 "valid_fraction": opts.valid_fraction, "rule": "each row by a uniform draw from its chunk's stream"}
+        bayes = tally.auc.result()
+        w.commit(source={"kind": "synthetic", "profile": profile, "seed": opts.seed, "rows": rows}, label="label",
+                 columns=columns, split=split, extra={"bayes_optimal_auc": bayes, "planted": planted_info,
+                                                     "other_columns": {"bayes_p": "true probability of label 1"}})
+    return bayes
+
+
+def _write_tsv(out, results, tally: _Tally, overwrite: bool, info: dict) -> float:
     """day_0 (train) and day_1 (test) into a temporary folder, planted.json last, then rename."""
     out = pathlib.Path(out).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -197,10 +236,10 @@ def _write_tsv(out, results, consume, overwrite: bool, info: dict, auc: _AUC) ->
         tmp.mkdir(parents=True)
         files = {"train": open(tmp / "day_0", "wb"), "test": open(tmp / "day_1", "wb")}
         for tables, p, y in results:
-            consume(tables, p, y, lambda name, data: files[name].write(data))
+            tally.consume(tables, p, y, lambda name, data: files[name].write(data))
         for f in files.values():
             f.close()
-        info = {**info, "bayes_optimal_auc": auc.result(), "train_file": "day_0", "test_file": "day_1"}
+        info = {**info, "bayes_optimal_auc": tally.auc.result(), "train_file": "day_0", "test_file": "day_1"}
         (tmp / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -229,24 +268,25 @@ def _describe(profile: str, n_users: int, n_items: int) -> dict:
 
 # ---------------------------------------------------------------------------------- CLI
 def add_generate_arguments(parser) -> None:
-    """Flags of `wdl data generate`."""
-    parser.add_argument("--profile", required=True, choices=("criteo", "movielens"), help="shape of the data")
-    parser.add_argument("--rows", required=True, type=int, help="rows in all splits together")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=2021, help="the output depends only on this (default 2021)")
-    parser.add_argument("--format", choices=("parquet", "criteo-tsv"), default="parquet",
-                        help="a wdl data set (default) or Criteo TSV files day_0 (train), day_1 (test)")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of test rows (default 0.1)")
-    parser.add_argument("--valid-fraction", type=float, default=0.0, help="share of valid rows (default 0)")
-    parser.add_argument("--workers", type=int, default=1, help="generating processes (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """Flags of `wdl data generate`: the profile, rows and output, and the fields of GenerateOptions."""
+    d = GenerateOptions()
+    add = parser.add_argument
+    add("--profile", required=True, choices=PROFILES, help="shape of the data")
+    add("--rows", required=True, type=int, help="rows in all splits together")
+    add("--out", required=True, help="output folder")
+    add("--seed", type=int, default=d.seed, help=f"the output depends only on this (default {d.seed})")
+    add("--format", dest="fmt", choices=FORMATS, default=d.fmt,
+        help="a wdl data set (default) or Criteo TSV files day_0 (train), day_1 (test)")
+    add("--test-fraction", type=float, default=d.test_fraction, help=f"share of test rows (default {d.test_fraction})")
+    add("--valid-fraction", type=float, default=d.valid_fraction,
+        help=f"share of valid rows (default {d.valid_fraction:g})")
+    add("--workers", type=int, default=d.workers, help=f"generating processes (default {d.workers})")
+    add("--overwrite", action="store_true", help="replace an existing output")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run_generate(args) -> int:
-    s = generate(args.profile, args.rows, args.out, seed=args.seed, fmt=args.format, test_fraction=args.test_fraction,
-                 valid_fraction=args.valid_fraction, workers=args.workers, overwrite=args.overwrite,
-                 progress=not args.no_progress)
+    s = generate(args.profile, args.rows, args.out, **from_args(GenerateOptions, args))
     rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
     print(f"wrote {s['out']}\n  rows: {rows}\n  Bayes-optimal test AUC: {s['bayes_optimal_auc']:.4f}\n"
           f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s")
