@@ -2,7 +2,8 @@
 
 Ratings go through pyarrow.csv, never per-row Python (ml-32m has 32M rows); the small users
 and movies files are parsed in Python. Categorical ids come from vocabularies over the whole
-users/movies files, so a movie's id does not depend on the split; id 0 is missing / OOV.
+users/movies files (wdl.ingest.movielens_ids), so a movie's id does not depend on the split;
+id 0 is missing / OOV. Where the files come from is wdl.ingest.grouplens.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import pyarrow.csv as pacsv
 
 from wdl.ingest.grouplens import Source as _Source
 from wdl.ingest.grouplens import default_cache_dir, file_hashes as _hashes, resolve_source as _resolve_source
+from wdl.ingest.movielens_ids import Encoded, encode_release
+from wdl.ingest.options import from_args, resolve
 from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 
 VARIANTS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m")
+SPLITS = ("random", "temporal")
 # variant -> [(layout, ratings file, users file or None, movies file)]; the first one found wins
 LAYOUTS = {
     "ml-100k": [("grouplens", "u.data", "u.user", "u.item"),
@@ -30,7 +34,6 @@ LAYOUTS = {
     "ml-10m": [("grouplens", "ratings.dat", None, "movies.dat")],
     **{v: [("grouplens", "ratings.csv", None, "movies.csv")] for v in ("ml-20m", "ml-25m", "ml-32m")},
 }
-AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)  # ml-1m's buckets: under 18, 18-24, ..., 56+
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                  "Romance", "Sci-Fi", "Thriller", "War", "Western")  # u.item's flag order
@@ -41,13 +44,39 @@ ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "c
                     "unemployed", "writer")
 NO_GENRES = {"(no genres listed)", ""}
 _CHUNK = 1 << 20  # rows per table handed to the writer: bounds memory on ml-32m
-_LUT_MAX = 1 << 25  # ids below this are encoded through a lookup table
 ITEMS_FILE = "items.parquet"  # every movie with its features (manifest key "items"; wdl recommend)
+
+
+
+
+@dataclass(frozen=True)
+class MovieLensOptions:
+    """How `wdl data prepare movielens` reads, labels, splits and writes: its flags, one field each."""
+
+    source: str | None = None  # zip, folder or URL (default: the GroupLens zip of the variant)
+    threshold: float = 4.0  # label = rating >= threshold
+    split: str = "random"  # SPLITS: a permutation of the ratings, or a timestamp cut-off
+    seed: int = 2021  # random split
+    test_fraction: float = 0.2
+    valid_fraction: float = 0.0  # of the train part, carved off its end
+    temporal_cutoff: int | None = None  # temporal split: ratings at or after this Unix time are test
+    overwrite: bool = False
+    cache_dir: str | None = None  # download cache (default ~/.cache/wdl)
+    row_group_rows: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise DataError(f"unknown split {self.split!r} (random or temporal)")
+        if self.temporal_cutoff is not None and self.split != "temporal":
+            raise DataError("temporal_cutoff needs split='temporal' (--split temporal)")
+        if not (0.0 <= self.test_fraction < 1.0 and 0.0 <= self.valid_fraction < 1.0):
+            raise DataError(f"test_fraction and valid_fraction must be in [0, 1), got {self.test_fraction}, "
+                            f"{self.valid_fraction}")
 
 
 # ---------------------------------------------------------------------------- readers
 @dataclass
-class _Raw:
+class Raw:
     user: np.ndarray      # int64 raw ids, one per rating, in file order
     item: np.ndarray      # int64 raw ids
     rating: np.ndarray    # float32
@@ -157,7 +186,7 @@ def _read_users(src: _Source, name: str) -> dict:
             "occupation": list(occ), "zip": list(zips)}
 
 
-def read_movielens(src: _Source, variant: str) -> tuple[_Raw, str]:
+def read_movielens(src: _Source, variant: str) -> tuple[Raw, str]:
     """Ratings, users and movies of `variant` from the first layout `src` holds."""
     for layout, ratings, users, items in LAYOUTS[variant]:
         files = [f for f in (ratings, users, items) if f]
@@ -166,89 +195,19 @@ def read_movielens(src: _Source, variant: str) -> tuple[_Raw, str]:
                 src.info["files_sha256"] = {f: _hashes(lambda f=f: src.open(f))[0] for f in files}
             u, m, r, t = _read_ratings(src, ratings)
             users_ = _read_users(src, users) if users else None
-            return _Raw(u, m, r, t.astype(np.int64), users_, _read_items(src, items)), layout
+            return Raw(u, m, r, t.astype(np.int64), users_, _read_items(src, items)), layout
     want = " or ".join("/".join(f for f in files[1:] if f) for files in LAYOUTS[variant])
     raise DataError(f"{src.path} does not hold {variant} (looked for {want})")
 
 
-# ---------------------------------------------------------------------------- encoding
-def _encode(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
-    """Ids 1..len(vocab) for values found in the sorted `vocab`, 0 for the rest."""
-    if len(vocab) == 0 or len(values) == 0:
-        return np.zeros(len(values), np.int64)
-    if vocab[0] >= 0 and vocab[-1] < _LUT_MAX:  # MovieLens ids are small: a table beats searchsorted
-        lut = np.zeros(vocab[-1] + 2, np.int64)  # the last slot catches every larger value
-        lut[vocab] = np.arange(1, len(vocab) + 1)
-        return lut[np.clip(values, -1, vocab[-1] + 1)]  # -1 also lands on that zero slot
-    pos = np.searchsorted(vocab, values)
-    hit = vocab[np.minimum(pos, len(vocab) - 1)] == values
-    return np.where(hit, pos + 1, 0).astype(np.int64)
-
-
-def _unique(values: np.ndarray) -> np.ndarray:
-    if len(values) and values.min() >= 0 and values.max() < _LUT_MAX:
-        return np.flatnonzero(np.bincount(values))
-    return np.unique(values)
-
-
-def _vocab(values: list, vocab: list | None = None) -> tuple[list, np.ndarray]:
-    """A small column's vocabulary (sorted unless given) and each value's id."""
-    vocab = sorted(set(values)) if vocab is None else vocab
-    index = {v: i + 1 for i, v in enumerate(vocab)}
-    return vocab, np.fromiter((index[v] for v in values), np.int64, len(values))
-
-
-@dataclass
-class _Encoded:
-    """Per-rating user/movie ids plus per-id feature tables (row 0 = missing user/movie)."""
-    user_id: np.ndarray
-    movie_id: np.ndarray
-    user_feats: dict[str, np.ndarray]   # column -> int64[n_users + 1]
-    year: np.ndarray                    # float64[n_movies + 1], nan = unknown
-    decade: np.ndarray                  # int64[n_movies + 1]
-    genres: pa.ListArray                # list<int64>[n_movies + 1]
-    titles: list[str]                   # [n_movies]: the title of movie id i + 1
-    vocabs: dict[str, list]             # column -> raw values of ids 1..
-
-
-def _encode_all(raw: _Raw) -> _Encoded:
-    user_vocab = _unique(raw.users["id"] if raw.users else raw.user)  # users file where there is one
-    vocabs, user_feats = {"user_id": user_vocab.tolist()}, {}
-    if raw.users:
-        rows = _encode(raw.users["id"], user_vocab)
-        ages = [AGE_GROUPS[int(np.searchsorted(AGE_GROUPS[1:], a, side="right"))] for a in raw.users["age"]]
-        for col, (vocab, ids) in {"age_bucket": _vocab(ages, list(AGE_GROUPS)),
-                                  "gender": _vocab(raw.users["gender"]),
-                                  "occupation": _vocab(raw.users["occupation"]),
-                                  "zip_prefix": _vocab(raw.users["zip"])}.items():
-            user_feats[col], vocabs[col] = np.zeros(len(user_vocab) + 1, np.int64), vocab
-            user_feats[col][rows] = ids
-
-    order = np.argsort(raw.items["id"], kind="stable")
-    movie_vocab = raw.items["id"][order]
-    vocabs["movie_id"] = movie_vocab.tolist()
-    year = np.concatenate([[np.nan], raw.items["year"][order]])
-    known = ~np.isnan(year)
-    decades = (year[known] // 10 * 10).astype(np.int64)
-    vocabs["release_decade"] = sorted(set(decades.tolist()))
-    decade = np.zeros(len(year), np.int64)
-    decade[known] = _encode(decades, np.asarray(vocabs["release_decade"], np.int64))
-    vocabs["genres"] = sorted({g for gs in raw.items["genres"] for g in gs})
-    gindex = {g: i + 1 for i, g in enumerate(vocabs["genres"])}
-    lists = [[]] + [[gindex[g] for g in raw.items["genres"][i]] for i in order]
-    genres = pa.array(lists, type=pa.list_(pa.int64()))
-    titles = [raw.items["title"][i] for i in order]
-    return _Encoded(_encode(raw.user, user_vocab), _encode(raw.item, movie_vocab),
-                    user_feats, year, decade, genres, titles, vocabs)
-
-
-def _movie_columns(enc: _Encoded, mid: np.ndarray, year_filled: np.ndarray) -> dict:
+# ---------------------------------------------------------------------------- rows
+def _movie_columns(enc: Encoded, mid: np.ndarray, year_filled: np.ndarray) -> dict:
     """The movie-side feature columns of movie ids `mid`, as every row of the data set has them."""
     return {"movie_id": mid, "genres": enc.genres.take(pa.array(mid)),
             "release_year": year_filled[mid].astype(np.float32), "release_decade": enc.decade[mid]}
 
 
-def _table(raw: _Raw, enc: _Encoded, idx: np.ndarray, year_filled: np.ndarray, threshold: float) -> pa.Table:
+def _table(raw: Raw, enc: Encoded, idx: np.ndarray, year_filled: np.ndarray, threshold: float) -> pa.Table:
     uid, mid = enc.user_id[idx], enc.movie_id[idx]
     cols = {"user_id": uid, "movie_id": mid, **{c: t[uid] for c, t in enc.user_feats.items()}}
     cols.update(_movie_columns(enc, mid, year_filled))
@@ -258,9 +217,10 @@ def _table(raw: _Raw, enc: _Encoded, idx: np.ndarray, year_filled: np.ndarray, t
 
 
 # ---------------------------------------------------------------------------- splits
-def _split(ts: np.ndarray, kind: str, seed: int, test_fraction: float, valid_fraction: float,
-           cutoff) -> tuple[dict[str, np.ndarray], dict]:
+def _split(ts: np.ndarray, opts: MovieLensOptions) -> tuple[dict[str, np.ndarray], dict]:
     """Row indices per split, and the manifest's description of the rule."""
+    kind, seed, test_fraction, valid_fraction = opts.split, opts.seed, opts.test_fraction, opts.valid_fraction
+    cutoff = opts.temporal_cutoff
     n = len(ts)
     n_train = n - int(round(n * test_fraction))
     info = {"kind": kind, "test_fraction": test_fraction, "valid_fraction": valid_fraction, "valid_of": "train"}
@@ -294,57 +254,56 @@ def _split(ts: np.ndarray, kind: str, seed: int, test_fraction: float, valid_fra
 
 
 # ---------------------------------------------------------------------------- prepare
-def prepare_movielens(variant: str, out, *, source=None, threshold: float = 4.0, split: str = "random",
-                      seed: int = 2021, test_fraction: float = 0.2, valid_fraction: float = 0.0,
-                      temporal_cutoff: int | None = None, overwrite: bool = False, cache_dir=None,
-                      row_group_rows: int = 16384) -> pathlib.Path:
-    """Read MovieLens `variant` from `source` (zip, folder or URL; default GroupLens) into `out`."""
+def prepare_movielens(variant: str, out, opts: MovieLensOptions | None = None, **options) -> pathlib.Path:
+    """Read MovieLens `variant` from `opts.source` (zip, folder or URL; default GroupLens) into `out`.
+    opts: a MovieLensOptions, or its fields as keywords (applied over it when both are given)."""
     if variant not in VARIANTS:
         raise DataError(f"unknown MovieLens variant {variant!r} (choose from {', '.join(VARIANTS)})")
-    if split not in ("random", "temporal"):
-        raise DataError(f"unknown split {split!r} (random or temporal)")
-    if temporal_cutoff is not None and split != "temporal":
-        raise DataError("temporal_cutoff needs split='temporal' (--split temporal)")
-    if not (0.0 <= test_fraction < 1.0 and 0.0 <= valid_fraction < 1.0):
-        raise DataError(f"test_fraction and valid_fraction must be in [0, 1), got {test_fraction}, {valid_fraction}")
-    cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    opts = resolve(MovieLensOptions, opts, options)
+    cache = pathlib.Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
     # The writer first: an existing data set is refused before any download.
-    with DatasetWriter(out, name=f"movielens-{variant}", overwrite=overwrite, row_group_rows=row_group_rows) as w:
-        src = _resolve_source(variant, source, cache)
+    with DatasetWriter(out, name=f"movielens-{variant}", overwrite=opts.overwrite,
+                       row_group_rows=opts.row_group_rows) as w:
+        src = _resolve_source(variant, opts.source, cache)
         raw, layout = read_movielens(src, variant)
         print(f"movielens {variant}: {len(raw.ts)} ratings from {src.info['origin']} ({layout} layout)",
               file=sys.stderr)
-        enc = _encode_all(raw)
-        parts, split_info = _split(raw.ts, split, seed, test_fraction, valid_fraction, temporal_cutoff)
+        enc = encode_release(raw)
+        parts, split_info = _split(raw.ts, opts)
 
         # Unknown release years take the train mean, so normalisation never sees NaN.
         train_years = enc.year[enc.movie_id[parts["train"]]]
         mean = float(np.nanmean(train_years)) if (~np.isnan(train_years)).any() else 0.0
         year_filled = np.where(np.isnan(enc.year), mean, enc.year)
-        std = float(year_filled[enc.movie_id[parts["train"]]].std())
+        year = {"kind": "dense", "mean": mean, "std": float(year_filled[enc.movie_id[parts["train"]]].std()),
+                "missing_filled_with": mean}
 
         for name, idx in parts.items():
             for start in range(0, max(len(idx), 1), _CHUNK):
-                w.write(name, _table(raw, enc, idx[start:start + _CHUNK], year_filled, threshold))
-        columns = {}
-        for col in ["user_id", "movie_id", *enc.user_feats, "genres", "release_year", "release_decade"]:
-            if col == "release_year":
-                columns[col] = {"kind": "dense", "mean": mean, "std": std, "missing_filled_with": mean}
-                continue
-            columns[col] = {"kind": "multi_hot" if col == "genres" else "categorical",
-                            "vocab_size": len(enc.vocabs[col]) + 1,
-                            "vocab_file": w.write_vocab(col, enc.vocabs[col])}
-        extra = {"threshold": threshold,
+                w.write(name, _table(raw, enc, idx[start:start + _CHUNK], year_filled, opts.threshold))
+        extra = {"threshold": opts.threshold,
                  "items": _write_items(w, enc, year_filled, user_columns=["user_id", *enc.user_feats]),
                  "counts": {"ratings": len(raw.ts), "users": len(enc.vocabs["user_id"]),
                             "movies": len(enc.vocabs["movie_id"])},
                  "other_columns": {"timestamp": "int64 Unix seconds, not a feature",
                                    "rating": "float32 raw rating; label = rating >= threshold"}}
         return w.commit(source={"kind": "movielens", "variant": variant, "layout": layout, **src.info},
-                        label="label", columns=columns, split=split_info, extra=extra)
+                        label="label", columns=_columns(w, enc, year), split=split_info, extra=extra)
 
 
-def _write_items(w: DatasetWriter, enc: _Encoded, year_filled: np.ndarray, user_columns: list[str]) -> dict:
+def _columns(w: DatasetWriter, enc: Encoded, year: dict) -> dict:
+    """The manifest's column entries, in the rows' order; vocabularies written."""
+    columns = {}
+    for col in ["user_id", "movie_id", *enc.user_feats, "genres", "release_year", "release_decade"]:
+        if col == "release_year":
+            columns[col] = year
+            continue
+        columns[col] = {"kind": "multi_hot" if col == "genres" else "categorical",
+                        "vocab_size": len(enc.vocabs[col]) + 1, "vocab_file": w.write_vocab(col, enc.vocabs[col])}
+    return columns
+
+
+def _write_items(w: DatasetWriter, enc: Encoded, year_filled: np.ndarray, user_columns: list[str]) -> dict:
     """items.parquet: one row per movie (id order) with its raw id, title and movie-side feature
     columns exactly as the rating rows carry them, so that `wdl recommend` can score a user
     against every movie. Returns the manifest's description of it."""
@@ -359,32 +318,31 @@ def _write_items(w: DatasetWriter, enc: _Encoded, year_filled: np.ndarray, user_
 
 # ---------------------------------------------------------------------------- CLI
 def add_prepare_arguments(parser) -> None:
-    """Flags of `wdl data prepare movielens`."""
+    """Flags of `wdl data prepare movielens`: the variant and output, and the fields of MovieLensOptions."""
+    d = MovieLensOptions()
     add = parser.add_argument
     add("--variant", required=True, choices=VARIANTS, help="which MovieLens release")
-    add("--source", default=None, help="local zip, local folder or URL (default: the GroupLens zip; "
+    add("--source", default=d.source, help="local zip, local folder or URL (default: the GroupLens zip; "
         "ml-100k falls back to RecBole's copy on PyPI when GroupLens is unreachable)")
     add("--out", required=True, help="output data set folder")
-    add("--threshold", type=float, default=4.0, help="label = rating >= THRESHOLD (default 4)")
-    add("--split", choices=("random", "temporal"), default="random",
-        help="random permutation of the ratings, or a global timestamp cut-off (default random)")
-    add("--test-fraction", type=float, default=0.2, help="fraction of ratings in test (default 0.2)")
-    add("--valid-fraction", type=float, default=0.0,
-        help="fraction of the train part carved off its end as 'valid' (default 0: none)")
-    add("--temporal-cutoff", type=int, default=None,
+    add("--threshold", type=float, default=d.threshold, help=f"label = rating >= THRESHOLD (default {d.threshold:g})")
+    add("--split", choices=SPLITS, default=d.split,
+        help=f"random permutation of the ratings, or a global timestamp cut-off (default {d.split})")
+    add("--test-fraction", type=float, default=d.test_fraction,
+        help=f"fraction of ratings in test (default {d.test_fraction})")
+    add("--valid-fraction", type=float, default=d.valid_fraction,
+        help=f"fraction of the train part carved off its end as 'valid' (default {d.valid_fraction:g}: none)")
+    add("--temporal-cutoff", type=int, default=d.temporal_cutoff,
         help="with --split temporal: ratings at or after this Unix time go to test")
-    add("--seed", type=int, default=2021, help="seed of the random split (default 2021)")
+    add("--seed", type=int, default=d.seed, help=f"seed of the random split (default {d.seed})")
     add("--overwrite", action="store_true", help="replace an existing data set at --out")
-    add("--cache-dir", default=None, help="download cache (default ~/.cache/wdl)")
-    add("--row-group-rows", type=int, default=16384, help="rows per Parquet row group (default 16384)")
+    add("--cache-dir", default=d.cache_dir, help="download cache (default ~/.cache/wdl)")
+    add("--row-group-rows", type=int, default=d.row_group_rows,
+        help=f"rows per Parquet row group (default {d.row_group_rows})")
 
 
 def run_prepare(args) -> int:
     """`wdl data prepare movielens`: the exit status (errors are raised as DataError)."""
-    out = prepare_movielens(args.variant, args.out, source=args.source, threshold=args.threshold,
-                            split=args.split, seed=args.seed, test_fraction=args.test_fraction,
-                            valid_fraction=args.valid_fraction, temporal_cutoff=args.temporal_cutoff,
-                            overwrite=args.overwrite, cache_dir=args.cache_dir,
-                            row_group_rows=args.row_group_rows)
+    out = prepare_movielens(args.variant, args.out, **from_args(MovieLensOptions, args))
     print(f"wrote {out}")
     return 0
