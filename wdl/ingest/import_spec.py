@@ -1,6 +1,7 @@
 """What `wdl data import` reads: the label, each feature column's kind and vocabulary rule, and
 the split. Given as YAML (`--spec columns.yaml`) or inferred from the input's schema and first
-rows, and printed back as YAML so that an inferred spec can be saved, edited and reused.
+rows, and printed back as YAML so that an inferred spec can be saved, edited and reused. The
+command's other options (ImportOptions) are checked here too.
 
     label: clicked
     columns:
@@ -20,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +32,7 @@ from wdl.errors import ConfigError
 KINDS = ("categorical", "multi_hot", "dense")
 SPLITS = ("random", "time", "files")
 SPLIT_NAMES = ("train", "valid", "test")
+FORMATS = ("auto", "parquet", "csv")  # of the input files; auto: by file name
 # Integer columns named like identifiers are categorical whatever their number of values.
 _ID_NAME = re.compile(r"(^|_)(id|key|code)$|[a-z]Id$", re.IGNORECASE)
 
@@ -60,6 +62,44 @@ class ImportSpec:
     label: str
     columns: dict[str, ColumnSpec]
     split: SplitSpec = field(default_factory=SplitSpec)
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """What `wdl data import` reads and how it writes: its flags, one field each.
+
+    The columns come from `spec`, or are inferred from the first file given `label` (with the
+    `kinds` overrides and the vocabulary rule min_frequency / top_k for every column, integer
+    columns with at most max_categories values categorical, strings split on `separator` where a
+    kind says multi_hot); `split` replaces the spec's split.
+    """
+
+    spec: ImportSpec | None = None
+    label: str | None = None
+    split: SplitSpec | None = None
+    kinds: dict[str, str] | None = None  # column -> kind, with inference only
+    fmt: str = "auto"  # FORMATS: auto by file name
+    workers: int = 1  # processes (fewer than 1 counts as 1)
+    min_frequency: int = 1
+    top_k: int | None = None
+    max_categories: int = 1000
+    separator: str = "|"
+    buckets: int = 10  # dense columns: equal-frequency buckets whose inner edges are recorded
+    sample_size: int = 65536  # dense values kept for the bucket edges
+    overwrite: bool = False
+    progress: bool = True
+    row_group_rows: int = 16384
+    rows_per_file: int = 1_000_000
+    log: Callable[[str], None] = print  # where an inferred spec is printed
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+        for col, kind in (self.kinds or {}).items():
+            if kind not in KINDS:
+                raise ConfigError(f"--kind {f'{col}={kind}'!r}: expected COL=KIND with KIND one of {', '.join(KINDS)}")
+        if self.spec is not None and self.kinds:
+            raise ConfigError("--kind is for inferred columns; with --spec, give kinds in the spec")
 
 
 def _check_keys(where: str, raw: Any, cls) -> dict:

@@ -31,6 +31,7 @@ from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError
 from wdl.ingest import import_spec as S
 from wdl.ingest.import_passes import Plan, Stats, Unit, encode, encode_job, first_line, init_worker, stats_job
+from wdl.ingest.options import from_args, resolve
 from wdl.ingest.pool import ordered_map
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".gz": "csv"}
@@ -154,113 +155,150 @@ def _progress(total: int | None, desc: str, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------ import
-def import_data(inputs: list[str], out, *, spec: S.ImportSpec | None = None, label: str | None = None,
-                split: S.SplitSpec | None = None, kinds: dict[str, str] | None = None, fmt: str = "auto",
-                workers: int = 1, min_frequency: int = 1, top_k: int | None = None, max_categories: int = 1000,
-                separator: str = "|",
-                buckets: int = 10, sample_size: int = 65536, overwrite: bool = False, progress: bool = True,
-                row_group_rows: int = 16384, rows_per_file: int = 1_000_000, log=print) -> dict:
+def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **options) -> dict:
     """Import `inputs` into a data set at `out`; returns the summary (also in the manifest).
 
-    `spec` gives the columns (else they are inferred from the first file, with `label`, and the
-    inferred spec is printed through `log`); `split` replaces the spec's split."""
+    opts: an ImportOptions (wdl.ingest.import_spec), or its fields as keywords (applied over it when both are given). Its
+    `spec` gives the columns, else they are inferred from the first file (with `label`), and the
+    inferred spec is printed through `log`; its `split` replaces the spec's."""
     start = time.perf_counter()
-    split = split or (spec.split if spec else S.SplitSpec())
-    if split.kind == "files":
-        if inputs:
-            raise DataError("a files split takes its inputs per split (--train-files ...), not as INPUT")
-        files = [(p, f, S.SPLIT_NAMES.index(k)) for k, globs in split.files.items() for p, f in expand_inputs(globs, fmt)]
-    else:
-        if not inputs:
-            raise DataError("no input given (files, folders or globs of .parquet / .csv files)")
-        files = [(p, f, None) for p, f in expand_inputs(inputs, fmt)]
+    opts = resolve(S.ImportOptions, opts, options)
+    split = opts.split or (opts.spec.split if opts.spec else S.SplitSpec())
+    files = _input_files(inputs, split, opts.fmt)
     first = _first_rows(files[0][0], files[0][1])
-    if spec is None:
-        if not label:
-            raise DataError("give the label column (--label COL) or a spec (--spec FILE)")
-        spec, notes = S.infer_spec(first.schema, first, label, split, kinds=kinds or {}, min_frequency=min_frequency,
-                                   top_k=top_k, max_categories=max_categories, separator=separator)
-        log(f"# columns inferred from {files[0][0]}; save as a file, edit, and pass it with --spec\n"
-            + S.spec_yaml(spec, notes))
-    else:
-        spec = S.ImportSpec(label or spec.label, spec.columns, split)
-    if spec.label in spec.columns:
-        raise DataError(f"the label {spec.label!r} is also listed as a feature column")
+    spec = _columns_spec(opts, split, first, files[0][0])
     types = _types(spec, first.schema, files[0][0])
     strings = [n for n, t in types.items() if pa.types.is_string(t) and n in spec.columns]
     cuts = tuple(_cut(getattr(split, k), types[split.column], k) for k in ("valid_from", "test_from")) \
         if split.kind == "time" else (None, None)
-    plan = Plan(spec, types, strings, sample_size, cuts)
+    plan = Plan(spec, types, strings, opts.sample_size, cuts)
     units = _units(files, plan)
-    workers = max(1, int(workers))
+    workers = max(1, int(opts.workers))
 
-    with DatasetWriter(out, name=Path(out).name, overwrite=overwrite, rows_per_file=rows_per_file,
-                       row_group_rows=row_group_rows) as w:
-        # Pass 1: statistics of the train rows.
-        known = [u.rows for u in units]
-        bar, agg = _progress(sum(known) if None not in known else None, "statistics", progress), Stats.empty(plan)
-        for st in ordered_map(stats_job, units, workers, init_worker, plan):
-            agg.merge(st)
-            bar.update(int(st.rows.sum()))
-        bar.close()
-        if agg.rows.sum() == 0:
-            raise DataError(f"no rows in {', '.join(p for p, _, _ in files)}")
-        if agg.rows[0] == 0:
-            raise DataError(f"the {split.kind} split leaves no training rows (rows per split: {dict(zip(S.SPLIT_NAMES, agg.rows.tolist()))})")
-        columns, normalize = {}, {}
-        for name, c in spec.columns.items():
-            if c.kind == "dense":
-                d = agg.dense[name]
-                columns[name] = {"kind": "dense", **d.stats.result(), "min": d.lo if d.stats.count else None,
-                                 "max": d.hi if d.stats.count else None, "transform": "none",
-                                 "missing_train": d.missing, "bucket_edges": d.sample.quantiles(buckets),
-                                 "quantile_sample": len(d.sample.values)}
-                normalize[name] = "log1p" if d.lo >= 0 and d.sample.skewness() > 2 else "standard"
-                continue
-            vocab, distinct = agg.counts[name].vocabulary(c.min_frequency, c.top_k)
-            plan.vocabs[name] = vocab
-            columns[name] = {"kind": c.kind, "vocab_size": len(vocab) + 1, "encoding": "vocab",
-                             "vocab_file": w.write_vocab(name, vocab.to_pylist()), "raw_type": str(types[name]),
-                             "min_frequency": c.min_frequency, "top_k": c.top_k, "distinct_train_values": distinct}
-
-        # Pass 2: encode and write. Large CSV files would be whole units in a pool: stream them here.
-        pool = workers if all(u.fmt == "parquet" or os.path.getsize(u.path) <= CSV_POOL_BYTES for u in units) else 1
-        bar = _progress(int(agg.rows.sum()), "encode", progress)
-        unknown = {n: np.zeros((3, 3), np.int64) for n in spec.columns}
-        for parts, counts, n in _encoded(units, plan, pool):
-            for code, table in parts.items():
-                w.write(S.SPLIT_NAMES[code], table)
-            for name, c in counts.items():
-                unknown[name] += c
-            bar.update(n)
-        bar.close()
-        promised = {"random": ["test"] + (["valid"] if split.valid_fraction > 0 else []),
-                    "time": ["test"] + (["valid"] if split.valid_from is not None else []),
-                    "files": list(split.files)}[split.kind]
-        for name in promised:  # a promised split exists even when empty
-            w.write(name, plan.out_schema.empty_table())
-        seconds = time.perf_counter() - start
-        rows = int(agg.rows.sum())
-        summary = {"rows": {k: int(n) for k, n in zip(S.SPLIT_NAMES, agg.rows) if n or k in promised},
-                   "positive_rate": {k: float(p / n) for k, p, n in zip(S.SPLIT_NAMES, agg.positives, agg.rows) if n},
-                   "vocab_sizes": {n: c["vocab_size"] for n, c in columns.items() if "vocab_size" in c},
-                   "seconds": seconds, "rows_per_second": rows / seconds if seconds > 0 else 0.0, "workers": workers}
+    with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
+                       row_group_rows=opts.row_group_rows) as w:
+        agg = _statistics(units, plan, workers, opts.progress, files, split)
+        columns, normalize = _columns(w, spec, agg, plan, opts.buckets)
+        unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split)
+        summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
         unknown_values = {k: {n: dict(zip(("values", "unknown", "null"), map(int, u[i]))) for n, u in unknown.items()}
                           for i, k in enumerate(S.SPLIT_NAMES) if k in summary["rows"]}
-        split_info = {"kind": split.kind, **{"random": {"seed": split.seed, "test_fraction": split.test_fraction,
-                                                         "valid_fraction": split.valid_fraction,
-                                                         "rule": "each row by a hash of (seed, file, row)"},
-                                              "time": {"column": split.column, "valid_from": _json(split.valid_from),
-                                                       "test_from": _json(split.test_from),
-                                                       "rule": "time < valid_from -> train, < test_from -> valid, else test"},
-                                              "files": {"files": {k: [p for p, _, s in files if s == S.SPLIT_NAMES.index(k)]
-                                                                  for k in split.files}}}[split.kind]}
         source = {"kind": "import", "format": files[0][1], "inputs": [os.path.abspath(p) for p, _, _ in files],
                   "spec": S.spec_yaml(spec)}
-        w.commit(source=source, label=spec.label, columns=columns, split=split_info,
+        w.commit(source=source, label=spec.label, columns=columns, split=_split_info(split, files),
                  extra={"counts": summary, "unknown_values": unknown_values})
     summary.update(unknown_values=unknown_values, features_yaml=S.features_yaml(spec.label, columns, normalize))
     return summary
+
+
+def _input_files(inputs: list[str], split: S.SplitSpec, fmt: str) -> list[tuple[str, str, int | None]]:
+    """(path, format, split code of a files split or None) of every input file."""
+    if split.kind == "files":
+        if inputs:
+            raise DataError("a files split takes its inputs per split (--train-files ...), not as INPUT")
+        return [(p, f, S.SPLIT_NAMES.index(k)) for k, globs in split.files.items() for p, f in expand_inputs(globs, fmt)]
+    if not inputs:
+        raise DataError("no input given (files, folders or globs of .parquet / .csv files)")
+    return [(p, f, None) for p, f in expand_inputs(inputs, fmt)]
+
+
+def _columns_spec(opts: S.ImportOptions, split: S.SplitSpec, first: pa.Table, where: str) -> S.ImportSpec:
+    """The spec given (its label and split replaced by the options'), or one inferred from the
+    first rows and printed."""
+    if opts.spec is None:
+        if not opts.label:
+            raise DataError("give the label column (--label COL) or a spec (--spec FILE)")
+        spec, notes = S.infer_spec(first.schema, first, opts.label, split, kinds=opts.kinds or {},
+                                   min_frequency=opts.min_frequency, top_k=opts.top_k,
+                                   max_categories=opts.max_categories, separator=opts.separator)
+        opts.log(f"# columns inferred from {where}; save as a file, edit, and pass it with --spec\n"
+                 + S.spec_yaml(spec, notes))
+    else:
+        spec = S.ImportSpec(opts.label or opts.spec.label, opts.spec.columns, split)
+    if spec.label in spec.columns:
+        raise DataError(f"the label {spec.label!r} is also listed as a feature column")
+    return spec
+
+
+def _statistics(units: list[Unit], plan: Plan, workers: int, progress: bool, files: list,
+                split: S.SplitSpec) -> Stats:
+    """Pass 1: the train rows' statistics, merged over the units in order."""
+    known = [u.rows for u in units]
+    bar, agg = _progress(sum(known) if None not in known else None, "statistics", progress), Stats.empty(plan)
+    for st in ordered_map(stats_job, units, workers, init_worker, plan):
+        agg.merge(st)
+        bar.update(int(st.rows.sum()))
+    bar.close()
+    if agg.rows.sum() == 0:
+        raise DataError(f"no rows in {', '.join(p for p, _, _ in files)}")
+    if agg.rows[0] == 0:
+        raise DataError(f"the {split.kind} split leaves no training rows (rows per split: {dict(zip(S.SPLIT_NAMES, agg.rows.tolist()))})")
+    return agg
+
+
+def _columns(w: DatasetWriter, spec: S.ImportSpec, agg: Stats, plan: Plan, buckets: int) -> tuple[dict, dict]:
+    """The manifest's column entries (vocabularies written and set in `plan` for pass 2), and a
+    suggested normalisation per dense column."""
+    columns, normalize = {}, {}
+    for name, c in spec.columns.items():
+        if c.kind == "dense":
+            d = agg.dense[name]
+            columns[name] = {"kind": "dense", **d.stats.result(), "min": d.lo if d.stats.count else None,
+                             "max": d.hi if d.stats.count else None, "transform": "none",
+                             "missing_train": d.missing, "bucket_edges": d.sample.quantiles(buckets),
+                             "quantile_sample": len(d.sample.values)}
+            normalize[name] = "log1p" if d.lo >= 0 and d.sample.skewness() > 2 else "standard"
+            continue
+        vocab, distinct = agg.counts[name].vocabulary(c.min_frequency, c.top_k)
+        plan.vocabs[name] = vocab
+        columns[name] = {"kind": c.kind, "vocab_size": len(vocab) + 1, "encoding": "vocab",
+                         "vocab_file": w.write_vocab(name, vocab.to_pylist()), "raw_type": str(plan.types[name]),
+                         "min_frequency": c.min_frequency, "top_k": c.top_k, "distinct_train_values": distinct}
+    return columns, normalize
+
+
+def _write_rows(w: DatasetWriter, units: list[Unit], plan: Plan, workers: int, progress: bool, rows: int,
+                split: S.SplitSpec) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Pass 2: encode and write every unit; per column, [split, (values, unknown, null)] counts; and
+    the splits the rule promises (written, empty if need be)."""
+    # Large CSV files would be whole units in a pool: stream them in this process instead.
+    pool = workers if all(u.fmt == "parquet" or os.path.getsize(u.path) <= CSV_POOL_BYTES for u in units) else 1
+    bar = _progress(rows, "encode", progress)
+    unknown = {n: np.zeros((3, 3), np.int64) for n in plan.spec.columns}
+    for parts, counts, n in _encoded(units, plan, pool):
+        for code, table in parts.items():
+            w.write(S.SPLIT_NAMES[code], table)
+        for name, c in counts.items():
+            unknown[name] += c
+        bar.update(n)
+    bar.close()
+    promised = {"random": ["test"] + (["valid"] if split.valid_fraction > 0 else []),
+                "time": ["test"] + (["valid"] if split.valid_from is not None else []),
+                "files": list(split.files)}[split.kind]
+    for name in promised:  # a promised split exists even when empty
+        w.write(name, plan.out_schema.empty_table())
+    return unknown, promised
+
+
+def _summary(agg: Stats, columns: dict, promised: list[str], workers: int, seconds: float) -> dict:
+    rows = int(agg.rows.sum())
+    return {"rows": {k: int(n) for k, n in zip(S.SPLIT_NAMES, agg.rows) if n or k in promised},
+            "positive_rate": {k: float(p / n) for k, p, n in zip(S.SPLIT_NAMES, agg.positives, agg.rows) if n},
+            "vocab_sizes": {n: c["vocab_size"] for n, c in columns.items() if "vocab_size" in c},
+            "seconds": seconds, "rows_per_second": rows / seconds if seconds > 0 else 0.0, "workers": workers}
+
+
+def _split_info(split: S.SplitSpec, files: list[tuple[str, str, int | None]]) -> dict:
+    """The manifest's description of the split."""
+    if split.kind == "random":
+        rule = {"seed": split.seed, "test_fraction": split.test_fraction, "valid_fraction": split.valid_fraction,
+                "rule": "each row by a hash of (seed, file, row)"}
+    elif split.kind == "time":
+        rule = {"column": split.column, "valid_from": _json(split.valid_from), "test_from": _json(split.test_from),
+                "rule": "time < valid_from -> train, < test_from -> valid, else test"}
+    else:
+        rule = {"files": {k: [p for p, _, s in files if s == S.SPLIT_NAMES.index(k)] for k in split.files}}
+    return {"kind": split.kind, **rule}
 
 
 def _encoded(units: list[Unit], plan: Plan, workers: int):
@@ -291,7 +329,9 @@ def format_summary(out, s: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_import_arguments(parser) -> None:
-    """Flags of `wdl data import`."""
+    """Flags of `wdl data import`: the inputs and output, the fields of S.ImportOptions (--spec is
+    its path, --kind COL=KIND its kinds) and the split flags."""
+    d = S.ImportOptions()
     add = parser.add_argument
     add("inputs", nargs="*", metavar="INPUT", help="Parquet or CSV files, folders or globs (quoted)")
     add("--out", required=True, help="output data set folder")
@@ -299,11 +339,11 @@ def add_import_arguments(parser) -> None:
     add("--label", default=None, help="the 0/1 label column (infers the other columns' kinds without --spec)")
     add("--kind", action="append", default=[], metavar="COL=KIND",
         help="with inference: force a column's kind (categorical, multi_hot, dense); repeatable")
-    add("--min-frequency", type=int, default=1, help="with inference: values seen fewer times in train -> id 0")
-    add("--top-k", type=int, default=None, help="with inference: keep the K most frequent values per column")
-    add("--max-categories", type=int, default=1000,
+    add("--min-frequency", type=int, default=d.min_frequency, help="with inference: values seen fewer times in train -> id 0")
+    add("--top-k", type=int, default=d.top_k, help="with inference: keep the K most frequent values per column")
+    add("--max-categories", type=int, default=d.max_categories,
         help="with inference: integer columns with at most this many distinct values are categorical")
-    add("--separator", default="|", help="with inference: a string column given --kind COL=multi_hot is split on it")
+    add("--separator", default=d.separator, help="with inference: a string column given --kind COL=multi_hot is split on it")
     add("--split", choices=S.SPLITS, default=None, help="random (default), time or files; replaces the spec's split")
     add("--seed", type=int, default=None, help="random split: seed (default 2021)")
     add("--test-fraction", type=float, default=None, help="random split: test share (default 0.2)")
@@ -313,12 +353,13 @@ def add_import_arguments(parser) -> None:
     add("--test-from", default=None, help="time split: first time of the test split")
     for k in S.SPLIT_NAMES:
         add(f"--{k}-files", nargs="+", default=None, help=f"files split: the {k} files, folders or globs")
-    add("--format", choices=("auto", "parquet", "csv"), default="auto", help="input format (default: by file name)")
-    add("--workers", type=int, default=1, help="processes over Parquet row groups / files (default 1)")
-    add("--buckets", type=int, default=10, help="dense columns: equal-frequency bucket edges to record (default 10)")
+    add("--format", dest="fmt", choices=S.FORMATS, default=d.fmt, help="input format (default: by file name)")
+    add("--workers", type=int, default=d.workers, help=f"processes over Parquet row groups / files (default {d.workers})")
+    add("--buckets", type=int, default=d.buckets,
+        help=f"dense columns: equal-frequency bucket edges to record (default {d.buckets})")
     add("--overwrite", action="store_true", help="replace an existing data set at --out")
-    add("--row-group-rows", type=int, default=16384, help="rows per Parquet row group of the output")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add("--row-group-rows", type=int, default=d.row_group_rows, help="rows per Parquet row group of the output")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
@@ -342,20 +383,11 @@ def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
 
 
 def run_import(args) -> int:
-    kinds = {}
-    for item in args.kind:
-        col, _, kind = item.partition("=")
-        if kind not in S.KINDS:
-            raise ConfigError(f"--kind {item!r}: expected COL=KIND with KIND one of {', '.join(S.KINDS)}")
-        kinds[col] = kind
+    kinds = dict(item.partition("=")[::2] for item in args.kind)  # COL=KIND, checked by S.ImportOptions
     spec = S.load_spec(args.spec) if args.spec else None
-    if spec is not None and kinds:
-        raise ConfigError("--kind is for inferred columns; with --spec, give kinds in the spec")
-    summary = import_data(
-        args.inputs, args.out, spec=spec, label=args.label, split=split_from_args(args, spec.split if spec else None),
-        kinds=kinds, fmt=args.format, workers=args.workers, min_frequency=args.min_frequency, top_k=args.top_k,
-        max_categories=args.max_categories, separator=args.separator, buckets=args.buckets, overwrite=args.overwrite,
-        progress=not args.no_progress, row_group_rows=args.row_group_rows)
+    options = {**from_args(S.ImportOptions, args), "spec": spec, "kinds": kinds,
+               "split": split_from_args(args, spec.split if spec else None)}
+    summary = import_data(args.inputs, args.out, **options)
     print(format_summary(args.out, summary))
     print(f"\n# for a training config (data.path: {args.out}):\n" + summary["features_yaml"], end="")
     return 0
