@@ -14,6 +14,7 @@ import pytest
 
 from wdl.cli import build_parser, main
 from wdl.launch import parse_args
+from wdl.model.embeddings import torchrec_available
 
 from helpers import one_line_error, records, write_tiny_config
 
@@ -194,3 +195,50 @@ def test_mid_epoch_resume_on_another_data_set_is_refused(tiny_data, tmp_path, ca
     capsys.readouterr()
     assert train(config, "run.name=cut", "--resume", "auto") == 2
     one_line_error(capsys.readouterr().err, "saved mid-epoch with data set (manifest hash)=")
+
+
+# ------------------------------------------------- start-up refusals (were 1-process torchrun launches)
+@pytest.mark.skipif(not torchrec_available(), reason="torchrec + fbgemm-gpu-cpu not installed")
+def test_row_wise_on_cpu_is_a_clear_error(tiny_config, capsys):
+    capsys.readouterr()
+    assert train(tiny_config, "model.embedding_backend=torchrec", "optim.deep.name=adagrad",
+                 "distributed.tables={deep_user_id: row_wise}") == 2
+    one_line_error(capsys.readouterr().err, "row_wise needs CUDA")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_config, tmp_path, capsys):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    capsys.readouterr()
+    assert train(tiny_config, "--resume", str(empty)) == 2
+    one_line_error(capsys.readouterr().err, "no complete checkpoint")
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tiny_config, tmp_path, capsys):
+    assert train(tiny_config, "train.epochs=1", "run.name=small") == 0
+    capsys.readouterr()
+    assert train(tiny_config, "model.deep.embeddings={user_id: 16, movie_id: 8, genres: 4}",
+                 "--resume", str(tmp_path / "runs" / "small")) == 2
+    one_line_error(capsys.readouterr().err, "incompatible config", "deep_tables")
+    # a cross over other columns, same bucket count: same shape, other meaning
+    assert train(tiny_config, "features.crosses.gender_movie.columns=[user_id, movie_id]",
+                 "--resume", str(tmp_path / "runs" / "small")) == 2
+    one_line_error(capsys.readouterr().err, "incompatible config", "crosses")
+
+
+def test_mid_epoch_resume_with_another_batch_size_is_refused(tiny_config, tmp_path, capsys):
+    """A mid-epoch read position is a batch count: with another batch size it would repeat or
+    skip rows, so the resume stops with one line (an epoch-end checkpoint loads with any)."""
+    assert train(tiny_config, "run.name=cut", "checkpoint.every_steps=4", "train.max_steps=6") == 0
+    capsys.readouterr()
+    assert train(tiny_config, "run.name=cut", "data.batch_size=64", "--resume", "auto") == 2
+    cap = capsys.readouterr()
+    one_line_error(cap.err, "saved mid-epoch with data.batch_size=128", "data.batch_size=64 now")
+    assert "best test AUC" not in cap.out  # nothing trained, nothing logged
+
+
+def test_diverged_training_stops_with_one_line(tiny_config, tmp_path, capsys):
+    capsys.readouterr()
+    assert train(tiny_config, "run.name=div", "optim.deep.lr=1e30", "optim.wide.lr=1e30", "train.epochs=1") == 2
+    one_line_error(capsys.readouterr().err, "training diverged", "epoch 1")
+    assert not (tmp_path / "runs" / "div" / "metrics.jsonl").exists()  # no epoch with a non-finite loss logged
