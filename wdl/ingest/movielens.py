@@ -77,6 +77,8 @@ class MovieLensOptions:
 # ---------------------------------------------------------------------------- readers
 @dataclass
 class Raw:
+    """A release as read: one entry per rating, and the users and movies files."""
+
     user: np.ndarray      # int64 raw ids, one per rating, in file order
     item: np.ndarray      # int64 raw ids
     rating: np.ndarray    # float32
