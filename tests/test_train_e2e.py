@@ -1,4 +1,7 @@
-"""End to end through the command line: prepare MovieLens (GroupLens layout), train, bad input."""
+"""End to end through the command line: prepare MovieLens (GroupLens layout), train, bad input.
+
+One case runs the real `python -m wdl.cli train` in a new process; the others call the same
+command's entry point in this process (its own error handling included)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import ROOT, one_line_error, records
+from wdl.cli import main
 from wdl.ingest import movielens as ml
 from wdl.model.embeddings import torchrec_available
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "movielens-100k.yaml"
 QUICK = ["train.progress=false", "model.embedding_backend=torch", "data.batch_size=256",
          "model.deep.hidden=[32,16]"]
@@ -53,8 +57,7 @@ def prepared(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("ml")
     src = write_grouplens_100k(base / "raw")
     out = base / "ml-small"
-    proc = wdl("data", "prepare", "movielens", "--variant", "ml-100k", "--source", str(src), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["data", "prepare", "movielens", "--variant", "ml-100k", "--source", str(src), "--out", str(out)]) == 0
     return out
 
 
@@ -64,7 +67,7 @@ def test_prepare_then_train_two_epochs(prepared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch | train loss | test AUC" in proc.stdout
     run = tmp_path / "movielens-100k"
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = records(run)
     assert [r["epoch"] for r in recs] == [1, 2]
     keys = {"epoch", "train_loss", "auc", "logloss", "calibration", "train_seconds", "eval_seconds",
             "samples_per_second", "rows", "train_rows"}
@@ -81,12 +84,17 @@ def test_prepare_then_train_two_epochs(prepared, tmp_path):
     assert "batch_size: 256" in saved  # the resolved config, overrides included
 
 
+def train(*args: str) -> int:
+    """`wdl train` in this process: the command's own error handling, without paying for a new
+    Python and torch import per case (test_prepare_then_train_two_epochs runs the real command)."""
+    return main(["train", "--config", str(CONFIG), *args])
+
+
 def test_a_second_run_never_overwrites_the_first(prepared, tmp_path):
-    args = ["train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
-            "train.epochs=1", *QUICK]
-    assert wdl(*args).returncode == 0
+    args = [f"data.path={prepared}", f"run.out_dir={tmp_path}", "train.epochs=1", *QUICK]
+    assert train(*args) == 0
     first = (tmp_path / "movielens-100k" / "metrics.jsonl").read_text()
-    assert wdl(*args).returncode == 0
+    assert train(*args) == 0
     assert (tmp_path / "movielens-100k" / "metrics.jsonl").read_text() == first
     assert (tmp_path / "movielens-100k-1" / "metrics.jsonl").exists()
 
@@ -94,57 +102,56 @@ def test_a_second_run_never_overwrites_the_first(prepared, tmp_path):
 @pytest.mark.skipif(not torchrec_available(), reason="torchrec not installed")
 def test_both_embedding_backends_give_the_same_auc(prepared, tmp_path):
     """Same seed, same optimiser arithmetic: TorchRec's tables (FBGEMM AdaGrad) vs wdl's fused tables."""
-    common = ["train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
-              "train.epochs=2", "train.progress=false", "data.batch_size=256", "model.deep.hidden=[32,16]"]
-    assert wdl(*common, "run.name=torch", "model.embedding_backend=torch").returncode == 0
-    proc = wdl(*common, "run.name=torchrec", "model.embedding_backend=torchrec", "distributed.sharding=table_wise")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = [json.loads(x) for x in (tmp_path / "torch" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "torchrec" / "metrics.jsonl").read_text().splitlines()]
+    common = [f"data.path={prepared}", f"run.out_dir={tmp_path}", "train.epochs=2", "train.progress=false",
+              "data.batch_size=256", "model.deep.hidden=[32,16]"]
+    assert train(*common, "run.name=torch", "model.embedding_backend=torch") == 0
+    assert train(*common, "run.name=torchrec", "model.embedding_backend=torchrec", "distributed.sharding=table_wise") == 0
+    a, b = records(tmp_path / "torch"), records(tmp_path / "torchrec")
+    assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         assert x["auc"] == pytest.approx(y["auc"], abs=1e-6)
         assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
 
 
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for n in needles:
-        assert n in err, err
+def refused(capsys, args: list[str], *needles: str) -> None:
+    """`wdl train args` exits 2 with one `error:` line holding every needle."""
+    capsys.readouterr()
+    rc = train(*args)
+    cap = capsys.readouterr()
+    assert rc == 2, cap.out[-2000:] + cap.err[-2000:]
+    one_line_error(cap.err, *needles)
 
 
-def test_unknown_config_key(tmp_path):
-    one_line_error(wdl("train", "--config", str(CONFIG), "optim.deep.learning_rate=0.1"),
-                   "unknown config key 'optim.deep.learning_rate'")
+def test_unknown_config_key(capsys):
+    refused(capsys, ["optim.deep.learning_rate=0.1"], "unknown config key 'optim.deep.learning_rate'")
 
 
-def test_missing_config_file(tmp_path):
-    one_line_error(wdl("train", "--config", str(tmp_path / "nope.yaml")), "config file not found", "nope.yaml")
+def test_missing_config_file(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    one_line_error(capsys.readouterr().err, "config file not found", "nope.yaml")
 
 
-def test_data_folder_without_manifest(tmp_path, prepared):
+def test_data_folder_without_manifest(tmp_path, prepared, capsys):
     half = tmp_path / "half"
     (half / "train").mkdir(parents=True)
     (half / "train" / "part-00000.parquet").write_bytes((prepared / "train" / "part-00000.parquet").read_bytes())
-    one_line_error(wdl("train", "--config", str(CONFIG), f"data.path={half}", f"run.out_dir={tmp_path}", *QUICK),
-                   "no manifest.json")
+    refused(capsys, [f"data.path={half}", f"run.out_dir={tmp_path}", *QUICK], "no manifest.json")
     # the half-written folder is left as it was
     assert sorted(p.name for p in half.rglob("*")) == ["part-00000.parquet", "train"]
 
 
-def test_feature_missing_in_data(tmp_path, prepared):
-    one_line_error(
-        wdl("train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}", *QUICK,
-            "features.columns.mood={kind: categorical, hash_buckets: 10}", "model.wide.features=[user_id, mood]"),
-        "column 'mood' named in the config is missing")
+def test_feature_missing_in_data(tmp_path, prepared, capsys):
+    refused(capsys, [f"data.path={prepared}", f"run.out_dir={tmp_path}", *QUICK,
+                     "features.columns.mood={kind: categorical, hash_buckets: 10}", "model.wide.features=[user_id, mood]"],
+            "column 'mood' named in the config is missing")
 
 
 @pytest.mark.parametrize("backend", ["torch", "torchrec"])
-def test_tables_too_large_for_memory_are_refused_before_allocating(prepared, tmp_path, backend):
+def test_tables_too_large_for_memory_are_refused_before_allocating(prepared, tmp_path, backend, capsys):
     if backend == "torchrec" and not torchrec_available():
         pytest.skip("torchrec not installed")
     # 2e12 rows of a wide table with FTRL state: 24 TB, refused before anything is allocated
-    proc = wdl("train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
-               f"model.embedding_backend={backend}", "features.crosses.user_genres.hash_buckets=2000000000000")
-    one_line_error(proc, "embedding tables need", "GiB per rank", "available")
+    refused(capsys, [f"data.path={prepared}", f"run.out_dir={tmp_path}", f"model.embedding_backend={backend}",
+                     "features.crosses.user_genres.hash_buckets=2000000000000"],
+            "embedding tables need", "GiB per rank", "available")
