@@ -65,7 +65,7 @@ def test_prepare_then_train_two_epochs(prepared, tmp_path):
     proc = wdl("train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
                "train.epochs=2", *QUICK)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch | train loss | test AUC" in proc.stdout
+    assert "epoch | train loss | valid AUC" in proc.stdout  # the shipped config selects on validation
     run = tmp_path / "movielens-100k"
     recs = records(run)
     assert [r["epoch"] for r in recs] == [1, 2]
@@ -73,7 +73,8 @@ def test_prepare_then_train_two_epochs(prepared, tmp_path):
             "samples_per_second", "rows", "train_rows"}
     for r in recs:
         assert keys <= set(r)
-        assert r["train_rows"] == 3200 and r["rows"] == 800  # the default 80/20 split
+        # the default 80/20 split, 10% of the train rows held out for validation
+        assert r["train_rows"] == 2880 and r["rows"] == 320 and r["eval_split"] == "valid"
         assert 0.0 < r["train_loss"] < 0.75 and 0.0 < r["logloss"] < 0.75
         assert 0.6 < r["auc"] <= 1.0 and 0.5 < r["calibration"] < 1.5
         assert r["train_seconds"] > 0 and r["samples_per_second"] > 0
