@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -117,7 +115,7 @@ def test_cli_prepare_prints_summary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backend", ["torch", "torchrec"])
-def test_criteo_config_trains_on_prepared_data(tmp_path, backend):
+def test_criteo_config_trains_on_prepared_data(tmp_path, backend, capsys):
     """The shipped config as it is (FTRL wide part, AdaGrad deep part), with either backend."""
     if backend == "torchrec" and not torchrec_available():
         pytest.skip("torchrec not installed")
@@ -126,10 +124,10 @@ def test_criteo_config_trains_on_prepared_data(tmp_path, backend):
     assert len(cfg.model.deep.embeddings) == 26 and cfg.features.crosses
     src = write_lines(tmp_path / "t.txt", random_lines(1500))
     prepare_criteo([src], tmp_path / "data", hash_buckets=256, progress=False, row_group_rows=256)
-    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/criteo.yaml"),
-           f"data.path={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'runs'}", "train.epochs=1",
-           "train.progress=false", "data.num_workers=0", "data.batch_size=256", f"model.embedding_backend={backend}",
-           "run.device=cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "test AUC" in r.stdout
+    capsys.readouterr()
+    rc = cli_main(["train", "--config", str(ROOT / "configs/criteo.yaml"), f"data.path={tmp_path / 'data'}",
+                   f"run.out_dir={tmp_path / 'runs'}", "train.epochs=1", "train.progress=false", "data.num_workers=0",
+                   "data.batch_size=256", f"model.embedding_backend={backend}", "run.device=cpu"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    assert "test AUC" in out.out

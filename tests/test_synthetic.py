@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -121,13 +119,15 @@ def test_generate_refuses_existing_output_and_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("profile", ["criteo", "movielens"])
-def test_synthetic_configs_train(tmp_path, profile):
+def test_synthetic_configs_train(tmp_path, profile, capsys):
+    """The shipped config as it is, one epoch, through `wdl train` in this process (the launch
+    script itself runs in test_distributed)."""
     data = tmp_path / "data"
     generate(profile, 3000, data, seed=2, progress=False)
     config = ROOT / f"configs/synthetic-{profile}.yaml"
     assert config.read_text().startswith("# Launch: python launch/train.py --config")
-    r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(config), "train.epochs=1",
-                        f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}", "train.progress=false",
-                        "run.device=cpu"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "test AUC" in r.stdout
+    rc = cli_main(["train", "--config", str(config), "train.epochs=1", f"data.path={data}",
+                   f"run.out_dir={tmp_path / 'runs'}", "train.progress=false", "run.device=cpu"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    assert "test AUC" in out.out
