@@ -23,10 +23,12 @@ from wdl.cli import main
 from wdl.model.embeddings import torchrec_available
 
 # TorchRec sharding where it is installed: the user table column-wise, the others table-wise, so
-# one launch covers two of the sharding types the CPU offers; elsewhere
-# (a torch-only machine) the same runs go through plain DDP, which must resume, reload and survive
-# a kill just the same.
+# one launch covers two of the sharding types the CPU offers. The user table is 256 wide because
+# TorchRec's column shards are at least 128 columns: narrower, "column_wise" is one shard on one
+# rank and nothing is split. Elsewhere (a torch-only machine) the same runs go through plain DDP,
+# which must resume, reload and survive a kill just the same.
 TORCHREC = (["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05",
+             "model.deep.embeddings={user_id: 256, movie_id: 8, genres: 4}",
              "distributed.sharding=table_wise", "distributed.tables={deep_user_id: column_wise}"]
             if torchrec_available() else ["model.embedding_backend=torch"])
 # wdl's own fused tables, split row-wise over the ranks (any machine), dense layers in DDP.
@@ -103,7 +105,8 @@ def test_two_process_training(backend, uninterrupted):
     assert "wdl fused wide table" in plan and "rows split over 2 ranks" in plan, plan
     if backend is TORCHREC and torchrec_available():
         rows = {line.split("|")[0].strip(): line for line in plan.splitlines() if "| fused" in line}  # TorchRec's table
-        assert "column_wise" in rows["deep_user_id"] and "table_wise" in rows["deep_movie_id"], plan
+        assert "column_wise" in rows["deep_user_id"] and "[0, 1]" in rows["deep_user_id"], plan  # split over both
+        assert "table_wise" in rows["deep_movie_id"], plan
     else:  # wdl's deep tables are split too, and the dense layers are in DDP
         assert "DDP over 2 ranks" in plan and plan.count("rows split over 2 ranks") >= 2, plan
     assert proc.stdout.count("best test AUC") == 1  # only rank 0 prints
@@ -155,11 +158,12 @@ def test_one_process_checkpoint_continues_on_two_with_dot_interaction(tiny_confi
     resharded. The model has a dot interaction and embedding dropout: explicit interactions are
     model code only, which sharded tables and DDP carry unchanged; and the checkpoint does not
     resume into a model without the interaction (another MLP input)."""
+    model = [*TORCHREC, "model.deep.embeddings={user_id: 256, movie_id: 256, genres: 4}"]  # a pair: one dim
     dot = ["model.deep.interaction=dot", "model.deep.interaction_pairs=[[user_id, movie_id]]",
            "model.deep.embedding_dropout=0.1"]
-    assert train_here(tiny_config, *TORCHREC, *dot, "train.epochs=1", "run.name=one") == 0
+    assert train_here(tiny_config, *model, *dot, "train.epochs=1", "run.name=one") == 0
     first = records(tmp_path / "runs" / "one")
-    proc = launch(tiny_config, 2, *TORCHREC, *dot, "train.epochs=2", "--resume", str(tmp_path / "runs" / "one"))
+    proc = launch(tiny_config, 2, *model, *dot, "train.epochs=2", "--resume", str(tmp_path / "runs" / "one"))
     ok(proc)
     assert "resumed from" in proc.stdout
     recs = records(tmp_path / "runs" / "one")
@@ -167,6 +171,6 @@ def test_one_process_checkpoint_continues_on_two_with_dot_interaction(tiny_confi
     assert recs[0] == first[0]
     assert recs[1]["train_rows"] == 2400 and 0.6 < recs[1]["auc"] < 1.0
     capsys.readouterr()
-    assert train_here(tiny_config, *TORCHREC, "--resume", str(tmp_path / "runs" / "one")) == 2
+    assert train_here(tiny_config, *model, "--resume", str(tmp_path / "runs" / "one")) == 2
     err = capsys.readouterr().err
     assert "incompatible config" in err and "interaction" in err, err
