@@ -68,7 +68,7 @@ def compare_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
-    from wdl.launch import run_guarded
+    from wdl.cli import run_guarded
 
     parser = argparse.ArgumentParser(prog=prog, description="wdl benchmark harness")
     add_bench_arguments(parser)

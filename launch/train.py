@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source tree without installing
 
-from wdl.launch import add_train_arguments, parse_args, run_guarded, train_main  # noqa: E402
+from wdl.cli import add_train_arguments, parse_args, run_guarded, train_main  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train a Wide & Deep model.")

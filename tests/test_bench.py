@@ -218,7 +218,7 @@ def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, 
 
 def test_wdl_bench_loads_the_harness_from_the_source_tree(tmp_path, capsys):
     from wdl.cli import bench_main as wdl_bench, build_parser, main as wdl_main
-    from wdl.launch import run_guarded
+    from wdl.cli import run_guarded
 
     assert wdl_main(["bench", "list"]) == 0 and "movielens-100k" in capsys.readouterr().out
     # options after `bench` belong to the harness

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from wdl.cli import build_parser, main
-from wdl.launch import parse_args
+from wdl.cli import parse_args
 from wdl.model.embeddings import torchrec_available
 
 from helpers import one_line_error, records, write_tiny_config

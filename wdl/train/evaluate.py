@@ -11,7 +11,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from wdl.data.batch import Batch
@@ -21,6 +20,8 @@ from wdl.distributed.env import all_gather_cat
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """scores: probabilities [N]; labels: {0, 1} [N]."""
+    from sklearn.metrics import log_loss, roc_auc_score  # 2-3 s to import: only when a split is scored
+
     p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
     y = labels.astype(np.float64)
     both = 0.0 < y.mean() < 1.0
