@@ -8,16 +8,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from helpers import ROOT, read_split
 from wdl.cli import main
 from wdl.ingest.movielens import ML100K_GENRES, prepare_movielens
 
-ROOT = Path(__file__).resolve().parents[1]
 N_USERS, N_MOVIES, N_RATINGS = 30, 50, 1500
 SILENT_USER = 999  # in the users file, never rates
 
@@ -54,10 +53,6 @@ def trained(tmp_path_factory) -> Path:
     return root / "runs" / "model"
 
 
-def dataset_rows(data: Path, split: str) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted((data / split).glob("*.parquet")))
-
-
 def raw_ids(data: Path, column: str) -> list:
     return json.loads((data / "vocab" / f"{column}.json").read_text())  # position i: raw value of id i
 
@@ -71,7 +66,7 @@ def recommend(capsys, *args) -> tuple[int, str, str]:
 def test_top_k_leaves_out_seen_movies_and_scores_as_predict(trained, tmp_path, capsys):
     data = Path(yaml.safe_load((trained / "config.yaml").read_text())["data"]["path"])
     users, movies = raw_ids(data, "user_id"), raw_ids(data, "movie_id")
-    train = dataset_rows(data, "train")
+    train = read_split(data, "train")
     user = 105
     mine = np.asarray(train["user_id"].to_numpy()) == users.index(user)
     seen = {movies[i] for i in train["movie_id"].to_numpy()[mine]}
@@ -101,7 +96,7 @@ def test_top_k_leaves_out_seen_movies_and_scores_as_predict(trained, tmp_path, c
     by_movie = dict(zip(every["movie_id"].to_pylist(), every["score"].to_numpy()))
     for split in ("train", "test"):
         assert main(["predict", "--run", str(trained), "--split", split, "--out", str(tmp_path / f"{split}.parquet")]) == 0
-        rows = dataset_rows(data, split)
+        rows = read_split(data, split)
         mask = rows["user_id"].to_numpy() == users.index(user)
         predicted = pq.read_table(tmp_path / f"{split}.parquet")["score"].to_numpy()[mask]
         expected = np.array([by_movie[movies[i]] for i in rows["movie_id"].to_numpy()[mask]])
