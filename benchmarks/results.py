@@ -5,13 +5,16 @@ A measurement is a flat dict: which system/variant, which repetition and epoch, 
 warm-up, and the numbers. Summaries use non-warm-up records only; the noise of a summary is the
 spread across repetitions (or, with one repetition, across the timed epochs of that one).
 
-Two protocols for quality. Without a validation split, every epoch is scored on the test split:
-`auc` / `logloss` are those of the last epoch and `best_auc` the best over epochs (chosen on
-test, so optimistic). With one (`eval_split: valid` in the records), the epochs are scored on
-validation and the test split once, with the selected epoch's model: the summary has
-`protocol: validation`, `test_auc` / `test_logloss` (that one score), `valid_auc` and
+Two protocols for quality, read from what each run did (runners.run_protocol: the records'
+`protocol`, or in older results their `eval_split`), never from the suite's settings. Without a
+validation split, every epoch is scored on the test split: `auc` / `logloss` are those of the
+last epoch and `best_auc` the best over epochs (chosen on test, so optimistic). With one, the
+epochs are scored on validation and the test split once, with the selected epoch's model: the
+summary has `protocol: validation`, `test_auc` / `test_logloss` (that one score), `valid_auc` and
 `selected_epoch` (per repetition), and no `auc`, `logloss` or `best_auc`, so that `compare`
-never sets a validation AUC against a test one.
+never sets a validation AUC against a test one. A validation split held out of train also
+shortens every epoch: `train_rows` says how many rows one trained on, and `compare` does not set
+seconds per epoch over different rows against each other.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for system, ms in by_system.items():
         reps = sorted({m.get("rep", 0) for m in ms})
         summary: dict[str, Any] = {k: ms[0][k] for k in ("group", "kind", "world_size", "batch_size", "embedding_dim",
-                                                           "backend", "table_rows", "axis", "table_bytes")
+                                                           "backend", "table_rows", "axis", "table_bytes", "train_rows",
+                                                           "steps")
                                    if ms[0].get(k) is not None}
-        validated = any(m.get("eval_split") == "valid" for m in ms)
+        validated = any(protocol(m) == "validation" for m in ms)
         for metric in METRICS:
             if validated and metric in ("auc", "logloss"):  # validation scores: see test_auc, valid_auc
                 continue
@@ -110,6 +114,12 @@ def summarise(measurements: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 summary["best_auc"] = max(aucs)
         out[system] = summary
     return out
+
+
+def protocol(measurement: dict[str, Any]) -> str:
+    """"validation" when the record's epoch was scored on a validation split, else "test"; results
+    written before records carried `protocol` say it through `eval_split`."""
+    return measurement.get("protocol") or ("validation" if measurement.get("eval_split") == "valid" else "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +178,14 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[dict[str, Any]],
         if pa != pb:
             notes.append(f"{system}: A chose its epoch on {_PROTOCOL[pa]}, B on {_PROTOCOL[pb]}: AUC and logloss "
                          "not compared; with a validation split held out, an epoch also trains on fewer rows")
+        ra, rb = train_rows(a, system), train_rows(b, system)
+        other_rows = ra is not None and rb is not None and ra != rb
+        if other_rows:
+            notes.append(f"{system}: an epoch of A trained on {ra} rows, of B on {rb}: seconds per epoch not "
+                         "compared (samples/s is)")
         for metric, (higher_better, abs_floor, rel_floor) in METRICS.items():
+            if other_rows and metric == "train_seconds":
+                continue
             ma, mb = sa[system].get(metric), sb[system].get(metric)
             if not ma or not mb or ma.get("mean") is None or mb.get("mean") is None:
                 continue
@@ -186,6 +203,15 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[dict[str, Any]],
 
 
 _PROTOCOL = {"test": "the test split", "validation": "a validation split"}
+
+
+def train_rows(result: dict[str, Any], system: str) -> int | None:
+    """Rows one epoch of `system` trained on (the summary's, else its records': older results)."""
+    rows = result["summary"].get(system, {}).get("train_rows")
+    if rows is None:
+        rows = next((m["train_rows"] for m in result.get("measurements", [])
+                     if m.get("system") == system and m.get("train_rows") is not None), None)
+    return rows
 
 
 def format_compare(rows: list[dict[str, Any]], notes: list[str]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import ROOT
-from benchmarks.suite import SuiteRun, valid_fraction
+from benchmarks.suite import SuiteRun, protocol_overrides
 from wdl.config import load_config
 from wdl.errors import WdlError
 
@@ -129,9 +129,9 @@ def mlp_floor_system(run: SuiteRun, system: dict) -> list[dict]:
 
 
 def _protocol(run: SuiteRun, system: dict) -> list[str]:
-    """`data.valid_fraction=F` when the suite (or the system) asks for the validation protocol."""
-    fraction = valid_fraction(run.suite, system)
-    return [] if fraction is None else [f"data.valid_fraction={fraction}"]
+    """What the suite's (or the system's) `valid_fraction` asks of the trainer; nothing when unset
+    (the config decides; run_wdl reads which protocol the run followed)."""
+    return protocol_overrides(run.suite, system)
 
 
 def find_bayes_auc(manifest: dict) -> float | None:
@@ -168,9 +168,10 @@ def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_si
             log: Path, threads: int | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
     """One training run; its per-epoch records (warm-up not marked yet) and peak RSS.
 
-    A run with a validation split (summary.json has `test`) scored every epoch on it; the record
-    of the epoch it selected is marked `selected` and carries the test split's one score of that
-    epoch's model (`test_auc`, `test_logloss`)."""
+    Which protocol the run followed is read from what it did, not from what was asked: each
+    record gets `protocol` (see run_protocol). A run with a validation split scored every epoch
+    on it; the record of the epoch it selected is marked `selected` and carries the test split's
+    one score of that epoch's model (`test_auc`, `test_logloss`)."""
     cmd = [sys.executable]
     if world_size > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
@@ -194,19 +195,39 @@ def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_si
         raise BenchError(f"training run {name} failed (exit {r.returncode}); log {log}:\n{tail}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
+    protocol = run_protocol(records, summary, f"training run {name} (log {log})")
     for rec in records:
         rec["peak_rss_mb"] = summary.get("peak_rss_mb")
         rec["world_size"] = summary.get("world_size", world_size)
         rec["wall_seconds"] = wall
-    if "test" in summary:  # the validation protocol
+        rec["protocol"] = protocol
+    if protocol == "validation":
         test = summary["test"]
-        selected = [r for r in records if test and r["epoch"] == test["epoch"]]
+        selected = [r for r in records if r["epoch"] == test["epoch"]]
         if not selected:
-            raise BenchError(f"training run {name} scored its epochs on a validation split but its summary.json has "
-                             f"no test score of a selected epoch (test: {test}); log {log}")
+            raise BenchError(f"training run {name} selected epoch {test['epoch']} on its validation split, which "
+                             f"is not among its records; log {log}")
         selected[-1].update(selected=True, test_split=summary.get("test_split"), test_auc=test["auc"],
                             test_logloss=test["logloss"])
     return records
+
+
+def run_protocol(records: list[dict[str, Any]], summary: dict[str, Any], what: str) -> str:
+    """"validation" or "test": how a run of our trainer chose its epoch, from its own output
+    (whichever config, override or suite setting caused it). With a validation split (named or
+    carved from train) its records say `eval_split: valid`, its summary.json `selected_on: valid`
+    and holds `test`, the test split's one score of the selected epoch's model; without, every
+    epoch is scored on the test split. Output that says both is an error, never a guess."""
+    valid = {r.get("eval_split") == "valid" for r in records} | {summary.get("selected_on") == "valid"}
+    if valid == {False}:
+        if summary.get("test") is not None:
+            raise BenchError(f"{what}: summary.json has a test score of a selected epoch, but its epochs were "
+                             "scored on the test split")
+        return "test"
+    if len(valid) > 1 or not isinstance(summary.get("test"), dict):
+        raise BenchError(f"{what}: not every epoch record and summary.json say the epochs were scored on a "
+                         f"validation split, or no test score of the selected epoch (test: {summary.get('test')})")
+    return "validation"
 
 
 def run_sklearn_lr(cfg, *, max_iter: int = 200) -> list[dict[str, Any]]:

@@ -6,9 +6,15 @@ excluded from the timing summaries), repetitions, world sizes, batch sizes. Comm
 config section (`train.`, `data.`, `model.`, `optim.`, `run.`, `features.`) are passed on to
 every run of our trainer instead.
 
-`valid_fraction: F` (on the suite or on one system) turns on the validation protocol for our
-trainer's runs: `data.valid_fraction=F` holds out that share of the train rows, every epoch is
-scored on it, and the test split is scored once with the selected epoch's model.
+Which protocol a run of our trainer followed is read from the run itself (runners.run_wdl: its
+records' `eval_split`, its summary.json `test`), whatever set it: the config (configs/movielens-100k.yaml
+holds out `data.valid_fraction: 0.1`), an override, or the suite. The suite decides only when it says so:
+`valid_fraction: F` (on the suite or on one system) passes `data.valid_fraction=F` (hold out that share
+of the train rows, score every epoch on it and the test split once, with the selected epoch's model);
+`valid_fraction: 0` passes `data.valid_fraction=0` (every train row trains, every epoch is scored on
+the test split), for suites whose timings must cover the same rows as their stored results or their
+peers. Either clears a `data.valid_split` the config names (`data.valid_split=`). Unset, the config
+decides.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ from typing import Any
 import yaml
 
 from benchmarks.machine import ROOT
+from wdl.config import load_config
 from wdl.errors import ConfigError
 
 SUITES = Path(__file__).resolve().parent / "suites"
 CONFIG_SECTIONS = ("train", "data", "model", "optim", "run", "features")
 DEFAULTS = {"repetitions": 1, "warmup_epochs": 1, "epochs": 1, "threads": None, "valid_fraction": None, "systems": []}
 KINDS = ("wdl", "sklearn_lr", "peer", "reference", "throughput", "planted", "mlp_floor", "tune")
-# Kinds whose runs are our trainer's and can hold out a validation split; peers and scikit-learn
-# train on the whole train split, so turning the protocol on for the suite would compare ours,
-# trained on fewer rows, with them. Other kinds score nothing and ignore it.
+# Kinds whose runs are our trainer's and can hold out a validation split (`tune` always does);
+# peers and scikit-learn train on the whole train split, so ours beside them must too, unless a
+# system of ours asks for the split itself (knowingly). Other kinds score nothing and ignore it.
 VALIDATING_KINDS = ("wdl", "planted", "tune")
 WHOLE_TRAIN_KINDS = ("sklearn_lr", "peer")
 
@@ -81,6 +88,7 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> dict[str, Any]:
             raise ConfigError(f"{path}: systems[{i}].kind must be one of {', '.join(KINDS)}, got {s.get('kind')!r}")
         s.setdefault("name", s["kind"])
         _check_valid_fraction(path, suite, s)
+    _check_same_train_rows(path, suite)
     return suite
 
 
@@ -89,25 +97,70 @@ def _check_valid_fraction(path: Path, suite: dict[str, Any], system: dict[str, A
     if system.get("valid_fraction") is not None and kind not in VALIDATING_KINDS:
         raise ConfigError(f"{path}: system {name!r}: valid_fraction applies to our trainer's systems "
                           f"({', '.join(VALIDATING_KINDS)}), not to kind {kind}")
-    if suite.get("valid_fraction") is not None and kind in WHOLE_TRAIN_KINDS:
+    if (valid_fraction(suite, {}) or 0) != 0 and kind in WHOLE_TRAIN_KINDS:
         raise ConfigError(f"{path}: valid_fraction for the whole suite would train ours on fewer rows than "
                           f"system {name!r} ({kind}, which trains on the whole train split); set "
                           "systems.N.valid_fraction on our systems instead, knowing that")
     fraction = valid_fraction(suite, system)
-    if kind in VALIDATING_KINDS and fraction is not None and not 0 < fraction < 1:
-        raise ConfigError(f"{path}: valid_fraction of system {name!r} must be in (0, 1), got {fraction}")
+    if kind == "tune" and system.get("valid_fraction") is not None and not 0 < fraction < 1:
+        raise ConfigError(f"{path}: valid_fraction of system {name!r} must be in (0, 1) (a tune system always "
+                          f"selects on validation), got {fraction}")
+    if kind in VALIDATING_KINDS and fraction is not None and not 0 <= fraction < 1:
+        raise ConfigError(f"{path}: valid_fraction of system {name!r} must be in [0, 1) (0: every train row "
+                          f"trains, every epoch is scored on test), got {fraction}")
+
+
+def _check_same_train_rows(path: Path, suite: dict[str, Any]) -> None:
+    """Beside a peer or scikit-learn (whole train split), ours must not hold out rows it was not
+    asked to by its own `valid_fraction`: a config (or override) that holds them out is refused."""
+    enabled = [s for s in suite["systems"] if s.get("enabled", True)]
+    whole = next((s for s in enabled if s["kind"] in WHOLE_TRAIN_KINDS), None)
+    if whole is None:
+        return
+    for s in enabled:
+        knowingly = (valid_fraction({}, s) or 0) > 0  # the system's own setting holds rows out
+        if s["kind"] not in ("wdl", "planted") or knowingly:
+            continue
+        try:
+            data = load_config(*system_config(suite, s, protocol_overrides(suite, s))).data
+        except ConfigError as e:
+            raise ConfigError(f"{path}: system {s['name']!r}: {e}") from None
+        if data.valid_fraction or data.valid_split:
+            held = (f"data.valid_fraction={data.valid_fraction:g}" if data.valid_fraction
+                    else f"data.valid_split={data.valid_split}")
+            raise ConfigError(f"{path}: system {s['name']!r} would hold out a validation split ({held}, from its "
+                              f"config or overrides) and train on fewer rows than {whole['name']!r} ({whole['kind']}, "
+                              "which trains on the whole train split); set valid_fraction: 0 on the suite (every "
+                              "train row for ours too) or systems.N.valid_fraction on ours, knowing that")
 
 
 def valid_fraction(suite: dict[str, Any], system: dict[str, Any]) -> float | None:
-    """The share of train rows `system`'s runs hold out for validation (its own setting, else the
-    suite's); None: every epoch is scored on the test split."""
+    """What `system`'s `valid_fraction` (its own, else the suite's) asks of our trainer: a share of
+    the train rows to hold out for validation, 0 for none (every epoch scored on the test split),
+    or None: not set, the config decides."""
     f = system.get("valid_fraction", suite.get("valid_fraction"))
     if f is None:
         return None
     try:
         return float(f)
     except (TypeError, ValueError):
-        raise ConfigError(f"valid_fraction of system {system.get('name')!r} must be a number, got {f!r}") from None
+        whose = f"system {system['name']!r}" if "valid_fraction" in system else "the suite"
+        raise ConfigError(f"valid_fraction of {whose} must be a number, got {f!r}") from None
+
+
+def protocol_overrides(suite: dict[str, Any], system: dict[str, Any], fraction: float | None = None) -> list[str]:
+    """The trainer overrides of what `valid_fraction` asks (`fraction` if given, else the system's
+    or the suite's): none when unset; else `data.valid_fraction=F` (F = 0: every train row trains),
+    and `data.valid_split=` when the config (with the system's and the command line's overrides)
+    names a validation split, so that the suite's setting is the only split held out (never two)."""
+    fraction = valid_fraction(suite, system) if fraction is None else fraction
+    if fraction is None:
+        return []
+    try:
+        named = bool(load_config(*system_config(suite, system)).data.valid_split)
+    except ConfigError:  # e.g. early stopping, valid only with the split asked for here: clearing costs nothing
+        named = True
+    return [f"data.valid_fraction={fraction:g}", *(["data.valid_split="] if named else [])]
 
 
 def abs_path(path: str | Path) -> Path:

@@ -3,7 +3,8 @@
     systems:
       - name: tune
         kind: tune
-        valid_fraction: 0.1          # share of the train split held out to select on (else the suite's, else 0.1)
+        valid_fraction: 0.1          # share of the train split held out to select on (else the suite's when
+                                     # above 0, else 0.1); it replaces the config's own split, never adds to it
         search: grid                 # grid | random
         trials: 8                    # random: this many distinct points of the grid (seeded by `seed`)
         space:                       # config key -> values (any YAML value)
@@ -17,13 +18,14 @@
         final_seeds: [2021]          # the chosen config is trained afresh with each (default: run.seed)
 
 A grid point the config refuses (one-line ConfigError) is skipped and listed with the reason.
-Every trial trains `epochs` epochs with `data.valid_fraction` set: the trainer carves that
-share of the train split (seeded by run.seed) and scores it after every epoch. A trial's score
-is its best validation AUC (the epoch a validation-selected run would keep; the mean over `seeds`); the test split plays
-no part in choosing (the trainer scores it once at the end of each run, and this driver never
-reads that number for a trial). The best trial's overrides are then trained again, from scratch,
-with each of `final_seeds`; those runs' test AUCs (at their validation-selected epochs) are the
-suite's result.
+Every trial trains `epochs` epochs with `data.valid_fraction` set (and `data.valid_split`
+cleared, so a config that holds out a split of its own does not hold out a second one): the
+trainer carves that share of the train split (seeded by run.seed) and scores it after every
+epoch. A trial's score is its best validation AUC (the epoch a validation-selected run would
+keep; the mean over `seeds`); the test split plays no part in choosing (the trainer scores it
+once at the end of each run, and this driver never reads that number for a trial). The best
+trial's overrides are then trained again, from scratch, with each of `final_seeds`; those runs'
+test AUCs (at their validation-selected epochs) are the suite's result.
 
 Records: one `tune_trial` per trial (valid_auc, best_epoch, last_valid_auc, overrides) and one
 `tune` per final run, whose `auc` / `logloss` are the test split's, so the summary tables read
@@ -40,7 +42,7 @@ from typing import Any
 from benchmarks import runners
 from benchmarks.results import fmt
 from benchmarks.runners import BenchError, say
-from benchmarks.suite import SuiteRun, valid_fraction
+from benchmarks.suite import SuiteRun, protocol_overrides, valid_fraction
 from wdl.config import load_config
 from wdl.errors import ConfigError
 
@@ -92,10 +94,12 @@ def tune_system(run: SuiteRun, system: dict) -> list[dict[str, Any]]:
     """Search on validation, then train the chosen config with each final seed; see module docstring."""
     config, overrides = run.config(system)
     out, threads = run.out, run.threads
-    fraction = valid_fraction(run.suite, system) or 0.1
+    # The system's own share, else the suite's (a suite-wide 0, every train row for the other
+    # systems, does not apply: a tune system always selects on validation), else 0.1.
+    fraction = valid_fraction({}, system) or valid_fraction(run.suite, {}) or 0.1
     if not 0 < fraction < 1:
         raise BenchError(f"tune system {system['name']!r}: valid_fraction must be in (0, 1), got {fraction}")
-    common = [*overrides, f"train.epochs={run.epochs(system)}", f"data.valid_fraction={fraction}",
+    common = [*overrides, f"train.epochs={run.epochs(system)}", *protocol_overrides(run.suite, system, fraction),
               "checkpoint.at_epoch_end=false"]  # only the best epoch's checkpoint, which the run needs
     label = system["name"]
     seeds = system.get("seeds") or [None]  # None: the config's run.seed
@@ -115,7 +119,7 @@ def tune_system(run: SuiteRun, system: dict) -> list[dict[str, Any]]:
             seed_over = [f"run.seed={int(seed)}"] if seed is not None else []
             seen = runners.run_wdl(config=config, overrides=[*common, *trial, *seed_over], out=out / "runs",
                                    name=run_name, log=out / "logs" / f"{run_name}.log", threads=threads)
-            if any(r.get("eval_split") != "valid" for r in seen):
+            if any(r["protocol"] != "validation" for r in seen):
                 raise BenchError(f"{run_name}: its epochs were not scored on a validation split; selecting on them "
                                  "would select on the test split")
             top = max(seen, key=lambda r: r["auc"])
@@ -127,7 +131,7 @@ def tune_system(run: SuiteRun, system: dict) -> list[dict[str, Any]]:
                "trial": name, "overrides": trial, "seeds": seeds,
                "valid_auc": sum(b["auc"] for b in best) / len(best),  # mean over seeds: what selects
                "valid_auc_per_seed": [b["auc"] for b in best], "best_epoch": "/".join(str(b["epoch"]) for b in best),
-               "last_valid_auc": sum(last) / len(last), "epochs": epochs_run,
+               "last_valid_auc": sum(last) / len(last), "epochs": epochs_run, "train_rows": seen[0].get("train_rows"),
                "train_seconds_median": sorted(seconds)[len(seconds) // 2]}
         recs.append(rec)
         scored.append(rec)
@@ -153,6 +157,7 @@ def tune_system(run: SuiteRun, system: dict) -> list[dict[str, Any]]:
                      "epoch": test["epoch"], "auc": test["auc"], "logloss": test["logloss"],
                      "valid_auc": summary.get("best_auc"), "test_split": summary.get("test_split"),
                      "train_seconds": sorted(r["train_seconds"] for r in epochs_seen)[len(epochs_seen) // 2],
+                     "train_rows": epochs_seen[0].get("train_rows"),
                      "peak_rss_mb": summary.get("peak_rss_mb")})
         say(f"{label} final run {rep + 1}/{len(final_seeds)}: test AUC {test['auc']:.4f} at the validation-selected "
             f"epoch {test['epoch']}")

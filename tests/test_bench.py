@@ -160,13 +160,18 @@ def test_valid_fraction_setting(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "v", "config": "configs/movielens-100k.yaml", "systems": [
         {"name": "wdl", "kind": "wdl"}, {"name": "floor", "kind": "mlp_floor"}, {"name": "t", "kind": "tune"}]}))
     suite = load_suite(str(path))
-    assert [_protocol(SuiteRun(suite, tmp_path), s) for s in suite["systems"][:1]] == [[]]  # off by default
+    assert [_protocol(SuiteRun(suite, tmp_path), s) for s in suite["systems"][:1]] == [[]]  # unset: the config decides
     suite = load_suite(str(path), ["valid_fraction=0.1", "systems.0.valid_fraction=0.2"])
     run = SuiteRun(suite, tmp_path)
     assert _protocol(run, suite["systems"][0]) == ["data.valid_fraction=0.2"]  # the system's own first
     assert _protocol(run, suite["systems"][2]) == ["data.valid_fraction=0.1"]  # else the suite's
+    suite = load_suite(str(path), ["valid_fraction=0"])  # the whole train split, whatever the config holds out
+    assert _protocol(SuiteRun(suite, tmp_path), suite["systems"][0]) == ["data.valid_fraction=0"]
+    suite = load_suite(str(path), ["valid_fraction=0", "config=configs/example-import.yaml"])  # names data.valid_split
+    assert _protocol(SuiteRun(suite, tmp_path), suite["systems"][0]) == ["data.valid_fraction=0", "data.valid_split="]
     for items, why in ((["systems.1.valid_fraction=0.1"], "not to kind mlp_floor"),
-                       (["valid_fraction=1.5"], "must be in (0, 1)"), (["valid_fraction=a"], "must be a number")):
+                       (["valid_fraction=1.5"], "must be in [0, 1)"), (["valid_fraction=a"], "must be a number"),
+                       (["systems.2.valid_fraction=0"], "a tune system always selects on validation")):
         with pytest.raises(ConfigError, match=re.escape(why)):
             load_suite(str(path), items)
     # ours on fewer rows than a peer or scikit-learn in the same suite: refused for the whole suite
@@ -174,6 +179,82 @@ def test_valid_fraction_setting(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fewer rows" in err and err.count("\n") == 1
     load_suite("peers-movielens-100k", ["systems.0.valid_fraction=0.1"])  # one of ours, knowingly: allowed
+    # ... and refused when the config (configs/movielens-100k.yaml holds out 10%) or an override holds them out
+    beside = tmp_path / "beside.yaml"
+    beside.write_text(yaml.safe_dump({"name": "b", "config": "configs/movielens-100k.yaml", "systems": [
+        {"name": "wdl", "kind": "wdl"}, {"name": "lr", "kind": "sklearn_lr"}]}))
+    for items in ([], ["valid_fraction=0", "data.valid_fraction=0.1"]):
+        assert bench_main(["run", str(beside), *items]) == 2
+        err = capsys.readouterr().err
+        assert "'wdl' would hold out a validation split (data.valid_fraction=0.1" in err and err.count("\n") == 1
+    load_suite(str(beside), ["valid_fraction=0"])
+    load_suite(str(beside), ["systems.0.valid_fraction=0.1"])
+
+
+def test_shipped_suites_train_on_the_rows_they_say():
+    """With configs/movielens-100k.yaml holding out 10% for validation: the suites timed against
+    stored results or peers train ours on every train row; the tune suites hold out 10% once."""
+    from benchmarks.suite import protocol_overrides, system_config, valid_fraction
+    from wdl.config import load_config
+
+    assert load_config("configs/movielens-100k.yaml").data.valid_fraction == 0.1
+    for name in ("movielens-100k", "movielens-floor", "peers-movielens-100k", "scaling", "planted", "ml1m-sized"):
+        suite = load_suite(name)
+        for s in (s for s in suite["systems"] if s["kind"] in ("wdl", "planted")):
+            data = load_config(*system_config(suite, s, protocol_overrides(suite, s))).data
+            assert (name, data.valid_fraction, data.valid_split) == (name, 0, "")
+    for name in ("tuning-movielens-100k", "interactions-movielens-100k"):
+        suite = load_suite(name)
+        (s,) = suite["systems"]
+        over = protocol_overrides(suite, s, valid_fraction({}, s))
+        data = load_config(*system_config(suite, s, over)).data
+        assert over == ["data.valid_fraction=0.1"] and (data.valid_fraction, data.valid_split) == (0.1, "")
+
+
+def test_protocol_is_read_from_the_run_not_the_suite(tmp_path, tiny_config, tiny_data, capsys):
+    """The config holds out a validation split and the suite says nothing: reported as selected on
+    validation. `valid_fraction: 0` trains on every train row and scores every epoch on test."""
+    config = tmp_path / "holds-out.yaml"
+    config.write_text(tiny_config.read_text().replace("in_memory: true}", "in_memory: true, valid_fraction: 0.25}"))
+    suite = {"name": "tiny-protocol", "config": str(config), "data": {"path": str(tiny_data)}, "epochs": 2,
+             "warmup_epochs": 1, "systems": [{"name": "wdl", "kind": "wdl"},
+                                             {"name": "wdl-whole", "kind": "wdl", "valid_fraction": 0}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out = tmp_path / "out"
+    assert bench_main(["run", str(path), "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    ms, s = result["measurements"], result["summary"]
+
+    held = [m for m in ms if m["system"] == "wdl"]  # 2400 train rows, 600 held out by the config
+    run = json.loads((out / "runs" / "wdl-r0" / "summary.json").read_text())
+    assert run["selected_on"] == "valid" and run["test"]["epoch"] == run["best_epoch"]
+    assert [(m["eval_split"], m["protocol"], m["train_rows"]) for m in held] == [("valid", "validation", 1800)] * 2
+    (sel,) = [m for m in held if m.get("selected")]
+    assert sel["epoch"] == run["best_epoch"] and sel["test_auc"] == run["test"]["auc"]
+    assert s["wdl"]["protocol"] == "validation" and s["wdl"]["test_auc"]["values"] == [run["test"]["auc"]]
+    assert s["wdl"]["valid_auc"]["values"] == [sel["auc"]] and s["wdl"]["train_rows"] == 1800
+    assert not {"auc", "logloss", "best_auc"} & set(s["wdl"])
+
+    whole = [m for m in ms if m["system"] == "wdl-whole"]
+    assert [(m["eval_split"], m["protocol"], m["train_rows"]) for m in whole] == [("test", "test", 2400)] * 2
+    assert "protocol" not in s["wdl-whole"] and s["wdl-whole"]["best_auc"] >= s["wdl-whole"]["auc"]["mean"]
+    assert "data.valid_fraction=0 " in (out / "logs" / "wdl-whole-r0.log").read_text().splitlines()[0]
+    assert "data.valid_fraction" not in (out / "logs" / "wdl-r0.log").read_text().splitlines()[0]
+
+    report = (out / "report.md").read_text()
+    systems, selected = report.split("## Systems selected on validation")
+    assert "| wdl-whole |" in systems and "| wdl |" not in systems
+    row = next(line for line in selected.splitlines() if line.startswith("| wdl |"))
+    assert f"| {run['best_epoch']} | {run['test']['auc']:.4g} |" in row
+
+    # compare: another protocol and other rows per epoch; neither AUCs nor seconds per epoch set side by side
+    a, b = copy.deepcopy(result), copy.deepcopy(result)
+    a["summary"]["x"], b["summary"]["x"] = s["wdl-whole"], s["wdl"]
+    rows, notes = compare(a, b)
+    assert any(n.startswith("x: A chose its epoch on the test split, B on a validation split") for n in notes)
+    assert "x: an epoch of A trained on 2400 rows, of B on 1800: seconds per epoch not compared (samples/s is)" in notes
+    assert {r["metric"] for r in rows if r["system"] == "x"} == {"samples_per_second", "peak_rss_mb"}
 
 
 def test_suites_parse_and_bad_input_is_one_line(capsys):
@@ -199,7 +280,11 @@ def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, 
     assert len(picked) == 4 and picked[2][1][0] == "x=1"  # every candidate at each sampled point
     assert picked == trials({**grid, "candidates": {"a": [], "b": ["x=1"]}, "search": "random", "trials": 2, "seed": 3})
 
-    suite = {"name": "tiny-tune", "config": str(tiny_config), "data": {"path": str(tiny_data)}, "epochs": 2,
+    # The config holds out a validation split of its own: the tune system's share replaces it (1920 of
+    # the 2400 train rows train), never holds out a second one (1440)
+    config = tiny_config.parent / "holds-out.yaml"
+    config.write_text(tiny_config.read_text().replace("in_memory: true}", "in_memory: true, valid_fraction: 0.25}"))
+    suite = {"name": "tiny-tune", "config": str(config), "data": {"path": str(tiny_data)}, "epochs": 2,
              "systems": [{"name": "tune", "kind": "tune", "valid_fraction": 0.2,
                           "overrides": ["model.deep.interaction_pairs=[[user_id, movie_id]]"],
                           "space": {"model.deep.interaction": ["none", "fm"]}}]}
@@ -212,6 +297,7 @@ def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, 
     trial, final = result["measurements"]
     assert trial["kind"] == "tune_trial" and 0 < trial["valid_auc"] <= 1 and "auc" not in trial
     assert final["kind"] == "tune" and final["trial"] == "interaction=fm" and 0 < final["auc"] <= 1
+    assert trial["train_rows"] == final["train_rows"] == 1920
     assert final["test_split"] == "test" and final["valid_auc"] is not None
     assert "## Tuning" in (tmp_path / "out" / "report.md").read_text()
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from benchmarks import floors
-from benchmarks.report import _mlp_floor, _planted, _scaling, render, table_rows_ratios
+from benchmarks.report import _mlp_floor, _peers, _planted, _scaling, render, table_rows_ratios
 from benchmarks.results import summarise
 from benchmarks.run import run_suite
 from benchmarks.throughput import axes, estimate_table_bytes
@@ -200,6 +200,23 @@ def test_sections_report_the_test_auc_of_the_validation_selected_epoch():
     lines = _scaling(summarise(ws), [])
     assert any("| efficiency | test AUC (epoch chosen on valid) |" in x for x in lines)
     assert any(x.startswith("| 2 |") and "| 0.72 |" in x for x in lines)
+
+
+def test_floor_and_peer_tables_say_when_ours_held_out_a_validation_split():
+    floor = [{"system": "floor", "group": "floor", "kind": "mlp_floor", "rep": 0, "epoch": e, "warmup": e == 1,
+              "train_seconds": 1.0, "steps": 79, "batch_size": 1024} for e in (1, 2)]
+    whole = _epochs("wdl", "wdl", [0.7, 0.75], train_rows=80000, steps=79)
+    held = _epochs("wdl", "wdl", [0.7, 0.76], selected=2, test_auc=0.74, train_rows=72000, steps=71)
+    assert not [x for x in _mlp_floor(summarise(floor + whole)) if "like with like" in x]
+    (note,) = [x for x in _mlp_floor(summarise(floor + held)) if "like with like" in x]
+    assert "71 steps (72000 rows, a validation split held out), the floor's 79 steps" in note
+
+    lr = [{"system": "lr", "group": "lr", "kind": "sklearn_lr", "rep": 0, "epoch": 1, "warmup": False, "auc": 0.72,
+           "train_seconds": 2.0}]
+    lines = _peers({"summary": summarise(held + lr)})
+    assert any(x.startswith("| wdl | lr |") and "| +0.0200 * |" in x for x in lines)  # 0.74 on test - 0.72
+    assert any(x.startswith("* ours chose its epoch on a validation split") for x in lines)
+    assert not any("*" in x for x in _peers({"summary": summarise(whole + lr)}) if x.startswith("| wdl"))
 
 
 def test_results_json_is_written_once(tmp_path, monkeypatch):
