@@ -57,7 +57,8 @@ def planted_system(run: SuiteRun, system: dict) -> list[dict]:
     """wide vs deep vs wide & deep on the planted set, next to its Bayes-optimal AUC."""
     cfg_path, overrides = run.config(system, [f"train.epochs={run.epochs(system)}", *_protocol(run, system)])
     cfg = load_config(cfg_path, overrides)
-    bayes = find_bayes_auc(json.loads((Path(cfg.data.path) / "manifest.json").read_text()))
+    # The generator writes it at the top of the manifest (docs/dataset-format.md); None for other data.
+    bayes = json.loads((Path(cfg.data.path) / "manifest.json").read_text()).get("bayes_optimal_auc")
     recs = []
     for kind in system.get("model_kinds", ["wide", "deep", "wide_deep"]):
         for rep in range(run.reps):
@@ -132,25 +133,6 @@ def _protocol(run: SuiteRun, system: dict) -> list[str]:
     """What the suite's (or the system's) `valid_fraction` asks of the trainer; nothing when unset
     (the config decides; run_wdl reads which protocol the run followed)."""
     return protocol_overrides(run.suite, system)
-
-
-def find_bayes_auc(manifest: dict) -> float | None:
-    """The generator records the Bayes-optimal AUC of the test split somewhere in the manifest."""
-    stack = [manifest]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if "bayes" in k.lower() and isinstance(v, (int, float)):
-                    return float(v)
-                if "bayes" in k.lower() and isinstance(v, dict):
-                    for kk in ("test", "auc", "test_auc"):
-                        if isinstance(v.get(kk), (int, float)):
-                            return float(v[kk])
-                stack.append(v)
-        elif isinstance(node, list):
-            stack.extend(node)
-    return None
 
 
 # ------------------------------------------------------------------------------ single runs
