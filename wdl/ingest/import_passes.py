@@ -40,7 +40,7 @@ class Plan:
 
     spec: S.ImportSpec
     types: dict[str, pa.DataType]  # every column read, cast to the first file's type
-    dict_columns: list[str]  # string columns Parquet hands over dictionary-encoded (fast counting)
+    dict_columns: list[str]  # string and list-of-string columns Parquet hands over dictionary-encoded
     sample_size: int
     cuts: tuple = (None, None)  # time split: valid_from, test_from as scalars of the column's type
     vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
@@ -101,13 +101,20 @@ def init_worker(plan: Plan) -> None:
     _ENCODERS.clear()
 
 
-def _read(plan: Plan, unit: Unit):
-    """(table, number of its first row within the file), columns cast to the plan's types."""
-    cols = list(plan.types)
+def _read(plan: Plan, unit: Unit, columns: list[str] | None = None):
+    """(table, number of its first row within the file), columns cast to the plan's types.
+
+    Parquet: the `columns` given (default: all the plan reads), one row group at a time (Arrow
+    reads a list of dictionary-encoded strings only so), string and list-of-string columns
+    dictionary-encoded as read, which Parquet's own dictionary pages make nearly free; CSV: every
+    column, in 16 MB blocks."""
+    cols = list(plan.types) if columns is None else columns
     try:
         if unit.fmt == "parquet":
-            pf = pq.ParquetFile(unit.path, read_dictionary=plan.dict_columns)
-            yield _conform(plan, pf.read_row_groups(unit.row_groups, columns=cols), unit), unit.row_start
+            md = pq.read_metadata(unit.path)
+            pf = pq.ParquetFile(unit.path, metadata=md, read_dictionary=_dictionary_paths(plan, md, cols))
+            t = pa.concat_tables([pf.read_row_group(g, columns=cols) for g in unit.row_groups])
+            yield _conform(plan, t, unit), unit.row_start
             return
         convert = pacsv.ConvertOptions(column_types=plan.types, include_columns=cols, strings_can_be_null=True)
         row = 0
@@ -119,15 +126,35 @@ def _read(plan: Plan, unit: Unit):
         raise DataError(f"{unit.path}: cannot read ({first_line(e)})") from None
 
 
+def _dictionary_paths(plan: Plan, md, cols: list[str]) -> list[str]:
+    """Parquet column paths to read as dictionaries: the plan's string columns, and the values of
+    its list-of-string columns (named after the writer's convention, e.g. tags.list.element)."""
+    paths = [md.schema.column(i).path for i in range(md.num_columns)]
+    out = []
+    for name in (n for n in plan.dict_columns if n in cols):
+        leaves = [p for p in paths if p.startswith(name + ".")] if pa.types.is_list(plan.types[name]) else [name]
+        out += leaves if len(leaves) == 1 else []
+    return out
+
+
 def _conform(plan: Plan, t: pa.Table, unit: Unit) -> pa.Table:
     for i, name in enumerate(t.column_names):
         col, want = t.column(i), plan.types[name]
-        if col.type == want or (pa.types.is_dictionary(col.type) and col.type.value_type == want):
+        if col.type == want or _decoded(col.type) == want:
             continue
         try:
             t = t.set_column(i, name, col.cast(want))
         except (pa.ArrowException, ValueError):
             raise DataError(f"{unit.path}: column {name!r} is {col.type} here but {want} in the first input file") from None
+    return t
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    """The type of a column read as dictionaries, decoded (dictionary<string> -> string, list<dictionary<string>> -> list<string>)."""
+    if pa.types.is_dictionary(t):
+        return t.value_type
+    if pa.types.is_list(t) and pa.types.is_dictionary(t.value_type):
+        return pa.list_(pa.field(t.value_field.name, t.value_type.value_type, t.value_field.nullable))
     return t
 
 
@@ -181,19 +208,31 @@ def _lists(plan: Plan, name: str, col):
 
 def stats_job(unit: Unit) -> Stats:
     plan, out = _PLAN, Stats.empty(_PLAN)
-    for t, row_start in _read(plan, unit):
+    # Parquet: the label and split columns first; the features only if the rows hold train rows.
+    head = list(dict.fromkeys([plan.spec.label, plan.spec.split.column or plan.spec.label])) \
+        if unit.fmt == "parquet" else None
+    for t, row_start in _read(plan, unit, head):
         codes, y = _split_codes(plan, unit, t, row_start), _labels(plan, unit, t, row_start)
         out.rows += np.bincount(codes, minlength=3)
         out.positives += np.bincount(codes, weights=y, minlength=3).astype(np.int64)
-        train = np.flatnonzero(codes == 0)
-        tt = t if len(train) == t.num_rows else t.take(train)
+        is_train = codes == 0
+        if not is_train.any():
+            continue
+        if t.num_columns < len(plan.types):
+            rest, _ = next(_read(plan, unit, [c for c in plan.types if c not in t.column_names]))
+            for name in rest.column_names:
+                t = t.append_column(rest.field(name), rest.column(name))
+        mask = None if is_train.all() else is_train  # count the train rows in place, no copy of them
         for name, c in plan.spec.columns.items():
             if c.kind == "categorical":
-                out.counts[name].add_array(tt.column(name))
+                out.counts[name].add_array(t.column(name), mask)
             elif c.kind == "multi_hot":
-                out.counts[name].add_array(pc.list_flatten(_lists(plan, name, tt.column(name))))
+                lists = _lists(plan, name, t.column(name))
+                lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+                out.counts[name].add_array(pc.list_flatten(lists), None if mask is None else np.repeat(mask, lengths))
             else:
-                x, d = _dense(tt.column(name), name, unit), out.dense[name]
+                train = np.flatnonzero(is_train)
+                x, d = _dense(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]
                 ok = ~np.isnan(x)
                 d.stats.update(x)
                 d.missing += int((~ok).sum())

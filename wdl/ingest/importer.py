@@ -75,10 +75,11 @@ def _format(path: str, fmt: str) -> str | None:
     return SUFFIXES.get(Path(name).suffix) if not name.endswith(".gz") or name.endswith(".csv.gz") else "csv"
 
 
-def _first_rows(path: str, fmt: str) -> pa.Table:
+def _first_rows(path: str, fmt: str, rows: int = SAMPLE_ROWS) -> pa.Table:
+    """The first `rows` rows of a file (Parquet: none but the schema if rows is 0)."""
     try:
         if fmt == "parquet":
-            batch = next(pq.ParquetFile(path).iter_batches(batch_size=SAMPLE_ROWS), None)
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None) if rows else None
             return pa.Table.from_batches([batch]) if batch is not None else pq.read_schema(path).empty_table()
         reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
         return pa.Table.from_batches([reader.read_next_batch()])
@@ -147,11 +148,21 @@ def _cut(value, t: pa.DataType, what: str):
         raise ConfigError(f"split {what} {value!r} cannot be compared with a time column of type {t}") from None
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()  # without importing tqdm (0.1 s)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, dynamic_ncols=True,
-                disable=None if enabled else True, file=sys.stderr)
+                disable=None, file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ import
@@ -165,10 +176,11 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     opts = resolve(S.ImportOptions, opts, options)
     split = opts.split or (opts.spec.split if opts.spec else S.SplitSpec())
     files = _input_files(inputs, split, opts.fmt)
-    first = _first_rows(files[0][0], files[0][1])
+    first = _first_rows(files[0][0], files[0][1], 0 if opts.spec else SAMPLE_ROWS)  # rows only to infer kinds
     spec = _columns_spec(opts, split, first, files[0][0])
     types = _types(spec, first.schema, files[0][0])
-    strings = [n for n, t in types.items() if pa.types.is_string(t) and n in spec.columns]
+    strings = [n for n, t in types.items() if n in spec.columns
+               and (pa.types.is_string(t) or pa.types.is_list(t) and pa.types.is_string(t.value_type))]
     cuts = tuple(_cut(getattr(split, k), types[split.column], k) for k in ("valid_from", "test_from")) \
         if split.kind == "time" else (None, None)
     plan = Plan(spec, types, strings, opts.sample_size, cuts)

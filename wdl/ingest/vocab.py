@@ -31,15 +31,28 @@ class ValueCounts:
         self.pending = 0
         self.merge_every = merge_every
 
-    def add_array(self, arr) -> None:
+    def add_array(self, arr, mask: np.ndarray | None = None) -> None:
+        """Count the non-null values of `arr` (an Array or ChunkedArray), only where `mask` (a
+        bool per element, over all chunks) is true if given."""
+        pos = 0
         for chunk in chunks(arr):
+            m = None if mask is None else mask[pos:pos + len(chunk)]
+            pos += len(chunk)
+            if not pa.types.is_dictionary(chunk.type) and not pa.types.is_integer(chunk.type):
+                chunk = pc.dictionary_encode(chunk)  # strings: each distinct value hashed once
             if pa.types.is_dictionary(chunk.type):  # count indices; the dictionary holds each value once
-                vc = pc.value_counts(chunk.indices)
-                values = chunk.dictionary.take(vc.field("values"))
-            else:
-                vc = pc.value_counts(chunk)
-                values = vc.field("values")
-            self._append(pa.table({"value": values, "count": vc.field("counts")}))
+                n = len(chunk.dictionary)
+                idx = pc.fill_null(chunk.indices, n).to_numpy(zero_copy_only=False)  # null -> slot n, dropped
+                counts = np.bincount(idx if m is None else idx[m], minlength=n + 1)[:n]
+                seen = np.flatnonzero(counts)
+                values, counts = chunk.dictionary.take(pa.array(seen)), counts[seen]
+            else:  # integers: numpy's sort-based unique is cheaper than a hash table here
+                keep = pc.is_valid(chunk).to_numpy(zero_copy_only=False)
+                keep = keep if m is None else keep & m
+                raw = pc.fill_null(chunk, 0).to_numpy(zero_copy_only=False)
+                uniq, counts = np.unique(raw[keep], return_counts=True)
+                values = pa.array(uniq, chunk.type)
+            self._append(pa.table({"value": values, "count": pa.array(counts, pa.int64())}))
 
     def add(self, other: "ValueCounts") -> None:
         for t in other.parts:
@@ -132,34 +145,42 @@ class IdEncoder:
 
     def encode(self, arr) -> np.ndarray:
         """int64 ids, one per element of `arr` (an Array or ChunkedArray of raw values)."""
-        parts = [self._encode_chunk(c) for c in chunks(arr)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        parts = chunks(arr)
+        if len(self.vocab) == 0 or not parts:
+            return np.zeros(len(arr), np.int64)
+        if self.is_int and not pa.types.is_dictionary(parts[0].type):
+            return np.concatenate([self._encode_int_chunk(c) for c in parts])
+        # Strings (or a dictionary-encoded column): look up each chunk's distinct values once, the
+        # dictionaries of all chunks in one call (index_in hashes the whole vocabulary per call).
+        encs = [c if pa.types.is_dictionary(c.type) else pc.dictionary_encode(c) for c in parts]
+        mapped = self._lookup(pa.concat_arrays([e.dictionary for e in encs]))
+        out, start = [], 0
+        for e in encs:
+            m = np.append(mapped[start:start + len(e.dictionary)], 0)  # the slot that null indices point at
+            start += len(e.dictionary)
+            out.append(m[pc.fill_null(e.indices, len(m) - 1).to_numpy(zero_copy_only=False)])
+        return np.concatenate(out)
 
-    def _encode_chunk(self, chunk: pa.Array) -> np.ndarray:
-        if len(self.vocab) == 0:
-            return np.zeros(len(chunk), np.int64)
-        if self.is_int and not pa.types.is_dictionary(chunk.type):
-            values = pc.fill_null(chunk, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            ids = self._encode_ints(values)
-            if chunk.null_count:
-                ids[pc.is_null(chunk).to_numpy(zero_copy_only=False)] = 0
-            return ids
-        # Strings (or a dictionary-encoded column): look up each distinct value once.
-        enc = chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk)
+    def _encode_int_chunk(self, chunk: pa.Array) -> np.ndarray:
+        values = pc.fill_null(chunk, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        ids = self._encode_ints(values)
+        if chunk.null_count:
+            ids[pc.is_null(chunk).to_numpy(zero_copy_only=False)] = 0
+        return ids
+
+    def _lookup(self, values: pa.Array) -> np.ndarray:
+        """The id of each of `values` (distinct values of some chunks; null -> 0)."""
         if self.is_int:
-            mapped = self._encode_ints(enc.dictionary.to_numpy(zero_copy_only=False).astype(np.int64))
-        elif 4 * len(enc.dictionary) > len(self.vocab):
+            ids = self._encode_ints(pc.fill_null(values, 0).to_numpy(zero_copy_only=False).astype(np.int64))
+            return np.where(pc.is_valid(values).to_numpy(zero_copy_only=False), ids, 0)
+        if 4 * len(values) > len(self.vocab):
             # Arrow builds a hash set of the vocabulary per call (O(vocabulary)): worth it only when
-            # the chunk has many distinct values; Python's dict costs ~1 us per distinct value.
-            mapped = pc.fill_null(pc.add(pc.index_in(enc.dictionary, value_set=self.vocab), 1), 0).to_numpy().astype(np.int64)
-        else:
-            if self._dict is None:
-                self._dict = {v: i + 1 for i, v in enumerate(self.vocab.to_pylist())}
-            lookup = self._dict.get
-            mapped = np.fromiter((lookup(v, 0) for v in enc.dictionary.to_pylist()), np.int64, len(enc.dictionary))
-        mapped = np.append(mapped, 0)  # the slot that null indices point at
-        idx = pc.fill_null(enc.indices, len(mapped) - 1).to_numpy(zero_copy_only=False)
-        return mapped[idx]
+            # the values are many; Python's dict costs ~1 us per value.
+            return pc.fill_null(pc.add(pc.index_in(values, value_set=self.vocab), 1), 0).to_numpy().astype(np.int64)
+        if self._dict is None:
+            self._dict = {v: i + 1 for i, v in enumerate(self.vocab.to_pylist())}
+        lookup = self._dict.get
+        return np.fromiter((lookup(v, 0) for v in values.to_pylist()), np.int64, len(values))
 
     def _encode_ints(self, values: np.ndarray) -> np.ndarray:
         if self._lut is None and self._sorted is None:
