@@ -210,3 +210,11 @@ train: {{epochs: 1, progress: false}}
     assert main(["train", "--config", str(cfg)]) == 0, capsys.readouterr().err
     recs = [json.loads(x) for x in (tmp_path / "runs/imported/metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 1 and np.isfinite(recs[0]["train_loss"]) and 0 <= recs[0]["auc"] <= 1
+
+
+def test_csv_boolean_categorical(tmp_path, capsys):
+    csv = tmp_path / "flags.csv"
+    pacsv.write_csv(pa.table({"flag": [True, False, None, True] * 50, "clicked": [0, 1] * 100}), csv)
+    rc, out, err = run(capsys, csv, "--label", "clicked", "--out", tmp_path / "ds")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ds" / "vocab" / "flag.json").read_text()) == [None, 1, 0]  # as int64 ids, most frequent first

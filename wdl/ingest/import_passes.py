@@ -43,6 +43,7 @@ class Plan:
     dict_columns: list[str]  # string and list-of-string columns Parquet hands over dictionary-encoded
     sample_size: int
     cuts: tuple = (None, None)  # time split: valid_from, test_from as scalars of the column's type
+    parse_types: dict[str, pa.DataType] | None = None  # CSV: types to parse as, where not `types` (booleans)
     vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
 
     @property
@@ -116,7 +117,8 @@ def _read(plan: Plan, unit: Unit, columns: list[str] | None = None):
             t = pa.concat_tables([pf.read_row_group(g, columns=cols) for g in unit.row_groups])
             yield _conform(plan, t, unit), unit.row_start
             return
-        convert = pacsv.ConvertOptions(column_types=plan.types, include_columns=cols, strings_can_be_null=True)
+        convert = pacsv.ConvertOptions(column_types={**plan.types, **(plan.parse_types or {})}, include_columns=cols,
+                                       strings_can_be_null=True)
         row = 0
         for batch in pacsv.open_csv(unit.path, read_options=pacsv.ReadOptions(block_size=1 << 24),
                                     convert_options=convert):

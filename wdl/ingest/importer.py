@@ -183,7 +183,9 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
                and (pa.types.is_string(t) or pa.types.is_list(t) and pa.types.is_string(t.value_type))]
     cuts = tuple(_cut(getattr(split, k), types[split.column], k) for k in ("valid_from", "test_from")) \
         if split.kind == "time" else (None, None)
-    plan = Plan(spec, types, strings, opts.sample_size, cuts)
+    # A boolean categorical column is read as int64 (ids of 0 and 1): CSV parses it as boolean first.
+    bools = {n: pa.bool_() for n in types if pa.types.is_boolean(first.schema.field(n).type) and n in spec.columns}
+    plan = Plan(spec, types, strings, opts.sample_size, cuts, parse_types=bools)
     units = _units(files, plan)
     workers = max(1, int(opts.workers))
 
