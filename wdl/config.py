@@ -366,11 +366,26 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    name = cfg.run.name
+    _validate_run_name(cfg.run.name)
+    sparse = _validate_features(cfg.features)
+    _validate_model(cfg.model, cfg.features, sparse)
+    _validate_distributed(cfg.distributed)
+    _validate_training(cfg)
+    _validate_selection(cfg.data, cfg.train.early_stopping)
+    _validate_schedule(cfg.optim.schedule, cfg.data)
+    _validate_optim(cfg.optim)
+    _validate_interaction(cfg.model.deep)
+
+
+def _validate_run_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"run.name={name!r}: must be a plain folder name (no '/', not starting with '.'); "
                           "use run.out_dir for where runs go")
-    cols = cfg.features.columns
+
+
+def _validate_features(features: FeaturesConfig) -> set[str]:
+    """Columns and crosses; returns the names that give ids (sparse columns, bucketed dense ones)."""
+    cols = features.columns
     sparse = {n for n, c in cols.items() if c.kind != "dense" or c.buckets is not None}
     for name, col in cols.items():
         where = f"features.columns.{name}"
@@ -390,7 +405,7 @@ def validate(cfg: Config) -> None:
             v = getattr(col, k)
             if isinstance(v, int) and v < 1:
                 raise ConfigError(f"{where}.{k}: must be >= 1, got {v}")
-    for name, cross in cfg.features.crosses.items():
+    for name, cross in features.crosses.items():
         where = f"features.crosses.{name}"
         if name in cols:
             raise ConfigError(f"{where}: a column has the same name")
@@ -403,8 +418,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: at most one multi_hot column per cross")
         if cross.hash_buckets < 1:
             raise ConfigError(f"{where}.hash_buckets: must be >= 1")
-    m = cfg.model
-    wide_ok = sparse | set(cfg.features.crosses)
+    return sparse
+
+
+def _validate_model(m: ModelConfig, features: FeaturesConfig, sparse: set[str]) -> None:
+    cols = features.columns
+    wide_ok = sparse | set(features.crosses)
     for f in m.wide.features:
         if f not in wide_ok:
             raise ConfigError(f"model.wide.features: {f!r} is not a sparse column or cross")
@@ -420,36 +439,52 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.kind={m.kind} needs model.wide.features")
     if m.kind in ("wide_deep", "deep") and not (m.deep.embeddings or m.deep.dense):
         raise ConfigError(f"model.kind={m.kind} needs model.deep.embeddings or model.deep.dense")
-    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
-        raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
-    for where, kind in [("distributed.sharding", cfg.distributed.sharding),
-                        *((f"distributed.tables.{t}", k) for t, k in cfg.distributed.tables.items())]:
+    if any(h < 1 for h in m.deep.hidden):
+        raise ConfigError(f"model.deep.hidden: every layer needs >= 1 unit, got {m.deep.hidden}")
+    if not 0.0 <= m.deep.dropout < 1.0:
+        raise ConfigError(f"model.deep.dropout: must be in [0, 1), got {m.deep.dropout}")
+    if not 0.0 <= m.deep.embedding_dropout < 1.0:
+        raise ConfigError(f"model.deep.embedding_dropout: must be in [0, 1), got {m.deep.embedding_dropout}")
+
+
+def _validate_distributed(d: DistributedConfig) -> None:
+    """Sharding type names; which of them a device offers is placement's check (wdl.distributed.sharding)."""
+    for where, kind in [("distributed.sharding", d.sharding), *((f"distributed.tables.{t}", k) for t, k in d.tables.items())]:
         allowed = SHARDING_TYPES if where != "distributed.sharding" else ("auto", *SHARDING_TYPES)
         if kind == "data_parallel":
             raise ConfigError(f"{where}: data_parallel replicates a table and all-reduces its whole gradient every "
                               f"step, a cost that grows with the table; use one of {', '.join(allowed)}")
         if kind not in allowed:
             raise ConfigError(f"{where}: {kind!r} is not one of {', '.join(allowed)}")
+
+
+def _validate_training(cfg: Config) -> None:
+    """Batches, epochs, steps, checkpoints and what each epoch reports."""
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep: must be >= 1")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
-    _validate_selection(cfg.data, cfg.train.early_stopping)
-    _validate_schedule(cfg.optim.schedule, cfg.data)
+    for where, n in (("train.max_steps", cfg.train.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                     ("data.num_workers", cfg.data.num_workers)):
+        if n < 0:
+            raise ConfigError(f"{where}: must be >= 0, got {n}")
+    if cfg.train.eval_only and not cfg.checkpoint.resume:
+        raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume)")
     if cfg.train.ranking_group:
-        g = cfg.train.ranking_group
+        g, m, cols = cfg.train.ranking_group, cfg.model, cfg.features.columns
         read = (set(m.wide.features) if m.kind != "deep" else set()) | (set(m.deep.embeddings) if m.kind != "wide" else set())
         if g not in cols or cols[g].kind != "categorical" or g not in read:
             raise ConfigError(f"train.ranking_group={g!r}: must be a categorical column the model reads "
                               "(in model.wide.features or model.deep.embeddings)")
         if cfg.train.ranking_k < 1:
             raise ConfigError(f"train.ranking_k: must be >= 1, got {cfg.train.ranking_k}")
-    for where, n in (("train.max_steps", cfg.train.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                     ("data.num_workers", cfg.data.num_workers)):
-        if n < 0:
-            raise ConfigError(f"{where}: must be >= 0, got {n}")
+
+
+def _validate_optim(optim: OptimConfig) -> None:
     for part in ("wide", "deep"):
-        o = getattr(cfg.optim, part)
+        o = getattr(optim, part)
         if not o.lr > 0:
             raise ConfigError(f"optim.{part}.lr: must be > 0, got {o.lr}")
         for k in ("weight_decay", "l1", "l2", "beta", "initial_accumulator_value"):
@@ -460,15 +495,6 @@ def validate(cfg: Config) -> None:
         if o.name != "ftrl" and (o.l1 or o.l2):  # would be silently ignored
             raise ConfigError(f"optim.{part}.l1/l2 are FTRL's; with {o.name} use optim.{part}.weight_decay "
                               "(L2 on the rows a step touches)")
-    if any(h < 1 for h in m.deep.hidden):
-        raise ConfigError(f"model.deep.hidden: every layer needs >= 1 unit, got {m.deep.hidden}")
-    if cfg.train.eval_only and not cfg.checkpoint.resume:
-        raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume)")
-    if not 0.0 <= m.deep.dropout < 1.0:
-        raise ConfigError(f"model.deep.dropout: must be in [0, 1), got {m.deep.dropout}")
-    if not 0.0 <= m.deep.embedding_dropout < 1.0:
-        raise ConfigError(f"model.deep.embedding_dropout: must be in [0, 1), got {m.deep.embedding_dropout}")
-    _validate_interaction(m.deep)
 
 
 def save_config(cfg: Config, path: Path) -> None:
