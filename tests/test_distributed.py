@@ -89,6 +89,15 @@ def uninterrupted(tmp_path_factory, tiny_data):
     return run
 
 
+def assert_same_epochs(whole: list[dict], resumed: list[dict]) -> None:
+    """A cut or killed run that resumed logs the uninterrupted run's two epochs."""
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(whole, resumed):
+        assert b["train_rows"] == a["train_rows"] == 2400
+        assert b["auc"] == pytest.approx(a["auc"], abs=1e-6)
+        assert b["logloss"] == pytest.approx(a["logloss"], abs=1e-6)
+
+
 @BACKENDS
 def test_two_process_training(backend, uninterrupted):
     """Every row once per epoch across the ranks, a model that learns, tables split (none
@@ -122,11 +131,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterru
     ok(proc)
     assert "step-00000006" in proc.stdout  # the newest complete checkpoint: mid-epoch 1
     full, cut = records(uninterrupted(FUSED)[0]), records(tmp_path / "runs" / "cut")
-    assert [r["epoch"] for r in cut] == [1, 2]
-    for a, b in zip(full, cut):
-        assert b["train_rows"] == a["train_rows"] == 2400
-        assert b["auc"] == pytest.approx(a["auc"], abs=1e-6)
-        assert b["logloss"] == pytest.approx(a["logloss"], abs=1e-6)
+    assert_same_epochs(full, cut)
     one = evaluated_in_one_process(tiny_config, tmp_path / "runs" / "cut", "eval1", FUSED)
     assert one["rows"] == 600 and one["world_size"] == 1
     assert one["auc"] == pytest.approx(cut[-1]["auc"], abs=1e-6)
@@ -144,11 +149,7 @@ def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted)
     assert "exitcode: -9" in proc.stderr or "SIGKILL" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000012" in proc.stdout
     clean, killed = records(uninterrupted(TORCHREC)[0]), records(tmp_path / "runs" / "killed")
-    assert [r["epoch"] for r in killed] == [1, 2]
-    for a, b in zip(clean, killed):
-        assert b["train_rows"] == a["train_rows"] == 2400
-        assert b["auc"] == pytest.approx(a["auc"], abs=1e-6)
-        assert b["logloss"] == pytest.approx(a["logloss"], abs=1e-6)
+    assert_same_epochs(clean, killed)
     one = evaluated_in_one_process(tiny_config, tmp_path / "runs" / "killed", "eval1", TORCHREC)
     assert one["rows"] == 600 and one["auc"] == pytest.approx(killed[-1]["auc"], abs=1e-6)
 
