@@ -59,7 +59,8 @@ class ValueCounts:
             self._append(t)
 
     def _append(self, t: pa.Table) -> None:
-        t = t.filter(pc.is_valid(t.column("value")))  # nulls are counted apart, as unknown values
+        if t.column("value").null_count:  # nulls are counted apart, as unknown values
+            t = t.filter(pc.is_valid(t.column("value")))
         if t.num_rows:
             self.parts.append(t)
             self.pending += t.num_rows
