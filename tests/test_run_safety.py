@@ -242,3 +242,13 @@ def test_diverged_training_stops_with_one_line(tiny_config, tmp_path, capsys):
     assert train(tiny_config, "run.name=div", "optim.deep.lr=1e30", "optim.wide.lr=1e30", "train.epochs=1") == 2
     one_line_error(capsys.readouterr().err, "training diverged", "epoch 1")
     assert not (tmp_path / "runs" / "div" / "metrics.jsonl").exists()  # no epoch with a non-finite loss logged
+
+
+def test_the_cli_parser_loads_no_torch():
+    """Commands without a model (wdl data ...) start in well under a second: building the parser
+    must not import torch (about 3 s), which the model commands load when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys, wdl.cli; wdl.cli.build_parser(); sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -20,16 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=train_main)
 
-    from wdl.predict import add_predict_arguments, predict_main
+    from wdl.predict import add_predict_arguments, add_run_arguments, predict_main
 
     p = sub.add_parser("predict", help="score a data set's rows with a trained model (Parquet: row, score, label)")
     add_predict_arguments(p)
     p.set_defaults(func=predict_main)
 
-    from wdl.export import add_export_arguments, export_main
-
+    # wdl.export defines torch modules (torch takes ~3 s to import): loaded only when exporting,
+    # so that commands without torch (wdl data ...) start fast.
     p = sub.add_parser("export", help="a trained model as a folder to serve from (torch.export program + feature encoding)")
-    add_export_arguments(p)
+    add_run_arguments(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="artefact folder to write (model.pt2, encoding.json, vocab/); replaces an earlier export")
     p.set_defaults(func=export_main)
 
     from wdl.recommend import add_recommend_arguments, recommend_main
@@ -88,6 +90,12 @@ def bench_main(args: argparse.Namespace, root: Path | None = None) -> int:
     from benchmarks.cli import main as harness_main
 
     return harness_main(args.bench_args, prog="wdl bench")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from wdl.export import export_main as run_export
+
+    return run_export(args)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

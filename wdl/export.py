@@ -84,14 +84,6 @@ class InferenceModel(nn.Module):
         return torch.sigmoid(logit)
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    from wdl.predict import add_run_arguments
-
-    add_run_arguments(p)
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="artefact folder to write (model.pt2, encoding.json, vocab/); replaces an earlier export")
-
-
 def export_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset

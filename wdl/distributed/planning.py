@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from wdl.config import Config
 from wdl.errors import ConfigError
@@ -101,6 +100,8 @@ def _sparse_keys(cfg: Config) -> list[str]:
 
 def build_model(cfg: Config, sizes: dict[str, int]):
     """The model on `meta` with wdl's fused tables, whose groups are what wdl splits row-wise."""
+    import torch  # torch loads when a plan is made, not when `wdl` builds its parser
+
     from wdl.model.wide_deep import WideDeep
 
     dense_dim = len(cfg.model.deep.dense) if cfg.model.kind != "wide" else 0
@@ -166,6 +167,7 @@ class _OncePerShape:
 
 def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_size: int, hbm: float, ddr: float) -> list:
     """TorchRec's chosen sharding options (one per table, shards with rank, storage and perf)."""
+    import torch
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -217,6 +219,7 @@ def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_siz
 def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
          table_rows: dict[str, int] | None = None) -> dict[str, Any]:
     """Where every table goes and what a step costs on `hw`; a plain dict (the --json output)."""
+    import torch
     from torchrec.distributed.planner import constants as C
     from torchrec.distributed.planner.types import CollectiveType, PlannerError
 
