@@ -223,7 +223,6 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     from torchrec.distributed.planner import constants as C
     from torchrec.distributed.planner.types import CollectiveType, PlannerError
 
-    from wdl.distributed.rows import block
     from wdl.model.embeddings import resolve_backend
     from wdl.train.sparse_optim import state_bytes_per_row
 
@@ -241,18 +240,7 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     # Memory: wdl's row blocks (the largest is rank 0's), then what is left for TorchRec per rank.
     dense_params = sum(p.numel() for p in parts["deep"].dense)
     dense_bytes = dense_params * 4 * (2 + state_bytes_per_row(cfg.optim.deep, 1) // 4)  # weight, grad, state
-    wdl_rank = [0] * w
-    tables: list[dict[str, Any]] = []
-    for part, g in groups:
-        per_row = 4 * g.dim + state_bytes_per_row(getattr(cfg.optim, part), g.dim) + (4 if w == 1 else 0)
-        for r in range(w):
-            lo, hi = block(g.num_rows, w, r)
-            wdl_rank[r] += (hi - lo) * per_row
-        names = [t.name for t in g.tables] + (["bias"] if g.bias_row is not None else [])
-        tables.append({"name": f"{part} (wdl fused, {len(names)} tables: {', '.join(names)})", "owner": "wdl",
-                       "rows": g.num_rows, "dim": g.dim, "dtype": "fp32", "sharding": "wdl_row_blocks",
-                       "kernel": "wdl", "ranks": list(range(min(w, g.num_rows))), "bytes": g.num_rows * per_row,
-                       "features": len(g.tables) + (g.bias_row is not None)})
+    wdl_rank, tables = _wdl_blocks(cfg, groups, w)
     tables_hbm = device == "cuda"
     hbm_cap, ddr_cap = hw.hbm_gib * GIB if tables_hbm else 0.0, hw.ddr_gib * GIB
     cap = hbm_cap if tables_hbm else ddr_cap
@@ -285,25 +273,7 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     keys = ("lookup_fwd", "lookup_bwd", "input_comms", "output_comms")
     t_rank = [dict.fromkeys(keys, 0.0) for _ in range(w)]
     state_of = {t.name: state_bytes_per_row(cfg.optim.deep, t.dim) for t in tr_specs}
-    for so in shards:
-        ranks = sorted({s.rank for s in so.shards})
-        nbytes = 0
-        for s in so.shards:
-            rows, cols = s.size
-            b = rows * cols * elt + rows * state_of[so.name] * cols // so.tensor.shape[1]
-            nbytes += b
-            m = mem[s.rank]
-            m["hbm_bytes"] += s.storage.hbm
-            m["host_bytes"] += s.storage.ddr
-            m["tables_bytes"] += b
-            t = t_rank[s.rank]
-            t["lookup_fwd"] += s.perf.fwd_compute
-            t["lookup_bwd"] += s.perf.bwd_compute + s.perf.prefetch_compute
-            t["input_comms"] += s.perf.input_dist_comms
-            t["output_comms"] += s.perf.fwd_comms + s.perf.bwd_comms
-        tables.append({"name": so.name, "owner": "torchrec", "rows": int(so.tensor.shape[0]),
-                       "dim": int(so.tensor.shape[1]), "dtype": dtype, "sharding": so.sharding_type,
-                       "kernel": so.compute_kernel, "ranks": ranks, "bytes": nbytes, "features": 1})
+    tables += _add_torchrec_shards(shards, state_of, elt, dtype, mem, t_rank)
 
     # wdl's blocks: every rank looks up batch x features ids (pooling factor 1, as TorchRec
     # assumes) and serves as many; (W-1)/W of them travel.
@@ -352,6 +322,54 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
 
 # ---------------------------------------------------------------------------------------------
 # Printing and the command line
+
+
+def _wdl_blocks(cfg: Config, groups: list, w: int) -> tuple[list[int], list[dict[str, Any]]]:
+    """wdl's fused groups split in row blocks over `w` ranks: bytes per rank (rows, optimiser
+    state and, on one rank, the dedupe scratch) and a table entry per group."""
+    from wdl.distributed.rows import block
+    from wdl.train.sparse_optim import state_bytes_per_row
+
+    wdl_rank = [0] * w
+    tables: list[dict[str, Any]] = []
+    for part, g in groups:
+        per_row = 4 * g.dim + state_bytes_per_row(getattr(cfg.optim, part), g.dim) + (4 if w == 1 else 0)
+        for r in range(w):
+            lo, hi = block(g.num_rows, w, r)
+            wdl_rank[r] += (hi - lo) * per_row
+        names = [t.name for t in g.tables] + (["bias"] if g.bias_row is not None else [])
+        tables.append({"name": f"{part} (wdl fused, {len(names)} tables: {', '.join(names)})", "owner": "wdl",
+                       "rows": g.num_rows, "dim": g.dim, "dtype": "fp32", "sharding": "wdl_row_blocks",
+                       "kernel": "wdl", "ranks": list(range(min(w, g.num_rows))), "bytes": g.num_rows * per_row,
+                       "features": len(g.tables) + (g.bias_row is not None)})
+    return wdl_rank, tables
+
+
+def _add_torchrec_shards(shards: list, state_of: dict[str, int], elt: int, dtype: str, mem: list[dict],
+                         t_rank: list[dict]) -> list[dict[str, Any]]:
+    """Adds each TorchRec shard's memory and TorchRec's time estimates to its rank (in place);
+    returns a table entry per sharded table."""
+    tables = []
+    for so in shards:
+        nbytes = 0
+        for s in so.shards:
+            rows, cols = s.size
+            b = rows * cols * elt + rows * state_of[so.name] * cols // so.tensor.shape[1]
+            nbytes += b
+            m = mem[s.rank]
+            m["hbm_bytes"] += s.storage.hbm
+            m["host_bytes"] += s.storage.ddr
+            m["tables_bytes"] += b
+            t = t_rank[s.rank]
+            t["lookup_fwd"] += s.perf.fwd_compute
+            t["lookup_bwd"] += s.perf.bwd_compute + s.perf.prefetch_compute
+            t["input_comms"] += s.perf.input_dist_comms
+            t["output_comms"] += s.perf.fwd_comms + s.perf.bwd_comms
+        tables.append({"name": so.name, "owner": "torchrec", "rows": int(so.tensor.shape[0]),
+                       "dim": int(so.tensor.shape[1]), "dtype": dtype, "sharding": so.sharding_type,
+                       "kernel": so.compute_kernel, "ranks": sorted({s.rank for s in so.shards}), "bytes": nbytes,
+                       "features": 1})
+    return tables
 
 
 def _ranks(rs: list[int]) -> str:
