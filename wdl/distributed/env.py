@@ -82,9 +82,14 @@ def _attempt_store() -> dist.Store:
     return dist.PrefixStore(f"wdl/attempt_{attempt}", store)
 
 
+def _alone() -> bool:
+    """No other rank to talk to: no process group, or a group of one."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
 def barrier() -> None:
     """A barrier across ranks; nothing to wait for with one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if not _alone():
         dist.barrier()
 
 
@@ -97,7 +102,7 @@ def comm_device() -> torch.device:
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """A 1-d tensor of any length from every rank, concatenated in rank order (on the CPU)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _alone():
         return t
     device = comm_device()
     t = t.to(device)
@@ -114,7 +119,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `t` over ranks (on the CPU); `t` itself with one rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _alone():
         return t
     t = t.to(comm_device())
     dist.all_reduce(t)
