@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from wdl.config import Config
 from wdl.errors import ConfigError
 
@@ -320,10 +319,6 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Printing and the command line
-
-
 def _wdl_blocks(cfg: Config, groups: list, w: int) -> tuple[list[int], list[dict[str, Any]]]:
     """wdl's fused groups split in row blocks over `w` ranks: bytes per rank (rows, optimiser
     state and, on one rank, the dedupe scratch) and a table entry per group."""
@@ -370,6 +365,10 @@ def _add_torchrec_shards(shards: list, state_of: dict[str, int], elt: int, dtype
                        "kernel": so.compute_kernel, "ranks": sorted({s.rank for s in so.shards}), "bytes": nbytes,
                        "features": 1})
     return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing and the command line
 
 
 def _ranks(rs: list[int]) -> str:
