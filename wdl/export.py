@@ -19,7 +19,6 @@ import base64
 import copy
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -88,14 +87,13 @@ def export_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.distributed.env import close_distributed, init_distributed
-    from wdl.predict import load_trained_model, pick_checkpoint, run_folder
+    from wdl.predict import load_trained_model, pick_checkpoint, refuse_torchrun, run_folder
 
     run = run_folder(args, "export")
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / ENCODING_FILE).is_file())):
         raise ConfigError(f"--out {out}: exists and is not an exported model folder; give a new or empty folder")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("wdl export runs in one process (it reads every table whole); run it without torchrun")
+    refuse_torchrun("wdl export runs in one process (it reads every table whole)")
     cfg = load_config(run / "config.yaml")
     ckpt = pick_checkpoint(run, cfg, args.checkpoint)
     cfg = _one_cpu_process(cfg)

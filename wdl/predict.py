@@ -14,6 +14,7 @@ each rank a contiguous part, so the output holds every input row exactly once, i
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,15 +82,26 @@ def predict_main(args: argparse.Namespace) -> int:
                        "score": pa.array(scores.numpy().astype(np.float32))}
             if spec.has_labels:
                 columns["label"] = pa.array(labels.numpy().astype(np.int8))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            pq.write_table(pa.table(columns), tmp)
-            tmp.replace(out)  # never a half-written file under the final name
+            write_parquet(pa.table(columns), out)
             print(f"wdl: scored {len(scores)} rows of {source.root}/{split} with {ckpt} -> {out}", flush=True)
     finally:
         run_log.release()
         close_distributed()
     return 0
+
+
+def write_parquet(table: pa.Table, out: Path) -> None:
+    """`table` at `out`, never a half-written file under that name (written aside, then renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+
+
+def refuse_torchrun(why: str) -> None:
+    """For the commands that run in one process: a one-line error under torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{why}; run it without torchrun")
 
 
 def run_folder(args: argparse.Namespace, command: str) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def recommend_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.distributed.env import close_distributed, init_distributed
-    from wdl.predict import load_trained_model, pick_checkpoint, run_folder
+    from wdl.predict import load_trained_model, pick_checkpoint, refuse_torchrun, run_folder, write_parquet
     from wdl.train import run_log
     from wdl.train.evaluate import predict
 
@@ -66,8 +65,7 @@ def recommend_main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as top.parquet")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("wdl recommend scores one user in one process; run it without torchrun")
+    refuse_torchrun("wdl recommend scores one user in one process")
     cfg = load_config(run / "config.yaml")
     ckpt = pick_checkpoint(run, cfg, args.checkpoint)
 
@@ -109,10 +107,7 @@ def recommend_main(args: argparse.Namespace) -> int:
     print(f"wdl: top {len(top)} of {len(candidates)} movies for user {args.user}{left_out}{where}; {ckpt}")
     print(format_table(result, show_seen=args.include_seen), flush=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        pq.write_table(result, tmp)
-        tmp.replace(out)  # never a half-written file under the final name
+        write_parquet(result, out)
     return 0
 
 
