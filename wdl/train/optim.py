@@ -59,12 +59,15 @@ class FTRL(torch.optim.Optimizer):
 def dense_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.name == "ftrl":
         return FTRL(params, lr=cfg.lr, l1=cfg.l1, l2=cfg.l2, beta=cfg.beta)
+    # torch's fused kernels update every parameter in one call, where its default on CPU is a
+    # Python loop of ~6 ops per parameter (42 ops and 7 host reads of `step` per MovieLens step).
+    fused = {"fused": True} if params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.name in ("adagrad", "rowwise_adagrad"):  # row-wise is a table layout; dense layers use plain AdaGrad
         return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                   initial_accumulator_value=cfg.initial_accumulator_value)
+                                   initial_accumulator_value=cfg.initial_accumulator_value, **fused)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def fused_table_optimizer(cfg: OptimizerConfig, device_type: str, part: str) -> tuple[type, dict[str, Any]]:
