@@ -20,7 +20,7 @@ from wdl.data.hashing import mix64, unit_uniform
 from wdl.data.writer import RunningStats
 from wdl.errors import DataError
 from wdl.ingest import import_spec as S
-from wdl.ingest.vocab import IdEncoder, Reservoir, ValueCounts
+from wdl.ingest.vocab import IdEncoder, Reservoir, ValueCounts, chunks
 
 
 @dataclass
@@ -74,6 +74,8 @@ class Stats:
     positives: np.ndarray
     counts: dict[str, ValueCounts]
     dense: dict[str, DenseStats]
+    # Parquet string columns read as dictionaries: [dictionary entries, values] (see plain_columns)
+    dictionaries: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, plan: Plan) -> "Stats":
@@ -89,6 +91,21 @@ class Stats:
             self.counts[n].add(c)
         for n, d in o.dense.items():
             self.dense[n].merge(d)
+        for n, d in o.dictionaries.items():
+            self.dictionaries[n] = self.dictionaries.get(n, 0) + d
+
+    def note_dictionary(self, name: str, arr) -> None:
+        parts = [c for c in chunks(arr) if pa.types.is_dictionary(c.type)]
+        if parts:
+            seen = np.array([sum(len(c.dictionary) for c in parts), sum(len(c) for c in parts)])
+            self.dictionaries[name] = self.dictionaries.get(name, 0) + seen
+
+    def plain_columns(self) -> set[str]:
+        """Columns pass 2 reads faster as plain strings: their dictionaries hold more than one
+        entry per two values, so a lookup of the distinct values saves little, and dictionaries
+        that large have mostly overflowed the writer's dictionary page into plain pages, whose
+        every value the reader hashes to build them."""
+        return {n for n, (entries, values) in self.dictionaries.items() if 2 * entries > values}
 
 
 # ------------------------------------------------------------------------------- worker side
@@ -227,11 +244,14 @@ def stats_job(unit: Unit) -> Stats:
         mask = None if is_train.all() else is_train  # count the train rows in place, no copy of them
         for name, c in plan.spec.columns.items():
             if c.kind == "categorical":
+                out.note_dictionary(name, t.column(name))
                 out.counts[name].add_array(t.column(name), mask)
             elif c.kind == "multi_hot":
                 lists = _lists(plan, name, t.column(name))
                 lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-                out.counts[name].add_array(pc.list_flatten(lists), None if mask is None else np.repeat(mask, lengths))
+                values = pc.list_flatten(lists)
+                out.note_dictionary(name, values)
+                out.counts[name].add_array(values, None if mask is None else np.repeat(mask, lengths))
             else:
                 train = np.flatnonzero(is_train)
                 x, d = _dense(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]

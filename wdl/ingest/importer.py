@@ -185,6 +185,7 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
                        row_group_rows=opts.row_group_rows) as w:
         agg = _statistics(units, plan, workers, opts.progress, files, split)
+        plan.dict_columns = [n for n in plan.dict_columns if n not in agg.plain_columns()]  # as pass 2 reads them
         columns, normalize = _columns(w, spec, agg, plan, opts.buckets)
         unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split)
         summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)

@@ -151,6 +151,9 @@ class IdEncoder:
             return np.zeros(len(arr), np.int64)
         if self.is_int and not pa.types.is_dictionary(parts[0].type):
             return np.concatenate([self._encode_int_chunk(c) for c in parts])
+        if not pa.types.is_dictionary(parts[0].type) and 4 * len(arr) > len(self.vocab):
+            # Plain strings: one probe per value beats hashing them into dictionaries first.
+            return self._index_in(arr)
         # Strings (or a dictionary-encoded column): look up each chunk's distinct values once, the
         # dictionaries of all chunks in one call (index_in hashes the whole vocabulary per call).
         encs = [c if pa.types.is_dictionary(c.type) else pc.dictionary_encode(c) for c in parts]
@@ -177,11 +180,16 @@ class IdEncoder:
         if 4 * len(values) > len(self.vocab):
             # Arrow builds a hash set of the vocabulary per call (O(vocabulary)): worth it only when
             # the values are many; Python's dict costs ~1 us per value.
-            return pc.fill_null(pc.add(pc.index_in(values, value_set=self.vocab), 1), 0).to_numpy().astype(np.int64)
+            return self._index_in(values)
         if self._dict is None:
             self._dict = {v: i + 1 for i, v in enumerate(self.vocab.to_pylist())}
         lookup = self._dict.get
         return np.fromiter((lookup(v, 0) for v in values.to_pylist()), np.int64, len(values))
+
+    def _index_in(self, values) -> np.ndarray:
+        """Ids through Arrow's set lookup (null and unknown -> 0); it hashes the vocabulary per call."""
+        ids = pc.fill_null(pc.add(pc.index_in(values, value_set=self.vocab), 1), 0)
+        return ids.to_numpy().astype(np.int64)
 
     def _encode_ints(self, values: np.ndarray) -> np.ndarray:
         if self._lut is None and self._sorted is None:
