@@ -188,6 +188,9 @@ class DatasetWriter:
                 if info["rows"] >= self.rows_per_file:
                     state.writer.close()
                     state.writer = None
+                    # Flushed to disk now, while the caller still works (an import's workers
+                    # encode on): commit's fsync then finds it clean instead of waiting for it.
+                    _fsync(self.tmp / info["path"])
         except OSError as e:
             self.abort()
             raise _os_error(f"cannot write split {split!r} of {self.out}", e) from None
@@ -208,7 +211,8 @@ class DatasetWriter:
         try:
             (self.tmp / "vocab").mkdir(exist_ok=True)
             with open(self.tmp / rel, "w", encoding="utf-8") as f:
-                json.dump([None, *values], f, ensure_ascii=False, default=_json_default)
+                # dumps, not dump: only dumps runs the C encoder (same text, ~3x faster on a large vocabulary)
+                f.write(json.dumps([None, *values], ensure_ascii=False, default=_json_default))
         except OSError as e:
             self.abort()
             raise _os_error(f"cannot write vocabulary {rel} of {self.out}", e) from None
