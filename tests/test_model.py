@@ -130,3 +130,28 @@ def test_byte_dropout_drops_p_and_rescales():
     out = d(x)
     out.sum().backward()
     assert torch.equal(x.grad, (out != 0).float() * 2.0)  # the gradient goes through the same mask
+
+    # Compiled (train.compile), the compiler's own dropout at the same rate replaces the byte mask.
+    y = torch.compile(d)(torch.ones(1000, 100))
+    assert abs((y == 0).float().mean().item() - 0.5) < 0.01 and torch.all((y == 0) | (y == 2.0))
+
+
+
+def test_compiled_head_computes_the_eager_function():
+    """train.compile: the deep part's head through torch.compile gives the eager logits and
+    gradients (this model has no dropout, so both compute the same function); evaluation uses
+    the eager head."""
+    m = model("deep")
+    batch = toy_batch(32)
+    eager = m(batch)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in m.deep.mlp.parameters()]
+    m.zero_grad()
+    m.deep.compile_head()
+    compiled = m(batch)
+    compiled.sum().backward()
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    for g, p in zip(grads, m.deep.mlp.parameters()):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    m.eval()
+    assert m.deep._compiled_head is not None and torch.allclose(m(batch), eager, atol=1e-6)

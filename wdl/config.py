@@ -189,8 +189,13 @@ class TrainConfig:
     # the model reads.
     ranking_group: str = ""
     ranking_k: int = 10
+    # torch.compile the deep part's dense computation (interactions, dropout, MLP; not the
+    # look-ups) for training: none, or a torch.compile mode (default, reduce-overhead: CUDA
+    # graphs on a GPU, max-autotune). The first steps pay the compilation (tens of seconds).
+    compile: str = "none"
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 
 
@@ -480,6 +485,8 @@ def _validate_training(cfg: Config) -> None:
                               "(in model.wide.features or model.deep.embeddings)")
         if cfg.train.ranking_k < 1:
             raise ConfigError(f"train.ranking_k: must be >= 1, got {cfg.train.ranking_k}")
+    if cfg.train.compile not in COMPILE_MODES:
+        raise ConfigError(f"train.compile: {cfg.train.compile!r} is not one of {', '.join(COMPILE_MODES)}")
 
 
 def _validate_optim(optim: OptimConfig) -> None:

@@ -44,6 +44,8 @@ class ByteDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.threshold == 0:
             return x
+        if torch.compiler.is_compiling():  # the compiler fuses its own dropout (random_ would break the graph)
+            return nn.functional.dropout(x, self.threshold / 256)
         words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         bytes_ = words.view(torch.uint8)[: x.numel()].view(x.shape).to(x.dtype)
         mask = bytes_.sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(1.0 / self.keep)
@@ -104,12 +106,28 @@ class DeepArch(nn.Module):
         layers.append(nn.Linear(width, 1, bias=False, device=device))
         self.mlp = nn.Sequential(*layers)
         self.bf16 = cfg.precision == "bf16"
+        self._compiled_head = None
+
+    def compile_head(self, **options) -> None:
+        """Train through `torch.compile(self.head)`: the dense computation after the look-ups
+        (interactions, dropout, MLP) fused into few kernels. The look-ups stay eager: their
+        shapes depend on the batch's ids. Evaluation keeps the eager head (no recompilation for
+        eval batches and eval mode)."""
+        self._compiled_head = torch.compile(self.head, **options)
 
     def forward(self, batch: Batch) -> Tensor:
-        parts, pairwise = [], None
+        vectors = []
         if self.embeddings is not None:
             pooled = self.embeddings(batch)
             vectors = [pooled[f] for f in self.features]
+        head = self._compiled_head if self._compiled_head is not None and self.training else self.head
+        return head(vectors, batch.dense)
+
+    def head(self, vectors: list[Tensor], dense: Tensor) -> Tensor:
+        """Pooled embeddings (one [B, dim] per feature, in `features` order) and dense features
+        [B, D] -> [B] logits."""
+        parts, pairwise = [], None
+        if vectors:
             if self.embedding_dropout is None and self.interaction is None:
                 parts += vectors  # concatenated once, below, with the dense features
             else:
@@ -119,8 +137,8 @@ class DeepArch(nn.Module):
                 parts.append(emb)
                 if self.interaction is not None:
                     pairwise = self.interaction(emb)
-        if batch.dense.shape[1]:
-            parts.append(batch.dense)
+        if dense.shape[1]:
+            parts.append(dense)
         if pairwise is not None and self.interaction.kind == "dot":
             parts.append(pairwise)
         x = torch.cat(parts, dim=1)
