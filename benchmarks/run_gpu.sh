@@ -6,6 +6,7 @@
 #   gpu-ml1m-sized-*   the planted MovieLens-shaped set at MovieLens-1M's size (800k training rows),
 #                      held in GPU memory, batch 8192 and 1024: s/epoch (= s per 800k rows), samples/s
 #                      (targets: <= 0.25 s at 8192; >= 400k samples/s at 1024)
+#   gpu-ml1m-compiled-*  batch 1024 with train.compile=reduce-overhead (torch.compile + CUDA graphs)
 #   gpu-throughput-*   Criteo-shaped (39 features), the five large columns at 131k and 4M rows,
 #                      streamed from Parquet, batch 65536: samples/s beside the compute and hardware
 #                      floors; kernels, memcpys and host syncs per step (target: >= 4M samples/s at 4M)
@@ -27,8 +28,15 @@ CRITEO=data/bench/criteo-synth-4m     # 4M rows, 3.6M for training: no epoch bou
 
 $PY -m benchmarks run ml1m-sized --out "benchmarks/out/gpu-ml1m-sized-$STAMP" $GPU
 
+# Batch 1024 again with the deep part's dense computation compiled and replayed as CUDA graphs
+# (train.compile=reduce-overhead): fewer kernel launches per step. Apart, so that a failure here
+# loses none of the runs above.
+$PY -m benchmarks run ml1m-sized --out "benchmarks/out/gpu-ml1m-compiled-$STAMP" $GPU systems.0.enabled=false \
+    "systems.1.overrides=[data.in_memory=true, train.compile=reduce-overhead]" \
+    || echo "run_gpu.sh: the compiled run failed; its log is under benchmarks/out/gpu-ml1m-compiled-$STAMP"
+
 # The table-size system only, torch backend, 30 timed steps of 65536 rows (about 2M rows).
 $PY -m benchmarks run throughput --out "benchmarks/out/gpu-throughput-$STAMP" $GPU data.path="$CRITEO" \
     systems.0.enabled=false systems.1.backends=[torch] systems.1.table_rows=[131072,4194304] \
     systems.1.batch_sizes=[65536] systems.1.steps=30 systems.1.timed_rows=0
-echo "run_gpu.sh: results in benchmarks/out/gpu-ml1m-sized-$STAMP and benchmarks/out/gpu-throughput-$STAMP"
+echo "run_gpu.sh: results in benchmarks/out/gpu-{ml1m-sized,ml1m-compiled,throughput}-$STAMP"
