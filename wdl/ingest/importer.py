@@ -31,7 +31,8 @@ import yaml
 from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError
 from wdl.ingest import import_spec as S
-from wdl.ingest.import_passes import Plan, Stats, Unit, encode, encode_job, first_line, init_worker, stats_job
+from wdl.ingest.import_passes import (Plan, Stats, Unit, encode, encode_job, first_line, init_worker, keep_freed_memory,
+                                      stats_job)
 from wdl.ingest.options import from_args, resolve
 from wdl.ingest.pool import ordered_map
 
@@ -166,6 +167,7 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     `spec` gives the columns, else they are inferred from the first file (with `label`), and the
     inferred spec is printed through `log`; its `split` replaces the spec's."""
     start = time.perf_counter()
+    keep_freed_memory()  # here too: the main process unpickles and writes the units' rows
     opts = resolve(S.ImportOptions, opts, options)
     split = opts.split or (opts.spec.split if opts.spec else S.SplitSpec())
     files = _input_files(inputs, split, opts.fmt)
