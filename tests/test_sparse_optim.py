@@ -119,6 +119,27 @@ def test_untouched_rows_and_their_state_never_change(name, static_shapes):
         assert not torch.equal(opt.state["g"][k][touched], before_s[k][touched]), k
 
 
+@pytest.mark.parametrize("name", ["adam", "ftrl"])
+def test_compiled_row_rules_compute_the_eager_update(name):
+    """train.compile runs each rule's arithmetic through torch.compile: same rows, same state,
+    whatever the number of rows touched (dynamic shapes) and after a learning-rate change."""
+    cfg = OptimizerConfig(name=name, lr=0.1, l1=0.001 if name == "ftrl" else 0.0, l2=0.01 if name == "ftrl" else 0.0)
+    g = torch.Generator().manual_seed(0)
+    weight, grad_of = torch.randn(50, 4, generator=g), lambda n: torch.randn(n, 4, generator=g)
+    eager, compiled = row_rule(cfg), row_rule(cfg)
+    compiled.compiled = torch.compile(compiled.update, dynamic=True)
+    states = [r.init_state(50, 4, weight.device) for r in (eager, compiled)]
+    weights = [weight.clone(), weight.clone()]
+    for step, n in enumerate([7, 12, 3]):
+        rows, grad = torch.randperm(50, generator=g)[:n], grad_of(n)
+        for r, w, st in zip((eager, compiled), weights, states):
+            r.lr = 0.1 / (step + 1)
+            r.apply(w, st, rows, grad)
+        assert torch.allclose(weights[0], weights[1], atol=1e-6)
+        for k in states[0]:
+            assert torch.allclose(states[0][k], states[1][k], atol=1e-6), k
+
+
 def test_lazy_adam_equals_torch_sparse_adam():
     specs = tables(4)
     ref = reference(specs, seed=5)

@@ -161,6 +161,12 @@ class Optimizers:
             for group, lr in zip(self.optimizers[k].param_groups, base):
                 group["lr"] = lr * scale
 
+    def compile(self) -> None:
+        """The row optimisers' arithmetic through torch.compile (train.compile)."""
+        for o in self.optimizers.values():
+            if isinstance(o, SparseTableOptimizer):
+                o.compile()
+
     def zero_grad(self) -> None:
         for o in self.optimizers.values():
             o.zero_grad()

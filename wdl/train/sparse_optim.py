@@ -37,6 +37,7 @@ class RowRule:
     per_row: tuple[str, ...] = ()
     scalars: tuple[str, ...] = ()
     lr: float  # read at every step (the learning-rate schedule sets it)
+    compiled: Any = None  # `update` through torch.compile (see SparseTableOptimizer.compile)
 
     def init_state(self, rows: int, dim: int, device: torch.device) -> State:
         return {}
@@ -50,7 +51,8 @@ class RowRule:
         for k in self.scalars:  # advanced by every rank every step, so they agree after resharding
             state[k].add_(1)
         s = {k: state[k].index_select(0, rows) for k in self.per_row} | {k: state[k] for k in self.scalars}
-        w_new, s_new = self.update(weight.index_select(0, rows), grad, s)
+        update = self.compiled if self.compiled is not None else self.update
+        w_new, s_new = update(weight.index_select(0, rows), grad, s)
         weight.index_copy_(0, rows, w_new)
         for k in self.per_row:
             state[k].index_copy_(0, rows, s_new[k])
@@ -184,6 +186,11 @@ class SparseTableOptimizer:
         for name, g in groups.items():
             w = g.rows.weight
             self.state[name] = rule.init_state(w.shape[0], w.shape[1], w.device)
+
+    def compile(self) -> None:
+        """Run the rule's arithmetic (a dozen element-wise ops for FTRL) as one compiled kernel.
+        Shapes vary with the rows a batch touches, hence dynamic."""
+        self.rule.compiled = torch.compile(self.rule.update, dynamic=True)
 
     def zero_grad(self) -> None:
         """Nothing to clear: every forward pass makes a new working set."""

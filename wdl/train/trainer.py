@@ -100,8 +100,10 @@ class Trainer:
         self.model = self.placed.model  # what a step calls (maybe wrapped)
         self.wide_deep = model  # the model itself, unwrapped (its parameter objects are the live ones)
         self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer)
-        if cfg.train.compile != "none" and model.deep is not None:
-            model.deep.compile_head(mode=cfg.train.compile)
+        if cfg.train.compile != "none":
+            self.optimizer.compile()
+            if model.deep is not None:
+                model.deep.compile_head(mode=cfg.train.compile)
         self.schedule = LrSchedule(cfg.optim.schedule)  # warm-up, decay on a validation plateau
         # Seed the global RNGs (dropout) only now: building and sharding the model draw from them,
         # so seeding here gives the same masks for every backend and world size.
