@@ -96,6 +96,9 @@ def test_parquet_import_vocabularies_and_splits(imported, raw_dir):
     assert unknown["train"]["item"]["null"] > 0 and unknown["train"]["item"]["unknown"] >= unknown["train"]["item"]["null"]
     assert unknown["train"]["user"] == {"values": m.splits["train"].rows, "unknown": 0, "null": 0}
     assert sum(unknown[s]["tags"]["null"] for s in unknown) == 1  # the one null list, written as []
+    for split in m.splits.values():  # counted as written: the rate of the labels in the files
+        labels = pq.read_table([imported / f.path.relative_to(imported) for f in split.files]).column("clicked")
+        assert split.positive_rate == sum(labels.to_pylist()) / split.rows
 
 
 def test_ids_decode_back_to_raw_values(imported, raw_dir):

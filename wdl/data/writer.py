@@ -102,6 +102,7 @@ class _Split:
         self.pending_rows = 0
         self.writer: pq.ParquetWriter | None = None
         self.files: list[dict[str, Any]] = []  # {"path", "rows", "row_groups"}, relative paths
+        self.positives = 0.0  # sum of the label column written, when the writer knows the label
 
 
 class DatasetWriter:
@@ -109,11 +110,12 @@ class DatasetWriter:
 
     Rows appended with `write` are buffered so that every row group (except the last of a
     file) holds exactly `row_group_rows` rows whatever the sizes of the appended tables;
-    a new `part-NNNNN.parquet` starts every `rows_per_file` rows.
+    a new `part-NNNNN.parquet` starts every `rows_per_file` rows. Given the `label` column up
+    front, it sums the labels as they are written; otherwise commit reads them back from the files.
     """
 
     def __init__(self, out_dir, *, name: str, overwrite: bool = False,
-                 rows_per_file: int = 1_000_000, row_group_rows: int = 16384) -> None:
+                 rows_per_file: int = 1_000_000, row_group_rows: int = 16384, label: str | None = None) -> None:
         if rows_per_file < 1 or row_group_rows < 1:
             raise DataError(f"rows_per_file and row_group_rows must be >= 1, got {rows_per_file}, {row_group_rows}")
         self.out = pathlib.Path(out_dir).expanduser().absolute()
@@ -121,6 +123,7 @@ class DatasetWriter:
         self.overwrite = overwrite
         self.rows_per_file = rows_per_file
         self.row_group_rows = row_group_rows
+        self.label = label
         self._splits: dict[str, _Split] = {}
         self._vocab_files: list[str] = []
         self._tables: list[str] = []  # further files at the top of the folder (add_table)
@@ -163,6 +166,8 @@ class DatasetWriter:
                             f"({_schema_str(table.schema)} vs {_schema_str(state.schema)})")
         if table.num_rows == 0:
             return
+        if self.label in table.column_names:
+            state.positives += _label_sum(table.column(self.label))
         state.pending.append(table)
         state.pending_rows += table.num_rows
         if state.pending_rows >= self.row_group_rows:
@@ -299,11 +304,8 @@ class DatasetWriter:
 
     def _split_entry(self, state: _Split, label: str) -> dict:
         rows = sum(f["rows"] for f in state.files)
-        positives = 0.0
-        for f in state.files:
-            if f["rows"]:
-                col = pq.read_table(self.tmp / f["path"], columns=[label]).column(0)
-                positives += float(pc.sum(col.cast(pa.float64())).as_py() or 0.0)
+        positives = state.positives if label == self.label else sum(
+            _label_sum(pq.read_table(self.tmp / f["path"], columns=[label]).column(0)) for f in state.files if f["rows"])
         return {"rows": rows, "positive_rate": positives / rows if rows else 0.0,
                 "files": [dict(f) for f in state.files]}
 
@@ -360,6 +362,10 @@ class DatasetWriter:
 
 def _schema_str(schema: pa.Schema) -> str:
     return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def _label_sum(col) -> float:
+    return float(pc.sum(col.cast(pa.float64())).as_py() or 0.0)
 
 
 def _json_default(obj):

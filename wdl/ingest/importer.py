@@ -185,7 +185,7 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     workers = max(1, int(opts.workers))
 
     with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
-                       row_group_rows=opts.row_group_rows) as w:
+                       row_group_rows=opts.row_group_rows, label=spec.label) as w:
         agg = _statistics(units, plan, workers, opts.progress, files, split)
         plan.dict_columns = [n for n in plan.dict_columns if n not in agg.plain_columns()]  # as pass 2 reads them
         columns, normalize = _columns(w, spec, agg, plan, opts.buckets)
