@@ -286,38 +286,72 @@ def encode(unit: Unit):
     """Per table of the unit: ({split code: encoded table}, unknown counts, rows read)."""
     plan = _PLAN
     for t, row_start in _read(plan, unit):
-        codes, n = _split_codes(plan, unit, t, row_start), t.num_rows
+        codes = _split_codes(plan, unit, t, row_start)
+        split = PerSplit(codes)
         cols = {plan.spec.label: pa.array(_labels(plan, unit, t, row_start), pa.int8())}
         unknown = {}  # column -> [[values, unknown, null] per split]
         for name, c in plan.spec.columns.items():
-            enc = _ENCODERS.get(name) or _ENCODERS.setdefault(name, IdEncoder(plan.vocabs.get(name, pa.array([]))))
-            if c.kind == "dense":
-                x = _dense(t.column(name), name, unit)
-                miss = np.isnan(x)
-                cols[name] = pa.array(x.astype(np.float32), mask=miss)
-                missing = np.bincount(codes[miss], minlength=3)
-                unknown[name] = np.stack([np.bincount(codes, minlength=3), missing, missing], 1)
-            elif c.kind == "categorical":
-                col = t.column(name)
-                ids = enc.encode(col)
-                nulls = pc.is_null(col).to_numpy()
-                cols[name] = pa.array(ids)
-                unknown[name] = np.stack([np.bincount(codes, minlength=3), np.bincount(codes[ids == 0], minlength=3),
-                                          np.bincount(codes[nulls], minlength=3)], 1)
-            else:
-                lists = _lists(plan, name, t.column(name))
-                lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
-                ids = enc.encode(pc.list_flatten(lists))
-                offsets = np.zeros(n + 1, np.int32)
-                np.cumsum(lengths, out=offsets[1:])
-                cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
-                elem = np.repeat(codes, lengths)
-                unknown[name] = np.stack([np.bincount(elem, minlength=3), np.bincount(elem[ids == 0], minlength=3),
-                                          np.bincount(codes[pc.is_null(lists).to_numpy()], minlength=3)], 1)
+            cols[name], unknown[name] = _ENCODE[c.kind](plan, name, t.column(name), unit, split)
         table = pa.table(cols, schema=plan.out_schema)
-        present = np.flatnonzero(np.bincount(codes, minlength=3))
+        present = np.flatnonzero(split.rows)
         parts = {int(k): table if len(present) == 1 else table.take(np.flatnonzero(codes == k)) for k in present}
-        yield parts, unknown, n
+        yield parts, unknown, t.num_rows
+
+
+class PerSplit:
+    """How many of a table's rows (or list elements) fall in each split, and how many of those a
+    mask selects; counting is one pass over the mask when all fall in one split (a time or files
+    split's units mostly do)."""
+
+    def __init__(self, codes: np.ndarray) -> None:
+        self.codes = codes
+        self.rows = np.bincount(codes, minlength=3)
+        present = np.flatnonzero(self.rows)
+        self.only = int(present[0]) if len(present) == 1 else None
+
+    def count(self, mask: np.ndarray) -> np.ndarray:
+        if self.only is None:
+            return np.bincount(self.codes[mask], minlength=3)
+        out = np.zeros(3, np.int64)
+        out[self.only] = np.count_nonzero(mask)
+        return out
+
+    def nulls(self, arr) -> np.ndarray:
+        return self.count(pc.is_null(arr).to_numpy(zero_copy_only=False)) if arr.null_count else np.zeros(3, np.int64)
+
+    def elements(self, lengths: np.ndarray) -> "PerSplit":
+        """The same for the elements of list rows of these `lengths`."""
+        return PerSplit(np.repeat(self.codes, lengths) if self.only is None else np.full(int(lengths.sum()), self.only, np.int8))
+
+
+def _encoder(plan: Plan, name: str) -> IdEncoder:
+    return _ENCODERS.get(name) or _ENCODERS.setdefault(name, IdEncoder(plan.vocabs.get(name, pa.array([]))))
+
+
+def _encode_dense(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
+    x = _dense(col, name, unit)
+    miss = np.isnan(x)
+    missing = split.count(miss)
+    return pa.array(x.astype(np.float32), mask=miss), np.stack([split.rows, missing, missing], 1)
+
+
+def _encode_categorical(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
+    ids = _encoder(plan, name).encode(col)
+    return pa.array(ids), np.stack([split.rows, split.count(ids == 0), split.nulls(col)], 1)
+
+
+def _encode_multi_hot(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
+    lists = _lists(plan, name, col)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
+    ids = _encoder(plan, name).encode(pc.list_flatten(lists))
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    elements = split.elements(lengths)
+    return (pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+            np.stack([elements.rows, elements.count(ids == 0), split.nulls(lists)], 1))
+
+
+_ENCODE = {"dense": _encode_dense, "categorical": _encode_categorical, "multi_hot": _encode_multi_hot}
 
 
 def encode_job(unit: Unit) -> list:
