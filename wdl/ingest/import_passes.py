@@ -32,7 +32,7 @@ class Unit:
     row_groups: list[int]  # Parquet only
     row_start: int  # number of the unit's first row within its file
     rows: int | None  # None for CSV (unknown before reading)
-    split: int | None  # a files split: the split of every row
+    split: int | None  # the split of every row: a files split's, or one pass 1 found all rows in
 
 
 @dataclass
@@ -285,7 +285,7 @@ def stats_job(unit: Unit) -> Stats:
 def encode(unit: Unit):
     """Per table of the unit: ({split code: encoded table}, unknown counts, rows read)."""
     plan = _PLAN
-    for t, row_start in _read(plan, unit):
+    for t, row_start in _read(plan, unit, _encoded_columns(plan, unit)):
         codes = _split_codes(plan, unit, t, row_start)
         split = PerSplit(codes)
         cols = {plan.spec.label: pa.array(_labels(plan, unit, t, row_start), pa.int8())}
@@ -296,6 +296,12 @@ def encode(unit: Unit):
         present = np.flatnonzero(split.rows)
         parts = {int(k): table if len(present) == 1 else table.take(np.flatnonzero(codes == k)) for k in present}
         yield parts, unknown, t.num_rows
+
+
+def _encoded_columns(plan: Plan, unit: Unit) -> list[str]:
+    """What pass 2 reads: the columns it writes, and the time column unless the unit's split is known."""
+    time = [plan.spec.split.column] if unit.split is None and plan.spec.split.kind == "time" else []
+    return list(dict.fromkeys([plan.spec.label, *plan.spec.columns, *time]))
 
 
 class PerSplit:

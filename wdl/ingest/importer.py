@@ -235,8 +235,10 @@ def _statistics(units: list[Unit], plan: Plan, workers: int, progress: bool, fil
     """Pass 1: the train rows' statistics, merged over the units in order."""
     known = [u.rows for u in units]
     bar, agg = _progress(sum(known) if None not in known else None, "statistics", progress), Stats.empty(plan)
-    for st in ordered_map(stats_job, units, workers, init_worker, plan):
+    for unit, st in zip(units, ordered_map(stats_job, units, workers, init_worker, plan)):
         agg.merge(st)
+        if np.count_nonzero(st.rows) == 1:  # then pass 2 places the unit's rows without reading a time column
+            unit.split = int(np.flatnonzero(st.rows)[0])
         bar.update(int(st.rows.sum()))
     bar.close()
     if agg.rows.sum() == 0:
