@@ -9,6 +9,7 @@ its rows into the data set's columns. Both assign each row's split the same way:
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ class Plan:
     cuts: tuple = (None, None)  # time split: valid_from, test_from as scalars of the column's type
     parse_types: dict[str, pa.DataType] | None = None  # CSV: types to parse as, where not `types` (booleans)
     vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
+    spill: str | None = None  # pass 2 in a pool: the folder workers hand their encoded tables over in
 
     @property
     def out_schema(self) -> pa.Schema:
@@ -361,7 +363,25 @@ _ENCODE = {"dense": _encode_dense, "categorical": _encode_categorical, "multi_ho
 
 
 def encode_job(unit: Unit) -> list:
-    return list(encode(unit))
+    """Pass 2 in a pool worker: `encode`'s results with each table written to an Arrow file in
+    the plan's spill folder, named by its path. The main process maps the file (`unspill`)
+    instead of unpickling the table from a pipe: a tenth of pass 2's CPU time was those copies."""
+    return [({code: _spill(table, f"{unit.file_index}-{unit.row_start}-{i}-{code}") for code, table in parts.items()},
+             unknown, n) for i, (parts, unknown, n) in enumerate(encode(unit))]
+
+
+def _spill(table: pa.Table, name: str) -> str:
+    path = os.path.join(_PLAN.spill, name + ".arrow")
+    with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def unspill(path: str) -> pa.Table:
+    """A table `encode_job` spilled, memory-mapped; its file is removed (the mapping outlives it)."""
+    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    os.remove(path)
+    return table
 
 
 def first_line(e: BaseException) -> str:

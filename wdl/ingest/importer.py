@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError
 from wdl.ingest import import_spec as S
 from wdl.ingest.import_passes import (Plan, Stats, Unit, encode, encode_job, first_line, init_worker, keep_freed_memory,
-                                      stats_job)
+                                      stats_job, unspill)
 from wdl.ingest.options import from_args, resolve
 from wdl.ingest.pool import ordered_map
 
@@ -277,7 +278,7 @@ def _write_rows(w: DatasetWriter, units: list[Unit], plan: Plan, workers: int, p
     pool = workers if all(u.fmt == "parquet" or os.path.getsize(u.path) <= CSV_POOL_BYTES for u in units) else 1
     bar = _progress(rows, "encode", progress)
     unknown = {n: np.zeros((3, 3), np.int64) for n in plan.spec.columns}
-    for parts, counts, n in _encoded(units, plan, pool):
+    for parts, counts, n in _encoded(units, plan, pool, w.tmp / "encoded"):
         for code, table in parts.items():
             w.write(S.SPLIT_NAMES[code], table)
         for name, c in counts.items():
@@ -313,10 +314,16 @@ def _split_info(split: S.SplitSpec, files: list[tuple[str, str, int | None]]) ->
     return {"kind": split.kind, **rule}
 
 
-def _encoded(units: list[Unit], plan: Plan, workers: int):
+def _encoded(units: list[Unit], plan: Plan, workers: int, spill: Path):
     if workers > 1:
-        for results in ordered_map(encode_job, units, workers, init_worker, plan):
-            yield from results
+        spill.mkdir()
+        plan.spill = str(spill)
+        try:
+            for results in ordered_map(encode_job, units, workers, init_worker, plan):
+                for paths, unknown, n in results:
+                    yield {code: unspill(path) for code, path in paths.items()}, unknown, n
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)  # what a failed run left
         return
     init_worker(plan)
     for u in units:  # table by table: a large CSV file never sits in memory whole
