@@ -31,7 +31,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from wdl.data.batch import Batch
 
@@ -225,10 +225,11 @@ def cuda_launches(step: Callable[[Batch], None], batches: list[Batch], steps: in
             "launch_calls_per_step": launch_calls / steps, "syncs_per_step": syncs / steps, "profiled_steps": steps}
 
 
-def mlp_floor(*, input_dim: int, hidden: Iterable[int], batch_size: int, steps: int, epochs: int,
-              device: torch.device, lr: float = 1e-3, seed: int = 0) -> list[dict[str, Any]]:
-    """Seconds per epoch of the bare MLP: nn.Sequential(Linear, ReLU, ..., Linear(., 1)), BCE with
-    logits, Adam, `steps` batches of `batch_size` rows sliced from tensors already on `device`."""
+def mlp_floor_step(*, input_dim: int, hidden: Iterable[int], batch_size: int, steps: int, device: torch.device,
+                   lr: float = 1e-3, seed: int = 0) -> Callable[[int], Tensor]:
+    """The bare MLP's training step on batch i (of `steps`): nn.Sequential(Linear, ReLU, ...,
+    Linear(., 1)), BCE with logits, Adam, rows sliced from tensors already on `device`; returns
+    the loss (on the device)."""
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     width = input_dim
@@ -241,18 +242,31 @@ def mlp_floor(*, input_dim: int, hidden: Iterable[int], batch_size: int, steps: 
     loss_fn = nn.BCEWithLogitsLoss()
     x = torch.randn(steps * batch_size, input_dim, generator=gen).to(device)
     y = (torch.rand(steps * batch_size, generator=gen) < 0.3).float().to(device)
+
+    def step(i: int) -> Tensor:
+        sl = slice(i * batch_size, (i + 1) * batch_size)
+        loss = loss_fn(model(x[sl]).squeeze(1), y[sl])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def mlp_floor(*, input_dim: int, hidden: Iterable[int], batch_size: int, steps: int, epochs: int,
+              device: torch.device, lr: float = 1e-3, seed: int = 0) -> list[dict[str, Any]]:
+    """Seconds per epoch of the bare MLP (mlp_floor_step), `steps` batches of `batch_size` rows."""
+    step = mlp_floor_step(input_dim=input_dim, hidden=hidden, batch_size=batch_size, steps=steps, device=device,
+                          lr=lr, seed=seed)
     records = []
     for epoch in range(1, epochs + 1):
         _sync(device)
         start = time.perf_counter()
         for i in range(steps):
-            sl = slice(i * batch_size, (i + 1) * batch_size)
-            loss = loss_fn(model(x[sl]).squeeze(1), y[sl])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = step(i)
         _sync(device)
         seconds = time.perf_counter() - start
         records.append({"epoch": epoch, "train_seconds": seconds, "samples_per_second": steps * batch_size / seconds,
-                        "steps": steps, "batch_size": batch_size, "train_loss": float(loss.detach())})
+                        "steps": steps, "batch_size": batch_size, "train_loss": float(loss)})
     return records
