@@ -7,6 +7,7 @@
 #                      held in GPU memory, batch 8192 and 1024: s/epoch (= s per 800k rows), samples/s
 #                      (targets: <= 0.25 s at 8192; >= 400k samples/s at 1024)
 #   gpu-ml1m-compiled-*  batch 1024 with train.compile=reduce-overhead (torch.compile + CUDA graphs)
+#   gpu-step-variants-*.json  ms and kernels per step at batch 1024: eager, compiled, CUDA graphs
 #   gpu-throughput-*   Criteo-shaped (39 features), the five large columns at 131k and 4M rows,
 #                      streamed from Parquet, batch 65536: samples/s beside the compute and hardware
 #                      floors; kernels, memcpys and host syncs per step (target: >= 4M samples/s at 4M)
@@ -35,8 +36,14 @@ $PY -m benchmarks run ml1m-sized --out "benchmarks/out/gpu-ml1m-compiled-$STAMP"
     "systems.1.overrides=[data.in_memory=true, train.compile=reduce-overhead]" \
     || echo "run_gpu.sh: the compiled run failed; its log is under benchmarks/out/gpu-ml1m-compiled-$STAMP"
 
+# Step time and kernels per step at batch 1024, eager vs compiled, side by side with the MLP floor.
+V="run.device=cuda model.embedding_backend=torch data.path=$ML1M data.in_memory=true data.batch_size=1024"
+$PY -m benchmarks.scripts.step_variants --config configs/synthetic-movielens.yaml --out "benchmarks/out/gpu-step-variants-$STAMP.json" \
+    --variant "eager=$V" --variant "compiled=$V train.compile=default" --variant "cudagraphs=$V train.compile=reduce-overhead" \
+    || echo "run_gpu.sh: step_variants failed"
+
 # The table-size system only, torch backend, 30 timed steps of 65536 rows (about 2M rows).
 $PY -m benchmarks run throughput --out "benchmarks/out/gpu-throughput-$STAMP" $GPU data.path="$CRITEO" \
     systems.0.enabled=false systems.1.backends=[torch] systems.1.table_rows=[131072,4194304] \
     systems.1.batch_sizes=[65536] systems.1.steps=30 systems.1.timed_rows=0
-echo "run_gpu.sh: results in benchmarks/out/gpu-{ml1m-sized,ml1m-compiled,throughput}-$STAMP"
+echo "run_gpu.sh: results in benchmarks/out/gpu-{ml1m-sized,ml1m-compiled,step-variants,throughput}-$STAMP*"
