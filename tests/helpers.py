@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from wdl.data.batch import Batch, Jagged
 from wdl.data.manifest import load_manifest
 from wdl.data.writer import DatasetWriter, column_stats
+from wdl.train.trainer import cpu_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +151,10 @@ def write_lines(path: Path, lines: list[str], gz: bool = False) -> Path:
     data = "".join(lines).encode()
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
+
+
+# torch.compile on a CPU builds C++ kernels: its tests need a compiler
+needs_compiler = pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
 
 
 # ------------------------------------------------------------- a toy batch for model unit tests

@@ -11,7 +11,7 @@ from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import binary_metrics
 from wdl.train.optim import FTRL
 
-from helpers import TOY_SIZES, toy_batch
+from helpers import TOY_SIZES, needs_compiler, toy_batch
 
 
 def model(kind="wide_deep", backend="torch"):
@@ -131,12 +131,9 @@ def test_byte_dropout_drops_p_and_rescales():
     out.sum().backward()
     assert torch.equal(x.grad, (out != 0).float() * 2.0)  # the gradient goes through the same mask
 
-    # Compiled (train.compile), the compiler's own dropout at the same rate replaces the byte mask.
-    y = torch.compile(d)(torch.ones(1000, 100))
-    assert abs((y == 0).float().mean().item() - 0.5) < 0.01 and torch.all((y == 0) | (y == 2.0))
 
 
-
+@needs_compiler
 def test_compiled_head_computes_the_eager_function():
     """train.compile: the deep part's head through torch.compile gives the eager logits and
     gradients (this model has no dropout, so both compute the same function); evaluation uses
@@ -155,3 +152,9 @@ def test_compiled_head_computes_the_eager_function():
         assert torch.allclose(p.grad, g, atol=1e-6)
     m.eval()
     assert m.deep._compiled_head is not None and torch.allclose(m(batch), eager, atol=1e-6)
+
+    # Compiled, ByteDropout hands over to the compiler's own dropout, at the same rate.
+    from wdl.model.wide_deep import ByteDropout
+
+    y = torch.compile(ByteDropout(0.5))(torch.ones(1000, 100))
+    assert abs((y == 0).float().mean().item() - 0.5) < 0.01 and torch.all((y == 0) | (y == 2.0))

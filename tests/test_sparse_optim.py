@@ -11,6 +11,8 @@ from wdl.model.init import normal_block
 from wdl.train.optim import FTRL
 from wdl.train.sparse_optim import SparseTableOptimizer, row_rule
 
+from helpers import needs_compiler
+
 ROWS = {"u": 30, "m": 20, "g": 8}
 
 
@@ -119,6 +121,7 @@ def test_untouched_rows_and_their_state_never_change(name, static_shapes):
         assert not torch.equal(opt.state["g"][k][touched], before_s[k][touched]), k
 
 
+@needs_compiler
 @pytest.mark.parametrize("name", ["adam", "ftrl"])
 def test_compiled_row_rules_compute_the_eager_update(name):
     """train.compile runs each rule's arithmetic through torch.compile: same rows, same state,

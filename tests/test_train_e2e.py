@@ -148,6 +148,13 @@ def test_feature_missing_in_data(tmp_path, prepared, capsys):
             "column 'mood' named in the config is missing")
 
 
+def test_compile_without_a_compiler_is_one_line_and_leaves_no_run_folder(tmp_path, prepared, capsys, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    refused(capsys, [f"data.path={prepared}", f"run.out_dir={tmp_path}", *QUICK, "train.compile=default"],
+            "train.compile=default on a CPU needs a C++ compiler")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("backend", ["torch", "torchrec"])
 def test_tables_too_large_for_memory_are_refused_before_allocating(prepared, tmp_path, backend, capsys):
     if backend == "torchrec" and not torchrec_available():

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, all_gather_cat, all_reduce_sum, barrier
 from wdl.distributed.sharding import check_placement, place
-from wdl.errors import TrainingError, WdlError
+from wdl.errors import ConfigError, TrainingError, WdlError
 from wdl.ingest.prepare import open_or_prepare
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
@@ -48,6 +50,9 @@ class Trainer:
         deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if self.backend == "torchrec" else []
         check_placement(cfg.distributed, deep_tables, env)  # fail before any data is touched
         fused = deep_fused_optimizer(cfg, env, self.backend)
+        if cfg.train.compile != "none" and self.device.type == "cpu" and cpu_compiler() is None:
+            raise ConfigError(f"train.compile={cfg.train.compile} on a CPU needs a C++ compiler (g++, c++ or "
+                              "clang++ on PATH, or $CXX); install one or set train.compile=none")
 
         # 1. Run folder (rank 0 picks and locks it, everyone uses it) and the checkpoint to resume
         #    from. A start that fails before training removes a folder it created.
@@ -401,6 +406,12 @@ def _maybe_kill(kill_at_step: int, step: int, env: DistEnv) -> None:
     if kill_at_step and step == kill_at_step and env.rank == env.world_size - 1 \
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, if there is one."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for name in names if (path := shutil.which(name))), None)
 
 
 def _seed_everything(seed: int) -> None:
