@@ -65,11 +65,13 @@ class ValueCounts:
             self.parts.append(t)
             self.pending += t.num_rows
         if self.pending > self.merge_every:
-            self._merge()
+            # One thread: counts are merged while the rest of the input is read, by other
+            # processes that keep the cores busy; Arrow's threads would only add their overhead.
+            self._merge(threads=False)
 
-    def _merge(self) -> None:
+    def _merge(self, threads: bool = True) -> None:
         if len(self.parts) > 1:
-            g = pa.concat_tables(self.parts).group_by("value").aggregate([("count", "sum")])
+            g = pa.concat_tables(self.parts).group_by("value", use_threads=threads).aggregate([("count", "sum")])
             self.parts = [g.rename_columns(["value", "count"]).select(["value", "count"])]
         self.pending = sum(t.num_rows for t in self.parts)
         self.merge_every = max(self.merge_every, 2 * self.pending)  # amortised: never O(n^2) merging
