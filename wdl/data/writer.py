@@ -21,6 +21,7 @@ import pathlib
 import re
 import secrets
 import shutil
+import threading
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,13 @@ def _fsync(path: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _flush_ahead(path: pathlib.Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # commit's own fsync of the file raises it again; an abort removed the file
+        pass
+
+
 class _Split:
     """Output state of one split: the open part file and row-group buffering."""
 
@@ -128,6 +136,7 @@ class DatasetWriter:
         self._vocab_files: list[str] = []
         self._tables: list[str] = []  # further files at the top of the folder (add_table)
         self._done = False
+        self._flushing: list[threading.Thread] = []  # fsyncs of closed part files, joined by commit
         self._check_target()
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
@@ -193,9 +202,11 @@ class DatasetWriter:
                 if info["rows"] >= self.rows_per_file:
                     state.writer.close()
                     state.writer = None
-                    # Flushed to disk now, while the caller still works (an import's workers
-                    # encode on): commit's fsync then finds it clean instead of waiting for it.
-                    _fsync(self.tmp / info["path"])
+                    # Flushed to disk now, in a thread, while the writing goes on: commit's
+                    # fsync then finds it clean instead of waiting for it.
+                    flush = threading.Thread(target=_flush_ahead, args=(self.tmp / info["path"],), daemon=True)
+                    flush.start()
+                    self._flushing.append(flush)
         except OSError as e:
             self.abort()
             raise _os_error(f"cannot write split {split!r} of {self.out}", e) from None
@@ -285,6 +296,8 @@ class DatasetWriter:
             **extra,
         }
         # Data and vocab must be on disk before the manifest claims they are.
+        for flush in self._flushing:
+            flush.join()
         for state in self._splits.values():
             for f in state.files:
                 _fsync(self.tmp / f["path"])
