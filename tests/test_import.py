@@ -126,6 +126,22 @@ def test_same_rows_same_split_whatever_the_workers(imported, raw_dir, tmp_path):
         assert a.equals(b)
 
 
+def test_pass_two_reads_kept_tables_or_the_input_alike(imported, raw_dir, tmp_path, monkeypatch):
+    """Pass 1 keeps the tables it read for pass 2 within a memory budget; with none kept, pass 2
+    reads the input again and writes the same files. Nothing of the hand-over stays behind."""
+    from wdl.ingest import importer
+
+    assert sorted(p.name for p in imported.iterdir()) == ["manifest.json", "test", "train", "valid", "vocab"]
+    monkeypatch.setattr(importer, "KEPT_SHARE", 0)
+    spec = tmp_path / "columns.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "reread"
+    assert main(["data", "import", str(raw_dir), "--spec", str(spec), "--out", str(out), "--no-progress"]) == 0
+    for split in ("train", "valid", "test"):
+        for a, b in zip(sorted((imported / split).iterdir()), sorted((out / split).iterdir()), strict=True):
+            assert a.read_bytes() == b.read_bytes()
+
+
 def test_csv_inferred_with_time_split_and_min_frequency(raw_dir, tmp_path, capsys):
     t = raw_table(seed=1)
     csv = tmp_path / "log.csv"

@@ -34,6 +34,8 @@ class Unit:
     row_start: int  # number of the unit's first row within its file
     rows: int | None  # None for CSV (unknown before reading)
     split: int | None  # the split of every row: a files split's, or one pass 1 found all rows in
+    size: int = 0  # bytes of its columns uncompressed (Parquet metadata; a CSV file's size)
+    keep: str | None = None  # where pass 1 keeps the tables it read, for pass 2 (an Arrow stream)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Plan:
     cuts: tuple = (None, None)  # time split: valid_from, test_from as scalars of the column's type
     parse_types: dict[str, pa.DataType] | None = None  # CSV: types to parse as, where not `types` (booleans)
     vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
-    spill: str | None = None  # pass 2 in a pool: the folder workers hand their encoded tables over in
+    handover: str | None = None  # the folder pass 2's workers hand their encoded tables over in
 
     @property
     def out_schema(self) -> pa.Schema:
@@ -249,45 +251,96 @@ def stats_job(unit: Unit) -> Stats:
     # Parquet: the label and split columns first; the features only if the rows hold train rows.
     head = list(dict.fromkeys([plan.spec.label, plan.spec.split.column or plan.spec.label])) \
         if unit.fmt == "parquet" else None
-    for t, row_start in _read(plan, unit, head):
-        codes, y = _split_codes(plan, unit, t, row_start), _labels(plan, unit, t, row_start)
-        out.rows += np.bincount(codes, minlength=3)
-        out.positives += np.bincount(codes, weights=y, minlength=3).astype(np.int64)
-        is_train = codes == 0
-        if not is_train.any():
-            continue
-        if t.num_columns < len(plan.types):
-            rest, _ = next(_read(plan, unit, [c for c in plan.types if c not in t.column_names]))
-            for name in rest.column_names:
-                t = t.append_column(rest.field(name), rest.column(name))
-        mask = None if is_train.all() else is_train  # count the train rows in place, no copy of them
-        for name, c in plan.spec.columns.items():
-            if c.kind == "categorical":
-                out.note_dictionary(name, t.column(name))
-                out.counts[name].add_array(t.column(name), mask)
-            elif c.kind == "multi_hot":
-                lists = _lists(plan, name, t.column(name))
-                lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-                values = pc.list_flatten(lists)
-                out.note_dictionary(name, values)
-                out.counts[name].add_array(values, None if mask is None else np.repeat(mask, lengths))
-            else:
-                train = np.flatnonzero(is_train)
-                x, d = _dense(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]
-                ok = ~np.isnan(x)
-                d.stats.update(x)
-                d.missing += int((~ok).sum())
-                if ok.any():
-                    d.lo, d.hi = min(d.lo, float(x[ok].min())), max(d.hi, float(x[ok].max()))
-                    salt = mix64(np.frombuffer(name.encode().ljust(8, b"\0")[:8], np.uint64))
-                    d.sample.add(mix64(_positions(unit, row_start, 0, train[ok]) ^ salt), x[ok])
+    with _Kept(unit.keep, len(plan.types)) as kept:
+        for t, row_start in _read(plan, unit, head):
+            codes, y = _split_codes(plan, unit, t, row_start), _labels(plan, unit, t, row_start)
+            out.rows += np.bincount(codes, minlength=3)
+            out.positives += np.bincount(codes, weights=y, minlength=3).astype(np.int64)
+            is_train = codes == 0
+            if is_train.any() and t.num_columns < len(plan.types):
+                rest, _ = next(_read(plan, unit, [c for c in plan.types if c not in t.column_names]))
+                for name in rest.column_names:
+                    t = t.append_column(rest.field(name), rest.column(name))
+            kept.add(t)
+            if is_train.any():
+                _train_stats(plan, unit, t, row_start, is_train, out)
     return out
+
+
+def _train_stats(plan: Plan, unit: Unit, t: pa.Table, row_start: int, is_train: np.ndarray, out: Stats) -> None:
+    mask = None if is_train.all() else is_train  # count the train rows in place, no copy of them
+    for name, c in plan.spec.columns.items():
+        if c.kind == "categorical":
+            out.note_dictionary(name, t.column(name))
+            out.counts[name].add_array(t.column(name), mask)
+        elif c.kind == "multi_hot":
+            lists = _lists(plan, name, t.column(name))
+            lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+            values = pc.list_flatten(lists)
+            out.note_dictionary(name, values)
+            out.counts[name].add_array(values, None if mask is None else np.repeat(mask, lengths))
+        else:
+            train = np.flatnonzero(is_train)
+            x, d = _dense(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]
+            ok = ~np.isnan(x)
+            d.stats.update(x)
+            d.missing += int((~ok).sum())
+            if ok.any():
+                d.lo, d.hi = min(d.lo, float(x[ok].min())), max(d.hi, float(x[ok].max()))
+                salt = mix64(np.frombuffer(name.encode().ljust(8, b"\0")[:8], np.uint64))
+                d.sample.add(mix64(_positions(unit, row_start, 0, train[ok]) ^ salt), x[ok])
+
+
+class _Kept:
+    """The tables pass 1 read of a unit, kept in an Arrow stream at `path` (if given) for pass 2,
+    which maps them (`kept_tables`) instead of decoding the input a second time. A unit whose
+    tables pass 1 did not read whole (Parquet rows without train rows) keeps nothing."""
+
+    def __init__(self, path: str | None, columns: int) -> None:
+        self.path, self.columns, self.whole = path, columns, path is not None
+        self.sink = self.writer = None
+
+    def add(self, t: pa.Table) -> None:
+        self.whole = self.whole and t.num_columns == self.columns
+        if not self.whole:
+            return
+        if self.writer is None:
+            self.sink = pa.OSFile(self.path, "wb")
+            self.writer = pa.ipc.new_stream(self.sink, t.schema)  # a stream: dictionaries may change
+        self.writer.write_table(t)
+
+    def __enter__(self) -> "_Kept":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+            if not self.whole:
+                os.remove(self.path)
+
+
+def kept_tables(unit: Unit):
+    """Pass 1's tables of `unit`, as `_read` yields them, if it kept them all; else None."""
+    if unit.keep is None or not os.path.exists(unit.keep):
+        return None
+    reader = pa.ipc.open_stream(pa.memory_map(unit.keep))
+    os.remove(unit.keep)  # the mapping outlives the file
+    if unit.fmt == "parquet":  # one table of several row groups
+        return iter([(reader.read_all(), unit.row_start)])
+    return _batches(reader, unit.row_start)
+
+
+def _batches(reader, row: int):
+    for batch in reader:  # a CSV file's blocks, one table each
+        yield pa.Table.from_batches([batch]), row
+        row += batch.num_rows
 
 
 def encode(unit: Unit):
     """Per table of the unit: ({split code: encoded table}, unknown counts, rows read)."""
     plan = _PLAN
-    for t, row_start in _read(plan, unit, _encoded_columns(plan, unit)):
+    for t, row_start in kept_tables(unit) or _read(plan, unit, _encoded_columns(plan, unit)):
         codes = _split_codes(plan, unit, t, row_start)
         split = PerSplit(codes)
         cols = {plan.spec.label: pa.array(_labels(plan, unit, t, row_start), pa.int8())}
@@ -364,14 +417,14 @@ _ENCODE = {"dense": _encode_dense, "categorical": _encode_categorical, "multi_ho
 
 def encode_job(unit: Unit) -> list:
     """Pass 2 in a pool worker: `encode`'s results with each table written to an Arrow file in
-    the plan's spill folder, named by its path. The main process maps the file (`unspill`)
+    the plan's handover folder, named by its path. The main process maps the file (`unspill`)
     instead of unpickling the table from a pipe: a tenth of pass 2's CPU time was those copies."""
-    return [({code: _spill(table, f"{unit.file_index}-{unit.row_start}-{i}-{code}") for code, table in parts.items()},
+    return [({code: _spill(table, f"encoded-{unit.file_index}-{unit.row_start}-{i}-{code}") for code, table in parts.items()},
              unknown, n) for i, (parts, unknown, n) in enumerate(encode(unit))]
 
 
 def _spill(table: pa.Table, name: str) -> str:
-    path = os.path.join(_PLAN.spill, name + ".arrow")
+    path = os.path.join(_PLAN.handover, name + ".arrow")
     with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
         w.write_table(table)
     return path

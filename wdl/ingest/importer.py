@@ -9,6 +9,7 @@ Two streaming passes over the input, in units of a few Parquet row groups or one
    (quantile edges) of each dense column; labels checked.
 2. encoding: raw values -> ids through the vocabularies (id 0 = unknown or null; a raw 0 is a
    value like any other), written by DatasetWriter (temporary folder, manifest last, rename).
+   Units pass 1 decoded whole it keeps for pass 2 (Arrow files, within a memory budget).
 A row's split is a function of (seed, file, row) or of its time column, so both passes agree
 and the output is the same for any --workers.
 """
@@ -41,6 +42,10 @@ SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".gz": "csv"
 UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker
 CSV_POOL_BYTES = 256 << 20  # a CSV file is one unit: larger ones are encoded in-process, streaming
 SAMPLE_ROWS = 100_000  # rows read to infer kinds
+# Pass 1 keeps the tables it read for pass 2 (which then decodes no input again) up to this share
+# of the machine's memory, so that they stay in the page cache: the kernel starts writing dirty
+# pages back at a tenth of it. The units beyond are read again.
+KEPT_SHARE = 1 / 8
 
 
 def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
@@ -122,7 +127,7 @@ def _units(files: list[tuple[str, str, int | None]], plan: Plan) -> list[Unit]:
     units = []
     for i, (path, fmt, split) in enumerate(files):
         if fmt == "csv":
-            units.append(Unit(path, i, fmt, [], 0, None, split))
+            units.append(Unit(path, i, fmt, [], 0, None, split, os.path.getsize(path)))
             continue
         try:
             md = pq.ParquetFile(path).metadata
@@ -132,14 +137,32 @@ def _units(files: list[tuple[str, str, int | None]], plan: Plan) -> list[Unit]:
         missing = [c for c in plan.types if c not in names]
         if missing:
             raise DataError(f"{path}: column {missing[0]!r} named in the spec is missing (has: {', '.join(names)})")
-        start, group, rows = 0, [], 0
+        start, group, rows, size = 0, [], 0, 0
         for g in range(md.num_row_groups):
             group.append(g)
             rows += md.row_group(g).num_rows
+            size += md.row_group(g).total_byte_size
             if rows >= UNIT_ROWS or g == md.num_row_groups - 1:
-                units.append(Unit(path, i, fmt, group, start, rows, split))
-                start, group, rows = start + rows, [], 0
+                units.append(Unit(path, i, fmt, group, start, rows, split, size))
+                start, group, rows, size = start + rows, [], 0, 0
     return units
+
+
+def _keep(units: list[Unit], folder: Path, budget: float) -> None:
+    """Let pass 1 keep the tables of the first units whose sizes fit in `budget` bytes."""
+    for u in units:
+        budget -= u.size
+        if budget < 0:
+            return
+        u.keep = str(folder / f"input-{u.file_index}-{u.row_start}.arrow")
+
+
+def _memory() -> int:
+    """Bytes of memory of the machine (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _cut(value, t: pa.DataType, what: str):
@@ -187,10 +210,15 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
 
     with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
                        row_group_rows=opts.row_group_rows, label=spec.label) as w:
+        handover = w.tmp / "handover"  # files the passes hand over, not part of the data set
+        handover.mkdir()
+        plan.handover = str(handover)
+        _keep(units, handover, _memory() * KEPT_SHARE)
         agg = _statistics(units, plan, workers, opts.progress, files, split)
         plan.dict_columns = [n for n in plan.dict_columns if n not in agg.plain_columns()]  # as pass 2 reads them
         columns, normalize = _columns(w, spec, agg, plan, opts.buckets)
         unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split)
+        shutil.rmtree(handover)
         summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
         unknown_values = {k: {n: dict(zip(("values", "unknown", "null"), map(int, u[i]))) for n, u in unknown.items()}
                           for i, k in enumerate(S.SPLIT_NAMES) if k in summary["rows"]}
@@ -278,7 +306,7 @@ def _write_rows(w: DatasetWriter, units: list[Unit], plan: Plan, workers: int, p
     pool = workers if all(u.fmt == "parquet" or os.path.getsize(u.path) <= CSV_POOL_BYTES for u in units) else 1
     bar = _progress(rows, "encode", progress)
     unknown = {n: np.zeros((3, 3), np.int64) for n in plan.spec.columns}
-    for parts, counts, n in _encoded(units, plan, pool, w.tmp / "encoded"):
+    for parts, counts, n in _encoded(units, plan, pool):
         for code, table in parts.items():
             w.write(S.SPLIT_NAMES[code], table)
         for name, c in counts.items():
@@ -314,16 +342,11 @@ def _split_info(split: S.SplitSpec, files: list[tuple[str, str, int | None]]) ->
     return {"kind": split.kind, **rule}
 
 
-def _encoded(units: list[Unit], plan: Plan, workers: int, spill: Path):
+def _encoded(units: list[Unit], plan: Plan, workers: int):
     if workers > 1:
-        spill.mkdir()
-        plan.spill = str(spill)
-        try:
-            for results in ordered_map(encode_job, units, workers, init_worker, plan):
-                for paths, unknown, n in results:
-                    yield {code: unspill(path) for code, path in paths.items()}, unknown, n
-        finally:
-            shutil.rmtree(spill, ignore_errors=True)  # what a failed run left
+        for results in ordered_map(encode_job, units, workers, init_worker, plan):
+            for paths, unknown, n in results:
+                yield {code: unspill(path) for code, path in paths.items()}, unknown, n
         return
     init_worker(plan)
     for u in units:  # table by table: a large CSV file never sits in memory whole
