@@ -21,7 +21,8 @@ import pathlib
 import re
 import secrets
 import shutil
-import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -94,11 +95,36 @@ def _fsync(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _flush_ahead(path: pathlib.Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # commit's own fsync of the file raises it again; an abort removed the file
-        pass
+class _PartFile:
+    """One part file being written. A thread of its own writes its row groups, in order, so that
+    with a backlog (DatasetWriter's `backlog_bytes`) the caller goes on while files are written
+    side by side: a split's next file while the last is finished, other splits' files."""
+
+    def __init__(self, path: pathlib.Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.writer = pq.ParquetWriter(path, schema)
+        self._thread = ThreadPoolExecutor(1)
+
+    def write(self, rows: pa.Table) -> Future:
+        """Write `rows` as one row group."""
+        return self._thread.submit(self.writer.write_table, rows, row_group_size=rows.num_rows)
+
+    def finish(self) -> Future:
+        """Close the file and flush it to disk (commit's fsync then finds it clean)."""
+        done = self._thread.submit(self._finish)
+        self._thread.shutdown(wait=False)
+        return done
+
+    def _finish(self) -> None:
+        self.writer.close()
+        _fsync(self.path)
+
+    def abandon(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.writer.close()
+        except Exception:  # already failing; the folder goes away anyway
+            pass
 
 
 class _Split:
@@ -108,7 +134,7 @@ class _Split:
         self.schema = schema
         self.pending: list[pa.Table] = []  # rows not yet written, less than one row group
         self.pending_rows = 0
-        self.writer: pq.ParquetWriter | None = None
+        self.part: _PartFile | None = None  # the file being written
         self.files: list[dict[str, Any]] = []  # {"path", "rows", "row_groups"}, relative paths
         self.positives = 0.0  # sum of the label column written, when the writer knows the label
 
@@ -120,10 +146,12 @@ class DatasetWriter:
     file) holds exactly `row_group_rows` rows whatever the sizes of the appended tables;
     a new `part-NNNNN.parquet` starts every `rows_per_file` rows. Given the `label` column up
     front, it sums the labels as they are written; otherwise commit reads them back from the files.
+    `backlog_bytes`: how much of the rows appended may still wait for their files' threads when
+    `write` returns (0: none); with enough of it, files are written side by side.
     """
 
-    def __init__(self, out_dir, *, name: str, overwrite: bool = False,
-                 rows_per_file: int = 1_000_000, row_group_rows: int = 16384, label: str | None = None) -> None:
+    def __init__(self, out_dir, *, name: str, overwrite: bool = False, rows_per_file: int = 1_000_000,
+                 row_group_rows: int = 16384, label: str | None = None, backlog_bytes: int = 0) -> None:
         if rows_per_file < 1 or row_group_rows < 1:
             raise DataError(f"rows_per_file and row_group_rows must be >= 1, got {rows_per_file}, {row_group_rows}")
         self.out = pathlib.Path(out_dir).expanduser().absolute()
@@ -132,11 +160,13 @@ class DatasetWriter:
         self.rows_per_file = rows_per_file
         self.row_group_rows = row_group_rows
         self.label = label
+        self.backlog_bytes = backlog_bytes
+        self._backlog: deque[tuple[Future, int]] = deque()  # (write or finish of a part file, bytes)
+        self._backlog_size = 0
         self._splits: dict[str, _Split] = {}
         self._vocab_files: list[str] = []
         self._tables: list[str] = []  # further files at the top of the folder (add_table)
         self._done = False
-        self._flushing: list[threading.Thread] = []  # fsyncs of closed part files, joined by commit
         self._check_target()
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
@@ -188,30 +218,37 @@ class DatasetWriter:
         start, n = 0, table.num_rows
         try:
             while n - start >= self.row_group_rows or (final and start < n):
-                if state.writer is None:
+                if state.part is None:
                     rel = f"{split}/part-{len(state.files):05d}.parquet"
                     (self.tmp / split).mkdir(exist_ok=True)
-                    state.writer = pq.ParquetWriter(self.tmp / rel, state.schema)
+                    state.part = _PartFile(self.tmp / rel, state.schema)
                     state.files.append({"path": rel, "rows": 0, "row_groups": 0})
                 info = state.files[-1]
-                size = min(self.row_group_rows, n - start, self.rows_per_file - info["rows"])
-                state.writer.write_table(table.slice(start, size), row_group_size=size)
-                info["rows"] += size
+                rows = table.slice(start, min(self.row_group_rows, n - start, self.rows_per_file - info["rows"]))
+                self._queue(state.part.write(rows), rows.nbytes)
+                info["rows"] += rows.num_rows
                 info["row_groups"] += 1
-                start += size
+                start += rows.num_rows
                 if info["rows"] >= self.rows_per_file:
-                    state.writer.close()
-                    state.writer = None
-                    # Flushed to disk now, in a thread, while the writing goes on: commit's
-                    # fsync then finds it clean instead of waiting for it.
-                    flush = threading.Thread(target=_flush_ahead, args=(self.tmp / info["path"],), daemon=True)
-                    flush.start()
-                    self._flushing.append(flush)
+                    self._queue(state.part.finish(), 0)
+                    state.part = None
         except OSError as e:
             self.abort()
             raise _os_error(f"cannot write split {split!r} of {self.out}", e) from None
         if start < n:
             state.pending, state.pending_rows = [table.slice(start)], n - start
+
+    def _queue(self, done: Future, size: int) -> None:
+        self._backlog.append((done, size))
+        self._backlog_size += size
+        self._settle(self.backlog_bytes)
+
+    def _settle(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are waiting to be written; raises a write's OSError."""
+        while self._backlog and (self._backlog_size > limit or self._backlog[0][0].done()):
+            done, size = self._backlog.popleft()
+            self._backlog_size -= size
+            done.result()
 
     def write_vocab(self, column: str, values: list) -> str:
         """Write vocab/<column>.json and return its path relative to the data set.
@@ -271,9 +308,9 @@ class DatasetWriter:
         for name, state in self._splits.items():
             if state.pending_rows:
                 self._drain(name, state, final=True)
-            if state.writer is not None:
-                state.writer.close()
-                state.writer = None
+            if state.part is not None:
+                self._queue(state.part.finish(), 0)
+                state.part = None
             if not state.files:  # an empty split still gets one (empty) file carrying the schema
                 (self.tmp / name).mkdir(exist_ok=True)
                 pq.write_table(state.schema.empty_table(), self.tmp / f"{name}/part-00000.parquet")
@@ -281,6 +318,7 @@ class DatasetWriter:
             missing = [c for c in [label, *columns] if c not in state.schema.names]
             if missing:
                 raise DataError(f"data set {self.out}: split {name!r} lacks columns {missing}")
+        self._settle(0)  # every part file written and closed
         reserved = {"format", "name", "created", "source", "label", "columns", "split", "splits"}
         if reserved & set(extra):
             raise DataError(f"extra manifest keys may not replace {sorted(reserved & set(extra))}")
@@ -296,8 +334,6 @@ class DatasetWriter:
             **extra,
         }
         # Data and vocab must be on disk before the manifest claims they are.
-        for flush in self._flushing:
-            flush.join()
         for state in self._splits.values():
             for f in state.files:
                 _fsync(self.tmp / f["path"])
@@ -350,12 +386,11 @@ class DatasetWriter:
     def abort(self) -> None:
         """Remove the temporary folder; the target folder is left as it was."""
         for state in self._splits.values():
-            if state.writer is not None:
-                try:
-                    state.writer.close()
-                except Exception:  # already failing; the folder goes away anyway
-                    pass
-                state.writer = None
+            if state.part is not None:
+                state.part.abandon()
+                state.part = None
+        wait([done for done, _ in self._backlog])  # no thread writes into the folder removed below
+        self._backlog.clear()
         if not self._done:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True

@@ -46,6 +46,9 @@ SAMPLE_ROWS = 100_000  # rows read to infer kinds
 # of the machine's memory, so that they stay in the page cache: the kernel starts writing dirty
 # pages back at a tenth of it. The units beyond are read again.
 KEPT_SHARE = 1 / 8
+# Encoded rows that may wait for the part files' writer threads: the main process writes all the
+# output, and with this much in hand it writes a split's next file while the last one is finished.
+WRITE_BACKLOG = 64 << 20
 
 
 def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
@@ -209,7 +212,7 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     workers = max(1, int(opts.workers))
 
     with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
-                       row_group_rows=opts.row_group_rows, label=spec.label) as w:
+                       row_group_rows=opts.row_group_rows, label=spec.label, backlog_bytes=WRITE_BACKLOG) as w:
         handover = w.tmp / "handover"  # files the passes hand over, not part of the data set
         handover.mkdir()
         plan.handover = str(handover)
