@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -212,3 +213,23 @@ def test_manifest_split_names_available(tmp_path):
     with pytest.raises(DataError, match=r"no split 'valid' \(available: test, train\)"):
         m.split("valid")
     assert m.label == "label" and m.columns == COLUMNS and m.raw["source"] == {"kind": "test"}
+
+
+@pytest.mark.parametrize("backlog_bytes", [0, 1 << 20])
+def test_commit_waits_for_slow_file_finish(tmp_path, monkeypatch, backlog_bytes):
+    # A part file closed by its thread after commit reads the labels back (no label given up front)
+    # would be a file without its footer; commit must wait for every close, however long it takes.
+    slow_finish = writer_mod._PartFile._finish
+
+    def finish_late(self):
+        time.sleep(0.2)
+        slow_finish(self)
+
+    monkeypatch.setattr(writer_mod._PartFile, "_finish", finish_late)
+    w = DatasetWriter(tmp_path / "ds", name="t", rows_per_file=5, row_group_rows=5, backlog_bytes=backlog_bytes)
+    w.write("train", _table(12))
+    out = _commit(w)
+    train = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    assert [f["rows"] for f in train["files"]] == [5, 5, 2]
+    assert train["positive_rate"] == pytest.approx(3 / 12)
+    assert pq.read_table(out / "train").column("x").to_pylist() == list(range(12))

@@ -243,9 +243,10 @@ class DatasetWriter:
         self._backlog_size += size
         self._settle(self.backlog_bytes)
 
-    def _settle(self, limit: int) -> None:
-        """Wait until at most `limit` bytes are waiting to be written; raises a write's OSError."""
-        while self._backlog and (self._backlog_size > limit or self._backlog[0][0].done()):
+    def _settle(self, limit: int | None) -> None:
+        """Wait until at most `limit` bytes are waiting to be written (None: until every queued
+        write and file finish is done, finishes weighing nothing); raises a write's OSError."""
+        while self._backlog and (limit is None or self._backlog_size > limit or self._backlog[0][0].done()):
             done, size = self._backlog.popleft()
             self._backlog_size -= size
             done.result()
@@ -318,7 +319,7 @@ class DatasetWriter:
             missing = [c for c in [label, *columns] if c not in state.schema.names]
             if missing:
                 raise DataError(f"data set {self.out}: split {name!r} lacks columns {missing}")
-        self._settle(0)  # every part file written and closed
+        self._settle(None)  # every part file written and closed
         reserved = {"format", "name", "created", "source", "label", "columns", "split", "splits"}
         if reserved & set(extra):
             raise DataError(f"extra manifest keys may not replace {sorted(reserved & set(extra))}")
