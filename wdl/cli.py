@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_import_arguments(imp)
     imp.set_defaults(func=importer.run_import)
 
-    from wdl.distributed.planning import add_plan_arguments  # torchrec is imported only when a plan runs
+    from wdl.distributed.plan_report import add_plan_arguments  # torchrec is imported only when a plan runs
 
     add_plan_arguments(sub.add_parser("plan", help="memory per rank and time per step for N GPUs, on paper"))
 
