@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = data_sub.add_parser("generate", help="a synthetic data set with a planted signal and known best AUC")
     synthetic.add_generate_arguments(gen)
     gen.set_defaults(func=synthetic.run_generate)
-    from wdl.ingest import importer
+    from wdl.ingest import import_cli
 
     imp = data_sub.add_parser("import", help="your own Parquet or CSV files -> a wdl data set (vocabularies, statistics, split)")
-    importer.add_import_arguments(imp)
-    imp.set_defaults(func=importer.run_import)
+    import_cli.add_import_arguments(imp)
+    imp.set_defaults(func=import_cli.run_import)
 
     from wdl.distributed.plan_report import add_plan_arguments  # torchrec is imported only when a plan runs
 

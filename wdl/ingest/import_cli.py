@@ -1,0 +1,87 @@
+"""`wdl data import` on the command line: its flags (the fields of ImportOptions and the split's),
+and the summary it prints. The import itself is wdl.ingest.importer."""
+
+from __future__ import annotations
+
+import yaml
+
+from wdl.ingest import import_spec as S
+from wdl.ingest.importer import import_data
+from wdl.ingest.options import from_args
+
+
+def add_import_arguments(parser) -> None:
+    """Flags of `wdl data import`: the inputs and output, the fields of S.ImportOptions (--spec is
+    its path, --kind COL=KIND its kinds) and the split flags."""
+    d = S.ImportOptions()
+    add = parser.add_argument
+    add("inputs", nargs="*", metavar="INPUT", help="Parquet or CSV files, folders or globs (quoted)")
+    add("--out", required=True, help="output data set folder")
+    add("--spec", default=None, help="YAML: label, columns (kind, min_frequency, top_k) and split")
+    add("--label", default=None, help="the 0/1 label column (infers the other columns' kinds without --spec)")
+    add("--kind", action="append", default=[], metavar="COL=KIND",
+        help="with inference: force a column's kind (categorical, multi_hot, dense); repeatable")
+    add("--min-frequency", type=int, default=d.min_frequency, help="with inference: values seen fewer times in train -> id 0")
+    add("--top-k", type=int, default=d.top_k, help="with inference: keep the K most frequent values per column")
+    add("--max-categories", type=int, default=d.max_categories,
+        help="with inference: integer columns with at most this many distinct values are categorical")
+    add("--separator", default=d.separator, help="with inference: a string column given --kind COL=multi_hot is split on it")
+    add("--split", choices=S.SPLITS, default=None, help="random (default), time or files; replaces the spec's split")
+    add("--seed", type=int, default=None, help="random split: seed (default 2021)")
+    add("--test-fraction", type=float, default=None, help="random split: test share (default 0.2)")
+    add("--valid-fraction", type=float, default=None, help="random split: valid share (default 0)")
+    add("--time-column", default=None, help="time split: the column compared with the cut points")
+    add("--valid-from", default=None, help="time split: first time of the valid split")
+    add("--test-from", default=None, help="time split: first time of the test split")
+    for k in S.SPLIT_NAMES:
+        add(f"--{k}-files", nargs="+", default=None, help=f"files split: the {k} files, folders or globs")
+    add("--format", dest="fmt", choices=S.FORMATS, default=d.fmt, help="input format (default: by file name)")
+    add("--workers", type=int, default=d.workers, help=f"processes over Parquet row groups / files (default {d.workers})")
+    add("--buckets", type=int, default=d.buckets,
+        help=f"dense columns: equal-frequency bucket edges to record (default {d.buckets})")
+    add("--overwrite", action="store_true", help="replace an existing data set at --out")
+    add("--row-group-rows", type=int, default=d.row_group_rows, help="rows per Parquet row group of the output")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
+    """The spec's split with the flags given on the command line applied; None if neither."""
+    files = {k: getattr(args, f"{k}_files") for k in S.SPLIT_NAMES if getattr(args, f"{k}_files")}
+    kind = args.split or ("files" if files else "time" if args.time_column else None)
+    def cut(text):  # as YAML: 1700900000 is a number, 2024-03-01 a date, like in a spec
+        return None if text is None else yaml.safe_load(text)
+
+    flags = {"seed": args.seed, "test_fraction": args.test_fraction, "valid_fraction": args.valid_fraction,
+             "column": args.time_column, "valid_from": cut(args.valid_from), "test_from": cut(args.test_from)}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if kind is None and not given:
+        return base
+    s = base if base is not None and kind in (None, base.kind) else S.SplitSpec(kind=kind or "random")
+    for k, v in given.items():
+        setattr(s, k, v)
+    if files:
+        s.files = files
+    return S.check_split("command line: split", s)
+
+
+def run_import(args) -> int:
+    kinds = dict(item.partition("=")[::2] for item in args.kind)  # COL=KIND, checked by S.ImportOptions
+    spec = S.load_spec(args.spec) if args.spec else None
+    options = {**from_args(S.ImportOptions, args), "spec": spec, "kinds": kinds,
+               "split": split_from_args(args, spec.split if spec else None)}
+    summary = import_data(args.inputs, args.out, **options)
+    print(format_summary(args.out, summary))
+    print(f"\n# for a training config (data.path: {args.out}):\n" + summary["features_yaml"], end="")
+    return 0
+
+
+def format_summary(out, s: dict) -> str:
+    lines = [f"wrote {out}", "  rows: " + ", ".join(f"{k} {n:,}" for k, n in s["rows"].items()),
+             "  positive rate: " + ", ".join(f"{k} {p:.4f}" for k, p in s["positive_rate"].items()),
+             "  vocab sizes (with id 0): " + (" ".join(f"{n}={v:,}" for n, v in s["vocab_sizes"].items()) or "none"),
+             "  unknown or missing values (id 0 / null) per split:"]
+    for split, cols in s["unknown_values"].items():
+        parts = [f"{n} {c['unknown']:,}/{c['values']:,}" for n, c in cols.items() if c["unknown"]]
+        lines.append(f"    {split}: {', '.join(parts) or 'none'}")
+    lines.append(f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s with {s['workers']} worker(s)")
+    return "\n".join(lines)
