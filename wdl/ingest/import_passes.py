@@ -2,8 +2,8 @@
 file), run in worker processes; `wdl.ingest.importer` plans them and merges their results.
 
 Pass 1 (`stats_job`) gathers statistics of the unit's train rows; pass 2 (`encode_job`) turns
-its rows into the data set's columns. Both assign each row's split the same way: from
-(seed, file, row) or from its time column, never from the batching or the worker.
+its rows into the data set's columns. Both read a unit and assign each row's split through
+wdl.ingest.import_read, so they agree whatever the batching or the worker.
 """
 
 from __future__ import annotations
@@ -15,46 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from wdl.data.hashing import mix64, unit_uniform
+from wdl.data.hashing import mix64
 from wdl.data.writer import RunningStats
-from wdl.errors import DataError
-from wdl.ingest import import_spec as S
+from wdl.ingest.import_read import Plan, Unit, dense_values, labels, list_values, positions, read_unit, split_codes
 from wdl.ingest.vocab import IdEncoder, Reservoir, ValueCounts, chunks
-
-
-@dataclass
-class Unit:
-    path: str
-    file_index: int
-    fmt: str
-    row_groups: list[int]  # Parquet only
-    row_start: int  # number of the unit's first row within its file
-    rows: int | None  # None for CSV (unknown before reading)
-    split: int | None  # the split of every row: a files split's, or one pass 1 found all rows in
-    size: int = 0  # bytes of its columns uncompressed (Parquet metadata; a CSV file's size)
-    keep: str | None = None  # where pass 1 keeps the tables it read, for pass 2 (an Arrow stream)
-
-
-@dataclass
-class Plan:
-    """What a worker needs (sent once per worker)."""
-
-    spec: S.ImportSpec
-    types: dict[str, pa.DataType]  # every column read, cast to the first file's type
-    dict_columns: list[str]  # string and list-of-string columns Parquet hands over dictionary-encoded
-    sample_size: int
-    cuts: tuple = (None, None)  # time split: valid_from, test_from as scalars of the column's type
-    parse_types: dict[str, pa.DataType] | None = None  # CSV: types to parse as, where not `types` (booleans)
-    vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
-    handover: str | None = None  # the folder pass 2's workers hand their encoded tables over in
-
-    @property
-    def out_schema(self) -> pa.Schema:
-        kinds = {"categorical": pa.int64(), "multi_hot": pa.list_(pa.int64()), "dense": pa.float32()}
-        return pa.schema([(self.spec.label, pa.int8())] + [(n, kinds[c.kind]) for n, c in self.spec.columns.items()])
 
 
 @dataclass
@@ -140,125 +105,19 @@ def keep_freed_memory() -> None:
         mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
-def _read(plan: Plan, unit: Unit, columns: list[str] | None = None):
-    """(table, number of its first row within the file), columns cast to the plan's types.
-
-    Parquet: the `columns` given (default: all the plan reads), one row group at a time (Arrow
-    reads a list of dictionary-encoded strings only so), string and list-of-string columns
-    dictionary-encoded as read, which Parquet's own dictionary pages make nearly free; CSV: every
-    column, in 16 MB blocks."""
-    cols = list(plan.types) if columns is None else columns
-    try:
-        if unit.fmt == "parquet":
-            md = pq.read_metadata(unit.path)
-            pf = pq.ParquetFile(unit.path, metadata=md, read_dictionary=_dictionary_paths(plan, md, cols))
-            t = pa.concat_tables([pf.read_row_group(g, columns=cols) for g in unit.row_groups])
-            yield _conform(plan, t, unit), unit.row_start
-            return
-        convert = pacsv.ConvertOptions(column_types={**plan.types, **(plan.parse_types or {})}, include_columns=cols,
-                                       strings_can_be_null=True)
-        row = 0
-        for batch in pacsv.open_csv(unit.path, read_options=pacsv.ReadOptions(block_size=1 << 24),
-                                    convert_options=convert):
-            yield _conform(plan, pa.Table.from_batches([batch]), unit), row
-            row += batch.num_rows
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{unit.path}: cannot read ({first_line(e)})") from None
-
-
-def _dictionary_paths(plan: Plan, md, cols: list[str]) -> list[str]:
-    """Parquet column paths to read as dictionaries: the plan's string columns, and the values of
-    its list-of-string columns (named after the writer's convention, e.g. tags.list.element)."""
-    paths = [md.schema.column(i).path for i in range(md.num_columns)]
-    out = []
-    for name in (n for n in plan.dict_columns if n in cols):
-        leaves = [p for p in paths if p.startswith(name + ".")] if pa.types.is_list(plan.types[name]) else [name]
-        out += leaves if len(leaves) == 1 else []
-    return out
-
-
-def _conform(plan: Plan, t: pa.Table, unit: Unit) -> pa.Table:
-    for i, name in enumerate(t.column_names):
-        col, want = t.column(i), plan.types[name]
-        if col.type == want or _decoded(col.type) == want:
-            continue
-        try:
-            t = t.set_column(i, name, col.cast(want))
-        except (pa.ArrowException, ValueError):
-            raise DataError(f"{unit.path}: column {name!r} is {col.type} here but {want} in the first input file") from None
-    return t
-
-
-def _decoded(t: pa.DataType) -> pa.DataType:
-    """The type of a column read as dictionaries, decoded (dictionary<string> -> string, list<dictionary<string>> -> list<string>)."""
-    if pa.types.is_dictionary(t):
-        return t.value_type
-    if pa.types.is_list(t) and pa.types.is_dictionary(t.value_type):
-        return pa.list_(pa.field(t.value_field.name, t.value_type.value_type, t.value_field.nullable))
-    return t
-
-
-def _split_codes(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
-    s, n = plan.spec.split, t.num_rows
-    if unit.split is not None:
-        return np.full(n, unit.split, np.int8)
-    if s.kind == "random":
-        u = unit_uniform(_positions(unit, row_start, n) ^ mix64(np.uint64(s.seed)))
-        return np.where(u < s.test_fraction, 2, np.where(u < s.test_fraction + s.valid_fraction, 1, 0)).astype(np.int8)
-    col = t.column(s.column)
-    if col.null_count:
-        raise DataError(f"{unit.path}: the time column {s.column!r} has empty values; every row needs a time to be split")
-    codes = np.zeros(n, np.int8)
-    for code, cut in ((1, plan.cuts[0]), (2, plan.cuts[1])):
-        if cut is not None:
-            codes[pc.greater_equal(col, cut).to_numpy()] = code
-    return codes
-
-
-def _positions(unit: Unit, row_start: int, n: int, rows: np.ndarray | None = None) -> np.ndarray:
-    """A distinct uint64 per input row: (file index, row number in the file)."""
-    r = np.arange(row_start, row_start + n, dtype=np.uint64) if rows is None else rows.astype(np.uint64) + np.uint64(row_start)
-    return (np.uint64(unit.file_index) << np.uint64(40)) | r
-
-
-def _labels(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
-    y = pc.cast(t.column(plan.spec.label), pa.float64()).to_numpy()  # nulls -> NaN, rejected below
-    bad = ~((y == 0) | (y == 1))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{unit.path} row {row_start + row + 1}: label {plan.spec.label!r} is {t.column(plan.spec.label)[row]}; "
-                        "labels must be 0/1 or true/false")
-    return y.astype(np.int8)
-
-
-def _dense(col, name: str, unit: Unit) -> np.ndarray:
-    x = pc.cast(col, pa.float64()).to_numpy()  # nulls -> NaN: both are missing values
-    if np.isinf(x).any():
-        raise DataError(f"{unit.path}: dense column {name!r} holds an infinite value")
-    return x
-
-
-def _lists(plan: Plan, name: str, col):
-    sep = plan.spec.columns[name].separator
-    if sep is None:
-        return col
-    col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
-    return pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)  # "" is an empty list
-
-
 def stats_job(unit: Unit) -> Stats:
     plan, out = _PLAN, Stats.empty(_PLAN)
     # Parquet: the label and split columns first; the features only if the rows hold train rows.
     head = list(dict.fromkeys([plan.spec.label, plan.spec.split.column or plan.spec.label])) \
         if unit.fmt == "parquet" else None
     with _Kept(unit.keep, len(plan.types)) as kept:
-        for t, row_start in _read(plan, unit, head):
-            codes, y = _split_codes(plan, unit, t, row_start), _labels(plan, unit, t, row_start)
+        for t, row_start in read_unit(plan, unit, head):
+            codes, y = split_codes(plan, unit, t, row_start), labels(plan, unit, t, row_start)
             out.rows += np.bincount(codes, minlength=3)
             out.positives += np.bincount(codes, weights=y, minlength=3).astype(np.int64)
             is_train = codes == 0
             if is_train.any() and t.num_columns < len(plan.types):
-                rest, _ = next(_read(plan, unit, [c for c in plan.types if c not in t.column_names]))
+                rest, _ = next(read_unit(plan, unit, [c for c in plan.types if c not in t.column_names]))
                 for name in rest.column_names:
                     t = t.append_column(rest.field(name), rest.column(name))
             kept.add(t)
@@ -274,21 +133,21 @@ def _train_stats(plan: Plan, unit: Unit, t: pa.Table, row_start: int, is_train: 
             out.note_dictionary(name, t.column(name))
             out.counts[name].add_array(t.column(name), mask)
         elif c.kind == "multi_hot":
-            lists = _lists(plan, name, t.column(name))
+            lists = list_values(plan, name, t.column(name))
             lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
             values = pc.list_flatten(lists)
             out.note_dictionary(name, values)
             out.counts[name].add_array(values, None if mask is None else np.repeat(mask, lengths))
         else:
             train = np.flatnonzero(is_train)
-            x, d = _dense(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]
+            x, d = dense_values(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]
             ok = ~np.isnan(x)
             d.stats.update(x)
             d.missing += int((~ok).sum())
             if ok.any():
                 d.lo, d.hi = min(d.lo, float(x[ok].min())), max(d.hi, float(x[ok].max()))
                 salt = mix64(np.frombuffer(name.encode().ljust(8, b"\0")[:8], np.uint64))
-                d.sample.add(mix64(_positions(unit, row_start, 0, train[ok]) ^ salt), x[ok])
+                d.sample.add(mix64(positions(unit, row_start, 0, train[ok]) ^ salt), x[ok])
 
 
 class _Kept:
@@ -321,7 +180,7 @@ class _Kept:
 
 
 def kept_tables(unit: Unit):
-    """Pass 1's tables of `unit`, as `_read` yields them, if it kept them all; else None."""
+    """Pass 1's tables of `unit`, as `read_unit` yields them, if it kept them all; else None."""
     if unit.keep is None or not os.path.exists(unit.keep):
         return None
     reader = pa.ipc.open_stream(pa.memory_map(unit.keep))
@@ -340,10 +199,10 @@ def _batches(reader, row: int):
 def encode(unit: Unit):
     """Per table of the unit: ({split code: encoded table}, unknown counts, rows read)."""
     plan = _PLAN
-    for t, row_start in kept_tables(unit) or _read(plan, unit, _encoded_columns(plan, unit)):
-        codes = _split_codes(plan, unit, t, row_start)
+    for t, row_start in kept_tables(unit) or read_unit(plan, unit, _encoded_columns(plan, unit)):
+        codes = split_codes(plan, unit, t, row_start)
         split = PerSplit(codes)
-        cols = {plan.spec.label: pa.array(_labels(plan, unit, t, row_start), pa.int8())}
+        cols = {plan.spec.label: pa.array(labels(plan, unit, t, row_start), pa.int8())}
         unknown = {}  # column -> [[values, unknown, null] per split]
         for name, c in plan.spec.columns.items():
             cols[name], unknown[name] = _ENCODE[c.kind](plan, name, t.column(name), unit, split)
@@ -390,7 +249,7 @@ def _encoder(plan: Plan, name: str) -> IdEncoder:
 
 
 def _encode_dense(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
-    x = _dense(col, name, unit)
+    x = dense_values(col, name, unit)
     miss = np.isnan(x)
     missing = split.count(miss)
     return pa.array(x.astype(np.float32), mask=miss), np.stack([split.rows, missing, missing], 1)
@@ -402,7 +261,7 @@ def _encode_categorical(plan: Plan, name: str, col, unit: Unit, split: PerSplit)
 
 
 def _encode_multi_hot(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
-    lists = _lists(plan, name, col)
+    lists = list_values(plan, name, col)
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
     ids = _encoder(plan, name).encode(pc.list_flatten(lists))
     offsets = np.zeros(len(lengths) + 1, np.int32)
@@ -435,8 +294,3 @@ def unspill(path: str) -> pa.Table:
     table = pa.ipc.open_file(pa.memory_map(path)).read_all()
     os.remove(path)
     return table
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

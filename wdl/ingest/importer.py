@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError
 from wdl.ingest import import_spec as S
-from wdl.ingest.import_passes import (Plan, Stats, Unit, encode, encode_job, first_line, init_worker, keep_freed_memory,
-                                      stats_job, unspill)
+from wdl.ingest.import_passes import Stats, encode, encode_job, init_worker, keep_freed_memory, stats_job, unspill
+from wdl.ingest.import_read import Plan, Unit, first_line
 from wdl.ingest.options import resolve
 from wdl.ingest.pool import ordered_map
 
