@@ -37,7 +37,8 @@ import pytest
 import torch
 
 from wdl.cli import main
-from wdl.data.writer import DatasetWriter, column_stats
+from wdl.data.column_stats import column_stats
+from wdl.data.writer import DatasetWriter
 from wdl.model.embeddings import torchrec_available
 
 TOL = 1e-6

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from wdl.data import writer as writer_mod
+from wdl.data.column_stats import RunningStats, column_stats
 from wdl.data.manifest import load_manifest
-from wdl.data.writer import DatasetWriter, RunningStats, column_stats
+from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 
 

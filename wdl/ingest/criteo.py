@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from wdl.data.writer import DatasetWriter, RunningStats
+from wdl.data.column_stats import RunningStats
+from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 from wdl.ingest import criteo_tsv
 from wdl.ingest.criteo_passes import Plan, count_job, encode_job, init_worker

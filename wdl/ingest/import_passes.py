@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from wdl.data.column_stats import RunningStats
 from wdl.data.hashing import mix64
-from wdl.data.writer import RunningStats
 from wdl.ingest.import_read import Plan, Unit, dense_values, labels, list_values, positions, read_unit, split_codes
 from wdl.ingest.vocab import IdEncoder, Reservoir, ValueCounts, chunks
 

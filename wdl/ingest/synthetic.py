@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from wdl.data.writer import DatasetWriter, RunningStats
+from wdl.data.column_stats import RunningStats
+from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 from wdl.ingest import planted
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, format_hex32
