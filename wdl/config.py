@@ -177,7 +177,7 @@ class TrainConfig:
     epochs: int = 20
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and smoke runs
-    progress: bool = True
+    progress: bool = True  # a bar per epoch, on a terminal only
     # Only evaluate the model state (e.g. a checkpoint given by checkpoint.resume) and write
     # eval.json in the run folder; no training.
     eval_only: bool = False

@@ -134,7 +134,7 @@ def _download(url: str, dest: pathlib.Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f, tqdm(
                 total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                desc=dest.name, file=sys.stderr) as bar:
+                desc=dest.name, file=sys.stderr, disable=None) as bar:
             while block := r.read(1 << 20):
                 f.write(block)
                 bar.update(len(block))

@@ -318,7 +318,9 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="step", leave=False, dynamic_ncols=True)
+        # disable=None: a bar only on a terminal, never a log file full of redrawn bars (as wdl data does)
+        return tqdm(total=total, desc=f"epoch {self.epoch + 1}", unit="step", leave=False, dynamic_ncols=True,
+                    disable=None)
 
 
 def deep_fused_optimizer(cfg: Config, env: DistEnv, backend: str) -> Any:
