@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -123,3 +124,71 @@ def test_serving_imports_neither_the_trainer_nor_torchrec():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
+def _raw_shop(rows: int, seed: int) -> pa.Table:
+    """Raw rows as a user's own files hold them: integer users from 0, string items with nulls,
+    tags as one "a|b" string ("" and null included), a price with nulls, a 0/1 label."""
+    rng = np.random.default_rng(seed)
+    user, item = rng.integers(0, 30, rows), rng.integers(0, 20, rows)
+    items = np.array([f"sku-{i}" for i in item], dtype=object)
+    items[::37] = None
+    tags = ["|".join(f"t{j}" for j in rng.integers(0, 5, rng.integers(0, 3))) for _ in range(rows)]
+    tags[5] = None
+    logit = (user % 3 - 1.0) + (item % 4 - 1.5)
+    return pa.table({"user": pa.array(user, pa.int64()), "item": pa.array(items, pa.string()),
+                     "tags": pa.array(tags, pa.string()),
+                     "price": pa.array(rng.lognormal(2, 1, rows), mask=np.arange(rows) % 25 == 0),
+                     "clicked": pa.array((rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8))})
+
+
+def test_imported_model_scores_raw_rows_as_imported(tmp_path, torch_run):
+    """A model of a `wdl data import` set scores the raw files themselves (score(rows, raw=True)):
+    the same scores, exactly, as its imported rows, and as `wdl predict` gives them."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(_raw_shop(1500, 0), raw / "a.parquet")
+    test_rows = _raw_shop(300, 1)
+    pq.write_table(test_rows, raw / "b.parquet")
+    spec = tmp_path / "columns.yaml"
+    spec.write_text("label: clicked\ncolumns:\n  user: {kind: categorical}\n  item: {kind: categorical, min_frequency: 2}\n"
+                    "  tags: {kind: multi_hot, separator: '|'}\n  price: {kind: dense}\n")
+    data = tmp_path / "shop"
+    assert main(["data", "import", "--spec", str(spec), "--out", str(data), "--split", "files",
+                 "--train-files", str(raw / "a.parquet"), "--test-files", str(raw / "b.parquet"), "--no-progress"]) == 0
+    config = tmp_path / "shop.yaml"
+    config.write_text(f"""\
+run: {{name: shop, out_dir: {tmp_path / 'runs'}, seed: 1, device: cpu}}
+data: {{path: {data}, batch_size: 256, eval_split: test, in_memory: true}}
+features:
+  label: clicked
+  columns:
+    user: {{kind: categorical, vocab_size: auto}}
+    item: {{kind: categorical, vocab_size: auto}}
+    tags: {{kind: multi_hot, vocab_size: auto}}
+    price: {{kind: dense, normalize: log1p}}
+  crosses:
+    user_item: {{columns: [user, item], hash_buckets: 97}}
+model:
+  embedding_backend: torch
+  wide: {{features: [user, item, tags, user_item]}}
+  deep: {{embeddings: {{user: 4, item: 4, tags: 4}}, dense: [price], hidden: [8]}}
+train: {{epochs: 1, progress: false}}
+""")
+    assert main(["train", "--config", str(config)]) == 0
+    run, out, predicted = tmp_path / "runs" / "shop", tmp_path / "exported", tmp_path / "scores.parquet"
+    assert main(["export", str(run), "--out", str(out)]) == 0 and main(["predict", str(run), "--out", str(predicted)]) == 0
+    scorer = Scorer.load(out)
+    from_raw = scorer.score(test_rows, raw=True)
+    np.testing.assert_array_equal(from_raw, scorer.score(read_split(data, "test")))
+    np.testing.assert_allclose(from_raw, pq.read_table(predicted)["score"].to_numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(scorer.score(test_rows.drop_columns(["clicked"]).to_pylist(), raw=True), from_raw)
+    # A value the import never saw is id 0, as in training; the wrong kind of value is one line.
+    row = test_rows.slice(0, 1).to_pylist()[0]
+    assert scorer.score([{**row, "item": "never-seen"}], raw=True) == pytest.approx(
+        scorer.score([{**row, "item": None}], raw=True), abs=0)
+    with pytest.raises(WdlError, match="column 'item' has type int64, its vocabulary holds string"):
+        scorer.score([{**row, "item": 7}], raw=True)
+    with pytest.raises(WdlError, match="raw=True needs a model trained on a data set from `wdl data import`"):
+        main(["export", str(torch_run), "--out", str(tmp_path / "movies")])
+        Scorer.load(tmp_path / "movies").score([{"user_id": 1}], raw=True)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,7 +108,7 @@ def export_main(args: argparse.Namespace) -> int:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_artefact(tmp, module, spec, cfg.features, manifest.root, schema)
+        write_artefact(tmp, module, spec, cfg.features, manifest.root, schema, raw_vocabularies(manifest, spec))
         Scorer.load(tmp)  # what was written loads, before it replaces anything
         if out.exists():
             shutil.rmtree(out)
@@ -182,8 +183,29 @@ def _torchrec_tables(emb: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def write_artefact(folder: Path, module: InferenceModel, spec, features_cfg, data_root: Path, schema) -> None:
-    """model.pt2 (the exported program), encoding.json and copies of the vocabulary files."""
+def raw_vocabularies(manifest, spec) -> dict[str, dict[str, Any]]:
+    """For a data set from `wdl data import`, how its raw values became the ids the model reads:
+    {column: {"vocab_file": path, "separator": ...}} for every column mapped through a
+    vocabulary, so that the artefact can score the raw rows themselves. Empty for other sources
+    (their columns are derived, not looked up), or where the model reads such a column other
+    than by its ids (hashing or a vocabulary of its own: two look-ups in a row)."""
+    if (manifest.raw.get("source") or {}).get("kind") != "import":
+        return {}
+    raw = {}
+    for name, sc in spec.sparse.items():
+        entry = manifest.columns.get(name, {})
+        if entry.get("encoding") != "vocab" or not entry.get("vocab_file"):
+            continue
+        if sc.mode != "ids":
+            return {}
+        raw[name] = {"vocab_file": manifest.root / entry["vocab_file"], "separator": entry.get("separator")}
+    return raw
+
+
+def write_artefact(folder: Path, module: InferenceModel, spec, features_cfg, data_root: Path, schema,
+                   raw: dict[str, dict[str, Any]] | None = None) -> None:
+    """model.pt2 (the exported program), encoding.json, copies of the vocabulary files, and of
+    the import's vocabularies (`raw`, see raw_vocabularies) under raw/."""
     dense = torch.zeros(3, spec.dense_dim)
     ids, offsets, dyn_ids = [], [], []
     for i, key in enumerate(spec.sparse_keys):
@@ -209,6 +231,11 @@ def write_artefact(folder: Path, module: InferenceModel, spec, features_cfg, dat
         if sc.mode == "buckets":
             c["edges"] = [float(e) for e in sc.edges]
         columns[name] = c
+    raw_encoding = {}
+    for name, r in (raw or {}).items():
+        (folder / "raw").mkdir(exist_ok=True)
+        shutil.copyfile(r["vocab_file"], folder / "raw" / f"{name}.json")
+        raw_encoding[name] = {"vocab_file": f"raw/{name}.json", "separator": r["separator"]}
     used = set(spec.columns) | {spec.label}
     encoding = {
         "format": FORMAT,
@@ -218,6 +245,8 @@ def write_artefact(folder: Path, module: InferenceModel, spec, features_cfg, dat
         "crosses": {k: {"columns": c.columns, "buckets": c.buckets, "salt": c.salt} for k, c in spec.crosses.items()},
         "dense": [{"name": d.name, "normalize": d.normalize, "mean": d.mean, "std": d.std, "fill": d.fill}
                   for d in spec.dense],
+        # Raw values -> ids as `wdl data import` mapped them (score(rows, raw=True)); {} if not imported.
+        "raw": raw_encoding,
         # The Arrow types of the columns read, so wdl.serve converts a dict's values as Parquet did.
         "arrow_schema": base64.b64encode(pa.schema([f for f in schema if f.name in used]).serialize().to_pybytes()).decode(),
         "inputs": "forward(dense [N, D] float32, ids: K x int64 [T_k], offsets: K x int64 [N]) -> [N] "

@@ -3,6 +3,7 @@
     scorer = Scorer.load("exported/movielens")
     p = scorer.score(table)                  # a pyarrow Table with the data set's columns
     p = scorer.score([{"user_id": 3, ...}])  # or a list of dicts; the label is never needed
+    p = scorer.score(raw_table, raw=True)    # a model of a `wdl data import` set: the raw rows
 
 An artefact folder holds:
 
@@ -17,6 +18,10 @@ An artefact folder holds:
   crosses (columns, buckets, salt), the dense columns (normalisation and statistics) and the
   Arrow types of the training data's columns.
 - `vocab/<column>.json`: copies of the vocabulary files the encoding names.
+- `raw/<column>.json`: for a data set from `wdl data import`, copies of its vocabularies, which
+  map the raw values of the imported files to the ids its rows hold (`encoding.json`'s `raw`:
+  column -> vocab_file and the separator a raw string was split on). With them `score(rows,
+  raw=True)` takes rows as the imported files hold them.
 
 The encoding is wdl's own FeatureSpec, rebuilt from `encoding.json`, so an id is computed
 exactly as in training: unknown or out-of-vocabulary values and nulls become id 0, and
@@ -33,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
@@ -44,13 +50,17 @@ MODEL_FILE = "model.pt2"
 ENCODING_FILE = "encoding.json"
 
 
-def encoding_spec(enc: dict[str, Any], root: Path) -> FeatureSpec:
-    """The FeatureSpec that `encoding.json` (already parsed) describes; vocab files under `root`."""
+def encoding_spec(enc: dict[str, Any], root: Path, raw: dict[str, dict] | None = None) -> FeatureSpec:
+    """The FeatureSpec that `encoding.json` (already parsed) describes; vocab files under `root`.
+    raw: `encoding.json`'s `raw`, to read the columns it names as raw values through their
+    import vocabularies (the ids are the same: id i is the vocabulary's i-th value)."""
     columns: dict[str, ColumnConfig] = {}
     stats: dict[str, dict[str, float]] = {}
     for name, c in enc["columns"].items():
         mode, n = c["mode"], int(c["num_embeddings"])
-        if mode == "ids":
+        if raw and name in raw:
+            columns[name] = ColumnConfig(kind=c["kind"], vocab_file=raw[name]["vocab_file"])
+        elif mode == "ids":
             columns[name] = ColumnConfig(kind=c["kind"], vocab_size=n)
         elif mode == "hash":
             columns[name] = ColumnConfig(kind=c["kind"], hash_buckets=n)
@@ -97,9 +107,13 @@ class Scorer:
     score: N raw rows -> numpy float32 [N] probabilities.
     """
 
-    def __init__(self, program: Any, spec: FeatureSpec, schema: pa.Schema, root: Path) -> None:
+    def __init__(self, program: Any, spec: FeatureSpec, schema: pa.Schema, root: Path,
+                 raw_spec: FeatureSpec | None = None, separators: dict[str, str] | None = None) -> None:
         self.program, self.spec, self.schema, self.root = program, spec, schema, root
-        spec.has_labels = False  # scoring never reads a label, so rows may come without one
+        self.raw_spec, self.separators = raw_spec, separators or {}
+        for s in (spec, raw_spec):
+            if s is not None:
+                s.has_labels = False  # scoring never reads a label, so rows may come without one
 
     @classmethod
     def load(cls, path: str | Path) -> "Scorer":
@@ -118,6 +132,9 @@ class Scorer:
                                 f"this wdl reads format {FORMAT}")
         try:
             spec = encoding_spec(enc, root)
+            raw = enc.get("raw") or {}
+            raw_spec = encoding_spec(enc, root, raw) if raw else None
+            separators = {k: r["separator"] for k, r in raw.items() if r.get("separator") is not None}
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(enc["arrow_schema"])))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtefactError(f"{root / ENCODING_FILE}: incomplete or malformed ({type(e).__name__}: {e})") from None
@@ -128,20 +145,69 @@ class Scorer:
         except Exception as e:  # a truncated or foreign file: torch raises many kinds
             raise ArtefactError(f"{root / MODEL_FILE}: cannot load it ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        return cls(program, spec, schema, root)
+        return cls(program, spec, schema, root, raw_spec, separators)
 
-    def score(self, rows: pa.Table | pa.RecordBatch | Sequence[dict[str, Any]]) -> np.ndarray:
-        table = self._table(rows)
+    def score(self, rows: pa.Table | pa.RecordBatch | Sequence[dict[str, Any]], *, raw: bool = False) -> np.ndarray:
+        """Probabilities of `rows`: as the training data set holds them (its ids), or with
+        raw=True as the files `wdl data import` read (raw values, mapped here through the
+        import's vocabularies; only for a model of an imported data set)."""
+        if raw and self.raw_spec is None:
+            raise DataError(f"{self.root}: raw=True needs a model trained on a data set from `wdl data import` "
+                            "(its vocabularies map raw values to ids); score this model's rows as its data set "
+                            "holds them (raw=False)")
+        spec = self.raw_spec if raw else self.spec
+        table = self._raw_table(rows) if raw else self._table(rows)
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float32)
-        self.spec.check_schema(table.schema, "rows")
-        dense, ids, offsets = model_inputs(self.spec, table)
+        spec.check_schema(table.schema, "rows")
+        dense, ids, offsets = model_inputs(spec, table)
         with torch.inference_mode():
             return self.program(dense, ids, offsets).numpy().astype(np.float32, copy=False)
 
     def take_unknown_counts(self) -> dict[str, dict[str, int]]:
-        """Unknown and missing values per vocabulary column since the last call (FeatureSpec's)."""
-        return self.spec.take_unknown_counts()
+        """Unknown and missing values per vocabulary column since the last call (FeatureSpec's),
+        raw and encoded rows together."""
+        out = self.spec.take_unknown_counts()
+        for name, c in (self.raw_spec.take_unknown_counts() if self.raw_spec is not None else {}).items():
+            mine = out.setdefault(name, dict.fromkeys(c, 0))
+            for k, v in c.items():
+                mine[k] += v
+        return out
+
+    def _raw_table(self, rows: Any) -> pa.Table:
+        """Raw rows as a table the raw spec reads: a dict's values typed as Arrow infers them (the
+        vocabularies are cast to them), columns of nulls only given the vocabulary's type, dense
+        numbers in the data set's type, and strings split into lists where the import split them."""
+        if isinstance(rows, (pa.Table, pa.RecordBatch)):
+            table = pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+        else:
+            rows = list(rows)
+            if not all(isinstance(r, dict) for r in rows):
+                raise DataError("rows: give a pyarrow Table or a list of dicts (column -> raw value)")
+            try:
+                table = pa.Table.from_pylist(rows)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+                raise DataError(f"rows: {str(e).splitlines()[0]}") from None
+        for i, name in enumerate(table.column_names):
+            col, sc = table.column(i), self.raw_spec.sparse.get(name)
+            if pa.types.is_null(col.type) and sc is not None and sc.vocab is not None:
+                want = pa.list_(sc.vocab.type) if sc.kind == "multi_hot" and name not in self.separators else sc.vocab.type
+                table = table.set_column(i, name, col.cast(want))
+            elif pa.types.is_null(col.type):
+                table = table.set_column(i, name, col.cast(pa.float64()))
+            col = table.column(i)
+            want = self.schema.field(name).type if name in self.schema.names else None
+            if name not in self.raw_spec.sparse and want is not None and pa.types.is_floating(want) \
+                    and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                # the import wrote dense values as float64 -> float32: the same numbers, not close ones
+                table = table.set_column(i, name, pc.cast(pc.cast(col, pa.float64()), want))
+            sep = self.separators.get(name)
+            if sep is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+                                    or pa.types.is_dictionary(col.type)):
+                col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
+                # as the import split them: "" is an empty list, a null stays a null list
+                table = table.set_column(i, name, pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep))
+        return table
 
     def _table(self, rows: Any) -> pa.Table:
         if isinstance(rows, pa.RecordBatch):

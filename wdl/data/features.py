@@ -252,7 +252,12 @@ class FeatureSpec:
             else:
                 values = hash_ids(pc.fill_null(flat, 0).to_numpy(zero_copy_only=False), sc.num_embeddings)
         elif sc.mode == "vocab":
-            idx = pc.index_in(flat, value_set=sc.vocab.cast(flat.type) if sc.vocab.type != flat.type else sc.vocab)
+            try:
+                vocab = sc.vocab.cast(flat.type) if sc.vocab.type != flat.type else sc.vocab
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(f"{where}: column {sc.name!r} has type {flat.type}, its vocabulary holds "
+                                f"{sc.vocab.type} values") from None
+            idx = pc.index_in(flat, value_set=vocab)
             values = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
             zeros = int(np.count_nonzero(values == 0))
             counts[0] += len(values)

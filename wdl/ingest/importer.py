@@ -297,6 +297,8 @@ def _columns(w: DatasetWriter, spec: S.ImportSpec, agg: Stats, plan: Plan, bucke
         columns[name] = {"kind": c.kind, "vocab_size": len(vocab) + 1, "encoding": "vocab",
                          "vocab_file": w.write_vocab(name, vocab.to_pylist()), "raw_type": str(plan.types[name]),
                          "min_frequency": c.min_frequency, "top_k": c.top_k, "distinct_train_values": distinct}
+        if c.separator is not None:  # raw strings "a|b" were split into lists (what scoring raw rows repeats)
+            columns[name]["separator"] = c.separator
     return columns, normalize
 
 
