@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wdl.data.raw_rows import raw_vocabularies
 from wdl.errors import ConfigError
 from wdl.serve import ENCODING_FILE, FORMAT, MODEL_FILE, Scorer
 
@@ -181,25 +182,6 @@ def _torchrec_tables(emb: nn.Module) -> dict[str, Tensor]:
             full = value.cpu()
         out[t.feature] = full.float()
     return out
-
-
-def raw_vocabularies(manifest, spec) -> dict[str, dict[str, Any]]:
-    """For a data set from `wdl data import`, how its raw values became the ids the model reads:
-    {column: {"vocab_file": path, "separator": ...}} for every column mapped through a
-    vocabulary, so that the artefact can score the raw rows themselves. Empty for other sources
-    (their columns are derived, not looked up), or where the model reads such a column other
-    than by its ids (hashing or a vocabulary of its own: two look-ups in a row)."""
-    if (manifest.raw.get("source") or {}).get("kind") != "import":
-        return {}
-    raw = {}
-    for name, sc in spec.sparse.items():
-        entry = manifest.columns.get(name, {})
-        if entry.get("encoding") != "vocab" or not entry.get("vocab_file"):
-            continue
-        if sc.mode != "ids":
-            return {}
-        raw[name] = {"vocab_file": manifest.root / entry["vocab_file"], "separator": entry.get("separator")}
-    return raw
 
 
 def write_artefact(folder: Path, module: InferenceModel, spec, features_cfg, data_root: Path, schema,

@@ -38,11 +38,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
 from wdl.data.features import FeatureSpec
+from wdl.data.raw_rows import RawRows
 from wdl.errors import ArtefactError, DataError
 
 FORMAT = 1  # encoding.json's "format"; bumped when the layout changes
@@ -108,10 +108,9 @@ class Scorer:
     """
 
     def __init__(self, program: Any, spec: FeatureSpec, schema: pa.Schema, root: Path,
-                 raw_spec: FeatureSpec | None = None, separators: dict[str, str] | None = None) -> None:
-        self.program, self.spec, self.schema, self.root = program, spec, schema, root
-        self.raw_spec, self.separators = raw_spec, separators or {}
-        for s in (spec, raw_spec):
+                 raw: RawRows | None = None) -> None:
+        self.program, self.spec, self.schema, self.root, self.raw = program, spec, schema, root, raw
+        for s in (spec, raw):
             if s is not None:
                 s.has_labels = False  # scoring never reads a label, so rows may come without one
 
@@ -132,10 +131,12 @@ class Scorer:
                                 f"this wdl reads format {FORMAT}")
         try:
             spec = encoding_spec(enc, root)
-            raw = enc.get("raw") or {}
-            raw_spec = encoding_spec(enc, root, raw) if raw else None
-            separators = {k: r["separator"] for k, r in raw.items() if r.get("separator") is not None}
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(enc["arrow_schema"])))
+            raw = None
+            if enc.get("raw"):
+                raw = RawRows(encoding_spec(enc, root, enc["raw"]),
+                              {k: r["separator"] for k, r in enc["raw"].items() if r.get("separator") is not None},
+                              {d["name"]: schema.field(d["name"]).type for d in enc["dense"]})
         except (KeyError, TypeError, ValueError) as e:
             raise ArtefactError(f"{root / ENCODING_FILE}: incomplete or malformed ({type(e).__name__}: {e})") from None
         except DataError as e:  # e.g. a vocabulary file that cannot be read
@@ -145,17 +146,17 @@ class Scorer:
         except Exception as e:  # a truncated or foreign file: torch raises many kinds
             raise ArtefactError(f"{root / MODEL_FILE}: cannot load it ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        return cls(program, spec, schema, root, raw_spec, separators)
+        return cls(program, spec, schema, root, raw)
 
     def score(self, rows: pa.Table | pa.RecordBatch | Sequence[dict[str, Any]], *, raw: bool = False) -> np.ndarray:
         """Probabilities of `rows`: as the training data set holds them (its ids), or with
         raw=True as the files `wdl data import` read (raw values, mapped here through the
         import's vocabularies; only for a model of an imported data set)."""
-        if raw and self.raw_spec is None:
+        if raw and self.raw is None:
             raise DataError(f"{self.root}: raw=True needs a model trained on a data set from `wdl data import` "
                             "(its vocabularies map raw values to ids); score this model's rows as its data set "
                             "holds them (raw=False)")
-        spec = self.raw_spec if raw else self.spec
+        spec = self.raw if raw else self.spec
         table = self._raw_table(rows) if raw else self._table(rows)
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float32)
@@ -168,46 +169,24 @@ class Scorer:
         """Unknown and missing values per vocabulary column since the last call (FeatureSpec's),
         raw and encoded rows together."""
         out = self.spec.take_unknown_counts()
-        for name, c in (self.raw_spec.take_unknown_counts() if self.raw_spec is not None else {}).items():
+        for name, c in (self.raw.take_unknown_counts() if self.raw is not None else {}).items():
             mine = out.setdefault(name, dict.fromkeys(c, 0))
             for k, v in c.items():
                 mine[k] += v
         return out
 
     def _raw_table(self, rows: Any) -> pa.Table:
-        """Raw rows as a table the raw spec reads: a dict's values typed as Arrow infers them (the
-        vocabularies are cast to them), columns of nulls only given the vocabulary's type, dense
-        numbers in the data set's type, and strings split into lists where the import split them."""
+        """Raw rows as a table: a dict's values typed as Arrow infers them (the vocabularies are
+        cast to their type; RawRows does the rest of what the import did)."""
         if isinstance(rows, (pa.Table, pa.RecordBatch)):
-            table = pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
-        else:
-            rows = list(rows)
-            if not all(isinstance(r, dict) for r in rows):
-                raise DataError("rows: give a pyarrow Table or a list of dicts (column -> raw value)")
-            try:
-                table = pa.Table.from_pylist(rows)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-                raise DataError(f"rows: {str(e).splitlines()[0]}") from None
-        for i, name in enumerate(table.column_names):
-            col, sc = table.column(i), self.raw_spec.sparse.get(name)
-            if pa.types.is_null(col.type) and sc is not None and sc.vocab is not None:
-                want = pa.list_(sc.vocab.type) if sc.kind == "multi_hot" and name not in self.separators else sc.vocab.type
-                table = table.set_column(i, name, col.cast(want))
-            elif pa.types.is_null(col.type):
-                table = table.set_column(i, name, col.cast(pa.float64()))
-            col = table.column(i)
-            want = self.schema.field(name).type if name in self.schema.names else None
-            if name not in self.raw_spec.sparse and want is not None and pa.types.is_floating(want) \
-                    and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-                # the import wrote dense values as float64 -> float32: the same numbers, not close ones
-                table = table.set_column(i, name, pc.cast(pc.cast(col, pa.float64()), want))
-            sep = self.separators.get(name)
-            if sep is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-                                    or pa.types.is_dictionary(col.type)):
-                col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
-                # as the import split them: "" is an empty list, a null stays a null list
-                table = table.set_column(i, name, pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep))
-        return table
+            return pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+        rows = list(rows)
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError("rows: give a pyarrow Table or a list of dicts (column -> raw value)")
+        try:
+            return pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            raise DataError(f"rows: {str(e).splitlines()[0]}") from None
 
     def _table(self, rows: Any) -> pa.Table:
         if isinstance(rows, pa.RecordBatch):

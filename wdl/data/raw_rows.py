@@ -1,0 +1,102 @@
+"""Rows as one's own files hold them, for a model of a data set from `wdl data import`.
+
+The import maps each categorical and multi-hot column's raw values through a vocabulary
+(`vocab/<column>.json`, id i = the i-th value) and writes the ids; the model reads those ids.
+Reading the same vocabularies as FeatureSpec `vocab_file` columns gives the same ids from the
+raw values, so `wdl predict --raw` and `Scorer.score(rows, raw=True)` score new raw rows without
+importing them first. Besides the look-up, this repeats what the import did to a row: a string
+column with a `separator` is split into a list ("" an empty list) and dense values become
+float32 (through float64), so the scores equal those of the imported rows exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from wdl.data.batch import FeatureTable
+from wdl.data.features import FeatureSpec
+
+
+def raw_vocabularies(manifest: Any, spec: FeatureSpec) -> dict[str, dict[str, Any]]:
+    """{column: {"vocab_file": Path, "separator": str | None}} for every column of `spec` that the
+    import (`manifest`) mapped through a vocabulary. Empty for other sources (their columns are
+    derived, not looked up), or where the model reads such a column other than by its ids
+    (hashing or a vocabulary of its own would be a second look-up)."""
+    if (manifest.raw.get("source") or {}).get("kind") != "import":
+        return {}
+    raw = {}
+    for name, sc in spec.sparse.items():
+        entry = manifest.columns.get(name, {})
+        if entry.get("encoding") != "vocab" or not entry.get("vocab_file"):
+            continue
+        if sc.mode != "ids":
+            return {}
+        raw[name] = {"vocab_file": Path(manifest.root) / entry["vocab_file"], "separator": entry.get("separator")}
+    return raw
+
+
+class RawRows:
+    """A FeatureSpec's interface (columns, check_schema, encode, has_labels, ...) over raw rows.
+
+    spec: the FeatureSpec whose vocabulary columns read the import's vocabularies (vocab_file).
+    separators: column -> the separator its raw strings are split on.
+    dense_types: column -> the data set's Arrow type of each dense column (float32 for imports).
+    """
+
+    def __init__(self, spec: FeatureSpec, separators: dict[str, str], dense_types: dict[str, pa.DataType]) -> None:
+        self.spec, self.separators, self.dense_types = spec, dict(separators), dict(dense_types)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the spec's
+        if name == "spec":  # not set yet (unpickling in a loader worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.spec, name)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.spec.has_labels
+
+    @has_labels.setter
+    def has_labels(self, value: bool) -> None:
+        self.spec.has_labels = value
+
+    def check_schema(self, schema: pa.Schema, where: str) -> None:
+        """As FeatureSpec's, on the schema the rows have once split (a string split is a list)."""
+        fields = [pa.field(f.name, pa.list_(pa.string())) if f.name in self.separators and _is_string(f.type) else f
+                  for f in schema]
+        self.spec.check_schema(pa.schema(fields), where)
+
+    def encode(self, table: pa.Table | pa.RecordBatch, where: str) -> FeatureTable:
+        return self.spec.encode(self.prepare(table), where)
+
+    def prepare(self, table: pa.Table | pa.RecordBatch) -> pa.Table:
+        """The rows as the import made them before its look-up: columns of nulls only (a list of
+        dicts without a value) given the vocabulary's type, dense numbers in the data set's
+        type, strings split where the import split them."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        for i, name in enumerate(table.column_names):
+            col = given = table.column(i)
+            sc, sep = self.spec.sparse.get(name), self.separators.get(name)
+            if pa.types.is_null(col.type):
+                if sc is not None and sc.vocab is not None:
+                    col = col.cast(pa.list_(sc.vocab.type) if sc.kind == "multi_hot" and sep is None else sc.vocab.type)
+                else:
+                    col = col.cast(pa.float64())
+            want = self.dense_types.get(name)
+            if sc is None and want is not None and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                col = pc.cast(pc.cast(col, pa.float64()), want)  # the import's float64 -> float32: the same numbers
+            if sep is not None and _is_string(col.type):
+                col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
+                col = pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)  # as the import split it
+            if col is not given:
+                table = table.set_column(i, name, col)
+        return table
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        pa.types.is_dictionary(t) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)))
