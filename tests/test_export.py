@@ -142,7 +142,7 @@ def _raw_shop(rows: int, seed: int) -> pa.Table:
                      "clicked": pa.array((rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8))})
 
 
-def test_imported_model_scores_raw_rows_as_imported(tmp_path, torch_run):
+def test_imported_model_scores_raw_rows_as_imported(tmp_path, torch_run, capsys):
     """A model of a `wdl data import` set scores the raw files themselves (score(rows, raw=True)):
     the same scores, exactly, as its imported rows, and as `wdl predict` gives them."""
     raw = tmp_path / "raw"
@@ -189,6 +189,17 @@ train: {{epochs: 1, progress: false}}
         scorer.score([{**row, "item": None}], raw=True), abs=0)
     with pytest.raises(WdlError, match="column 'item' has type int64, its vocabulary holds string"):
         scorer.score([{**row, "item": 7}], raw=True)
+    # wdl predict on the raw file, with an id column carried over; without --raw, a hint to it
+    keyed = tmp_path / "keyed.parquet"
+    assert main(["predict", str(run), "--data", str(raw / "b.parquet"), "--raw", "--key", "user",
+                 "--out", str(keyed)]) == 0
+    got = pq.read_table(keyed)
+    assert got.column_names == ["row", "score", "label", "user"]
+    assert got["user"].to_pylist() == test_rows["user"].to_pylist()
+    assert got["label"].to_pylist() == test_rows["clicked"].to_pylist()
+    np.testing.assert_allclose(got["score"].to_numpy(), from_raw, rtol=0, atol=1e-6)
+    assert main(["predict", str(run), "--data", str(raw / "b.parquet"), "--out", str(keyed)]) == 2
+    assert "scored with --raw" in capsys.readouterr().err
     with pytest.raises(WdlError, match="raw=True needs a model trained on a data set from `wdl data import`"):
         main(["export", str(torch_run), "--out", str(tmp_path / "movies")])
         Scorer.load(tmp_path / "movies").score([{"user_id": 1}], raw=True)

@@ -1,19 +1,23 @@
 """`wdl predict`: score rows with a trained model.
 
-    wdl predict runs/NAME [--checkpoint best|latest|PATH] [--data DIR] [--split S] --out scores.parquet
+    wdl predict runs/NAME [--checkpoint best|latest|PATH] [--data DIR|FILES [--raw]] [--split S]
+                [--key COL ...] --out scores.parquet
     torchrun --nproc_per_node N -m wdl.cli predict runs/NAME ...   (each rank scores its own part)
 
 The model is rebuilt from the run's config.yaml exactly as training built it (same tables,
 same placement code) and only its weights are loaded. Input is a wdl data set folder (the
-training one by default) whose columns the run's feature spec reads; ids and normalisation
-come from the training data set's manifest. Rows are read in file order without shuffling,
-each rank a contiguous part, so the output holds every input row exactly once, in input order:
-`row` (position in the split), `score` (probability) and `label` when the input has one.
+training one by default), or Parquet files with the columns the run's feature spec reads; ids
+and normalisation come from the training data set's manifest. With --raw, the files hold raw
+values as `wdl data import` read them, mapped here through the import's vocabularies
+(wdl.data.raw_rows). Rows are read in file order without shuffling, each rank a contiguous
+part, so the output holds every input row exactly once, in input order: `row` (position in
+the input), `score` (probability), `label` when the input has one, and the --key columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -26,9 +30,15 @@ from wdl.errors import CheckpointError, ConfigError, DataError
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
-    p.add_argument("--data", default=None, metavar="DIR", help="a wdl data set folder (default: the run's training data)")
-    p.add_argument("--split", default=None, help="split of --data to score (default: the run's data.eval_split)")
-    p.add_argument("--out", required=True, help="Parquet file to write (row, score, label)")
+    p.add_argument("--data", default=None, metavar="DIR|FILES",
+                   help="a wdl data set folder, or Parquet files (a file, folder or quoted glob) with the data "
+                        "set's columns (default: the run's training data set)")
+    p.add_argument("--raw", action="store_true",
+                   help="--data files hold raw values as `wdl data import` read them (a model of an imported set)")
+    p.add_argument("--split", default=None, help="split of a data set folder to score (default: the run's data.eval_split)")
+    p.add_argument("--key", action="append", default=[], metavar="COL",
+                   help="an input column to copy to the output beside the score, e.g. an id (repeatable)")
+    p.add_argument("--out", required=True, help="Parquet file to write (row, score, label, --key columns)")
     p.add_argument("--batch-size", type=int, default=16384)
 
 
@@ -45,7 +55,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def predict_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
-    from wdl.data.manifest import load_manifest
     from wdl.data.parquet import StreamingLoader, list_row_groups
     from wdl.distributed.env import all_gather_cat, close_distributed, init_distributed
     from wdl.train import run_log
@@ -64,14 +73,14 @@ def predict_main(args: argparse.Namespace) -> int:
     try:
         manifest = open_dataset(cfg.data)  # ids and statistics of training
         spec = feature_spec(cfg, manifest)
-        source = load_manifest(Path(args.data)) if args.data else manifest
-        split = args.split or cfg.data.eval_split
-        files = [f.path for f in source.split(split).files]
-        if not files:
-            raise DataError(f"the {split!r} split of {source.root} has no files")
+        files, where = _inputs(args, manifest, cfg.data.eval_split)
+        read = raw_rows_spec(cfg, manifest, spec) if args.raw else spec
+        if not args.raw:
+            _refuse_raw_values(files[0], manifest, spec)
         names = set(pq.read_schema(files[0]).names)
-        spec.has_labels = spec.label in names
-        loader = StreamingLoader(list_row_groups(files, spec), spec, args.batch_size, rank=env.rank,
+        read.has_labels = spec.label in names
+        _check_keys(args.key, files)
+        loader = StreamingLoader(list_row_groups(files, read), read, args.batch_size, rank=env.rank,
                                  world_size=env.world_size, shuffle=False)
 
         placed = load_trained_model(cfg, spec, env, ckpt)
@@ -80,14 +89,90 @@ def predict_main(args: argparse.Namespace) -> int:
         if env.is_main:
             columns = {"row": pa.array(np.arange(len(scores), dtype=np.int64)),
                        "score": pa.array(scores.numpy().astype(np.float32))}
-            if spec.has_labels:
+            if read.has_labels:
                 columns["label"] = pa.array(labels.numpy().astype(np.int8))
+            for key in args.key:  # read in file order, as the rows were
+                columns[key] = pa.chunked_array([c for f in files for c in pq.read_table(f, columns=[key])[key].chunks],
+                                                type=pq.read_schema(files[0]).field(key).type)
             write_parquet(pa.table(columns), out)
-            print(f"wdl: scored {len(scores)} rows of {source.root}/{split} with {ckpt} -> {out}", flush=True)
+            print(f"wdl: scored {len(scores)} rows of {where} with {ckpt} -> {out}", flush=True)
     finally:
         run_log.release()
         close_distributed()
     return 0
+
+
+def _inputs(args: argparse.Namespace, manifest, eval_split: str) -> tuple[list[Path], str]:
+    """The Parquet files to score, in order, and how to name them in messages."""
+    from wdl.data.manifest import MANIFEST, load_manifest
+    from wdl.ingest.importer import expand_inputs
+
+    data = Path(args.data) if args.data else None
+    if data is None or (data.is_dir() and (data / MANIFEST).is_file()):
+        if args.raw:
+            raise ConfigError("--raw scores raw files: give them with --data FILES (a file, folder or quoted glob), "
+                              "not a data set folder")
+        source = load_manifest(data) if data else manifest
+        split = args.split or eval_split
+        files = [f.path for f in source.split(split).files]
+        if not files:
+            raise DataError(f"the {split!r} split of {source.root} has no files")
+        return files, f"{source.root}/{split}"
+    if args.split:
+        raise ConfigError(f"--split picks a split of a data set folder; {args.data} is files")
+    found = expand_inputs([args.data])
+    if any(fmt != "parquet" for _, fmt in found):
+        raise DataError(f"--data {args.data}: wdl predict reads Parquet files (import CSV with wdl data import, "
+                        "or convert it)")
+    return [Path(f) for f, _ in found], args.data
+
+
+def raw_rows_spec(cfg, manifest, spec):
+    """What reads raw rows for this model (RawRows over the import's vocabularies); a one-line
+    error for a model of a data set that `wdl data import` did not write."""
+    from wdl.data.dataset import feature_spec
+    from wdl.data.raw_rows import RawRows, raw_vocabularies
+
+    raw = raw_vocabularies(manifest, spec)
+    if not raw:
+        raise ConfigError(f"--raw needs a model trained on a data set from `wdl data import` (its vocabularies map "
+                          f"raw values to ids); {manifest.root} was not imported, or the model reads its columns "
+                          "other than by their ids: score its rows as the data set holds them (no --raw)")
+    columns = dict(cfg.features.columns)
+    for name, r in raw.items():
+        columns[name] = dataclasses.replace(columns[name], vocab_size=None, vocab_file=str(r["vocab_file"]))
+    raw_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, columns=columns))
+    schema = pq.read_schema(manifest.split(cfg.data.train_split).files[0].path)
+    return RawRows(feature_spec(raw_cfg, manifest),
+                   {n: r["separator"] for n, r in raw.items() if r["separator"] is not None},
+                   {d.name: schema.field(d.name).type for d in spec.dense})
+
+
+def _refuse_raw_values(path: Path, manifest, spec) -> None:
+    """A one-line error, naming --raw, for raw files of an imported set given without it: a
+    column the data set holds as integer ids that holds strings here."""
+    from wdl.data.raw_rows import raw_vocabularies
+
+    ids = pq.read_schema(manifest.split(next(iter(manifest.splits))).files[0].path)
+    given = pq.read_schema(path)
+    for name in raw_vocabularies(manifest, spec):
+        if name not in given.names or name not in ids.names:
+            continue
+        t, want = (f.type.value_type if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) else f.type
+                   for f in (given.field(name), ids.field(name)))
+        if not pa.types.is_integer(t) and pa.types.is_integer(want):
+            raise DataError(f"{path}: column {name!r} holds {t} where the data set holds ids; raw rows of the "
+                            "imported files are scored with --raw")
+
+
+def _check_keys(keys: list[str], files: list[Path]) -> None:
+    taken = {"row", "score", "label"}
+    for key in keys:
+        if key in taken or keys.count(key) > 1:
+            raise ConfigError(f"--key {key}: the output already has a column of that name")
+        for f in files:
+            if key not in pq.read_schema(f).names:
+                raise DataError(f"--key {key}: {f} has no such column")
 
 
 def write_parquet(table: pa.Table, out: Path) -> None:
