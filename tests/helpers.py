@@ -176,3 +176,30 @@ def toy_batch(b: int = 6, seed: int = 0) -> Batch:
         },
         labels=torch.randint(0, 2, (b,), generator=g).float(),
     )
+
+
+SHOP_CONFIG = """\
+run: {{name: {name}, out_dir: {runs}, seed: 1, device: cpu}}
+data: {{path: {data}, batch_size: 256, eval_batch_size: 512, eval_split: test, in_memory: true}}
+features:
+  label: clicked
+  columns:
+    user: {{kind: categorical, vocab_size: auto}}
+    item: {{kind: categorical, vocab_size: auto}}
+    tags: {{kind: multi_hot, vocab_size: auto}}
+    price: {{kind: dense, normalize: log1p}}
+  crosses:
+    user_item: {{columns: [user, item], hash_buckets: 97}}
+model:
+  embedding_backend: torch
+  wide: {{features: [user, item, tags, user_item]}}
+  deep: {{embeddings: {{user: 4, item: 4, tags: 4}}, dense: [price], hidden: [8]}}
+train: {{epochs: 1, progress: false}}
+"""
+
+
+def write_shop_config(path: Path, data: Path, runs: Path, name: str) -> Path:
+    """A one-epoch config for a shop-like set imported by `wdl data import` (columns user, item,
+    tags, price; label clicked), its runs under `runs`."""
+    path.write_text(SHOP_CONFIG.format(name=name, runs=runs, data=data))
+    return path

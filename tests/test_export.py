@@ -15,7 +15,7 @@ from wdl.errors import WdlError
 from wdl.model.embeddings import torchrec_available
 from wdl.serve import Scorer
 
-from helpers import ROOT, read_split, write_tiny_config
+from helpers import ROOT, read_split, write_shop_config, write_tiny_config
 
 
 def _train(root: Path, data: Path, *overrides: str) -> Path:
@@ -156,25 +156,7 @@ def test_imported_model_scores_raw_rows_as_imported(tmp_path, torch_run, capsys)
     data = tmp_path / "shop"
     assert main(["data", "import", "--spec", str(spec), "--out", str(data), "--split", "files",
                  "--train-files", str(raw / "a.parquet"), "--test-files", str(raw / "b.parquet"), "--no-progress"]) == 0
-    config = tmp_path / "shop.yaml"
-    config.write_text(f"""\
-run: {{name: shop, out_dir: {tmp_path / 'runs'}, seed: 1, device: cpu}}
-data: {{path: {data}, batch_size: 256, eval_split: test, in_memory: true}}
-features:
-  label: clicked
-  columns:
-    user: {{kind: categorical, vocab_size: auto}}
-    item: {{kind: categorical, vocab_size: auto}}
-    tags: {{kind: multi_hot, vocab_size: auto}}
-    price: {{kind: dense, normalize: log1p}}
-  crosses:
-    user_item: {{columns: [user, item], hash_buckets: 97}}
-model:
-  embedding_backend: torch
-  wide: {{features: [user, item, tags, user_item]}}
-  deep: {{embeddings: {{user: 4, item: 4, tags: 4}}, dense: [price], hidden: [8]}}
-train: {{epochs: 1, progress: false}}
-""")
+    config = write_shop_config(tmp_path / "shop.yaml", data, tmp_path / "runs", "shop")
     assert main(["train", "--config", str(config)]) == 0
     run, out, predicted = tmp_path / "runs" / "shop", tmp_path / "exported", tmp_path / "scores.parquet"
     assert main(["export", str(run), "--out", str(out)]) == 0 and main(["predict", str(run), "--out", str(predicted)]) == 0

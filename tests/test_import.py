@@ -15,6 +15,8 @@ import pytest
 from wdl.cli import main
 from wdl.data.manifest import load_manifest
 
+from helpers import write_shop_config
+
 
 def raw_table(rows: int = 2000, seed: int = 0) -> pa.Table:
     """A shop's click log: integer users from 0, string items with nulls, string tag lists (one
@@ -209,23 +211,7 @@ def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
 
 
 def test_imported_set_trains_one_epoch(imported, tmp_path, capsys):
-    cfg = tmp_path / "import.yaml"
-    cfg.write_text(f"""\
-run: {{name: imported, out_dir: {tmp_path / 'runs'}, seed: 1, device: cpu}}
-data: {{path: {imported}, batch_size: 256, eval_batch_size: 512, eval_split: test, in_memory: true}}
-features:
-  label: clicked
-  columns:
-    user: {{kind: categorical, vocab_size: auto}}
-    item: {{kind: categorical, vocab_size: auto}}
-    tags: {{kind: multi_hot, vocab_size: auto}}
-    price: {{kind: dense, normalize: log1p}}
-model:
-  embedding_backend: torch
-  wide: {{features: [user, item, tags]}}
-  deep: {{embeddings: {{user: 4, item: 4, tags: 4}}, dense: [price], hidden: [8]}}
-train: {{epochs: 1, progress: false}}
-""")
+    cfg = write_shop_config(tmp_path / "import.yaml", imported, tmp_path / "runs", "imported")
     assert main(["train", "--config", str(cfg)]) == 0, capsys.readouterr().err
     recs = [json.loads(x) for x in (tmp_path / "runs/imported/metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 1 and np.isfinite(recs[0]["train_loss"]) and 0 <= recs[0]["auc"] <= 1
