@@ -67,6 +67,44 @@ def test_vocab_file_lookup(tmp_path):
     assert s.num_embeddings("c") == 3
 
 
+@pytest.mark.parametrize("rows", [1, 7, 5000])
+def test_vocab_file_lookup_equals_arrow_set_lookup_at_any_batch_size(tmp_path, rows):
+    """A vocabulary look-up is built once and reused (a dict for a few values, Arrow for many,
+    a table for integers): ids, unknown and missing counts as Arrow's index_in gives them, for
+    strings, integers read as strings, lists, nulls; and the same after a pickle (a loader worker)."""
+    import pickle
+
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(rows)
+    words = [f"w{i}" for i in range(3000)]
+    (tmp_path / "s.json").write_text(json.dumps([None, *words]))
+    (tmp_path / "i.json").write_text(json.dumps([None, *range(100, 4100)]))
+    s = spec({"c": ColumnConfig(kind="categorical", vocab_file="s.json"),
+              "n": ColumnConfig(kind="categorical", vocab_file="i.json"),
+              "m": ColumnConfig(kind="multi_hot", vocab_file="s.json")}, sparse=["c", "n", "m"], root=tmp_path)
+    pick = lambda n: [None if r < 0.05 else f"w{k}" for r, k in zip(rng.random(n), rng.integers(0, 3500, n))]  # noqa: E731
+    t = pa.table({"label": pa.array(np.zeros(rows, np.int8)), "c": pick(rows),
+                  "n": pa.array([str(k) for k in rng.integers(0, 4200, rows)]),  # integer ids given as strings
+                  "m": [pick(k) for k in rng.integers(0, 4, rows)]})
+
+    def expected(col, vocab):
+        flat = pc.list_flatten(col) if pa.types.is_list(col.type) else col
+        if pa.types.is_null(flat.type):  # nulls only (a row of [None]): nothing to look up
+            return [0] * len(flat)
+        return pc.fill_null(pc.add(pc.index_in(flat, value_set=vocab.cast(flat.type)), 1), 0).to_numpy().tolist()
+
+    for enc in (s, pickle.loads(pickle.dumps(s))):
+        got = enc.encode(t, "t")
+        assert got.sparse["c"].values.tolist() == expected(t["c"].combine_chunks(), pa.array(words))
+        assert got.sparse["n"].values.tolist() == expected(t["n"].combine_chunks(), pa.array(range(100, 4100)))
+        assert got.sparse["m"].values.tolist() == expected(t["m"].combine_chunks(), pa.array(words))
+    counts = s.take_unknown_counts()["c"]
+    c = t["c"].combine_chunks()
+    assert counts["missing"] == c.null_count
+    assert counts["out_of_vocab"] == sum(v is not None and int(v[1:]) >= 3000 for v in c.to_pylist())
+
+
 def test_dense_normalisation_and_bad_values():
     s = spec({"d": ColumnConfig(kind="dense", normalize="standard", fill=10.0)}, dense=["d"],
              meta={"d": {"mean": 10.0, "std": 2.0}})

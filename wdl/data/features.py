@@ -1,9 +1,9 @@
 """FeatureSpec: the single source of truth for columns, vocabularies, hashing and crosses.
 
 It turns Arrow record batches into `FeatureTable`s (columnar tensors, wdl.data.batch), fully
-vectorised: pyarrow compute for nulls and vocab look-ups, numpy uint64 arithmetic for hashing
-(wdl.data.hashing). The model only learns the table sizes (`num_embeddings`) and the dense
-width from it.
+vectorised: pyarrow compute for nulls, wdl.data.id_encoder for vocabularies, numpy uint64
+arithmetic for hashing (wdl.data.hashing). The model only learns the table sizes
+(`num_embeddings`) and the dense width from it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 from wdl.config import FeaturesConfig
 from wdl.data.batch import FeatureTable, Jagged
 from wdl.data.hashing import cross_ids, cross_salt, hash_ids, hash_strings
+from wdl.data.id_encoder import IdEncoder
 from wdl.errors import ConfigError, DataError
 
 
@@ -89,6 +90,7 @@ class FeatureSpec:
         # Per vocabulary column: [values, out of vocabulary, missing] seen by `encode` (see
         # `take_unknown_counts`): ids the data cannot honour are counted, never silently dropped.
         self.unknown: dict[str, list[int]] = {}
+        self._encoders: dict[tuple[str, pa.DataType], IdEncoder] = {}  # vocab_file columns' look-ups
         self.sparse_keys = list(dict.fromkeys(sparse_keys))
         self.dense: list[DenseColumn] = []
         self.sparse: dict[str, SparseColumn] = {}
@@ -224,8 +226,7 @@ class FeatureSpec:
         self.unknown = {}
         return out
 
-    @staticmethod
-    def _sparse_ids(col: pa.ChunkedArray | pa.Array, sc: SparseColumn, where: str,
+    def _sparse_ids(self, col: pa.ChunkedArray | pa.Array, sc: SparseColumn, where: str,
                     counts: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids, lengths per row; None for a categorical column: one id per row).
         counts: [values, out of vocabulary, missing], added to in place."""
@@ -252,13 +253,7 @@ class FeatureSpec:
             else:
                 values = hash_ids(pc.fill_null(flat, 0).to_numpy(zero_copy_only=False), sc.num_embeddings)
         elif sc.mode == "vocab":
-            try:
-                vocab = sc.vocab.cast(flat.type) if sc.vocab.type != flat.type else sc.vocab
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DataError(f"{where}: column {sc.name!r} has type {flat.type}, its vocabulary holds "
-                                f"{sc.vocab.type} values") from None
-            idx = pc.index_in(flat, value_set=vocab)
-            values = pc.fill_null(pc.add(idx, 1), 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            values = self._vocab_encoder(sc, flat.type, where).encode(flat)
             zeros = int(np.count_nonzero(values == 0))
             counts[0] += len(values)
             counts[1] += zeros - flat.null_count
@@ -280,6 +275,23 @@ class FeatureSpec:
             counts[1] += outside
             counts[2] += int(np.count_nonzero(values == 0)) - outside
         return values, lengths
+
+    def _vocab_encoder(self, sc: SparseColumn, t: pa.DataType, where: str) -> IdEncoder:
+        """The look-up of `sc`'s vocabulary for values of type `t`, built on first use (the
+        vocabulary cast to the column's type: ids read as strings still find their values)."""
+        enc = self._encoders.get((sc.name, t))
+        if enc is None:
+            try:  # a column of nulls only (no type to cast to) looks up nothing: every id is 0
+                vocab = pa.array([], t) if pa.types.is_null(t) else sc.vocab.cast(t) if sc.vocab.type != t else sc.vocab
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(f"{where}: column {sc.name!r} has type {t}, its vocabulary holds "
+                                f"{sc.vocab.type} values") from None
+            enc = self._encoders[(sc.name, t)] = IdEncoder(vocab)
+        return enc
+
+    def __getstate__(self) -> dict:
+        # The look-ups are rebuilt where they are used (a loader worker), not pickled over.
+        return {**self.__dict__, "_encoders": {}}
 
     @staticmethod
     def _cross(cross: Cross, ids: dict[str, tuple[np.ndarray, np.ndarray | None]],

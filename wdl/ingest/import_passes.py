@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 
 from wdl.data.column_stats import RunningStats
 from wdl.data.hashing import mix64
+from wdl.data.id_encoder import IdEncoder, chunks
 from wdl.ingest.import_read import Plan, Unit, dense_values, labels, list_values, positions, read_unit, split_codes
-from wdl.ingest.vocab import IdEncoder, Reservoir, ValueCounts, chunks
+from wdl.ingest.vocab import Reservoir, ValueCounts
 
 
 @dataclass
