@@ -66,3 +66,36 @@ def test_bad_run_folder_is_one_line(tmp_path, capsys):
     assert main(["predict", "--run", str(tmp_path), "--out", str(tmp_path / "s.parquet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --run") and "no config.yaml" in err and "\n" not in err
+
+
+def test_parquet_files_with_a_key_column_and_bad_data_arguments(trained, tiny_data, tmp_path, capsys):
+    """--data as files (a glob) scores the same rows as the data set folder, with --key columns
+    in input order; a data set folder without its manifest, --split with files and CSV files
+    are one-line errors."""
+    whole, files = tmp_path / "whole.parquet", tmp_path / "files.parquet"
+    assert main(["predict", str(trained), "--out", str(whole)]) == 0
+    glob = str(tiny_data / "test" / "*.parquet")
+    assert main(["predict", str(trained), "--data", glob, "--key", "user_id", "--key", "movie_id",
+                 "--out", str(files)]) == 0
+    a, b = pq.read_table(whole), pq.read_table(files)
+    assert b.column_names == ["row", "score", "label", "user_id", "movie_id"]
+    np.testing.assert_array_equal(b["score"].to_numpy(), a["score"].to_numpy())
+    test = read_split(tiny_data, "test")
+    assert b["user_id"].to_pylist() == test["user_id"].to_pylist()
+    assert b["movie_id"].to_pylist() == test["movie_id"].to_pylist()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_data, broken)
+    (broken / "manifest.json").unlink()
+    csv = tmp_path / "rows.csv"
+    csv.write_text("user_id,movie_id\n1,2\n")
+    capsys.readouterr()
+    for args, message in [(["--data", str(broken)], "no manifest.json"),
+                          (["--data", glob, "--split", "test"], "--split picks a split of a data set folder"),
+                          (["--data", str(csv)], "wdl predict reads Parquet files"),
+                          (["--data", glob, "--key", "score"], "the output already has a column"),
+                          (["--data", glob, "--key", "nope"], "has no such column")]:
+        assert main(["predict", str(trained), *args, "--out", str(tmp_path / "bad.parquet")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert not (tmp_path / "bad.parquet").exists()

@@ -108,7 +108,10 @@ def _inputs(args: argparse.Namespace, manifest, eval_split: str) -> tuple[list[P
     from wdl.ingest.importer import expand_inputs
 
     data = Path(args.data) if args.data else None
-    if data is None or (data.is_dir() and (data / MANIFEST).is_file()):
+    # A folder laid out as a data set but without its manifest (an interrupted preparation) is
+    # refused as load_manifest refuses it, never scored as loose files.
+    looks_like_data_set = data is not None and data.is_dir() and any((data / d).is_dir() for d in ("train", "vocab"))
+    if data is None or looks_like_data_set or (data.is_dir() and (data / MANIFEST).is_file()):
         if args.raw:
             raise ConfigError("--raw scores raw files: give them with --data FILES (a file, folder or quoted glob), "
                               "not a data set folder")
