@@ -76,7 +76,7 @@ def predict_main(args: argparse.Namespace) -> int:
         files, where = _inputs(args, manifest, cfg.data.eval_split)
         read = raw_rows_spec(cfg, manifest, spec) if args.raw else spec
         if not args.raw:
-            _refuse_raw_values(files[0], manifest, spec)
+            _refuse_raw_values(files[0], manifest, spec, cfg.data.train_split)
         names = set(pq.read_schema(files[0]).names)
         read.has_labels = spec.label in names
         _check_keys(args.key, files)
@@ -146,17 +146,15 @@ def raw_rows_spec(cfg, manifest, spec):
         columns[name] = dataclasses.replace(columns[name], vocab_size=None, vocab_file=str(r["vocab_file"]))
     raw_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, columns=columns))
     schema = pq.read_schema(manifest.split(cfg.data.train_split).files[0].path)
-    return RawRows(feature_spec(raw_cfg, manifest),
-                   {n: r["separator"] for n, r in raw.items() if r["separator"] is not None},
-                   {d.name: schema.field(d.name).type for d in spec.dense})
+    return RawRows(feature_spec(raw_cfg, manifest), raw, {d.name: schema.field(d.name).type for d in spec.dense})
 
 
-def _refuse_raw_values(path: Path, manifest, spec) -> None:
+def _refuse_raw_values(path: Path, manifest, spec, train_split: str) -> None:
     """A one-line error, naming --raw, for raw files of an imported set given without it: a
     column the data set holds as integer ids that holds strings here."""
     from wdl.data.raw_rows import raw_vocabularies
 
-    ids = pq.read_schema(manifest.split(next(iter(manifest.splits))).files[0].path)
+    ids = pq.read_schema(manifest.split(train_split).files[0].path)
     given = pq.read_schema(path)
     for name in raw_vocabularies(manifest, spec):
         if name not in given.names or name not in ids.names:

@@ -134,8 +134,7 @@ class Scorer:
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(enc["arrow_schema"])))
             raw = None
             if enc.get("raw"):
-                raw = RawRows(encoding_spec(enc, root, enc["raw"]),
-                              {k: r["separator"] for k, r in enc["raw"].items() if r.get("separator") is not None},
+                raw = RawRows(encoding_spec(enc, root, enc["raw"]), enc["raw"],
                               {d["name"]: schema.field(d["name"]).type for d in enc["dense"]})
         except (KeyError, TypeError, ValueError) as e:
             raise ArtefactError(f"{root / ENCODING_FILE}: incomplete or malformed ({type(e).__name__}: {e})") from None
@@ -157,7 +156,7 @@ class Scorer:
                             "(its vocabularies map raw values to ids); score this model's rows as its data set "
                             "holds them (raw=False)")
         spec = self.raw if raw else self.spec
-        table = self._raw_table(rows) if raw else self._table(rows)
+        table = self._table(rows, raw)
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float32)
         spec.check_schema(table.schema, "rows")
@@ -175,20 +174,7 @@ class Scorer:
                 mine[k] += v
         return out
 
-    def _raw_table(self, rows: Any) -> pa.Table:
-        """Raw rows as a table: a dict's values typed as Arrow infers them (the vocabularies are
-        cast to their type; RawRows does the rest of what the import did)."""
-        if isinstance(rows, (pa.Table, pa.RecordBatch)):
-            return pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
-        rows = list(rows)
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError("rows: give a pyarrow Table or a list of dicts (column -> raw value)")
-        try:
-            return pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-            raise DataError(f"rows: {str(e).splitlines()[0]}") from None
-
-    def _table(self, rows: Any) -> pa.Table:
+    def _table(self, rows: Any, raw: bool) -> pa.Table:
         if isinstance(rows, pa.RecordBatch):
             return pa.Table.from_batches([rows])
         if isinstance(rows, pa.Table):
@@ -196,14 +182,17 @@ class Scorer:
         rows = list(rows)
         if not all(isinstance(r, dict) for r in rows):
             raise DataError("rows: give a pyarrow Table or a list of dicts (column -> raw value)")
-        # The training data's Arrow types, so a dict's Python values convert as the Parquet
-        # columns did (an absent key in one row is a null, as in a Parquet file).
-        needed = [f for f in self.schema if f.name in self.spec.columns]
-        seen = set().union(*rows) if rows else set()
-        missing = [f.name for f in needed if f.name not in seen]
-        if rows and missing:
-            raise DataError(f"rows: no row has column {missing[0]!r} (needed: {', '.join(f.name for f in needed)})")
+        schema = None  # raw rows: a dict's values typed as Arrow infers them (RawRows casts the vocabularies)
+        if not raw:
+            # The training data's Arrow types, so a dict's Python values convert as the Parquet
+            # columns did (an absent key in one row is a null, as in a Parquet file).
+            needed = [f for f in self.schema if f.name in self.spec.columns]
+            seen = set().union(*rows) if rows else set()
+            missing = [f.name for f in needed if f.name not in seen]
+            if rows and missing:
+                raise DataError(f"rows: no row has column {missing[0]!r} (needed: {', '.join(f.name for f in needed)})")
+            schema = pa.schema(needed)
         try:
-            return pa.Table.from_pylist(rows, schema=pa.schema(needed))
+            return pa.Table.from_pylist(rows, schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
             raise DataError(f"rows: {str(e).splitlines()[0]}") from None

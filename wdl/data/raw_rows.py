@@ -43,12 +43,14 @@ class RawRows:
     """A FeatureSpec's interface (columns, check_schema, encode, has_labels, ...) over raw rows.
 
     spec: the FeatureSpec whose vocabulary columns read the import's vocabularies (vocab_file).
-    separators: column -> the separator its raw strings are split on.
+    raw: column -> {"separator": the separator its raw strings are split on, or None, ...}, as
+        `raw_vocabularies` gives it (or an artefact's encoding.json keeps it).
     dense_types: column -> the data set's Arrow type of each dense column (float32 for imports).
     """
 
-    def __init__(self, spec: FeatureSpec, separators: dict[str, str], dense_types: dict[str, pa.DataType]) -> None:
-        self.spec, self.separators, self.dense_types = spec, dict(separators), dict(dense_types)
+    def __init__(self, spec: FeatureSpec, raw: dict[str, dict[str, Any]], dense_types: dict[str, pa.DataType]) -> None:
+        self.spec, self.dense_types = spec, dict(dense_types)
+        self.separators = {name: r["separator"] for name, r in raw.items() if r.get("separator") is not None}
 
     def __getattr__(self, name: str) -> Any:  # everything else is the spec's
         if name == "spec":  # not set yet (unpickling in a loader worker): no recursion
