@@ -193,6 +193,12 @@ class TrainConfig:
     # look-ups) for training: none, or a torch.compile mode (default, reduce-overhead: CUDA
     # graphs on a GPU, max-autotune). The first steps pay the compilation (tens of seconds).
     compile: str = "none"
+    # Replay the whole training step (forward, backward, every optimiser update) as one CUDA
+    # graph: at small batches a GPU step is bound by launching its few hundred kernels, which a
+    # graph launches at once (wdl/train/graphed_step.py). CUDA, model.embedding_backend=torch, one
+    # process, train.compile=none. In-memory data is cut into batches of fixed shapes for it;
+    # a batch of other shapes (an epoch's last) is stepped as usual.
+    cuda_graph: bool = False
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")

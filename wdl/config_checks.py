@@ -125,6 +125,9 @@ def _validate_training(cfg: Config) -> None:
             raise ConfigError(f"train.ranking_k: must be >= 1, got {cfg.train.ranking_k}")
     if cfg.train.compile not in COMPILE_MODES:
         raise ConfigError(f"train.compile: {cfg.train.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    if cfg.train.cuda_graph and (cfg.train.compile != "none" or cfg.model.embedding_backend == "torchrec"):
+        raise ConfigError("train.cuda_graph=true captures wdl's own step: it needs model.embedding_backend=torch "
+                          "and train.compile=none")
 
 
 def _validate_optim(optim: OptimConfig) -> None:

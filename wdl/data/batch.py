@@ -24,11 +24,16 @@ class Jagged:
 
     single: every row holds exactly one id (lengths are all 1), which look-ups can use to skip
     the offsets; set by the data's FeatureSpec, which knows it without reading the lengths.
+    padded: `lengths` has B + 1 entries and `values` a fixed size (the loader's capacity): the
+    extra last "row" holds the padding, ids that repeat an id of the batch's rows, and belongs
+    to no row of the batch. Every batch then has the same shapes, whatever its number of ids,
+    which a step replayed as a CUDA graph needs (wdl.train.graphed_step).
     """
 
     values: Tensor
     lengths: Tensor
     single: bool = False
+    padded: bool = False
 
     def offsets(self) -> Tensor:
         """[B] int64 start of each row's ids, as nn.EmbeddingBag wants them."""
@@ -37,10 +42,10 @@ class Jagged:
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Jagged":
         return Jagged(self.values.to(device, non_blocking=non_blocking),
-                      self.lengths.to(device, non_blocking=non_blocking), self.single)
+                      self.lengths.to(device, non_blocking=non_blocking), self.single, self.padded)
 
     def pin_memory(self) -> "Jagged":
-        return Jagged(self.values.pin_memory(), self.lengths.pin_memory(), self.single)
+        return Jagged(self.values.pin_memory(), self.lengths.pin_memory(), self.single, self.padded)
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         self.values.record_stream(stream)
@@ -84,6 +89,8 @@ class Batch:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         cols = [self.sparse[k] for k in keys]
+        if any(c.padded for c in cols):
+            raise ValueError("padded batches (for CUDA-graph steps) are for wdl's own embedding tables, not TorchRec's")
         return KeyedJaggedTensor(
             keys=list(keys),
             values=torch.cat([c.values for c in cols]),
@@ -128,6 +135,8 @@ class FeatureTable:
         self.dense, self.labels, self.ids, self.multi = dense, labels, ids, multi
         self.single_keys, self.order = single_keys, order
         self._host_lengths = host_lengths  # per group, on CPU, for a table held on a GPU
+        self._capacity: list[int] | None = None  # per group: ids a cut batch is padded to (pad_batches)
+        self._pad_rows = 0  # ... when it has this many rows
         self._col = {k: j for j, k in enumerate(single_keys)}
         # Multi-valued keys grouped by their (shared) lengths tensor, with its row offsets.
         self._groups: list[tuple[Tensor, Tensor, list[str]]] = []
@@ -154,6 +163,19 @@ class FeatureTable:
               host_lengths: list[Tensor] | None = None) -> "FeatureTable":
         return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order, host_lengths)
 
+    def pad_batches(self, batch_size: int, sigmas: float = 6.0) -> None:
+        """From now on, pad the jagged columns of every batch of `batch_size` rows that `take`
+        cuts to a fixed number of ids per column group (see Jagged.padded), so such batches all
+        have the same shapes. The capacity is the ids `batch_size` rows can hold, capped at their
+        mean plus `sigmas` standard deviations (a sum of `batch_size` row lengths); a rarer,
+        fuller batch is cut unpadded, as is a batch of another size."""
+        self._capacity, self._pad_rows = [], batch_size
+        for g, (lengths, _, _) in enumerate(self._groups):
+            host = (self._host_lengths[g] if self._host_lengths is not None else lengths.cpu()).to(torch.float64)
+            bound = batch_size * float(host.mean()) + sigmas * batch_size ** 0.5 * float(host.std(correction=0))
+            cap = min(batch_size * int(host.max()), int(bound) + 1)
+            self._capacity.append(max(-(-cap // 8) * 8, 8))  # a multiple of 8, for aligned gathers
+
     def take_table(self, idx: Tensor, host_idx: Tensor | None = None) -> "FeatureTable":
         """Rows `idx` (a 1-d int64 tensor on the table's device): one gather per tensor.
         host_idx: the same rows on the CPU, so a table on a GPU needs no host sync."""
@@ -163,7 +185,16 @@ class FeatureTable:
             if self._host_lengths is not None and host_idx is not None:
                 total = int(self._host_lengths[g].index_select(0, host_idx).sum())
             pos, out_lengths = jagged_positions(lengths, offsets, idx, total)
-            multi.update({k: Jagged(self.multi[k].values.index_select(0, pos), out_lengths) for k in keys})
+            padded = False
+            if self._capacity is not None and idx.numel() == self._pad_rows and 0 < pos.numel() <= self._capacity[g]:
+                # The padding repeats the batch's first id (a row the batch touches anyway) in an
+                # extra last "row": sizes fixed, the same rows touched, nothing pooled into a row.
+                pad = self._capacity[g] - pos.numel()
+                pos = torch.cat([pos, pos[:1].expand(pad)])
+                out_lengths = torch.cat([out_lengths, out_lengths.new_full((1,), pad)])  # no host->device copy
+                padded = True
+            multi.update({k: Jagged(self.multi[k].values.index_select(0, pos), out_lengths, padded=padded)
+                          for k in keys})
         return self._with(self.dense.index_select(0, idx), self.labels.index_select(0, idx),
                           self.ids.index_select(0, idx), multi)
 

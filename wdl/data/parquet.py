@@ -118,6 +118,10 @@ class InMemoryLoader(_Position):
         if self.steps_per_epoch == 0:
             raise DataError(f"{self.num_rows} rows cannot be split over {world_size} ranks")
 
+    def fix_shapes(self) -> None:
+        """Cut batches of fixed shapes from now on (padded jagged columns: FeatureTable.pad_batches)."""
+        self.table.pad_batches(self.batch_size)
+
     def __iter__(self) -> Iterator[Batch]:
         device = self.table.labels.device
         if self.shuffle:
@@ -256,6 +260,11 @@ class StreamingLoader(_Position):
         self.num_rows = sum(u.rows for u in self.units)
         _, steps = part_sizes(self.num_rows, self.parts, batch_size)
         self.steps_per_epoch = steps * self.num_workers
+
+    def fix_shapes(self) -> None:
+        """Streamed batches are not padded: one whose columns all hold one id per row has fixed
+        shapes already; one with a multi-valued column varies (a CUDA-graph step then runs those
+        eagerly, and says how many in its counters)."""
 
     def __iter__(self) -> Iterator[Batch]:
         ds = StreamingDataset(self, batches_per_part(self.batches_done, self.num_workers),

@@ -161,18 +161,22 @@ class EmbeddingGroup(nn.Module):
         self.rows: nn.Module = LocalRows(self.num_rows, self.dim, device)
         self._bag_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
         self._bias_ids: Tensor | None = None
+        self._no_ids: Tensor | None = None  # [0]: the empty padding bag of an unpadded feature
         self._pending: tuple[tuple, Tensor] | None = None
 
     def forward(self, batch: Batch, sum_features: bool = False) -> Tensor:
         b, k = len(batch), len(self.keys)
         cols = [batch.sparse[key] for key in self.keys]
+        # A padded batch (Jagged.padded) pools each feature into one more bag, the padding's, dropped below.
+        padded = any(c.padded for c in cols)
+        bags = b + 1 if padded else b  # per feature
         values = cols[0].values if k == 1 else torch.cat([c.values for c in cols])
-        base, bag_row, bag_id = self._bag_tables(b, values.device)  # per bag: table's first row, batch row, itself
+        base, bag_row, bag_id = self._bag_tables(bags, values.device)  # per bag: table's first row, batch row, itself
         if all(c.single for c in cols):  # one id per (feature, row): bag i is id i
             ids = values + base
             target = bag_row if sum_features else None
         else:
-            lengths = cols[0].lengths if k == 1 else torch.cat([c.lengths for c in cols])
+            lengths = cols[0].lengths if k == 1 else torch.cat(self._lengths(cols, padded))
             n = values.numel()
             ids = values + torch.repeat_interleave(base, lengths, output_size=n)
             target = torch.repeat_interleave(bag_row if sum_features else bag_id, lengths, output_size=n)
@@ -195,10 +199,24 @@ class EmbeddingGroup(nn.Module):
         # embedding_bag's backward sorts (5x slower on CPU).
         out = table.index_select(0, idx)
         if target is not None:
-            out = out.new_zeros(b if sum_features else k * b, self.dim).index_add(0, target, out)
+            out = out.new_zeros(bags if sum_features else k * bags, self.dim).index_add(0, target, out)
         if not sum_features:
-            return out.view(k, b, self.dim)
+            return out.view(k, bags, self.dim)[:, :b]
+        out = out[:b]
         return out if bias is None else out + bias
+
+    def _lengths(self, cols: list, padded: bool) -> list[Tensor]:
+        """Each feature's lengths; in a padded batch, an empty padding bag after an unpadded
+        feature's rows, so that every feature has b + 1 bags (concatenated in one `cat`)."""
+        if not padded:
+            return [c.lengths for c in cols]
+        device = cols[0].lengths.device
+        if self._no_ids is None or self._no_ids.device != device:
+            self._no_ids = torch.zeros(1, dtype=cols[0].lengths.dtype, device=device)
+        out = []
+        for c in cols:
+            out += [c.lengths] if c.padded else [c.lengths, self._no_ids]
+        return out
 
     def _bias_id(self, device: torch.device) -> Tensor:
         if self._bias_ids is None or self._bias_ids.device != device:

@@ -56,7 +56,9 @@ class FTRL(torch.optim.Optimizer):
                 state["n"].copy_(new["n"])
 
 
-def dense_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def dense_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], capturable: bool = False) -> torch.optim.Optimizer:
+    """capturable: the step will be captured in a CUDA graph (Adam then keeps its step count on
+    the device; the other optimisers here need nothing)."""
     if cfg.name == "ftrl":
         return FTRL(params, lr=cfg.lr, l1=cfg.l1, l2=cfg.l2, beta=cfg.beta)
     # torch's fused kernels update every parameter in one call, where its default on CPU is a
@@ -66,7 +68,8 @@ def dense_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.o
         return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                    initial_accumulator_value=cfg.initial_accumulator_value, **fused)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                **fused, **({"capturable": True} if capturable else {}))
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
@@ -154,6 +157,10 @@ class Optimizers:
         self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()
                          if _follows_schedule(o)}
 
+    def rates(self) -> tuple[float, ...]:
+        """Every learning rate now in force (a step captured as a CUDA graph holds them as constants)."""
+        return tuple(float(g["lr"]) for o in self.optimizers.values() for g in o.param_groups)
+
     def scale_lr(self, scale: float) -> None:
         """Every learning rate = the configured one x `scale` (the schedule's multiplier),
         except FTRL's (see _follows_schedule)."""
@@ -191,9 +198,10 @@ def _follows_schedule(optimizer: Any) -> bool:
     return not isinstance(inner, (FTRL, FtrlRule))
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None) -> Optimizers:
+def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None, capturable: bool = False) -> Optimizers:
     """One optimiser per part (wide, deep) for dense parameters and one per part for wdl's
-    embedding groups; `fused` is TorchRec's in-backward optimiser for its tables, if any.
+    embedding groups; `fused` is TorchRec's in-backward optimiser for its tables, if any;
+    `capturable`: steps will be captured in a CUDA graph.
 
     model: the WideDeep (unwrapped; DDP and DMP keep its parameter objects).
     """
@@ -203,7 +211,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None) -> O
     for part, p in model.parts().items():
         ocfg: OptimizerConfig = getattr(cfg, part)
         if p.dense:
-            out[part] = NamedOptimizer({names[id(x)]: x for x in p.dense}, dense_optimizer(ocfg, p.dense))
+            out[part] = NamedOptimizer({names[id(x)]: x for x in p.dense}, dense_optimizer(ocfg, p.dense, capturable))
         if p.tables:
             out[f"{part}_tables"] = SparseTableOptimizer({group_names[id(g)]: g for g in p.tables}, row_rule(ocfg))
     if fused is not None:

@@ -33,6 +33,7 @@ from wdl.ingest.prepare import open_or_prepare
 from wdl.model.embeddings import resolve_backend
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate
+from wdl.train.graphed_step import GraphedStep
 from wdl.train.metrics import MetricsLogger
 from wdl.train.optim import build_optimizers, fused_table_optimizer
 from wdl.train import run_log
@@ -50,6 +51,9 @@ class Trainer:
         deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if self.backend == "torchrec" else []
         check_placement(cfg.distributed, deep_tables, env)  # fail before any data is touched
         fused = deep_fused_optimizer(cfg, env, self.backend)
+        if cfg.train.cuda_graph and (self.device.type != "cuda" or self.backend != "torch" or env.world_size > 1):
+            raise ConfigError(f"train.cuda_graph=true needs one process on a CUDA device with model.embedding_backend="
+                              f"torch; this run has {env.world_size} process(es) on {self.device}, {self.backend} tables")
         if cfg.train.compile != "none" and self.device.type == "cpu" and cpu_compiler() is None:
             raise ConfigError(f"train.compile={cfg.train.compile} on a CPU needs a C++ compiler (g++, c++ or "
                               "clang++ on PATH, or $CXX); install one or set train.compile=none")
@@ -104,7 +108,11 @@ class Trainer:
         model, model_cfg, self.placed = build_model(cfg, self.spec, env, self.backend, fused)
         self.model = self.placed.model  # what a step calls (maybe wrapped)
         self.wide_deep = model  # the model itself, unwrapped (its parameter objects are the live ones)
-        self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer)
+        self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer, capturable=cfg.train.cuda_graph)
+        # The whole step as one CUDA graph (train.cuda_graph), on batches of fixed shapes.
+        self.graphed = GraphedStep(self._step, self.optimizer.rates) if cfg.train.cuda_graph else None
+        if self.graphed is not None:
+            self.train_loader.fix_shapes()
         if cfg.train.compile != "none":
             self.optimizer.compile()
             if model.deep is not None:
@@ -233,10 +241,15 @@ class Trainer:
             "steps": steps,
             "resumed_at_batch": resumed_at,
             "lr_scale": lr_scale,  # the schedule's multiplier at the epoch's start
+            **(self.graphed.counters() if self.graphed is not None else {}),  # steps replayed, so far
         }
 
     def train_step(self, batch: Any) -> torch.Tensor:
-        """One optimiser step on `batch`; its mean loss (detached, on the device).
+        """One optimiser step on `batch`; its mean loss (detached, on the device)."""
+        return self._step(batch) if self.graphed is None else self.graphed(batch)
+
+    def _step(self, batch: Any) -> torch.Tensor:
+        """The step itself (what a CUDA graph captures).
 
         zero_grad comes first: TorchRec's fused optimiser hands its learning rate to FBGEMM
         there, and FBGEMM's CPU kernels read it in the forward pass."""

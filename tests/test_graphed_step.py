@@ -1,0 +1,104 @@
+"""The step replayed as a CUDA graph (train.cuda_graph), checked on the CPU: batches padded to
+fixed shapes train exactly as unpadded ones, and GraphedStep, given a capture that records the
+step and replays it on the copied-in batch, trains exactly as the eager step, recapturing when
+the learning rates change and stepping odd-shaped batches eagerly. (The CUDA capture itself
+needs a GPU: benchmarks/run_gpu.sh runs it.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wdl.config import load_config
+from wdl.distributed.env import init_distributed
+from wdl.errors import ConfigError
+from wdl.train.graphed_step import GraphedStep
+from wdl.train.trainer import Trainer
+
+
+def trainer(config, tmp_path, name, *overrides):
+    cfg = load_config(config, [f"run.out_dir={tmp_path / name}", "model.deep.dropout=0.3", *overrides])
+    tr = Trainer(cfg, init_distributed("cpu"))
+    tr.model.train()
+    for g in tr.wide_deep.fused_groups():
+        g.rows.static_shapes = True  # the CUDA path: no host sync, fixed shapes
+    return tr
+
+
+def batches(tr, epochs):
+    for epoch in range(epochs):
+        tr.train_loader.set_epoch(epoch)
+        tr.train_loader.load_state_dict({"epoch": epoch, "batches_done": 0})
+        yield from tr.train_loader
+
+
+def state(tr):
+    out = {f"model.{k}": v.clone() for k, v in tr.wide_deep.state_dict().items()}
+    for part, st in tr.optimizer.state_dict().items():
+        for name, tensors in st.items():
+            out.update({f"{part}.{name}.{k}": v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def assert_same_state(a, b):
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_padded_batches_train_exactly_as_unpadded(tiny_config, tmp_path):
+    plain, padded = trainer(tiny_config, tmp_path, "plain"), trainer(tiny_config, tmp_path, "padded")
+    padded.train_loader.fix_shapes()
+    seen_sizes = set()
+    for step, (x, y) in enumerate(zip(batches(plain, 2), batches(padded, 2))):
+        genres = y.sparse["genres"]
+        if len(y) == padded.cfg.data.batch_size:
+            # every full batch: a fixed number of ids, in one more "row" of padding
+            assert genres.padded and genres.lengths.numel() == len(y) + 1
+            assert torch.equal(genres.lengths[:-1], x.sparse["genres"].lengths)
+            seen_sizes.add(genres.values.numel())
+        else:
+            assert not genres.padded  # the epoch's last, smaller batch
+        torch.manual_seed(step)  # the same dropout masks for both
+        a = plain.train_step(x)
+        torch.manual_seed(step)
+        b = padded.train_step(y)
+        assert float(a) == pytest.approx(float(b), abs=1e-6)
+    assert len(seen_sizes) == 1
+    assert_same_state(plain, padded)
+
+
+def replay_by_rerunning(fn):
+    """A stand-in for cuda_capture: records the step (without running it); replay runs it, on
+    whatever the captured batch's tensors hold by then."""
+    return fn
+
+
+def test_graphed_step_trains_as_the_eager_step(tiny_config, tmp_path):
+    eager, graphed = trainer(tiny_config, tmp_path, "eager"), trainer(tiny_config, tmp_path, "graphed")
+    for tr in (eager, graphed):
+        tr.train_loader.fix_shapes()
+    step = GraphedStep(graphed._step, graphed.optimizer.rates, warmup=2, capture=replay_by_rerunning)
+    steps_per_epoch = eager.train_loader.steps_per_epoch
+    for i, (x, y) in enumerate(zip(batches(eager, 2), batches(graphed, 2))):
+        if i == 25:  # a plateau decay: the captured rates no longer hold
+            eager.optimizer.scale_lr(0.5)
+            graphed.optimizer.scale_lr(0.5)
+        torch.manual_seed(i)
+        a = eager.train_step(x)
+        torch.manual_seed(i)
+        b = step(y)
+        assert float(a) == pytest.approx(float(b), abs=1e-6), i
+    assert_same_state(eager, graphed)
+    total = 2 * steps_per_epoch
+    # captured at the start and after the decay (2 eager steps before each); each epoch's last,
+    # smaller batch eagerly, the graph kept for the next epoch
+    assert step.counters() == {"graph_captures": 2, "eager_steps": 2 + 2 + 2, "graph_replays": total - 6}
+
+
+def test_cuda_graph_needs_a_cuda_device_and_wdl_tables(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="train.cuda_graph=true needs one process on a CUDA device"):
+        Trainer(load_config(tiny_config, [f"run.out_dir={tmp_path}", "train.cuda_graph=true"]), init_distributed("cpu"))
+    with pytest.raises(ConfigError, match="model.embedding_backend=torch and train.compile=none"):
+        load_config(tiny_config, ["train.cuda_graph=true", "train.compile=default"])

@@ -1,0 +1,125 @@
+"""A whole training step (forward, backward, every optimiser update) replayed as one CUDA graph.
+
+At small batches a GPU step is bound by the host: a few hundred small kernels, each launched
+from Python, take longer to launch than to run. Captured once and replayed, the same kernels
+cost one launch. What capture needs, and where wdl provides it:
+
+- the same shapes every step: the row optimisers' static-shape path (wdl.model.embeddings.dedupe
+  on CUDA) and batches padded to a fixed number of ids (FeatureTable.pad_batches);
+- no host syncs in the step (none in wdl's step on CUDA; the loss stays on the device);
+- fixed input addresses: each batch is copied into the captured batch's tensors;
+- fixed learning rates: they are constants in the graph, so a step at other rates (a warm-up, a
+  plateau decay) runs eagerly until `warmup` steps in a row agree on them, then is captured again.
+
+A batch whose shapes differ from the captured one (an epoch's last, smaller batch; a batch with
+more ids than the padding holds) is stepped eagerly; the graph is kept. Counters say how many
+steps were replayed and how many ran eagerly.
+
+The step must be a function of the batch and of tensors that keep their storage (parameters,
+optimiser state, scratch buffers): PyTorch's whole-network capture
+(https://pytorch.org/docs/stable/notes/cuda.html#whole-network-capture), with wdl's sparse
+row optimisers inside the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from wdl.data.batch import Batch, Jagged
+
+Capture = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
+    """Record `fn`'s kernels as a CUDA graph (without running them); returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    # thread_local: only this thread's calls are checked for what capture forbids (a loader's
+    # thread may copy the next batch meanwhile); the step's work is captured from its stream.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph.replay
+
+
+def _tensors(batch: Batch) -> list[Tensor]:
+    out = [batch.dense, batch.labels]
+    for jag in batch.sparse.values():
+        out += [jag.values, jag.lengths]
+    return out
+
+
+def _signature(batch: Batch) -> tuple:
+    return (tuple((tuple(t.shape), t.dtype) for t in _tensors(batch)),
+            tuple((k, j.single, j.padded) for k, j in batch.sparse.items()))
+
+
+class GraphedStep:
+    """`step(batch) -> loss` (a 0-d tensor on the device), replayed as a CUDA graph where it can be.
+
+    rates: the learning rates now in force (captured as constants). capture: how a step is
+    recorded (cuda_capture; tests pass their own). warmup: eager steps with one signature and
+    one set of rates before they are captured (lazy state, such as optimiser moments, is made
+    in these, outside the graph).
+    """
+
+    def __init__(self, step: Callable[[Batch], Tensor], rates: Callable[[], tuple], *, warmup: int = 3,
+                 capture: Capture = cuda_capture) -> None:
+        self.step, self.rates, self.warmup, self.capture = step, rates, max(warmup, 1), capture
+        self.replays = self.eager_steps = self.captures = 0
+        self._key: Any = None  # what the graph was captured for: (batch signature, rates)
+        self._replay: Callable[[], None] | None = None
+        self._static: list[Tensor] = []
+        self._loss: Tensor | None = None
+        self._candidate: Any = None  # a signature seen in the last eager steps, and how often in a row
+        self._seen = 0
+        self._side: Any = None  # the side stream of eager steps on CUDA
+
+    def __call__(self, batch: Batch) -> Tensor:
+        key = (_signature(batch), self.rates())
+        if key == self._key:
+            torch._foreach_copy_(self._static, _tensors(batch))
+            self._replay()
+            self.replays += 1
+            return self._loss.clone()
+        self._seen = self._seen + 1 if key == self._candidate else 1
+        self._candidate = key
+        if self._seen <= self.warmup:
+            self.eager_steps += 1
+            return self._eager(batch)
+        return self._capture(batch, key)
+
+    def _eager(self, batch: Batch) -> Tensor:
+        if not batch.labels.is_cuda:
+            return self.step(batch)
+        # Steps before a capture run on a side stream, as whole-network capture asks.
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            loss = self.step(batch)
+        torch.cuda.current_stream().wait_stream(self._side)
+        return loss
+
+    def _capture(self, batch: Batch, key: Any) -> Tensor:
+        self._replay = None  # drop the old graph (and its memory pool) first
+        static = Batch(batch.dense.clone(), {k: Jagged(j.values.clone(), j.lengths.clone(), j.single, j.padded)
+                                             for k, j in batch.sparse.items()}, batch.labels.clone())
+        self._static = _tensors(static)
+        self._loss = torch.zeros((), device=batch.labels.device)
+        loss = self._loss
+
+        def recorded() -> None:
+            loss.copy_(self.step(static))
+
+        self._replay = self.capture(recorded)
+        self._key, self._candidate, self._seen = key, None, 0
+        self.captures += 1
+        self._replay()  # capture records the step; replaying it trains on this batch
+        self.replays += 1
+        return loss.clone()
+
+    def counters(self) -> dict[str, int]:
+        return {"graph_replays": self.replays, "eager_steps": self.eager_steps, "graph_captures": self.captures}
