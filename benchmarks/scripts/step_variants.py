@@ -5,8 +5,11 @@
         --variant "compiled=model.embedding_backend=torch train.compile=default" [--reps 8] [--out F.json]
 
 Each variant is the config with its overrides, built as `wdl train` builds it (Trainer), and
-trained on its own train split. All variants and the floor (80-256-128-64-1, Adam, batch 1024:
-benchmarks.floors.mlp_floor_step) take turns, `--steps` steps each per round, so a noisy
+trained on its own train split. All variants and two floors take turns: the bare MLP
+80-256-128-64-1 (Adam, batch 1024: benchmarks.floors.mlp_floor_step), and the bare MLP of the
+first variant's own shape (its MLP input width and hidden layers, the same step otherwise), so
+that a step can be read against the MLP it cannot avoid as well as against the fixed one. They
+take turns, `--steps` steps each per round, so a noisy
 neighbour slows them alike; the report is each one's median ms per step over the rounds after
 the first, and its ratio to the floor's. Before timing, each variant trains `--warmup` steps
 (past compilation and an epoch's last, smaller batch). Also reported: operations per step (aten
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed("auto")
     steps: dict[str, Callable[[], Any]] = {}
     extra: dict[str, dict[str, Any]] = {}
+    own_mlp: tuple[int, list[int]] | None = None
     for name, overrides in variants(args.variant).items():
         step, tr = trainer_step(args.config, overrides, env)
         start = time.perf_counter()
@@ -104,11 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         if tr.device.type == "cuda":
             extra[name].update(cuda_launches(lambda _: step(), [None] * 5))
         steps[name] = step
+        if own_mlp is None and tr.wide_deep.deep is not None:
+            linear = [m for m in tr.wide_deep.deep.mlp if isinstance(m, torch.nn.Linear)]
+            own_mlp = (linear[0].in_features, [m.out_features for m in linear[:-1]])
         print(f"{name}: built and warmed up in {extra[name]['warmup_seconds']} s, "
               f"{extra[name]['ops_per_step']:.0f} ops per step", flush=True)
-    floor = mlp_floor_step(input_dim=80, hidden=[256, 128, 64], batch_size=1024, steps=79, device=env.device)
-    counter = iter(range(10**9))
-    steps["mlp floor"] = lambda: floor(next(counter) % 79)
+    floors = {"mlp floor": (80, [256, 128, 64])}
+    if own_mlp is not None and own_mlp != floors["mlp floor"]:
+        floors[f"mlp floor {'-'.join(map(str, [own_mlp[0], *own_mlp[1], 1]))}"] = own_mlp
+    for name, (width, hidden) in floors.items():
+        floor = mlp_floor_step(input_dim=width, hidden=hidden, batch_size=1024, steps=79, device=env.device)
+        counter = iter(range(10**9))
+        steps[name] = lambda floor=floor, counter=counter: floor(next(counter) % 79)
+        extra[name] = {"input_dim": width, "hidden": hidden}
     times: dict[str, list[float]] = {k: [] for k in steps}
     load = [os.getloadavg()[0]]
     for _ in range(args.reps):
@@ -123,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append((time.perf_counter() - start) / args.steps * 1000)
         load.append(os.getloadavg()[0])
     med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
+    own = next((k for k in floors if k != "mlp floor"), None)
     result = {"config": args.config, "threads": args.threads, "load_1min": [round(x, 2) for x in load],
               "variants": {k: {"ms_per_step": round(med[k], 3), "ratio_to_floor": round(med[k] / med["mlp floor"], 3),
+                               **({"ratio_to_own_mlp_floor": round(med[k] / med[own], 3)} if own else {}),
                                "ms_per_round": [round(x, 2) for x in times[k]], **extra.get(k, {})} for k in steps}}
     print(f"1-minute load during the rounds: {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores")
     for k in steps:
-        print(f"{k:24s} {med[k]:7.2f} ms per step  x{med[k] / med['mlp floor']:.2f} of the floor")
+        mine = f"  x{med[k] / med[own]:.2f} of its own MLP's" if own else ""
+        print(f"{k:28s} {med[k]:7.2f} ms per step  x{med[k] / med['mlp floor']:.2f} of the floor{mine}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
