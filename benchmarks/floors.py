@@ -197,7 +197,7 @@ def cuda_launches(step: Callable[[Batch], None], batches: list[Batch], steps: in
         for b in batches[:steps]:
             step(b)
         torch.cuda.synchronize()
-    kernels = memcpy = memset = launch_calls = 0
+    kernels = memcpy = memset = launch_calls = graph_launches = 0
     for e in prof.events():
         name = e.name.lower()
         if e.device_type == DeviceType.CUDA:
@@ -209,6 +209,8 @@ def cuda_launches(step: Callable[[Batch], None], batches: list[Batch], steps: in
                 kernels += 1
         elif "launchkernel" in name:  # cudaLaunchKernel, cuLaunchKernel, cudaLaunchKernelExC: a cross-check
             launch_calls += 1
+        elif "graphlaunch" in name:  # cudaGraphLaunch: a replayed CUDA graph's kernels from one call
+            graph_launches += 1
 
     syncs = 0
     with warnings.catch_warnings(record=True) as caught:
@@ -222,7 +224,8 @@ def cuda_launches(step: Callable[[Batch], None], batches: list[Batch], steps: in
         syncs = sum("synchroniz" in str(w.message) for w in caught)
     torch.cuda.synchronize()
     return {"kernels_per_step": kernels / steps, "memcpy_per_step": memcpy / steps, "memset_per_step": memset / steps,
-            "launch_calls_per_step": launch_calls / steps, "syncs_per_step": syncs / steps, "profiled_steps": steps}
+            "launch_calls_per_step": launch_calls / steps, "graph_launches_per_step": graph_launches / steps,
+            "syncs_per_step": syncs / steps, "profiled_steps": steps}
 
 
 def mlp_floor_step(*, input_dim: int, hidden: Iterable[int], batch_size: int, steps: int, device: torch.device,
