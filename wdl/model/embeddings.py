@@ -201,8 +201,10 @@ class EmbeddingGroup(nn.Module):
         if target is not None:
             out = out.new_zeros(bags if sum_features else k * bags, self.dim).index_add(0, target, out)
         if not sum_features:
-            return out.view(k, bags, self.dim)[:, :b]
-        out = out[:b]
+            out = out.view(k, bags, self.dim)
+            return out[:, :b] if padded else out
+        if padded:
+            out = out[:b]
         return out if bias is None else out + bias
 
     def _lengths(self, cols: list, padded: bool) -> list[Tensor]:
