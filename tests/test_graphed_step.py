@@ -130,3 +130,24 @@ def test_the_step_reads_nothing_back_to_the_host(tiny_config, tmp_path):
                 reads.append(p.name)
     assert steps >= 1  # the step's Python frames are in the profile, so a read there would be seen
     assert reads == []
+
+
+def test_a_step_that_cannot_be_captured_trains_on_eagerly(tiny_config, tmp_path, capsys):
+    eager, graphed = trainer(tiny_config, tmp_path, "eager"), trainer(tiny_config, tmp_path, "graphed")
+    graphed.train_loader.fix_shapes()
+
+    def refuse(fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    step = GraphedStep(graphed._step, graphed.optimizer.rates, warmup=2, capture=refuse)
+    for i, (x, y) in enumerate(zip(batches(eager, 1), batches(graphed, 1))):
+        torch.manual_seed(i)
+        a = eager.train_step(x)
+        torch.manual_seed(i)
+        assert float(step(y)) == pytest.approx(float(a), abs=1e-6), i
+    assert_same_state(eager, graphed)  # the batch of the failed capture was trained on, once
+    n = eager.train_loader.steps_per_epoch
+    assert step.counters() == {"graph_replays": 0, "eager_steps": n, "graph_captures": 0,
+                               "graph_failure": "operation not permitted when stream is capturing"}
+    err = capsys.readouterr().err
+    assert err.count("could not be captured as a CUDA graph") == 1

@@ -13,7 +13,9 @@ cost one launch. What capture needs, and where wdl provides it:
 
 A batch whose shapes differ from the captured one (an epoch's last, smaller batch; a batch with
 more ids than the padding holds) is stepped eagerly; the graph is kept. Counters say how many
-steps were replayed and how many ran eagerly.
+steps were replayed and how many ran eagerly. A step that cannot be captured (an operation
+capture forbids) is said once on stderr with CUDA's reason, recorded in the counters, and the
+run goes on eagerly: nothing runs during a capture, so no update is lost or done twice.
 
 The step must be a function of the batch and of tensors that keep their storage (parameters,
 optimiser state, scratch buffers): PyTorch's whole-network capture
@@ -23,6 +25,7 @@ row optimisers inside the graph.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -76,6 +79,7 @@ class GraphedStep:
         self._candidate: Any = None  # a signature seen in the last eager steps, and how often in a row
         self._seen = 0
         self._side: Any = None  # the side stream of eager steps on CUDA
+        self.failure: str | None = None  # why capture failed (the run then stays eager)
 
     def __call__(self, batch: Batch) -> Tensor:
         key = (_signature(batch), self.rates())
@@ -86,7 +90,7 @@ class GraphedStep:
             return self._loss.clone()
         self._seen = self._seen + 1 if key == self._candidate else 1
         self._candidate = key
-        if self._seen <= self.warmup:
+        if self._seen <= self.warmup or self.failure is not None:
             self.eager_steps += 1
             return self._eager(batch)
         return self._capture(batch, key)
@@ -114,12 +118,22 @@ class GraphedStep:
         def recorded() -> None:
             loss.copy_(self.step(static))
 
-        self._replay = self.capture(recorded)
+        try:
+            self._replay = self.capture(recorded)
+        except RuntimeError as e:  # nothing ran: step this batch eagerly, and every later one
+            self.failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self._static, self._loss = [], None
+            print(f"wdl: warning: the training step could not be captured as a CUDA graph ({self.failure}); "
+                  "training goes on without train.cuda_graph", file=sys.stderr, flush=True)
+            self.eager_steps += 1
+            return self._eager(batch)
         self._key, self._candidate, self._seen = key, None, 0
         self.captures += 1
         self._replay()  # capture records the step; replaying it trains on this batch
         self.replays += 1
         return loss.clone()
 
-    def counters(self) -> dict[str, int]:
-        return {"graph_replays": self.replays, "eager_steps": self.eager_steps, "graph_captures": self.captures}
+    def counters(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"graph_replays": self.replays, "eager_steps": self.eager_steps,
+                               "graph_captures": self.captures}
+        return out if self.failure is None else {**out, "graph_failure": self.failure}
