@@ -40,9 +40,7 @@ def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
     """Record `fn`'s kernels as a CUDA graph (without running them); returns its replay."""
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
-    # thread_local: only this thread's calls are checked for what capture forbids (a loader's
-    # thread may copy the next batch meanwhile); the step's work is captured from its stream.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph):  # as PyTorch's whole-network example does (backward and optimiser inside)
         fn()
     return graph.replay
 
