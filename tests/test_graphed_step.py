@@ -1,8 +1,9 @@
 """The step replayed as a CUDA graph (train.cuda_graph), checked on the CPU: batches padded to
-fixed shapes train exactly as unpadded ones, and GraphedStep, given a capture that records the
-step and replays it on the copied-in batch, trains exactly as the eager step, recapturing when
-the learning rates change and stepping odd-shaped batches eagerly. (The CUDA capture itself
-needs a GPU: benchmarks/run_gpu.sh runs it.)"""
+fixed shapes train exactly as unpadded ones, and GraphedStep, with a capture that has CUDA
+graphs' semantics (tests/replay_capture.py: the step's Python runs once, replays re-run its
+recorded ops on fixed tensors), trains exactly as the eager step, recapturing when the learning
+rates change and stepping odd-shaped batches eagerly. (CUDA's own capture needs a GPU:
+benchmarks/run_gpu.sh runs it.)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from wdl.distributed.env import init_distributed
 from wdl.errors import ConfigError
 from wdl.train.graphed_step import GraphedStep
 from wdl.train.trainer import Trainer
+
+from replay_capture import ReplayCapture
 
 
 def trainer(config, tmp_path, name, *overrides):
@@ -69,17 +72,12 @@ def test_padded_batches_train_exactly_as_unpadded(tiny_config, tmp_path):
     assert_same_state(plain, padded)
 
 
-def replay_by_rerunning(fn):
-    """A stand-in for cuda_capture: records the step (without running it); replay runs it, on
-    whatever the captured batch's tensors hold by then."""
-    return fn
-
-
 def test_graphed_step_trains_as_the_eager_step(tiny_config, tmp_path):
     eager, graphed = trainer(tiny_config, tmp_path, "eager"), trainer(tiny_config, tmp_path, "graphed")
     for tr in (eager, graphed):
         tr.train_loader.fix_shapes()
-    step = GraphedStep(graphed._step, graphed.optimizer.rates, warmup=2, capture=replay_by_rerunning)
+    capture = ReplayCapture()
+    step = GraphedStep(graphed._step, graphed.optimizer.rates, warmup=2, capture=capture)
     steps_per_epoch = eager.train_loader.steps_per_epoch
     for i, (x, y) in enumerate(zip(batches(eager, 2), batches(graphed, 2))):
         if i == 25:  # a plateau decay: the captured rates no longer hold
@@ -95,6 +93,7 @@ def test_graphed_step_trains_as_the_eager_step(tiny_config, tmp_path):
     # captured at the start and after the decay (2 eager steps before each); each epoch's last,
     # smaller batch eagerly, the graph kept for the next epoch
     assert step.counters() == {"graph_captures": 2, "eager_steps": 2 + 2 + 2, "graph_replays": total - 6}
+    assert capture.recorded_ops > 100  # forward, backward and every optimiser update were recorded
 
 
 def test_cuda_graph_needs_a_cuda_device_and_wdl_tables(tiny_config, tmp_path):
