@@ -94,6 +94,7 @@ def test_graphed_step_trains_as_the_eager_step(tiny_config, tmp_path):
     # smaller batch eagerly, the graph kept for the next epoch
     assert step.counters() == {"graph_captures": 2, "eager_steps": 2 + 2 + 2, "graph_replays": total - 6}
     assert capture.recorded_ops > 100  # forward, backward and every optimiser update were recorded
+    assert step.shortfall() is None
 
 
 def test_cuda_graph_needs_a_cuda_device_and_wdl_tables(tiny_config, tmp_path):
@@ -150,3 +151,16 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly(tiny_config, tmp_path,
                                "graph_failure": "operation not permitted when stream is capturing"}
     err = capsys.readouterr().err
     assert err.count("could not be captured as a CUDA graph") == 1
+
+
+def test_steps_that_mostly_miss_the_graph_are_said(tiny_config, tmp_path):
+    """Unpadded multi-valued batches differ in shape every step: the graph is never replayed,
+    and shortfall() says so once per call (the trainer prints it after each epoch)."""
+    tr = trainer(tiny_config, tmp_path, "unpadded")
+    step = GraphedStep(tr._step, tr.optimizer.rates, warmup=2, capture=ReplayCapture())
+    for x in batches(tr, 1):
+        step(x)
+    line = step.shortfall()
+    n = tr.train_loader.steps_per_epoch
+    assert line is not None and f"{n} of {n} steps ran without the graph" in line
+    assert step.shortfall() is None  # nothing new since

@@ -78,6 +78,7 @@ class GraphedStep:
         self._seen = 0
         self._side: Any = None  # the side stream of eager steps on CUDA
         self.failure: str | None = None  # why capture failed (the run then stays eager)
+        self._reported = (0, 0)  # (replays, eager steps) at the last shortfall()
 
     def __call__(self, batch: Batch) -> Tensor:
         key = (_signature(batch), self.rates())
@@ -130,6 +131,16 @@ class GraphedStep:
         self._replay()  # capture records the step; replaying it trains on this batch
         self.replays += 1
         return loss.clone()
+
+    def shortfall(self) -> str | None:
+        """A line when most steps since the last call ran eagerly (batches of varying shapes, or
+        rates changing every step), else None."""
+        replays, eager = self.replays - self._reported[0], self.eager_steps - self._reported[1]
+        self._reported = (self.replays, self.eager_steps)
+        if self.failure is not None or eager <= replays:
+            return None
+        return (f"train.cuda_graph: {eager} of {eager + replays} steps ran without the graph (batches of varying "
+                "shapes, e.g. streamed multi-valued columns, which are not padded; or learning rates changing every step)")
 
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"graph_replays": self.replays, "eager_steps": self.eager_steps,

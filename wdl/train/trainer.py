@@ -231,6 +231,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
+        if self.graphed is not None and (line := self.graphed.shortfall()) and self.env.is_main:
+            print(f"wdl: warning: {line}", file=sys.stderr, flush=True)
         totals = all_reduce_sum(torch.cat([self._epoch_sums(), torch.tensor([float(rows)], dtype=torch.float64)]))
         epoch_rows, rows_now = int(totals[1].item()), int(totals[2].item())
         return {
