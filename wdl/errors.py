@@ -28,3 +28,10 @@ class TrainingError(WdlError):
 
 class ArtefactError(WdlError):
     """An exported model folder (`wdl export`) is missing, incomplete or unreadable."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors run to many lines), or its type's
+    name when it has none: what a one-line message quotes of a caught error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

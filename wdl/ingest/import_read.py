@@ -14,7 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wdl.data.hashing import mix64, unit_uniform
-from wdl.errors import DataError
+from wdl.errors import DataError, first_line
 from wdl.ingest import import_spec as S
 
 
@@ -156,8 +156,3 @@ def list_values(plan: Plan, name: str, col):
         return col
     col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
     return pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)  # "" is an empty list
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

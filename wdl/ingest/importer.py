@@ -30,10 +30,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wdl.data.writer import DatasetWriter
-from wdl.errors import ConfigError, DataError
+from wdl.errors import ConfigError, DataError, first_line
 from wdl.ingest import import_spec as S
 from wdl.ingest.import_passes import Stats, encode, encode_job, init_worker, keep_freed_memory, stats_job, unspill
-from wdl.ingest.import_read import Plan, Unit, first_line
+from wdl.ingest.import_read import Plan, Unit
 from wdl.ingest.options import resolve
 from wdl.ingest.pool import ordered_map
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from wdl.data.batch import Batch, Jagged
+from wdl.errors import first_line
 
 Capture = Callable[[Callable[[], None]], Callable[[], None]]
 
@@ -120,7 +121,7 @@ class GraphedStep:
         try:
             self._replay = self.capture(recorded)
         except RuntimeError as e:  # nothing ran: step this batch eagerly, and every later one
-            self.failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.failure = first_line(e)
             self._static, self._loss = [], None
             print(f"wdl: warning: the training step could not be captured as a CUDA graph ({self.failure}); "
                   "training goes on without train.cuda_graph", file=sys.stderr, flush=True)
