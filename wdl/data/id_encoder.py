@@ -1,6 +1,7 @@
 """Raw values -> ids through a vocabulary, built once and reused for every batch: what `wdl data
 import` writes a column's ids with, and what FeatureSpec reads a `vocab_file` column with (the
-rows of a `wdl predict --raw` or a scorer's raw rows among them).
+rows of a `wdl predict --raw` or a scorer's raw rows among them). Also `split_strings`, how both
+make lists of a string column of separated values before the look-up.
 
 pyarrow's `index_in` hashes its whole value set on every call: 20 ms for a 100k-value
 vocabulary, whether the call looks up one value or a million. Arrow keeps no hash set between
@@ -19,6 +20,13 @@ _LUT_SPAN = 1 << 26  # integer vocabularies spanning at most this many values ar
 
 def chunks(arr) -> list[pa.Array]:
     return arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+def split_strings(col, sep: str):
+    """A string column of separated values (`wdl data import`'s `separator`) as lists, split as
+    the import splits them before its look-up: "" is an empty list, null stays null."""
+    col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
+    return pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)
 
 
 class IdEncoder:

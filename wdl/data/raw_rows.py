@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from wdl.data.batch import FeatureTable
 from wdl.data.features import FeatureSpec
+from wdl.data.id_encoder import split_strings
 
 
 def raw_vocabularies(manifest: Any, spec: FeatureSpec) -> dict[str, dict[str, Any]]:
@@ -92,8 +93,7 @@ class RawRows:
             if sc is None and want is not None and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
                 col = pc.cast(pc.cast(col, pa.float64()), want)  # the import's float64 -> float32: the same numbers
             if sep is not None and _is_string(col.type):
-                col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
-                col = pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)  # as the import split it
+                col = split_strings(col, sep)  # as the import split it
             if col is not given:
                 table = table.set_column(i, name, col)
         return table

@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wdl.data.hashing import mix64, unit_uniform
+from wdl.data.id_encoder import split_strings
 from wdl.errors import DataError, first_line
 from wdl.ingest import import_spec as S
 
@@ -152,7 +153,4 @@ def dense_values(col, name: str, unit: Unit) -> np.ndarray:
 
 def list_values(plan: Plan, name: str, col):
     sep = plan.spec.columns[name].separator
-    if sep is None:
-        return col
-    col = pc.cast(col, pa.string()) if pa.types.is_dictionary(col.type) else col
-    return pc.split_pattern(pc.if_else(pc.equal(col, ""), None, col), sep)  # "" is an empty list
+    return col if sep is None else split_strings(col, sep)
