@@ -40,16 +40,9 @@ class Jagged:
         csum = torch.cumsum(self.lengths, 0, dtype=torch.int64)
         return csum - self.lengths.to(torch.int64)
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Jagged":
-        return Jagged(self.values.to(device, non_blocking=non_blocking),
-                      self.lengths.to(device, non_blocking=non_blocking), self.single, self.padded)
-
-    def pin_memory(self) -> "Jagged":
-        return Jagged(self.values.pin_memory(), self.lengths.pin_memory(), self.single, self.padded)
-
-    def record_stream(self, stream: torch.cuda.Stream) -> None:
-        self.values.record_stream(stream)
-        self.lengths.record_stream(stream)
+    def map(self, fn) -> "Jagged":
+        """`fn` applied to each tensor (the flags kept)."""
+        return Jagged(fn(self.values), fn(self.lengths), self.single, self.padded)
 
 
 @dataclass
@@ -68,21 +61,26 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def map(self, fn) -> "Batch":
+        """The batch with `fn` applied to each of its tensors."""
+        return Batch(fn(self.dense), {k: v.map(fn) for k, v in self.sparse.items()}, fn(self.labels))
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the batch, in a fixed order: dense, labels, then values and lengths by key."""
+        out = [self.dense, self.labels]
+        for v in self.sparse.values():
+            out += [v.values, v.lengths]
+        return out
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(
-            dense=self.dense.to(device, non_blocking=non_blocking),
-            sparse={k: v.to(device, non_blocking) for k, v in self.sparse.items()},
-            labels=self.labels.to(device, non_blocking=non_blocking),
-        )
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.dense.pin_memory(), {k: v.pin_memory() for k, v in self.sparse.items()}, self.labels.pin_memory())
+        return self.map(Tensor.pin_memory)
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
-        self.dense.record_stream(stream)
-        self.labels.record_stream(stream)
-        for v in self.sparse.values():
-            v.record_stream(stream)
+        for t in self.tensors():
+            t.record_stream(stream)
 
     def kjt(self, keys: list[str]):
         """The features `keys` as a TorchRec KeyedJaggedTensor (imports torchrec lazily)."""

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from wdl.data.batch import Batch, Jagged
+from wdl.data.batch import Batch
 from wdl.errors import first_line
 
 Capture = Callable[[Callable[[], None]], Callable[[], None]]
@@ -46,15 +46,8 @@ def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-def _tensors(batch: Batch) -> list[Tensor]:
-    out = [batch.dense, batch.labels]
-    for jag in batch.sparse.values():
-        out += [jag.values, jag.lengths]
-    return out
-
-
 def _signature(batch: Batch) -> tuple:
-    return (tuple((tuple(t.shape), t.dtype) for t in _tensors(batch)),
+    return (tuple((tuple(t.shape), t.dtype) for t in batch.tensors()),
             tuple((k, j.single, j.padded) for k, j in batch.sparse.items()))
 
 
@@ -84,7 +77,7 @@ class GraphedStep:
     def __call__(self, batch: Batch) -> Tensor:
         key = (_signature(batch), self.rates())
         if key == self._key:
-            torch._foreach_copy_(self._static, _tensors(batch))
+            torch._foreach_copy_(self._static, batch.tensors())
             self._replay()
             self.replays += 1
             return self._loss.clone()
@@ -109,9 +102,8 @@ class GraphedStep:
 
     def _capture(self, batch: Batch, key: Any) -> Tensor:
         self._replay = None  # drop the old graph (and its memory pool) first
-        static = Batch(batch.dense.clone(), {k: Jagged(j.values.clone(), j.lengths.clone(), j.single, j.padded)
-                                             for k, j in batch.sparse.items()}, batch.labels.clone())
-        self._static = _tensors(static)
+        static = batch.map(Tensor.clone)
+        self._static = static.tensors()
         self._loss = torch.zeros((), device=batch.labels.device)
         loss = self._loss
 
