@@ -171,8 +171,10 @@ def _check_keys(keys: list[str], files: list[Path]) -> None:
     for key in keys:
         if key in taken or keys.count(key) > 1:
             raise ConfigError(f"--key {key}: the output already has a column of that name")
-        for f in files:
-            if key not in pq.read_schema(f).names:
+    for f in files if keys else []:  # each file's footer read once, whatever the number of keys
+        names = set(pq.read_schema(f).names)
+        for key in keys:
+            if key not in names:
                 raise DataError(f"--key {key}: {f} has no such column")
 
 
