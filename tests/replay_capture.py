@@ -17,6 +17,7 @@ when replayed, here as on a GPU.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -25,6 +26,29 @@ from torch.utils._pytree import tree_flatten
 
 _HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
                torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's value back to the host (`.item()`, `int()`,
+    `bool()` of a tensor, `nonzero`) whose nearest caller of interest is wdl code, as
+    'file:line'. The nearest caller of interest is the innermost frame in wdl or in torch.optim:
+    torch's fused CPU optimisers read their step count on the host (on CUDA it stays on the
+    device), so a read made inside torch.optim is not wdl's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            for frame in reversed(traceback.extract_stack()):
+                name = frame.filename.replace("\\", "/")
+                if "/torch/optim/" in name:
+                    break
+                if "/wdl/" in name and "/tests/" not in name:
+                    self.reads.append(f"{name}:{frame.lineno}")
+                    break
+        return func(*args, **(kwargs or {}))
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
