@@ -38,6 +38,20 @@ def _tensor(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a)
 
 
+_BAND = 4096  # rows per band in _stack_rows: a band of ids (~1 MB for Criteo's 29 keys) stays in cache
+
+
+def _stack_rows(columns: list[np.ndarray], n: int, dtype: type) -> np.ndarray:
+    """np.stack(columns, 1): [n, len(columns)]. Built a band of rows at a time: stacking whole
+    columns writes each one across all n rows with a row's stride, which for Criteo's 29 id
+    columns is 2.5x slower (measured: 82 against 33 ms for 262,144 rows)."""
+    out = np.empty((n, len(columns)), dtype)
+    if columns:
+        for i in range(0, n, _BAND):
+            np.stack([c[i:i + _BAND] for c in columns], 1, out=out[i:i + _BAND])
+    return out
+
+
 @dataclass
 class SparseColumn:
     name: str
@@ -202,10 +216,8 @@ class FeatureSpec:
             if id(lengths) not in lengths_t:  # a multi-hot column and its crosses share one lengths tensor
                 lengths_t[id(lengths)] = _tensor(lengths)
             multi[key] = Jagged(_tensor(values), lengths_t[id(lengths)])
-        single_ids = np.stack(single, 1) if single else np.empty((n, 0), np.int64)
-        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
-        for i, d in enumerate(self.dense):
-            dense[:, i] = self._dense(table.column(d.name), d, where)
+        single_ids = _stack_rows(single, n, np.int64)
+        dense = _stack_rows([self._dense(table.column(d.name), d, where) for d in self.dense], n, np.float32)
         return FeatureTable(torch.from_numpy(dense), torch.from_numpy(labels), torch.from_numpy(single_ids),
                             tuple(k for k in self.sparse_keys if k in self.single_keys), multi, tuple(self.sparse_keys))
 

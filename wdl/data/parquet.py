@@ -140,7 +140,13 @@ class InMemoryLoader(_Position):
 
 
 class _PartStream:
-    """One part's batches for one epoch: read row groups, shuffle within blocks, cut batches."""
+    """One part's batches for one epoch: read row groups, shuffle within blocks, cut batches.
+
+    A block is `batches_per_block` consecutive batches of the part (the last block the rest),
+    cut from the Arrow rows before they are converted: a batch never spans two blocks, so no
+    rows are carried over and copied into the next block, and every batch is one gather (or,
+    unshuffled, one slice) of its block's tensors.
+    """
 
     def __init__(self, units: list[RowGroup], spec: FeatureSpec, batch_size: int, shuffle_buffer: int,
                  shuffle: bool, seed: int, epoch: int, part: int, parts: int) -> None:
@@ -153,8 +159,7 @@ class _PartStream:
         self.start = sum(sizes[:part])
         self.rows = sizes[part]
         self.bounds = batch_bounds(self.rows, self.steps, batch_size)
-        # Blocks hold whole batches so a block boundary never splits one.
-        self.block_rows = max(1, shuffle_buffer // batch_size) * batch_size
+        self.batches_per_block = max(1, shuffle_buffer // batch_size)
 
     def _tables(self) -> Iterator[tuple[pa.Table, RowGroup]]:
         """This part's rows, in the epoch's row-group order, sliced out of whole row groups."""
@@ -168,43 +173,41 @@ class _PartStream:
             t = read_row_group(u, self.spec.columns, files)
             yield t.slice(max(lo - a, 0), min(hi, b) - max(lo, a)), u
 
+    def _blocks(self) -> Iterator[tuple[int, pa.Table, str]]:
+        """(first batch, rows, the file they start in) per block, in order."""
+        tables = self._tables()
+        pending: list[tuple[pa.Table, Path]] = []  # read, not yet handed out
+        have = 0
+        for first in range(0, self.steps, self.batches_per_block):
+            last = min(first + self.batches_per_block, self.steps)
+            need = self.bounds[last] - self.bounds[first]
+            while have < need:
+                t, u = next(tables, (None, None))
+                if t is None:
+                    raise DataError(f"row-group metadata promised more rows than the files hold (part {self.part})")
+                pending.append((t, u.path))
+                have += t.num_rows
+            rows = pa.concat_tables([t for t, _ in pending])  # zero-copy: the row groups become chunks
+            where = str(pending[0][1])
+            rest = rows.slice(need)
+            pending, have = ([(rest, pending[-1][1])] if rest.num_rows else []), rest.num_rows
+            yield first, rows.slice(0, need), where
+
     def batches(self, skip: int = 0) -> Iterator[Batch]:
         """This part's `steps` batches; the first `skip` are read but not built (resume)."""
-        tables = self._tables()
-        carry: FeatureTable | None = None
-        exhausted, block_no, emitted = False, 0, 0
-        while emitted < self.steps:
-            # Fill a block (or take what is left) and convert it to tensors in one go.
-            block, block_n = [], 0
-            while not exhausted and block_n < self.block_rows:
-                t = next(tables, None)
-                if t is None:
-                    exhausted = True
-                    break
-                block.append(t)
-                block_n += t[0].num_rows
-            ft = None
-            if block:
-                ft = self.spec.encode(pa.concat_tables([t for t, _ in block]), str(block[0][1].path))
-                if self.shuffle:
-                    seed = _epoch_rng(self.seed, self.epoch, self.part, block_no).integers(2**62)
-                    ft = ft.take_table(torch.randperm(len(ft), generator=torch.Generator().manual_seed(int(seed))))
-            block_no += 1
-            have = [x for x in (carry, ft) if x is not None]
-            if not have:
-                raise DataError(f"row-group metadata promised more rows than the files hold (part {self.part})")
-            avail = FeatureTable.concat(have) if len(have) > 1 else have[0]
-            used = 0
-            while emitted < self.steps:
-                n = self.bounds[emitted + 1] - self.bounds[emitted]
-                # The last batch may hold one row more than B: wait until the input is drained.
-                if len(avail) - used < n or (emitted == self.steps - 1 and not exhausted):
-                    break
-                if emitted >= skip:
-                    yield avail.slice(used, used + n)
-                used += n
-                emitted += 1
-            carry = avail.slice_table(used, len(avail)) if used < len(avail) else None
+        for block_no, (first, rows, where) in enumerate(self._blocks()):
+            last = min(first + self.batches_per_block, self.steps)
+            if last <= skip:
+                continue  # read (the stream's position), never converted
+            table = self.spec.encode(rows, where)
+            base = self.bounds[first]
+            order = None
+            if self.shuffle:
+                seed = _epoch_rng(self.seed, self.epoch, self.part, block_no).integers(2**62)
+                order = torch.randperm(len(table), generator=torch.Generator().manual_seed(int(seed)))
+            for i in range(max(first, skip), last):
+                a, b = self.bounds[i] - base, self.bounds[i + 1] - base
+                yield table.slice(a, b) if order is None else table.take(order[a:b])
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
