@@ -122,3 +122,24 @@ def test_batches_are_tensors(spec_and_files):
     b = next(iter(StreamingLoader(files, spec, 64, shuffle=False)))
     assert b.dense.dtype == torch.float32 and b.labels.dtype == torch.float32
     assert b.sparse["genres"].values.dtype == torch.int64 and len(b) == 64
+
+
+def test_moving_a_batch_copies_each_shared_tensor_once(spec_and_files):
+    """Batch.map (to / pin_memory / a CUDA graph's static copy): the single-id keys' columns
+    move as one ids matrix and shared lengths once, and still share memory afterwards."""
+    spec, files = spec_and_files
+    b = next(iter(StreamingLoader(files, spec, 64, shuffle=True, seed=1)))
+    calls = []
+    moved = b.map(lambda t: calls.append(t) or t.clone())
+    distinct = {t.data_ptr() for t in calls}
+    assert len(calls) == len(distinct) == len(b.tensors())
+    # dense, labels, ids, the single keys' lengths, genres' values and the lengths it shares
+    # with its cross, the cross's values
+    assert len(calls) == 7
+    singles = [k for k, v in moved.sparse.items() if v.single]
+    assert singles and set(singles) == set(moved.id_keys)
+    for k, v in b.sparse.items():
+        assert torch.equal(moved.sparse[k].values, v.values) and torch.equal(moved.sparse[k].lengths, v.lengths)
+    moved.ids.add_(1)  # the single keys' values are views of the moved matrix
+    assert all(torch.equal(moved.sparse[k].values, b.sparse[k].values + 1) for k in singles)
+    assert moved.sparse["genres"].lengths is moved.sparse["gender_genres"].lengths

@@ -41,10 +41,6 @@ class Jagged:
         csum = torch.cumsum(self.lengths, 0, dtype=torch.int64)
         return csum - self.lengths.to(torch.int64)
 
-    def map(self, fn) -> "Jagged":
-        """`fn` applied to each tensor (the flags kept)."""
-        return Jagged(fn(self.values), fn(self.lengths), self.single, self.padded)
-
 
 @dataclass
 class Batch:
@@ -53,24 +49,47 @@ class Batch:
     dense:  [B, D] float32, already normalised (D may be 0)
     sparse: feature name -> Jagged ids (every key the model reads, crosses included)
     labels: [B] float32 in {0, 1}
+    ids:    optional [B, S] int64, the ids of the keys `id_keys` with one id per row: column j
+            is `sparse[id_keys[j]].values` (a view), so the batch moves as one matrix, not S columns
     """
 
     dense: Tensor
     sparse: dict[str, Jagged]
     labels: Tensor
+    ids: Tensor | None = None
+    id_keys: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def map(self, fn) -> "Batch":
-        """The batch with `fn` applied to each of its tensors."""
-        return Batch(fn(self.dense), {k: v.map(fn) for k, v in self.sparse.items()}, fn(self.labels))
+        """The batch with `fn` applied to each of its tensors once: what several keys share (a
+        lengths tensor, the columns of `ids`) is shared in the result too, so moving a batch
+        with S single-id keys to a device is a few copies, not 2S."""
+        done: dict[int, Tensor] = {}
+
+        def once(t: Tensor) -> Tensor:
+            if id(t) not in done:
+                done[id(t)] = fn(t)
+            return done[id(t)]
+
+        ids = None if self.ids is None else once(self.ids)
+        cols = {} if ids is None else dict(zip(self.id_keys, ids.unbind(1)))
+        sparse = {k: Jagged(cols[k] if k in cols else once(v.values), once(v.lengths), v.single, v.padded)
+                  for k, v in self.sparse.items()}
+        return Batch(once(self.dense), sparse, once(self.labels), ids, self.id_keys)
 
     def tensors(self) -> list[Tensor]:
-        """Every tensor of the batch, in a fixed order: dense, labels, then values and lengths by key."""
-        out = [self.dense, self.labels]
-        for v in self.sparse.values():
-            out += [v.values, v.lengths]
+        """Every tensor of the batch once, in a fixed order: dense, labels, ids, then by key its
+        values (unless a column of ids) and lengths (unless listed already)."""
+        out = [self.dense, self.labels] + ([] if self.ids is None else [self.ids])
+        seen = {id(t) for t in out}
+        in_ids = set(self.id_keys)
+        for k, v in self.sparse.items():
+            for t in (v.lengths,) if k in in_ids else (v.values, v.lengths):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
         return out
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -222,7 +241,8 @@ class FeatureTable:
         return self.slice_table(start, stop).as_batch()
 
     def as_batch(self) -> Batch:
-        return Batch(self.dense, self.sparse, self.labels)
+        ids = self.ids if self.single_keys else None
+        return Batch(self.dense, self._sparse(self.ids, self.multi), self.labels, ids, self.single_keys)
 
     def to(self, device: torch.device) -> "FeatureTable":
         moved: dict[int, Tensor] = {}  # shared lengths stay shared

@@ -237,18 +237,27 @@ class _Failure:
     error: WdlError
 
 
+def _one_arrow_thread(_: int) -> None:
+    # A worker is one of several readers: like torch (which the DataLoader sets to one thread in
+    # each worker), pyarrow decodes in one thread there rather than a pool of one per core.
+    pa.set_cpu_count(1)
+
+
 class StreamingLoader(_Position):
     """Batches of one split for one rank, streamed from Parquet row groups.
 
     num_workers: DataLoader worker processes for this rank (0 = read in the training process).
+    pin_memory: with workers, batches arrive in pinned memory, pinned by the DataLoader's own
+        thread while the step runs (for a CUDA device: wdl.data.prefetch then copies them as
+        they are).
     """
 
     def __init__(self, source: list[Path] | list[RowGroup], spec: FeatureSpec, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 65536,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
-        self.num_workers_proc = num_workers
+        self.num_workers_proc, self.pin_memory = num_workers, pin_memory
         self.num_workers = max(1, num_workers)  # parts per rank
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         # Whole files, or chosen row groups (e.g. the train rows left after holding some out).
@@ -276,7 +285,8 @@ class StreamingLoader(_Position):
             it = iter(ds)
         else:
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers_proc,
-                                                  persistent_workers=False))
+                                                  persistent_workers=False, pin_memory=self.pin_memory,
+                                                  worker_init_fn=_one_arrow_thread))
         for batch in it:
             if isinstance(batch, _Failure):
                 raise batch.error
