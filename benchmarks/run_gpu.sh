@@ -13,7 +13,8 @@
 #                      (targets: <= 0.25 s at 8192; >= 400k samples/s at 1024)
 #   DIR/ml1m-graphed/  the same with train.cuda_graph=true
 #   DIR/throughput/    Criteo-shaped (39 features), the five large columns at 131k and 4M rows,
-#                      streamed from Parquet, batch 65536: samples/s beside the compute and hardware
+#                      streamed from Parquet by loader workers (all cores but 4), batch 65536:
+#                      samples/s beside the compute and hardware
 #                      floors; kernels, memcpys and host syncs per step (target: >= 4M samples/s at 4M)
 #   DIR/ml1m-compiled/ batch 1024 with train.compile=reduce-overhead (torch.compile + CUDA graphs)
 #   DIR/run_gpu.log    everything this script printed
@@ -53,14 +54,17 @@ $PY -m benchmarks run ml1m-sized --out "$DIR/ml1m-graphed" $GPU \
     "systems.0.overrides=[data.in_memory=true, train.cuda_graph=true]" \
     "systems.1.overrides=[data.in_memory=true, train.cuda_graph=true]" || failed "ml1m-sized graphed" $?
 
-# The table-size system only, torch backend, 30 timed steps of 65536 rows (about 2M rows).
+# The table-size system only, torch backend, 30 timed steps of 65536 rows (about 2M rows). One
+# reading process decodes about 1M rows/s: the batches come from loader workers on all but 4 cores.
+WORKERS=$(( $(nproc) > 6 ? $(nproc) - 4 : 2 ))
 part "generating $CRITEO"
 [ -f "$CRITEO/manifest.json" ] || $PY -m wdl.cli data generate --profile criteo --rows 4000000 --out "$CRITEO" \
     --workers 16 --no-progress || failed "criteo generation" $?
 part "throughput"
 $PY -m benchmarks run throughput --out "$DIR/throughput" $GPU data.path="$CRITEO" \
     systems.0.enabled=false systems.1.backends=[torch] systems.1.table_rows=[131072,4194304] \
-    systems.1.batch_sizes=[65536] systems.1.steps=30 systems.1.timed_rows=0 || failed "throughput" $?
+    systems.1.batch_sizes=[65536] systems.1.steps=30 systems.1.timed_rows=0 \
+    "systems.1.overrides=[data.in_memory=false, data.num_workers=$WORKERS]" || failed "throughput" $?
 
 # Batch 1024 with the deep part's dense computation compiled and replayed as CUDA graphs.
 part "ml1m-sized, compiled head"
