@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
+from wdl.data.batch import FeatureTable
 from wdl.data.features import FeatureSpec
 from wdl.data.hashing import cross_ids, hash_ids, hash_strings
 from wdl.errors import DataError
@@ -138,6 +139,31 @@ def test_take_gathers_jagged_rows():
     assert b.sparse["m"].lengths.tolist() == [3, 1, 0, 2]
     assert b.sparse["m"].values.tolist() == [4, 5, 6, 1, 2, 3]
     assert b.labels.tolist() == [1, 0, 0, 1]
+
+
+def test_a_table_held_on_a_gpu_cuts_the_same_batches_from_host_lengths():
+    """A table on a GPU keeps host copies of its lengths (FeatureTable.to) so that cutting a
+    batch never waits for the device; emulated here on the CPU: same batches, padded or not."""
+    s = spec({"m": ColumnConfig(kind="multi_hot", vocab_size=10), "c": ColumnConfig(kind="categorical", vocab_size=5)},
+             crosses={"mc": CrossConfig(columns=["m", "c"], hash_buckets=50)}, sparse=["m", "c", "mc"])
+    g = torch.Generator().manual_seed(0)
+    lists = [torch.randint(1, 10, (int(n),), generator=g).tolist() for n in torch.randint(0, 5, (64,), generator=g)]
+    t = s.encode(pa.table({"label": pa.array([i % 2 for i in range(64)], pa.int8()),
+                           "m": pa.array(lists, pa.list_(pa.int64())),
+                           "c": pa.array([i % 5 for i in range(64)], pa.int64())}), "t")
+    held = FeatureTable(t.dense, t.labels, t.ids, t.single_keys, t.multi, t.order,
+                        host_lengths=[t.multi["m"].lengths.clone()])
+    for pad in (False, True):
+        if pad:
+            t.pad_batches(16)
+            held.pad_batches(16)
+        for _ in range(4):
+            idx = torch.randperm(64, generator=g)[:16]
+            a, b = t.take(idx), held.take(idx, idx.clone())
+            assert b.sparse["m"].padded == pad
+            for k in ("m", "c", "mc"):
+                assert torch.equal(a.sparse[k].values, b.sparse[k].values)
+                assert torch.equal(a.sparse[k].lengths, b.sparse[k].lengths)
 
 
 def test_a_dense_column_in_buckets_is_a_categorical_id_for_the_wide_part_and_crosses():
