@@ -143,7 +143,9 @@ class DeepArch(nn.Module):
             parts.append(pairwise)
         x = torch.cat(parts, dim=1)
         if self.bf16:  # the MLP's matmuls in bf16, its weights fp32 masters; the logit back in fp32
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            # No cast cache: each weight is cast once per forward anyway, and a cached cast must
+            # not outlive a CUDA graph capture (train.cuda_graph; PyTorch's notes on graphs + AMP).
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
                 out = self.mlp(x).squeeze(1).float()
         else:
             out = self.mlp(x).squeeze(1)
