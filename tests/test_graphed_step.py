@@ -50,8 +50,10 @@ def assert_same_state(a, b):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_padded_batches_train_exactly_as_unpadded(tiny_config, tmp_path):
-    plain, padded = trainer(tiny_config, tmp_path, "plain"), trainer(tiny_config, tmp_path, "padded")
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streamed"])
+def test_padded_batches_train_exactly_as_unpadded(tiny_config, tmp_path, in_memory):
+    read = f"data.in_memory={str(in_memory).lower()}"
+    plain, padded = trainer(tiny_config, tmp_path, "plain", read), trainer(tiny_config, tmp_path, "padded", read)
     padded.train_loader.fix_shapes()
     seen_sizes = set()
     for step, (x, y) in enumerate(zip(batches(plain, 2), batches(padded, 2))):
@@ -72,8 +74,10 @@ def test_padded_batches_train_exactly_as_unpadded(tiny_config, tmp_path):
     assert_same_state(plain, padded)
 
 
-def test_graphed_step_trains_as_the_eager_step(tiny_config, tmp_path):
-    eager, graphed = trainer(tiny_config, tmp_path, "eager"), trainer(tiny_config, tmp_path, "graphed")
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streamed"])
+def test_graphed_step_trains_as_the_eager_step(tiny_config, tmp_path, in_memory):
+    read = f"data.in_memory={str(in_memory).lower()}"
+    eager, graphed = trainer(tiny_config, tmp_path, "eager", read), trainer(tiny_config, tmp_path, "graphed", read)
     for tr in (eager, graphed):
         tr.train_loader.fix_shapes()
     capture = ReplayCapture()

@@ -143,3 +143,23 @@ def test_moving_a_batch_copies_each_shared_tensor_once(spec_and_files):
     moved.ids.add_(1)  # the single keys' values are views of the moved matrix
     assert all(torch.equal(moved.sparse[k].values, b.sparse[k].values + 1) for k in singles)
     assert moved.sparse["genres"].lengths is moved.sparse["gender_genres"].lengths
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fixed_shapes_when_streaming(spec_and_files, workers):
+    """fix_shapes: every full streamed batch pads its multi-valued columns to one capacity,
+    the same in every block and worker; the rows are those of the unpadded stream."""
+    spec, files = spec_and_files
+    plain = StreamingLoader(files, spec, 100, num_workers=workers, shuffle_buffer=300, seed=5)
+    fixed = StreamingLoader(files, spec, 100, num_workers=workers, shuffle_buffer=300, seed=5)
+    fixed.fix_shapes()
+    sizes = set()
+    for a, b in zip(plain, fixed):
+        assert row_keys(a) == row_keys(b)
+        g = b.sparse["genres"]
+        if len(b) == 100:
+            assert g.padded and torch.equal(g.lengths[:-1], a.sparse["genres"].lengths)
+            n = int(a.sparse["genres"].lengths.sum())
+            assert torch.equal(g.values[:n], a.sparse["genres"].values)
+            sizes.add(g.values.numel())
+    assert len(sizes) == 1 and sizes == {fixed.capacity[0]}

@@ -190,18 +190,24 @@ class FeatureTable:
               host_lengths: list[Tensor] | None = None) -> "FeatureTable":
         return FeatureTable(dense, labels, ids, self.single_keys, multi, self.order, host_lengths)
 
-    def pad_batches(self, batch_size: int, sigmas: float = 6.0) -> None:
+    def pad_batches(self, batch_size: int, capacity: list[int] | None = None) -> None:
         """From now on, pad the jagged columns of every batch of `batch_size` rows that `take`
         cuts to a fixed number of ids per column group (see Jagged.padded), so such batches all
-        have the same shapes. The capacity is the ids `batch_size` rows can hold, capped at their
-        mean plus `sigmas` standard deviations (a sum of `batch_size` row lengths); a rarer,
-        fuller batch is cut unpadded, as is a batch of another size."""
-        self._capacity, self._pad_rows = [], batch_size
+        have the same shapes. capacity: the ids per column group (default: this table's
+        `pad_capacity`); a rarer, fuller batch is cut unpadded, as is a batch of another size."""
+        self._capacity = list(capacity) if capacity is not None else self.pad_capacity(batch_size)
+        self._pad_rows = batch_size
+
+    def pad_capacity(self, batch_size: int, sigmas: float = 6.0) -> list[int]:
+        """Per column group, the ids `batch_size` of these rows can hold, capped at their mean
+        plus `sigmas` standard deviations (a sum of `batch_size` row lengths), a multiple of 8."""
+        out = []
         for g, (lengths, _, _) in enumerate(self._groups):
             host = (self._host_lengths[g] if self._host_lengths is not None else lengths.cpu()).to(torch.float64)
             bound = batch_size * float(host.mean()) + sigmas * batch_size ** 0.5 * float(host.std(correction=0))
             cap = min(batch_size * int(host.max()), int(bound) + 1)
-            self._capacity.append(max(-(-cap // 8) * 8, 8))  # a multiple of 8, for aligned gathers
+            out.append(max(-(-cap // 8) * 8, 8))  # a multiple of 8, for aligned gathers
+        return out
 
     def take_table(self, idx: Tensor, host_idx: Tensor | None = None) -> "FeatureTable":
         """Rows `idx` (a 1-d int64 tensor on the table's device): one gather per tensor.

@@ -13,7 +13,8 @@ from wdl.config import Config, DataConfig
 from wdl.data.batch import FeatureTable
 from wdl.data.features import FeatureSpec
 from wdl.data.manifest import Manifest, load_manifest
-from wdl.data.parquet import InMemoryLoader, RowGroup, StreamingLoader, list_row_groups, read_row_group
+from wdl.data.parquet import (InMemoryLoader, RowGroup, StreamingLoader, list_row_groups, read_row_group,
+                              sample_row_groups)
 from wdl.errors import DataError
 
 
@@ -125,7 +126,7 @@ def _rows(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, split: str, ke
         unknown[split] = spec.take_unknown_counts()
         return table
     units = list_row_groups(files, spec)
-    sample = [units[i] for i in sorted({int(j * len(units) / 4) for j in range(4)} & set(range(len(units))))]
+    sample = sample_row_groups(units)
     open_files: dict = {}
     for u in sample:
         spec.encode(read_row_group(u, spec.columns, open_files), f"{u.path} (row group {u.index})")

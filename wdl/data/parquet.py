@@ -65,6 +65,12 @@ def _open(path: Path) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
 
+def sample_row_groups(units: list[RowGroup], k: int = 4) -> list[RowGroup]:
+    """Up to `k` row groups spread evenly over `units` (first included): what statistics of a
+    streamed split are read from."""
+    return [units[i] for i in sorted({int(j * len(units) / k) for j in range(k)} & set(range(len(units))))]
+
+
 def part_sizes(total: int, parts: int, batch_size: int) -> tuple[list[int], int]:
     """Rows per part and the common number of batches per part (see module docstring)."""
     sizes = [(p + 1) * total // parts - p * total // parts for p in range(parts)]
@@ -149,8 +155,8 @@ class _PartStream:
     """
 
     def __init__(self, units: list[RowGroup], spec: FeatureSpec, batch_size: int, shuffle_buffer: int,
-                 shuffle: bool, seed: int, epoch: int, part: int, parts: int) -> None:
-        self.spec, self.batch_size, self.shuffle = spec, batch_size, shuffle
+                 shuffle: bool, seed: int, epoch: int, part: int, parts: int, capacity: list[int] | None = None) -> None:
+        self.spec, self.batch_size, self.shuffle, self.capacity = spec, batch_size, shuffle, capacity
         self.seed, self.epoch, self.part = seed, epoch, part
         total = sum(u.rows for u in units)
         sizes, self.steps = part_sizes(total, parts, batch_size)
@@ -205,6 +211,9 @@ class _PartStream:
             if self.shuffle:
                 seed = _epoch_rng(self.seed, self.epoch, self.part, block_no).integers(2**62)
                 order = torch.randperm(len(table), generator=torch.Generator().manual_seed(int(seed)))
+            if self.capacity is not None:  # padded batches are cut by `take`, so in order if not shuffled
+                table.pad_batches(self.batch_size, self.capacity)
+                order = torch.arange(len(table)) if order is None else order
             for i in range(max(first, skip), last):
                 a, b = self.bounds[i] - base, self.bounds[i + 1] - base
                 yield table.slice(a, b) if order is None else table.take(order[a:b])
@@ -223,7 +232,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         # always starts with worker 0, whichever part is due next.
         local = ((0 if info is None else info.id) + self.rotate) % L.num_workers
         part = L.rank * L.num_workers + local
-        stream = _PartStream(L.units, L.spec, L.batch_size, L.shuffle_buffer, L.shuffle, L.seed, L.epoch, part, L.parts)
+        stream = _PartStream(L.units, L.spec, L.batch_size, L.shuffle_buffer, L.shuffle, L.seed, L.epoch, part, L.parts,
+                             L.capacity)
         try:
             yield from stream.batches(self.skip_per_part[local])
         except WdlError as e:
@@ -258,6 +268,7 @@ class StreamingLoader(_Position):
         super().__init__()
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
         self.num_workers_proc, self.pin_memory = num_workers, pin_memory
+        self.capacity: list[int] | None = None  # ids per jagged column group of a padded batch (fix_shapes)
         self.num_workers = max(1, num_workers)  # parts per rank
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         # Whole files, or chosen row groups (e.g. the train rows left after holding some out).
@@ -274,9 +285,16 @@ class StreamingLoader(_Position):
         self.steps_per_epoch = steps * self.num_workers
 
     def fix_shapes(self) -> None:
-        """Streamed batches are not padded: one whose columns all hold one id per row has fixed
-        shapes already; one with a multi-valued column varies (a CUDA-graph step then runs those
-        eagerly, and says how many in its counters)."""
+        """Cut batches of fixed shapes from now on: every full batch's jagged columns are padded
+        (FeatureTable.pad_batches) to a capacity set from the row lengths of a sample of row
+        groups, the same for every block, worker and epoch. (Batches whose columns all hold one
+        id per row have fixed shapes already.)"""
+        if set(self.spec.sparse_keys) <= self.spec.single_keys:
+            return
+        files: dict[Path, pq.ParquetFile] = {}
+        sample = [self.spec.encode(read_row_group(u, self.spec.columns, files), f"{u.path} (row group {u.index})")
+                  for u in sample_row_groups(self.units)]
+        self.capacity = FeatureTable.concat(sample).pad_capacity(self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         ds = StreamingDataset(self, batches_per_part(self.batches_done, self.num_workers),

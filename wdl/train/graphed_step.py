@@ -5,7 +5,8 @@ from Python, take longer to launch than to run. Captured once and replayed, the 
 cost one launch. What capture needs, and where wdl provides it:
 
 - the same shapes every step: the row optimisers' static-shape path (wdl.model.embeddings.dedupe
-  on CUDA) and batches padded to a fixed number of ids (FeatureTable.pad_batches);
+  on CUDA) and batches padded to a fixed number of ids (FeatureTable.pad_batches; the loaders'
+  fix_shapes);
 - no host syncs in the step (none in wdl's step on CUDA; the loss stays on the device);
 - fixed input addresses: each batch is copied into the captured batch's tensors;
 - fixed learning rates: they are constants in the graph, so a step at other rates (a warm-up, a
@@ -133,7 +134,7 @@ class GraphedStep:
         if self.failure is not None or eager <= replays:
             return None
         return (f"train.cuda_graph: {eager} of {eager + replays} steps ran without the graph (batches of varying "
-                "shapes, e.g. streamed multi-valued columns, which are not padded; or learning rates changing every step)")
+                "shapes, e.g. multi-valued columns often fuller than their padding; or learning rates changing every step)")
 
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"graph_replays": self.replays, "eager_steps": self.eager_steps,
