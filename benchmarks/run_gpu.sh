@@ -14,8 +14,9 @@
 #   DIR/ml1m-graphed/  the same with train.cuda_graph=true
 #   DIR/throughput/    Criteo-shaped (39 features), the five large columns at 131k and 4M rows,
 #                      streamed from Parquet by loader workers (all cores but 4), batch 65536:
-#                      samples/s beside the compute and hardware
-#                      floors; kernels, memcpys and host syncs per step (target: >= 4M samples/s at 4M)
+#                      samples/s beside the compute and hardware floors; kernels, memcpys and
+#                      host syncs per step (target: >= 4M samples/s at 4M); the reader alone, in
+#                      one process and with those workers (rows/s: can it feed 4M samples/s?)
 #   DIR/ml1m-compiled/ batch 1024 with train.compile=reduce-overhead (torch.compile + CUDA graphs)
 #   DIR/run_gpu.log    everything this script printed
 #
@@ -64,7 +65,8 @@ part "throughput"
 $PY -m benchmarks run throughput --out "$DIR/throughput" $GPU data.path="$CRITEO" \
     systems.0.enabled=false systems.1.backends=[torch] systems.1.table_rows=[131072,4194304] \
     systems.1.batch_sizes=[65536] systems.1.steps=30 systems.1.timed_rows=0 \
-    "systems.1.overrides=[data.in_memory=false, data.num_workers=$WORKERS]" || failed "throughput" $?
+    "systems.1.overrides=[data.in_memory=false, data.num_workers=$WORKERS]" \
+    systems.1.reader_rows=2000000 systems.1.reader_workers=$WORKERS || failed "throughput" $?
 
 # Batch 1024 with the deep part's dense computation compiled and replayed as CUDA graphs.
 part "ml1m-sized, compiled head"

@@ -9,7 +9,7 @@
   measured on this device (see benchmarks/floors.py), for the same batches.
 - on CUDA, kernels, memcpys and host syncs per training step (benchmarks/floors.py).
 - reader: the StreamingLoader alone (Parquet -> Batches) vs a bare pyarrow read of the same row
-  groups and columns, in rows per second.
+  groups and columns, in rows per second; with `reader_workers: N`, also with N loader processes.
 Warm-up steps are run first and not timed.
 
 `throughput_system` runs a suite's `kind: throughput` system: each point of its axes (backends x
@@ -57,7 +57,8 @@ def throughput_system(run: SuiteRun, system: dict) -> list[dict]:
         cfg = load_config(cfg_path, overrides)
         for rep in range(run.reps):
             say(f"reader vs bare pyarrow rep {rep + 1}/{run.reps}")
-            for r in measure_reader(cfg, max_rows=int(system["reader_rows"])):
+            for r in measure_reader(cfg, max_rows=int(system["reader_rows"]),
+                                    workers=int(system.get("reader_workers", 0))):
                 recs.append({"system": r["variant"], "group": r["variant"], "kind": "reader", "rep": rep,
                              "warmup": False, "batch_size": cfg.data.batch_size, **r})
     return recs
@@ -244,8 +245,10 @@ def measure(cfg: Config, run_dir: Path, *, warmup_steps: int, steps: int,
             {"variant": "hardware_floor", **common, **hard}]
 
 
-def measure_reader(cfg: Config, *, max_rows: int) -> list[dict[str, Any]]:
-    """StreamingLoader vs bare pyarrow over the same row groups (up to about max_rows rows)."""
+def measure_reader(cfg: Config, *, max_rows: int, workers: int = 0) -> list[dict[str, Any]]:
+    """StreamingLoader vs bare pyarrow over the same row groups (up to about max_rows rows);
+    with `workers`, the StreamingLoader with that many loader processes too (one epoch, their
+    start included, as in training; `first_batch_seconds` says how long the start took)."""
     from wdl.data.dataset import feature_spec
     from wdl.data.parquet import StreamingLoader, list_row_groups
     from wdl.ingest.prepare import open_or_prepare
@@ -272,10 +275,16 @@ def measure_reader(cfg: Config, *, max_rows: int) -> list[dict[str, Any]]:
         rows += pf.read_row_group(u.index, columns=spec.columns).num_rows
     arrow_s = time.perf_counter() - start
 
-    loader = StreamingLoader(chosen, spec, cfg.data.batch_size, shuffle=True,
-                             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed)
-    start = time.perf_counter()
-    loader_rows = sum(len(b) for b in loader)
-    loader_s = time.perf_counter() - start
-    return [{"variant": "bare_pyarrow", "rows": rows, "rows_per_second": rows / arrow_s, "seconds": arrow_s},
-            {"variant": "reader", "rows": loader_rows, "rows_per_second": loader_rows / loader_s, "seconds": loader_s}]
+    out = [{"variant": "bare_pyarrow", "rows": rows, "rows_per_second": rows / arrow_s, "seconds": arrow_s}]
+    for n in [0] + ([workers] if workers else []):
+        loader = StreamingLoader(chosen, spec, cfg.data.batch_size, shuffle=True, num_workers=n,
+                                 shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed)
+        start = time.perf_counter()
+        loader_rows, first = 0, None
+        for b in loader:
+            loader_rows += len(b)
+            first = first or time.perf_counter() - start
+        loader_s = time.perf_counter() - start
+        out.append({"variant": f"reader x{n} workers" if n else "reader", "workers": n, "rows": loader_rows,
+                    "rows_per_second": loader_rows / loader_s, "seconds": loader_s, "first_batch_seconds": first})
+    return out

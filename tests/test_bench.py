@@ -39,7 +39,7 @@ def _tiny_suite(tmp_path: Path, tiny_config: Path, tiny_data: Path) -> Path:
             {"name": "published", "kind": "reference", "note": "made-up numbers",
              "records": [{"epoch": 1, "auc": 0.6, "train_seconds": 9.0}]},
             {"name": "throughput", "kind": "throughput", "batch_sizes": [64, 128], "warmup_steps": 2, "steps": 5,
-             "reader_rows": 1000, "overrides": ["data.in_memory=false"]},
+             "reader_rows": 1000, "reader_workers": 2, "overrides": ["data.in_memory=false"]},
         ],
     }
     path = tmp_path / "tiny-suite.yaml"
@@ -75,6 +75,9 @@ def test_suite_writes_results_csv_report_and_plots(tiny_result):
     assert s["wdl"]["train_seconds"]["n"] == 1 and s["sklearn lr"]["auc"]["mean"] > 0.5
     assert s["ours@bs64"]["samples_per_second"]["mean"] > 0 and s["compute_floor@bs128"]["step_p90_ms"]["mean"] > 0
     assert s["reader"]["rows_per_second"]["mean"] > 0 and s["bare_pyarrow"]["rows_per_second"]["mean"] > 0
+    readers = {r["system"]: r for r in result["measurements"] if r.get("kind") == "reader"}
+    assert s["reader x2 workers"]["rows_per_second"]["mean"] > 0  # the same rows, by 2 loader processes
+    assert readers["reader x2 workers"]["rows"] == readers["reader"]["rows"] == readers["bare_pyarrow"]["rows"]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == len(result["measurements"]) and "train_seconds" in rows[0]
     report = (out / "report.md").read_text()
