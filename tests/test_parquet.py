@@ -163,3 +163,27 @@ def test_fixed_shapes_when_streaming(spec_and_files, workers):
             assert torch.equal(g.values[:n], a.sparse["genres"].values)
             sizes.add(g.values.numel())
     assert len(sizes) == 1 and sizes == {fixed.capacity[0]}
+
+
+def test_a_worker_hands_over_a_batch_as_one_shared_buffer(spec_and_files):
+    """Batch.pack (what a loader worker sends): every tensor in one shared-memory buffer, so the
+    hand-over is one segment; unpacked, the batch is whole again, its single keys' values views
+    of one ids matrix. (The streaming tests with workers above send every batch this way.)"""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    spec, files = spec_and_files
+    b = next(iter(StreamingLoader(files, spec, 64, shuffle=True, seed=2)))
+    packed = b.pack()
+    assert packed.buffer.is_shared()
+    c = pickle.loads(ForkingPickler.dumps(packed)).unpack()
+    assert len({t.untyped_storage().data_ptr() for t in c.tensors()}) == 1
+    assert list(c.sparse) == list(b.sparse) and c.id_keys == b.id_keys
+    for k, v in b.sparse.items():
+        w = c.sparse[k]
+        assert (w.single, w.padded) == (v.single, v.padded)
+        assert torch.equal(w.values, v.values) and torch.equal(w.lengths, v.lengths)
+    assert torch.equal(c.dense, b.dense) and torch.equal(c.labels, b.labels)
+    c.ids.add_(1)
+    assert all(torch.equal(c.sparse[k].values, b.sparse[k].values + 1) for k in c.id_keys)
+    assert c.sparse["genres"].lengths is c.sparse["gender_genres"].lengths

@@ -12,6 +12,8 @@ group, or a whole split held in memory); loaders cut Batches from it.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,26 @@ class Batch:
                     out.append(t)
         return out
 
+    def pack(self) -> "PackedBatch":
+        """The batch copied into one byte buffer in shared memory, for a loader worker to hand
+        to the training process: one shared-memory segment and one file descriptor to send
+        instead of one per tensor (about a millisecond each, which at batch 4096 cost more than
+        reading the rows). Allocated as torch's default_collate does in a worker (`_new_shared`):
+        written once, not copied again when sent."""
+        tensors = self.tensors()
+        index = {id(t): i for i, t in enumerate(tensors)}
+        layout, total = [], 0
+        for t in tensors:
+            total = -(-total // 64) * 64  # aligned, so each view can take its dtype
+            layout.append((total, t.dtype, tuple(t.shape)))
+            total += t.numel() * t.element_size()
+        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+        packed = PackedBatch(buffer, layout, [(k, index.get(id(v.values)), index[id(v.lengths)], v.single, v.padded)
+                                              for k, v in self.sparse.items()], self.id_keys, self.ids is not None)
+        for t, view in zip(tensors, packed.views()):
+            view.copy_(t)
+        return packed
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
@@ -117,6 +139,39 @@ class Batch:
             length_per_key=[c.values.numel() for c in cols],  # known here: no device sync to count ids
         )
 
+
+
+@dataclass
+class PackedBatch:
+    """A Batch in one byte buffer (Batch.pack): `layout` holds each tensor of Batch.tensors() as
+    (byte offset, dtype, shape); `keys` each key's (name, index of its values, None for a column
+    of the ids matrix; index of its lengths; single; padded)."""
+
+    buffer: Tensor
+    layout: list[tuple[int, torch.dtype, tuple[int, ...]]]
+    keys: list[tuple[str, int | None, int, bool, bool]]
+    id_keys: tuple[str, ...]
+    has_ids: bool
+
+    def views(self) -> list[Tensor]:
+        out = []
+        for offset, dtype, shape in self.layout:
+            n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            out.append(self.buffer[offset:offset + n].view(dtype).view(shape))
+        return out
+
+    def pin_memory(self) -> "PackedBatch":
+        """Pinned in one copy (the DataLoader's pinning thread calls this)."""
+        return dataclasses.replace(self, buffer=self.buffer.pin_memory())
+
+    def unpack(self) -> Batch:
+        """The batch, its tensors views of the buffer (no copy)."""
+        ts = self.views()
+        ids = ts[2] if self.has_ids else None
+        cols = {} if ids is None else dict(zip(self.id_keys, ids.unbind(1)))
+        sparse = {k: Jagged(cols[k] if v is None else ts[v], ts[n], single, padded)
+                  for k, v, n, single, padded in self.keys}
+        return Batch(ts[0], sparse, ts[1], ids, self.id_keys)
 
 
 def take_rows(t: Tensor, idx: Tensor) -> Tensor:

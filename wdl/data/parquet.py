@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from wdl.data.batch import Batch, FeatureTable
+from wdl.data.batch import Batch, FeatureTable, PackedBatch
 from wdl.data.features import FeatureSpec
 from wdl.errors import DataError, WdlError
 
@@ -235,11 +235,26 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         stream = _PartStream(L.units, L.spec, L.batch_size, L.shuffle_buffer, L.shuffle, L.seed, L.epoch, part, L.parts,
                              L.capacity)
         try:
-            yield from stream.batches(self.skip_per_part[local])
+            for batch in stream.batches(self.skip_per_part[local]):
+                yield batch if info is None else _Handover(batch)
         except WdlError as e:
             # Handed over as an item: raised in a worker, the DataLoader would re-raise it with
             # the worker's whole traceback in the message.
             yield _Failure(e)
+
+
+class _Handover:
+    """A batch leaving a loader worker. Pickled, it becomes a PackedBatch (Batch.pack: one
+    shared-memory buffer, not one per tensor); the queue's feeder thread pickles it while the
+    worker reads on, so the copy into shared memory overlaps the reading, as torch's own hand-over
+    of each tensor does."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def __reduce__(self):
+        p = self.batch.pack()
+        return PackedBatch, (p.buffer, p.layout, p.keys, p.id_keys, p.has_ids)
 
 
 @dataclass
@@ -309,4 +324,4 @@ class StreamingLoader(_Position):
             if isinstance(batch, _Failure):
                 raise batch.error
             self.batches_done += 1
-            yield batch
+            yield batch.unpack() if isinstance(batch, PackedBatch) else batch
