@@ -140,7 +140,6 @@ class Batch:
         )
 
 
-
 @dataclass
 class PackedBatch:
     """A Batch in one byte buffer (Batch.pack): `layout` holds each tensor of Batch.tensors() as
@@ -156,7 +155,7 @@ class PackedBatch:
     def views(self) -> list[Tensor]:
         out = []
         for offset, dtype, shape in self.layout:
-            n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            n = math.prod(shape) * dtype.itemsize
             out.append(self.buffer[offset:offset + n].view(dtype).view(shape))
         return out
 
@@ -286,7 +285,7 @@ class FeatureTable:
         return self._with(take_rows(self.dense, idx), take_rows(self.labels, idx), take_rows(self.ids, idx), multi)
 
     def slice_table(self, start: int, stop: int) -> "FeatureTable":
-        """Rows [start, stop) as views: no gather (the streaming hot path)."""
+        """Rows [start, stop) as views: no gather (an unshuffled stream)."""
         multi = {}
         for lengths, offsets, keys in self._groups:
             total = self.multi[keys[0]].values.numel()

@@ -11,6 +11,8 @@ Streaming reads whole row groups with pyarrow (only the needed columns), convert
 `shuffle_buffer` rows at a time to tensors, and shuffles within the block; the row groups'
 order is shuffled per epoch. The read position is (epoch, batches already yielded): resuming
 replays the deterministic stream and skips those batches, so nothing repeats or goes missing.
+With loader workers, each batch reaches the training process as one shared-memory buffer
+(Batch.pack), pinned in one copy when the device is a GPU.
 """
 
 from __future__ import annotations
