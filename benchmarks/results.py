@@ -39,12 +39,14 @@ METRICS = {
     "peak_rss_mb": (False, 0.0, 0.05),
     "rows_per_second": (True, 0.0, 0.02),
     "first_batch_seconds": (False, 0.0, 0.05),  # a reader's start (its loader processes')
+    "steady_rows_per_second": (True, 0.0, 0.02),  # a reader's rate after its first batch
     # CUDA only: per training step (counts, so no noise floor beyond one event)
     "kernels_per_step": (False, 1.0, 0.0),
     "memcpy_per_step": (False, 1.0, 0.0),
     "syncs_per_step": (False, 0.5, 0.0),
 }
-TIMING = {"train_seconds", "samples_per_second", "step_p50_ms", "step_p90_ms", "rows_per_second", "first_batch_seconds"}
+TIMING = {"train_seconds", "samples_per_second", "step_p50_ms", "step_p90_ms", "rows_per_second", "first_batch_seconds",
+          "steady_rows_per_second"}
 
 
 def _mean(xs: list[float]) -> float | None:

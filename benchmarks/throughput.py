@@ -280,11 +280,15 @@ def measure_reader(cfg: Config, *, max_rows: int, workers: int = 0) -> list[dict
         loader = StreamingLoader(chosen, spec, cfg.data.batch_size, shuffle=True, num_workers=n,
                                  shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.run.seed)
         start = time.perf_counter()
-        loader_rows, first = 0, None
+        loader_rows, first, first_rows = 0, None, 0
         for b in loader:
             loader_rows += len(b)
-            first = first or time.perf_counter() - start
+            if first is None:
+                first, first_rows = time.perf_counter() - start, len(b)
         loader_s = time.perf_counter() - start
+        # After the first batch: the rate once the loader processes have started.
+        steady = (loader_rows - first_rows) / (loader_s - first) if loader_s > first else None
         out.append({"variant": f"reader x{n} workers" if n else "reader", "workers": n, "rows": loader_rows,
-                    "rows_per_second": loader_rows / loader_s, "seconds": loader_s, "first_batch_seconds": first})
+                    "rows_per_second": loader_rows / loader_s, "seconds": loader_s, "first_batch_seconds": first,
+                    "steady_rows_per_second": steady})
     return out
