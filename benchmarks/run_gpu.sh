@@ -65,7 +65,7 @@ part "throughput"
 $PY -m benchmarks run throughput --out "$DIR/throughput" $GPU data.path="$CRITEO" \
     systems.0.enabled=false systems.1.backends=[torch] systems.1.table_rows=[131072,4194304] \
     systems.1.batch_sizes=[65536] systems.1.steps=30 systems.1.timed_rows=0 \
-    "systems.1.overrides=[data.in_memory=false, data.num_workers=$WORKERS]" \
+    "systems.1.overrides=[data.in_memory=false, data.num_workers=$WORKERS, data.batch_size=65536]" \
     systems.1.reader_rows=4000000 systems.1.reader_workers=$WORKERS || failed "throughput" $?
 
 # Batch 1024 with the deep part's dense computation compiled and replayed as CUDA graphs.

@@ -286,8 +286,9 @@ def measure_reader(cfg: Config, *, max_rows: int, workers: int = 0) -> list[dict
             if first is None:
                 first, first_rows = time.perf_counter() - start, len(b)
         loader_s = time.perf_counter() - start
-        # After the first batch: the rate once the loader processes have started.
-        steady = (loader_rows - first_rows) / (loader_s - first) if loader_s > first else None
+        # After the first batch: the rate once the loader processes have started (in one process
+        # the first batch carries its whole block's conversion, so the rate after it says nothing).
+        steady = (loader_rows - first_rows) / (loader_s - first) if n and loader_s > first else None
         out.append({"variant": f"reader x{n} workers" if n else "reader", "workers": n, "rows": loader_rows,
                     "rows_per_second": loader_rows / loader_s, "seconds": loader_s, "first_batch_seconds": first,
                     "steady_rows_per_second": steady})
