@@ -17,6 +17,7 @@ when replayed, here as on a GPU.
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any, Callable
 
@@ -24,8 +25,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import wdl
+
 _HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
                torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default}
+_WDL = os.path.dirname(wdl.__file__) + os.sep
+_OPTIM = os.path.dirname(torch.optim.__file__) + os.sep
 
 
 class HostReads(TorchDispatchMode):
@@ -42,11 +47,10 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _HOST_READS:
             for frame in reversed(traceback.extract_stack()):
-                name = frame.filename.replace("\\", "/")
-                if "/torch/optim/" in name:
+                if frame.filename.startswith(_OPTIM):
                     break
-                if "/wdl/" in name and "/tests/" not in name:
-                    self.reads.append(f"{name}:{frame.lineno}")
+                if frame.filename.startswith(_WDL):
+                    self.reads.append(f"{frame.filename}:{frame.lineno}")
                     break
         return func(*args, **(kwargs or {}))
 
