@@ -233,12 +233,10 @@ class FeatureTable:
 
     @property
     def sparse(self) -> dict[str, Jagged]:
-        return self._sparse(self.ids, self.multi)
-
-    def _sparse(self, ids: Tensor, multi: dict[str, Jagged]) -> dict[str, Jagged]:
-        ones = torch.ones(ids.shape[0], dtype=torch.int32, device=ids.device)  # shared by every single key
-        cols = ids.unbind(1)  # every column's view in one call: a third of the time of indexing each
-        return {k: multi[k] if k in multi else Jagged(cols[self._col[k]], ones, single=True) for k in self.order}
+        ones = torch.ones(len(self), dtype=torch.int32, device=self.ids.device)  # shared by every single key
+        cols = self.ids.unbind(1)  # every column's view in one call: a third of the time of indexing each
+        return {k: self.multi[k] if k in self.multi else Jagged(cols[self._col[k]], ones, single=True)
+                for k in self.order}
 
     def _with(self, dense: Tensor, labels: Tensor, ids: Tensor, multi: dict[str, Jagged],
               host_lengths: list[Tensor] | None = None) -> "FeatureTable":
@@ -302,7 +300,7 @@ class FeatureTable:
 
     def as_batch(self) -> Batch:
         ids = self.ids if self.single_keys else None
-        return Batch(self.dense, self._sparse(self.ids, self.multi), self.labels, ids, self.single_keys)
+        return Batch(self.dense, self.sparse, self.labels, ids, self.single_keys)
 
     def to(self, device: torch.device) -> "FeatureTable":
         moved: dict[int, Tensor] = {}  # shared lengths stay shared
