@@ -63,13 +63,14 @@ def dense_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], capturable
         return FTRL(params, lr=cfg.lr, l1=cfg.l1, l2=cfg.l2, beta=cfg.beta)
     # torch's fused kernels update every parameter in one call, where its default on CPU is a
     # Python loop of ~6 ops per parameter (42 ops and 7 host reads of `step` per MovieLens step).
-    fused = {"fused": True} if params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
+    devices = {p.device.type for p in params}
+    fused = {"fused": True} if devices and devices <= {"cpu", "cuda"} else {}
     if cfg.name in ("adagrad", "rowwise_adagrad"):  # row-wise is a table layout; dense layers use plain AdaGrad
         # torch's fused AdaGrad is CPU-only before torch 2.13 (its first step on CUDA raises);
         # on CUDA, torch's default multi-tensor (foreach) AdaGrad is a few kernels anyway.
-        on_cpu = fused and all(p.device.type == "cpu" for p in params)
         return torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                   initial_accumulator_value=cfg.initial_accumulator_value, **(fused if on_cpu else {}))
+                                   initial_accumulator_value=cfg.initial_accumulator_value,
+                                   **(fused if devices == {"cpu"} else {}))
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                 **fused, **({"capturable": True} if capturable else {}))
