@@ -196,8 +196,8 @@ class TrainConfig:
     # Replay the whole training step (forward, backward, every optimiser update) as one CUDA
     # graph: at small batches a GPU step is bound by launching its few hundred kernels, which a
     # graph launches at once (wdl/train/graphed_step.py). CUDA, model.embedding_backend=torch, one
-    # process, train.compile=none. In-memory data is cut into batches of fixed shapes for it;
-    # a batch of other shapes (an epoch's last) is stepped as usual.
+    # process, train.compile=none. Batches, in memory or streamed, are cut with fixed shapes for it
+    # (multi-hot columns padded); a batch of other shapes (an epoch's last) is stepped as usual.
     cuda_graph: bool = False
 
 
