@@ -9,7 +9,8 @@ host:
    all-to-all (`wdl.distributed.rows.ShardedRows`), so any row optimiser (FTRL included)
    stays sparse and sharded. Memory is checked before anything is allocated.
 2. TorchRec tables (the deep part with the torchrec backend), in TorchRec's order: FBGEMM
-   optimiser applied in backward -> planner -> DistributedModelParallel (dense layers in DDP)
+   optimiser applied in backward -> planner -> DistributedModelParallel (dense layers in DDP
+   when there are several ranks)
    -> each local shard initialised from wdl.model.init.
 3. Otherwise the dense layers go into DDP (world size > 1). Neither DDP sees the fused groups'
    rows: each rank's rows are its own, and their updates never need an all-reduce.
@@ -157,14 +158,26 @@ def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, cfg: Dist
         train_module, sharders, sharding_env.process_group)
 
     # 3. DistributedModelParallel: allocates each rank's shards, wraps the dense layers in DDP
-    #    (which must leave wdl's own rows alone).
+    #    (which must leave wdl's own rows alone). One process has nothing to all-reduce: its dense
+    #    layers stay unwrapped, as with the torch backend (DDP there cost 0.4 of 22 ms per step).
+    wrapper = DefaultDataParallelWrapper(params_to_ignore=own_rows) if env.distributed else _no_data_parallel()
     dmp = DistributedModelParallel(train_module, env=sharding_env, device=env.device, plan=sharding_plan,
-                                   sharders=sharders,
-                                   data_parallel_wrapper=DefaultDataParallelWrapper(params_to_ignore=own_rows))
+                                   sharders=sharders, data_parallel_wrapper=wrapper)
 
     # 4. Each local shard gets the values the whole table would have had at its offsets.
     _init_torchrec_shards(dmp, {t.name: t for t in emb.tables}, seed)
     return Placed(dmp, dmp, dmp.fused_optimizer, "\n".join([str(dmp.plan), *plan]))
+
+
+def _no_data_parallel() -> Any:
+    """TorchRec's DataParallelWrapper that leaves the dense layers as they are (one process)."""
+    from torchrec.distributed.model_parallel import DataParallelWrapper
+
+    class NoDataParallel(DataParallelWrapper):
+        def wrap(self, dmp: nn.Module, env: Any, device: torch.device) -> None:
+            dmp._dmp_wrapped_module.to(device)
+
+    return NoDataParallel()
 
 
 @torch.no_grad()
