@@ -1,12 +1,17 @@
 """The loaders: every row exactly once per epoch, deterministic per seed, resumable."""
 
+import json
 from collections import Counter
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from wdl.config import load_config
+from wdl.config import ColumnConfig, FeaturesConfig, load_config
 from wdl.data.dataset import feature_spec, load_table
+from wdl.data.features import FeatureSpec
 from wdl.data.manifest import load_manifest
 from wdl.data.parquet import InMemoryLoader, StreamingLoader, part_sizes
 from wdl.errors import DataError
@@ -124,11 +129,12 @@ def test_batches_are_tensors(spec_and_files):
     assert b.sparse["genres"].values.dtype == torch.int64 and len(b) == 64
 
 
-def test_moving_a_batch_copies_each_shared_tensor_once(spec_and_files):
+@pytest.mark.parametrize("shuffle", [True, False])  # cut by a gather, or sliced (eval, predict)
+def test_moving_a_batch_copies_each_shared_tensor_once(spec_and_files, shuffle):
     """Batch.map (to / pin_memory / a CUDA graph's static copy): the single-id keys' columns
     move as one ids matrix and shared lengths once, and still share memory afterwards."""
     spec, files = spec_and_files
-    b = next(iter(StreamingLoader(files, spec, 64, shuffle=True, seed=1)))
+    b = next(iter(StreamingLoader(files, spec, 64, shuffle=shuffle, seed=1)))
     calls = []
     moved = b.map(lambda t: calls.append(t) or t.clone())
     distinct = {t.data_ptr() for t in calls}
@@ -187,3 +193,77 @@ def test_a_worker_hands_over_a_batch_as_one_shared_buffer(spec_and_files):
     c.ids.add_(1)
     assert all(torch.equal(c.sparse[k].values, b.sparse[k].values + 1) for k in c.id_keys)
     assert c.sparse["genres"].lengths is c.sparse["gender_genres"].lengths
+
+
+# --- shards written by other tools ---------------------------------------------------------------
+
+def _own_spec(columns: dict) -> FeatureSpec:
+    return FeatureSpec(FeaturesConfig(label="label", columns=columns), {}, list(columns), [])
+
+
+def _shard(path, u, label=None, utype=pa.int64(), nullable=True):
+    n = len(u)
+    label = np.arange(n) % 2 if label is None else label
+    schema = pa.schema([pa.field("label", pa.int8()), pa.field("u", utype, nullable=nullable)])
+    pq.write_table(pa.table({"label": pa.array(label, pa.int8()), "u": pa.array(u, utype)}, schema=schema),
+                   path, row_group_size=32)
+    return path
+
+
+def test_streaming_reads_shards_that_differ_in_integer_width_and_nullability(tmp_path):
+    """A block of the stream spans files; Arrow cannot join tables of other schemas, so such
+    columns are widened: the same rows as in memory, where each row group is read alone."""
+    spec = _own_spec({"u": ColumnConfig(kind="categorical", vocab_size=1000)})
+    files = [_shard(tmp_path / "a.parquet", np.arange(64)),
+             _shard(tmp_path / "b.parquet", np.arange(64, 128), utype=pa.int32()),
+             _shard(tmp_path / "c.parquet", np.arange(128, 192), nullable=False)]
+    streamed = [x for b in StreamingLoader(files, spec, 32, shuffle=False, shuffle_buffer=192)
+                for x in b.sparse["u"].values.tolist()]
+    assert streamed == load_table(files, spec).as_batch().sparse["u"].values.tolist() == list(range(192))
+    _shard(tmp_path / "c.parquet", [str(i) for i in range(64)], utype=pa.string())
+    with pytest.raises(DataError, match=r"a\.parquet, .*b\.parquet, .*c\.parquet: the files' columns have types "
+                                        "that do not combine"):
+        list(StreamingLoader(files, spec, 32, shuffle=False, shuffle_buffer=192))
+
+
+def test_a_streamed_bad_value_is_named_by_its_file_row_group_and_row(tmp_path):
+    """As the in-memory loader names it, though the stream converts blocks that span files."""
+    spec = _own_spec({"u": ColumnConfig(kind="categorical", vocab_size=1000)})
+    label = np.arange(100) % 2
+    label[42] = 2  # row 10 of the second row group of b.parquet
+    files = [_shard(tmp_path / "a.parquet", np.arange(100)), _shard(tmp_path / "b.parquet", np.arange(100), label)]
+    message = r"b\.parquet \(row group 1\): label column 'label' holds 2\.0 at row 10; labels must be 0 or 1"
+    with pytest.raises(DataError, match=message):
+        load_table(files, spec)
+    for buffer in (64, 65536):  # a block inside b.parquet, or one that starts in a.parquet
+        with pytest.raises(DataError, match=message):
+            list(StreamingLoader(files, spec, 32, shuffle=False, shuffle_buffer=buffer))
+
+
+def test_dictionary_encoded_columns_give_the_ids_of_their_values(tmp_path):
+    """pandas categoricals come back from Parquet dictionary-encoded: hashed, looked up in a
+    vocabulary, single or multi-hot, they give the ids the plain values give."""
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps(["<unknown>", "a", "b"]))  # entry i is id i; 0 the reserved id
+    words = pa.array(["a", "b", None, "a", "c"])
+    lists = pa.ListArray.from_arrays(pa.array([0, 2, 2, 3, 5, 5]), pa.array(["a", "c", "b", "a", "b"]))
+    columns = {"h": ColumnConfig(kind="categorical", hash_buckets=97), "v": ColumnConfig(kind="categorical", vocab_file=str(vocab)),
+               "m": ColumnConfig(kind="multi_hot", hash_buckets=97)}
+    plain = pa.table({"label": pa.array([0, 1, 0, 1, 0], pa.int8()), "h": words, "v": words, "m": lists})
+    encoded = plain.set_column(1, "h", words.dictionary_encode()).set_column(2, "v", words.dictionary_encode()).set_column(
+        3, "m", pa.ListArray.from_arrays(lists.offsets, lists.values.dictionary_encode()))
+    pq.write_table(encoded, tmp_path / "d.parquet")
+    read = pq.read_table(tmp_path / "d.parquet")
+    assert all(pa.types.is_dictionary(read[k].type) for k in "hv") and pa.types.is_dictionary(read["m"].type.value_type)
+    want, got = (_own_spec(columns).encode(t, "t").as_batch().sparse for t in (plain, read))
+    for k in columns:
+        assert torch.equal(got[k].values, want[k].values) and torch.equal(got[k].lengths, want[k].lengths)
+    assert got["v"].values.tolist() == [1, 2, 0, 1, 0]
+
+
+def test_more_workers_than_rows_is_a_clear_error(tmp_path):
+    """Empty files still count as row groups: the rows are what cannot be split."""
+    spec = _own_spec({"u": ColumnConfig(kind="categorical", vocab_size=10)})
+    files = [_shard(tmp_path / f"r{i}.parquet", [i]) for i in range(3)] + [_shard(tmp_path / "e.parquet", [])]
+    with pytest.raises(DataError, match="3 rows cannot be split over 1 ranks x 4 workers"):
+        StreamingLoader(files, spec, 8, num_workers=4)

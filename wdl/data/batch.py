@@ -246,7 +246,9 @@ class FeatureTable:
         """From now on, pad the jagged columns of every batch of `batch_size` rows that `take`
         cuts to a fixed number of ids per column group (see Jagged.padded), so such batches all
         have the same shapes. capacity: the ids per column group (default: this table's
-        `pad_capacity`); a rarer, fuller batch is cut unpadded, as is a batch of another size."""
+        `pad_capacity`); a rarer, fuller batch is cut unpadded, as is a batch of another size and
+        one with no ids at all in a group (the padding repeats an id the batch touches: any other
+        would make lazy Adam and weight decay update a row no row of the batch holds)."""
         self._capacity = list(capacity) if capacity is not None else self.pad_capacity(batch_size)
         self._pad_rows = batch_size
 
@@ -289,7 +291,8 @@ class FeatureTable:
             total = self.multi[keys[0]].values.numel()
             lo = int(offsets[start]) if start < len(offsets) else total
             hi = int(offsets[stop]) if stop < len(offsets) else total
-            multi.update({k: Jagged(self.multi[k].values[lo:hi], lengths[start:stop]) for k in keys})
+            sub = lengths[start:stop]  # one view for the group, so that its keys still share it
+            multi.update({k: Jagged(self.multi[k].values[lo:hi], sub) for k in keys})
         return self._with(self.dense[start:stop], self.labels[start:stop], self.ids[start:stop], multi)
 
     def take(self, idx: Tensor, host_idx: Tensor | None = None) -> Batch:

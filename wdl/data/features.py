@@ -249,6 +249,10 @@ class FeatureSpec:
         if sc.kind == "multi_hot":
             lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int32)
             flat = pc.list_flatten(col)
+        if pa.types.is_dictionary(flat.type) and sc.mode != "vocab":
+            # Dictionary-encoded columns (pandas categoricals read back): hashed and bucketed by
+            # their values. The vocabulary look-up takes them as they are (IdEncoder).
+            flat = flat.dictionary_decode()
         if sc.mode == "buckets":
             if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)):
                 raise DataError(f"{where}: column {sc.name!r} has type {flat.type}; buckets need numbers")
@@ -293,8 +297,9 @@ class FeatureSpec:
         vocabulary cast to the column's type: ids read as strings still find their values)."""
         enc = self._encoders.get((sc.name, t))
         if enc is None:
+            vt = t.value_type if pa.types.is_dictionary(t) else t  # IdEncoder looks up a dictionary's values
             try:  # a column of nulls only (no type to cast to) looks up nothing: every id is 0
-                vocab = pa.array([], t) if pa.types.is_null(t) else sc.vocab.cast(t) if sc.vocab.type != t else sc.vocab
+                vocab = pa.array([], vt) if pa.types.is_null(vt) else sc.vocab.cast(vt) if sc.vocab.type != vt else sc.vocab
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 raise DataError(f"{where}: column {sc.name!r} has type {t}, its vocabulary holds "
                                 f"{sc.vocab.type} values") from None

@@ -181,10 +181,10 @@ class _PartStream:
             t = read_row_group(u, self.spec.columns, files)
             yield t.slice(max(lo - a, 0), min(hi, b) - max(lo, a)), u
 
-    def _blocks(self) -> Iterator[tuple[int, pa.Table, str]]:
-        """(first batch, rows, the file they start in) per block, in order."""
+    def _blocks(self) -> Iterator[tuple[int, pa.Table, list[RowGroup]]]:
+        """(first batch, rows, the row groups they come from) per block, in order."""
         tables = self._tables()
-        pending: list[tuple[pa.Table, Path]] = []  # read, not yet handed out
+        pending: list[tuple[pa.Table, RowGroup]] = []  # read, not yet handed out
         have = 0
         for first in range(0, self.steps, self.batches_per_block):
             last = min(first + self.batches_per_block, self.steps)
@@ -193,21 +193,29 @@ class _PartStream:
                 t, u = next(tables, (None, None))
                 if t is None:
                     raise DataError(f"row-group metadata promised more rows than the files hold (part {self.part})")
-                pending.append((t, u.path))
+                pending.append((t, u))
                 have += t.num_rows
-            rows = pa.concat_tables([t for t, _ in pending])  # zero-copy: the row groups become chunks
-            where = str(pending[0][1])
+            units = list(dict.fromkeys(u for _, u in pending))
+            rows = _concat([t for t, _ in pending], units)
             rest = rows.slice(need)
             pending, have = ([(rest, pending[-1][1])] if rest.num_rows else []), rest.num_rows
-            yield first, rows.slice(0, need), where
+            yield first, rows.slice(0, need), units
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
         """This part's `steps` batches; the first `skip` are read but not built (resume)."""
-        for block_no, (first, rows, where) in enumerate(self._blocks()):
+        for block_no, (first, rows, units) in enumerate(self._blocks()):
             last = min(first + self.batches_per_block, self.steps)
             if last <= skip:
                 continue  # read (the stream's position), never converted
-            table = self.spec.encode(rows, where)
+            try:
+                table = self.spec.encode(rows, str(units[0].path))
+            except DataError:
+                # A block's row numbers are not a file's: find the bad value again, one whole row
+                # group at a time, so that the message names its file, row group and row exactly.
+                files: dict[Path, pq.ParquetFile] = {}
+                for u in units:
+                    self.spec.encode(read_row_group(u, self.spec.columns, files), f"{u.path} (row group {u.index})")
+                raise
             base = self.bounds[first]
             order = None
             if self.shuffle:
@@ -219,6 +227,17 @@ class _PartStream:
             for i in range(max(first, skip), last):
                 a, b = self.bounds[i] - base, self.bounds[i + 1] - base
                 yield table.slice(a, b) if order is None else table.take(order[a:b])
+
+
+def _concat(tables: list[pa.Table], units: list[RowGroup]) -> pa.Table:
+    """Row groups as one table, zero-copy (they become its chunks). Files may differ in integer
+    width or nullability (shards written by different tools): such columns are widened."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        files = ", ".join(dict.fromkeys(str(u.path) for u in units))
+        raise DataError(f"{files}: the files' columns have types that do not combine "
+                        f"({str(e).splitlines()[0]})") from None
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -299,6 +318,8 @@ class StreamingLoader(_Position):
             )
         self.num_rows = sum(u.rows for u in self.units)
         _, steps = part_sizes(self.num_rows, self.parts, batch_size)
+        if steps == 0:  # row groups can be empty: the check above counts them, not their rows
+            raise DataError(f"{self.num_rows} rows cannot be split over {world_size} ranks x {self.num_workers} workers")
         self.steps_per_epoch = steps * self.num_workers
 
     def fix_shapes(self) -> None:
@@ -319,9 +340,13 @@ class StreamingLoader(_Position):
         if self.num_workers_proc == 0:
             it = iter(ds)
         else:
+            # A generator of its own: a DataLoader draws its workers' seeds from torch's global
+            # one otherwise, which dropout uses, so a resumed run's masks would shift by a draw.
+            # (The workers use no torch randomness: their order comes from the seeds above.)
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers_proc,
                                                   persistent_workers=False, pin_memory=self.pin_memory,
-                                                  worker_init_fn=_one_arrow_thread))
+                                                  worker_init_fn=_one_arrow_thread,
+                                                  generator=torch.Generator().manual_seed(self.seed)))
         for batch in it:
             if isinstance(batch, _Failure):
                 raise batch.error
