@@ -161,3 +161,31 @@ def test_steps_that_mostly_miss_the_graph_are_said(tiny_config, tmp_path):
     n = tr.train_loader.steps_per_epoch
     assert line is not None and f"{n} of {n} steps ran without the graph" in line
     assert step.shortfall() is None  # nothing new since
+
+
+def test_a_failed_recapture_leaves_the_run_eager(tiny_config, tmp_path, capsys):
+    """A capture that fails after an earlier one succeeded (e.g. out of memory while recapturing
+    for new rates) drops the old graph too: later steps run eagerly, none replays a dropped graph."""
+    eager, graphed = trainer(tiny_config, tmp_path, "eager"), trainer(tiny_config, tmp_path, "graphed")
+    graphed.train_loader.fix_shapes()
+    real, calls = ReplayCapture(), []
+
+    def capture(fn):
+        calls.append(fn)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory while capturing")
+        return real(fn)
+
+    scale = [1.0]
+    step = GraphedStep(graphed._step, lambda: (*graphed.optimizer.rates(), scale[0]), warmup=1, capture=capture)
+    for i, (x, y) in enumerate(zip(batches(eager, 1), batches(graphed, 1))):
+        scale[0] = 0.5 if i in (6, 7) else 1.0  # two steps at other "rates": a recapture, which fails
+        torch.manual_seed(i)
+        a = eager.train_step(x)
+        torch.manual_seed(i)
+        assert float(step(y)) == pytest.approx(float(a), abs=1e-6), i
+    assert_same_state(eager, graphed)
+    counters = step.counters()
+    assert counters["graph_captures"] == 1 and counters["graph_failure"] == "out of memory while capturing"
+    assert counters["graph_replays"] == 5  # steps 1-5; from step 7 on, all eager
+    assert capsys.readouterr().err.count("could not be captured") == 1

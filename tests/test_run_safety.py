@@ -39,16 +39,87 @@ def two_epochs(tiny_config, tmp_path) -> Path:
     return tmp_path / "runs" / "base"
 
 
-def test_resumed_epoch_reports_the_whole_epoch(tiny_config, tmp_path):
-    """A run cut mid-epoch and resumed logs the same epoch record (loss, rows, AUC) as one that
-    was never cut: the epoch's loss so far travels in the checkpoint."""
-    assert train(tiny_config, "run.name=whole", "train.epochs=1") == 0
-    assert train(tiny_config, "run.name=cut", "train.epochs=1", "checkpoint.every_steps=5", "train.max_steps=7") == 0
-    assert train(tiny_config, "run.name=cut", "train.epochs=1", "--resume", "auto") == 0
+@pytest.mark.parametrize("read", [["data.in_memory=true"], ["data.in_memory=false", "data.num_workers=1"]],
+                         ids=["in-memory", "loader-worker"])
+def test_resumed_epoch_reports_the_whole_epoch(tiny_config, tmp_path, read):
+    """A run cut mid-epoch and resumed logs the same epoch record (loss, rows, AUC, the warm-up's
+    rate at the epoch's start) as one that was never cut: the epoch's loss so far travels in the
+    checkpoint, and with dropout the random stream continues exactly (a loader's workers draw
+    nothing from it)."""
+    common = ["train.epochs=1", "model.deep.dropout=0.3", "optim.schedule.warmup_steps=40", *read]
+    assert train(tiny_config, "run.name=whole", *common) == 0
+    assert train(tiny_config, "run.name=cut", *common, "checkpoint.every_steps=5", "train.max_steps=7") == 0
+    assert train(tiny_config, "run.name=cut", *common, "--resume", "auto") == 0
     (whole,), (cut,) = records(tmp_path / "runs" / "whole"), records(tmp_path / "runs" / "cut")
     assert cut["resumed_at_batch"] == 7 and cut["train_rows"] == whole["train_rows"] == 2400
     assert cut["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-7)
     assert cut["auc"] == pytest.approx(whole["auc"], abs=1e-9)
+    assert cut["lr_scale"] == whole["lr_scale"] == 1 / 40
+
+
+def test_a_model_cut_mid_epoch_is_never_the_selected_one(tiny_config, tmp_path):
+    """train.max_steps stops a run mid-epoch: that epoch's evaluation is logged but not selected
+    from, so after the resume the test split is scored with the same model as in an uncut run."""
+    common = ["data.valid_fraction=0.2", "optim.deep.lr=0.05", "train.epochs=6"]
+    assert train(tiny_config, "run.name=whole", *common) == 0
+    assert train(tiny_config, "run.name=cut", *common, "train.max_steps=47") == 0  # 15 steps per epoch
+    best = json.loads((tmp_path / "runs" / "cut" / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["batches_done"] == 0 and best["step"] <= 45
+    assert train(tiny_config, "run.name=cut", *common, "--resume", "auto") == 0
+    whole, cut = (json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("whole", "cut"))
+    assert cut["best_epoch"] == whole["best_epoch"]
+    assert cut["test"]["auc"] == pytest.approx(whole["test"]["auc"], abs=1e-9)
+
+
+def test_the_test_split_is_scored_only_with_the_selected_epochs_model(tiny_config, tmp_path, capsys):
+    """Continued from an older checkpoint, a run's `best` may hold a model of its abandoned
+    course: then the test split is not scored (with a warning), rather than scored wrongly."""
+    common = ["data.valid_fraction=0.2", "optim.deep.lr=0.05"]
+    assert train(tiny_config, "run.name=r", *common, "train.epochs=3") == 0
+    run = tmp_path / "runs" / "r"
+    assert json.loads((run / "checkpoints" / "best" / "meta.json").read_text())["epoch"] > 1
+    capsys.readouterr()
+    # from epoch 1's end, with rates that learn nothing better: epoch 1 stays the best of this course
+    assert train(tiny_config, "run.name=r", *common, "train.epochs=2", "optim.deep.lr=1e-30", "optim.wide.lr=1e-30",
+                 "--resume", str(run / "checkpoints" / "step-00000015")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary.get("test") is None
+    assert "not that of epoch 1; the test split is not scored" in capsys.readouterr().err
+
+
+def test_every_steps_saves_an_epochs_last_step_when_epoch_ends_are_not_saved(tiny_config, tmp_path):
+    assert train(tiny_config, "run.name=every", "checkpoint.at_epoch_end=false", "checkpoint.every_steps=19") == 0
+    assert [c.name for c in checkpoints(tmp_path / "runs" / "every")] == ["step-00000019", "step-00000038"]
+
+
+def test_a_forked_child_does_not_keep_the_run_folder_locked(tmp_path):
+    """A data loader worker is a forked child: if it outlives a killed trainer by a moment, a
+    restart must still get the folder."""
+    import signal
+    import time
+
+    from wdl.train.run_folder import _HELD, _lock
+
+    fd = _lock(tmp_path)
+    ready, go = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        os.write(go, b"x")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        _HELD.discard(fd)
+        os.close(fd)  # the trainer dies
+        again = _lock(tmp_path)
+        assert again is not None
+        _HELD.discard(again)
+        os.close(again)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(go)
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_good_one(tiny_config, two_epochs, capsys):
@@ -237,11 +308,16 @@ def test_mid_epoch_resume_with_another_batch_size_is_refused(tiny_config, tmp_pa
     assert "best test AUC" not in cap.out  # nothing trained, nothing logged
 
 
-def test_diverged_training_stops_with_one_line(tiny_config, tmp_path, capsys):
+@pytest.mark.parametrize("every", [0, 5])
+def test_diverged_training_stops_with_one_line(tiny_config, tmp_path, capsys, every):
+    """...and saves nothing after its loss stopped being finite: `--resume auto` with lower rates
+    must not start from a broken model."""
     capsys.readouterr()
-    assert train(tiny_config, "run.name=div", "optim.deep.lr=1e30", "optim.wide.lr=1e30", "train.epochs=1") == 2
-    one_line_error(capsys.readouterr().err, "training diverged", "epoch 1")
+    assert train(tiny_config, "run.name=div", "optim.deep.lr=1e30", "optim.wide.lr=1e30", "train.epochs=1",
+                 f"checkpoint.every_steps={every}") == 2
+    one_line_error(capsys.readouterr().err, "training diverged", "epoch 1", "nothing saved since")
     assert not (tmp_path / "runs" / "div" / "metrics.jsonl").exists()  # no epoch with a non-finite loss logged
+    assert not checkpoints(tmp_path / "runs" / "div")
 
 
 def test_the_cli_parser_loads_no_torch():

@@ -102,7 +102,7 @@ class GraphedStep:
         return loss
 
     def _capture(self, batch: Batch, key: Any) -> Tensor:
-        self._replay = None  # drop the old graph (and its memory pool) first
+        self._replay, self._key = None, None  # drop the old graph (and its memory pool) first
         static = batch.map(Tensor.clone)
         self._static = static.tensors()
         self._loss = torch.zeros((), device=batch.labels.device)

@@ -25,6 +25,24 @@ LOCK = ".lock"
 # What a run writes before its first step: a folder holding only these is an unused one.
 START_FILES = {LOCK, "config.yaml", "plan.txt", "run.log"}
 
+# The lock descriptors this process holds. A forked child (a data loader worker) closes its
+# copies at once: a flock belongs to the open file, so a worker outliving a killed trainer by a
+# few seconds would otherwise keep the folder locked against the restart. Closing (never
+# unlocking) a copy leaves the parent's lock as it is.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 class RunFolder:
     """A locked run folder. `resume_from`: the checkpoint to continue from (None: start fresh);
@@ -90,6 +108,7 @@ class RunFolder:
 
     def release(self) -> None:
         if self._lock_fd is not None:
+            _HELD.discard(self._lock_fd)
             os.close(self._lock_fd)  # closing the descriptor drops the lock
             self._lock_fd = None
 
@@ -122,6 +141,7 @@ def _lock(folder: Path) -> int | None:
         return None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _HELD.add(fd)
     return fd
 
 

@@ -159,15 +159,18 @@ class Trainer:
                 raise TrainingError(
                     f"training diverged: the train loss of epoch {self.epoch + 1} (steps {self.step - train_stats['steps'] + 1}"
                     f"-{self.step}) is {train_stats['train_loss']}; lower optim.wide.lr / optim.deep.lr "
-                    "(nothing of this epoch was saved)")
+                    "(nothing saved since the loss stopped being finite)")
             eval_stats = self.evaluate(self.eval_loader)
             rss = all_gather_cat(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
             record = {"epoch": self.epoch + 1, **train_stats, "eval_split": self.eval_name, **eval_stats,
                       "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss}
             self.metrics.log_epoch(record)
-            if self.batches_done >= self.train_loader.steps_per_epoch:
+            complete = self.batches_done >= self.train_loader.steps_per_epoch
+            if complete:
                 self.epoch, self.batches_done = self.epoch + 1, 0
-            if self.selection is not None:
+            # Only whole epochs are selected from (as a resume rebuilds the selection): a model
+            # cut mid-epoch by train.max_steps is never `best`.
+            if self.selection is not None and complete:
                 improved = self.selection.update(record["epoch"], record[self.selection.cfg.metric])
                 if improved:
                     self.save_checkpoint(name="best")
@@ -188,6 +191,14 @@ class Trainer:
         best = self.checkpointer.folder / "best"
         if self.selection.best_epoch is None or not best.exists():
             return None
+        saved = json.loads((best / "meta.json").read_text())
+        if (saved.get("epoch"), saved.get("batches_done")) != (self.selection.best_epoch, 0) or saved.get("step", 0) > self.step:
+            # e.g. this run resumed from a checkpoint older than `best`, and no later epoch beat it
+            if self.env.is_main:
+                print(f"wdl: warning: {best} holds the model after step {saved.get('step')} of another course of this run, "
+                      f"not that of epoch {self.selection.best_epoch}; the {self.cfg.data.eval_split} split is not scored",
+                      file=sys.stderr, flush=True)
+            return None
         self._load(best)
         return {"epoch": self.selection.best_epoch, **self.evaluate(self.test_loader)}
 
@@ -205,8 +216,8 @@ class Trainer:
             self.epoch_rows = 0
         resumed_at = self.batches_done  # > 0 when resuming mid-epoch
         rows, steps = 0, 0
-        lr_scale = self.schedule.scale(self.step)
-        self.optimizer.scale_lr(lr_scale)
+        self.optimizer.scale_lr(self.schedule.scale(self.step))
+        lr_scale = self.schedule.scale(self.step - resumed_at)  # the epoch's first step's, across a resume
         bar = self._progress(self.train_loader.steps_per_epoch - self.batches_done)
         start = time.perf_counter()
         for batch in to_device(self.train_loader, self.device):
@@ -223,7 +234,10 @@ class Trainer:
                 bar.update(1)
             _maybe_kill(self.cfg.train.kill_at_step, self.step, self.env)
             every = self.cfg.checkpoint.every_steps
-            if every and self.step % every == 0 and self.batches_done < self.train_loader.steps_per_epoch:
+            # An epoch's last step is saved at the epoch's end (checkpoint.at_epoch_end), after its evaluation.
+            if every and self.step % every == 0 and (self.batches_done < self.train_loader.steps_per_epoch
+                                                     or not self.cfg.checkpoint.at_epoch_end):
+                self._check_finite()
                 self.save_checkpoint()
             if self._out_of_steps():
                 break
@@ -316,6 +330,12 @@ class Trainer:
                   f"{progress['batches_done']} batches into the epoch)", flush=True)
 
     # ------------------------------------------------------------------------------------------
+
+    def _check_finite(self) -> None:
+        """Refuse to save a model whose epoch loss so far is not finite (one host read per save)."""
+        if not math.isfinite(float(all_reduce_sum(self._epoch_sums())[0])):
+            raise TrainingError(f"training diverged: the train loss of epoch {self.epoch + 1} up to step {self.step} is not "
+                                "finite; lower optim.wide.lr / optim.deep.lr (nothing saved since the loss stopped being finite)")
 
     def _out_of_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.step
