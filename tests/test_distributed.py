@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT, records, write_tiny_config
 from wdl.cli import main
+from wdl.errors import ConfigError
 from wdl.model.embeddings import torchrec_available
 
 # TorchRec sharding where it is installed: the user table column-wise, the others table-wise, so
@@ -175,3 +177,15 @@ def test_one_process_checkpoint_continues_on_two_with_dot_interaction(tiny_confi
     assert train_here(tiny_config, *model, "--resume", str(tmp_path / "runs" / "one")) == 2
     err = capsys.readouterr().err
     assert "incompatible config" in err and "interaction" in err, err
+
+
+def test_the_memory_check_counts_every_rank_that_shares_the_hosts_memory():
+    """On CPU the ranks of one host take their parts of the tables from the same memory: each
+    part fitting is not enough (a rank would be killed for memory rather than told)."""
+    from wdl.distributed.rows import available_bytes, check_memory
+
+    cpu = torch.device("cpu")
+    part = int(0.6 * available_bytes(cpu))
+    check_memory(part, "wide dim 1", cpu, world_size=2)  # the part fits when it has the memory alone
+    with pytest.raises(ConfigError, match=r"with 2 rank\(s\), 2 of them from this host's memory, .* use more hosts"):
+        check_memory(part, "wide dim 1", cpu, world_size=2, sharing=2)

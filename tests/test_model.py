@@ -158,3 +158,20 @@ def test_compiled_head_computes_the_eager_function():
 
     y = torch.compile(ByteDropout(0.5))(torch.ones(1000, 100))
     assert abs((y == 0).float().mean().item() - 0.5) < 0.01 and torch.all((y == 0) | (y == 2.0))
+
+
+def test_a_training_batch_sizes_look_up_tables_outlive_many_other_sizes():
+    """A step captured as a CUDA graph reads the per-bag index tensors of its batch size with no
+    reference of its own: evaluating batches of many other sizes must not drop them."""
+    m = model()
+    m.train()
+    m(toy_batch(6))
+    group = m.wide.embeddings
+    kept = dict(group._bag_cache)
+    m.eval()
+    with torch.no_grad():
+        for b in range(1, 20):
+            m(toy_batch(b + 6))
+    for key, tensors in kept.items():
+        assert all(a is b for a, b in zip(group._bag_cache[key], tensors))
+    assert len(group._bag_cache) <= 10

@@ -115,13 +115,16 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(need: int, detail: str, device: torch.device, world_size: int) -> None:
-    """Refuse, before allocating, tables that will not fit (keeping 10% headroom)."""
+def check_memory(need: int, detail: str, device: torch.device, world_size: int, sharing: int = 1) -> None:
+    """Refuse, before allocating, tables that will not fit (keeping 10% headroom). sharing: the
+    ranks that take their part from this same memory (on CPU, every rank on this host)."""
     have = available_bytes(device)
-    if need > 0.9 * have:
+    if need * sharing > 0.9 * have:
         gib = 1 << 30
+        here = f", {sharing} of them from this host's memory" if sharing > 1 else ""
+        more = "more hosts" if sharing > 1 else "more ranks"
         raise ConfigError(
             f"the embedding tables need {need / gib:.2f} GiB per rank on {device} ({detail}) with {world_size} "
-            f"rank(s), but {have / gib:.2f} GiB is available; use more ranks, fewer hash_buckets, smaller "
+            f"rank(s){here}, but {have / gib:.2f} GiB is available; use {more}, fewer hash_buckets, smaller "
             "dims or a row-wise optimiser (optim.*.name=rowwise_adagrad keeps one float of state per row)"
         )

@@ -97,7 +97,9 @@ def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, 
         need += n
         mib[id(g)] = n / 2**20
         detail.append(f"{part} dim {g.dim}: {hi - lo:,} rows, {n / 2**20:,.0f} MiB")
-    check_memory(need, "; ".join(detail), env.device, env.world_size)
+    # Every GPU has memory of its own; ranks on CPU share their host's.
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if env.device.type == "cpu" else 1
+    check_memory(need, "; ".join(detail), env.device, env.world_size, sharing)
     for _, g in groups:
         g.rows = (ShardedRows(g.num_rows, g.dim, torch.distributed.GroupMember.WORLD, env.device)
                   if env.distributed else LocalRows(g.num_rows, g.dim, env.device))

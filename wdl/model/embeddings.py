@@ -160,6 +160,7 @@ class EmbeddingGroup(nn.Module):
         self.num_rows = self.offsets[-1] + int(bias)
         self.rows: nn.Module = LocalRows(self.num_rows, self.dim, device)
         self._bag_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+        self._trained_sizes: set[tuple[int, torch.device]] = set()
         self._bias_ids: Tensor | None = None
         self._no_ids: Tensor | None = None  # [0]: the empty padding bag of an unpadded feature
         self._pending: tuple[tuple, Tensor] | None = None
@@ -233,9 +234,12 @@ class EmbeddingGroup(nn.Module):
     def _bag_tables(self, b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Per bag (feature-major, K*B of them): its table's first row, its batch row, its index."""
         key = (b, device)
+        if self.training:
+            self._trained_sizes.add(key)
         if key not in self._bag_cache:
-            if len(self._bag_cache) > 8:  # eval's last batch etc.: keep a few sizes only
-                self._bag_cache.clear()
+            if len(self._bag_cache) > 8:  # eval's last batches etc.: keep a few sizes only, but never
+                # a training step's, which a step captured as a CUDA graph reads without a reference
+                self._bag_cache = {k: v for k, v in self._bag_cache.items() if k in self._trained_sizes}
             k = len(self.keys)
             starts = torch.tensor(self.offsets[:-1], dtype=torch.int64, device=device)
             self._bag_cache[key] = (starts.repeat_interleave(b), torch.arange(b, device=device).repeat(k),
