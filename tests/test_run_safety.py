@@ -71,9 +71,10 @@ def test_a_model_cut_mid_epoch_is_never_the_selected_one(tiny_config, tmp_path):
     assert cut["test"]["auc"] == pytest.approx(whole["test"]["auc"], abs=1e-9)
 
 
-def test_the_test_split_is_scored_only_with_the_selected_epochs_model(tiny_config, tmp_path, capsys):
-    """Continued from an older checkpoint, a run's `best` may hold a model of its abandoned
-    course: then the test split is not scored (with a warning), rather than scored wrongly."""
+def test_a_run_continued_from_an_older_checkpoint_sets_its_later_ones_aside(tiny_config, tmp_path, capsys):
+    """The later checkpoints are another course of the run: left in place, `--resume auto` would
+    jump back onto it (an epoch missing from metrics.jsonl) and `best` would be scored as this
+    course's. They are moved aside, and the test split is scored only with the selected epoch's model."""
     common = ["data.valid_fraction=0.2", "optim.deep.lr=0.05"]
     assert train(tiny_config, "run.name=r", *common, "train.epochs=3") == 0
     run = tmp_path / "runs" / "r"
@@ -82,9 +83,16 @@ def test_the_test_split_is_scored_only_with_the_selected_epochs_model(tiny_confi
     # from epoch 1's end, with rates that learn nothing better: epoch 1 stays the best of this course
     assert train(tiny_config, "run.name=r", *common, "train.epochs=2", "optim.deep.lr=1e-30", "optim.wide.lr=1e-30",
                  "--resume", str(run / "checkpoints" / "step-00000015")) == 0
+    out, err = capsys.readouterr()
+    aside = run / "checkpoints" / "abandoned-after-step-00000015"
+    assert f"best, step-00000030, step-00000045: those are moved to {aside}" in out
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "step-00000030", "step-00000045"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_epoch"] == 1 and summary.get("test") is None
-    assert "not that of epoch 1; the test split is not scored" in capsys.readouterr().err
+    assert "does not hold the model of epoch 1" in err and "the test split is not scored" in err
+    assert train(tiny_config, "run.name=r", *common, "train.epochs=3", "--resume", "auto") == 0
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3]
+    assert "resumed from " + str(run / "checkpoints" / "step-00000030") in capsys.readouterr().out
 
 
 def test_every_steps_saves_an_epochs_last_step_when_epoch_ends_are_not_saved(tiny_config, tmp_path):

@@ -129,6 +129,23 @@ class Checkpointer:
             for stale in self.folder.glob("*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
 
+    def set_aside_after(self, step: int) -> list[str]:
+        """Move the checkpoints saved after `step` (the steps and `best`) into
+        abandoned-after-step-<step>/: a run continued from an older checkpoint takes another
+        course, and its `--resume auto`, `keep` and test score must not pick up the old one's.
+        Rank 0 only (the folder's owner); returns the names moved."""
+        if self.rank != 0 or not self.folder.is_dir():
+            return []
+        later = [p for p in self.folder.iterdir() if p.is_dir() and (p.name.startswith(PREFIX) or p.name == "best")
+                 and (p / "meta.json").exists() and json.loads((p / "meta.json").read_text()).get("step", -1) > step]
+        if later:
+            aside = self.folder / f"abandoned-after-step-{step:08d}"
+            aside.mkdir(exist_ok=True)
+            for p in later:
+                shutil.rmtree(aside / p.name, ignore_errors=True)
+                p.rename(aside / p.name)
+        return sorted(p.name for p in later)
+
     def save(self, app_state: dict[str, Any], progress: dict[str, int], name: str | None = None) -> Path:
         """Save as step-<step> (the newest `keep` are kept), or as `name` (e.g. best), replacing it."""
         final = self.folder / (name or f"{PREFIX}{progress['step']:08d}")

@@ -189,14 +189,14 @@ class Trainer:
     def score_selected(self) -> dict[str, Any] | None:
         """Score the test split once, with the model of the best validation epoch."""
         best = self.checkpointer.folder / "best"
-        if self.selection.best_epoch is None or not best.exists():
+        if self.selection.best_epoch is None:
             return None
-        saved = json.loads((best / "meta.json").read_text())
+        saved = json.loads((best / "meta.json").read_text()) if (best / "meta.json").exists() else {}
         if (saved.get("epoch"), saved.get("batches_done")) != (self.selection.best_epoch, 0) or saved.get("step", 0) > self.step:
-            # e.g. this run resumed from a checkpoint older than `best`, and no later epoch beat it
+            # e.g. this run continued from a checkpoint older than the best one, and no later epoch beat it
             if self.env.is_main:
-                print(f"wdl: warning: {best} holds the model after step {saved.get('step')} of another course of this run, "
-                      f"not that of epoch {self.selection.best_epoch}; the {self.cfg.data.eval_split} split is not scored",
+                print(f"wdl: warning: {best} does not hold the model of epoch {self.selection.best_epoch} (this run "
+                      f"continued from an earlier checkpoint); the {self.cfg.data.eval_split} split is not scored",
                       file=sys.stderr, flush=True)
             return None
         self._load(best)
@@ -322,6 +322,11 @@ class Trainer:
             self.epoch_loss.fill_(app["epoch_sums"][0])
             self.epoch_rows = int(app["epoch_sums"][1])
         self.epoch, self.step, self.batches_done = progress["epoch"], progress["step"], progress["batches_done"]
+        if self.folder is not None and path.parent.resolve() == self.checkpointer.folder.resolve():  # this run, continued
+            moved = self.checkpointer.set_aside_after(self.step)
+            if moved and self.env.is_main:
+                print(f"wdl: continuing from step {self.step}, before this run's {', '.join(moved)}: those are moved "
+                      f"to {self.checkpointer.folder / f'abandoned-after-step-{self.step:08d}'}", flush=True)
         self.metrics.load_existing(keep_epochs=self.epoch)
         if self.selection is not None:
             self.schedule.replay(self.selection.replay(self.metrics.records))
