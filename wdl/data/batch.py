@@ -309,7 +309,9 @@ class FeatureTable:
         moved: dict[int, Tensor] = {}  # shared lengths stay shared
 
         def mv(t: Tensor) -> Tensor:
-            return moved.setdefault(id(t), t.to(device))
+            if id(t) not in moved:  # (setdefault would copy a shared tensor again, then drop the copy)
+                moved[id(t)] = t.to(device)
+            return moved[id(t)]
 
         multi = {k: Jagged(mv(j.values), mv(j.lengths)) for k, j in self.multi.items()}
         host_lengths = [lengths.cpu() for lengths, _, _ in self._groups] if device.type == "cuda" else None
