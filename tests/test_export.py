@@ -171,6 +171,9 @@ def test_imported_model_scores_raw_rows_as_imported(tmp_path, torch_run, capsys)
         scorer.score([{**row, "item": None}], raw=True), abs=0)
     with pytest.raises(WdlError, match="column 'item' has type int64, its vocabulary holds string"):
         scorer.score([{**row, "item": 7}], raw=True)
+    # A column of nulls only (one request without tags) is typed as the import typed it
+    alone = scorer.score([{**row, "tags": None}], raw=True)
+    assert alone == pytest.approx(scorer.score([{**row, "tags": None}, row], raw=True)[:1], abs=0)
     # wdl predict on the raw file, with an id column carried over; without --raw, a hint to it
     keyed = tmp_path / "keyed.parquet"
     assert main(["predict", str(run), "--data", str(raw / "b.parquet"), "--raw", "--key", "user",
@@ -185,3 +188,54 @@ def test_imported_model_scores_raw_rows_as_imported(tmp_path, torch_run, capsys)
     with pytest.raises(WdlError, match="raw=True needs a model trained on a data set from `wdl data import`"):
         main(["export", str(torch_run), "--out", str(tmp_path / "movies")])
         Scorer.load(tmp_path / "movies").score([{"user_id": 1}], raw=True)
+
+
+def test_raw_numbers_are_bucketed_and_missing_as_the_import_stored_them(tmp_path):
+    """Shop prices such as 4.99 are float32 once imported (4.98999977): bucketed from the raw
+    float64 they would fall on the other side of a bucket edge taken from the stored values.
+    Scoring rounds them as the import did (raw rows, and a table of float64 numbers), and reads
+    NaN as missing, as the import does."""
+    prices = np.array([4.99, 9.99, 14.99, 19.99, 24.99, 29.99, 39.99, 49.99, 79.99, 99.99])
+
+    def shop(rows: int, seed: int) -> pa.Table:
+        rng = np.random.default_rng(seed)
+        user, price = rng.integers(0, 30, rows), prices[rng.integers(0, len(prices), rows)]
+        logit = (user % 3 - 1.0) + (price > 20)
+        return pa.table({"user": pa.array(user), "price": pa.array(price),
+                         "clicked": pa.array((rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8))})
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(shop(1500, 0), raw / "a.parquet")
+    test_rows = shop(300, 1)
+    pq.write_table(test_rows, raw / "b.parquet")
+    (tmp_path / "columns.yaml").write_text("label: clicked\ncolumns:\n  user: {kind: categorical}\n  price: {kind: dense}\n")
+    data = tmp_path / "data"
+    assert main(["data", "import", "--spec", str(tmp_path / "columns.yaml"), "--out", str(data), "--split", "files",
+                 "--train-files", str(raw / "a.parquet"), "--test-files", str(raw / "b.parquet"), "--no-progress"]) == 0
+    (tmp_path / "cfg.yaml").write_text(f"""\
+run: {{name: m, out_dir: {tmp_path / 'runs'}, seed: 1, device: cpu}}
+data: {{path: {data}, batch_size: 256, eval_batch_size: 512, eval_split: test, in_memory: true}}
+features:
+  label: clicked
+  columns:
+    user: {{kind: categorical, vocab_size: auto}}
+    price: {{kind: dense, normalize: standard, buckets: auto}}
+model:
+  embedding_backend: torch
+  wide: {{features: [user, price]}}
+  deep: {{embeddings: {{user: 4, price: 4}}, dense: [], hidden: [8]}}
+train: {{epochs: 1, progress: false}}
+""")
+    assert main(["train", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "runs" / "m"), "--out", str(out)]) == 0
+    scorer = Scorer.load(out)
+    imported = read_split(data, "test")
+    np.testing.assert_array_equal(scorer.score(test_rows, raw=True), scorer.score(imported))
+    # the data set's rows with the prices as float64 (4.99, not 4.98999977): the same buckets
+    np.testing.assert_array_equal(scorer.score(imported.set_column(
+        imported.schema.get_field_index("price"), "price", test_rows["price"])), scorer.score(imported))
+    row = test_rows.slice(0, 1).to_pylist()[0]
+    assert scorer.score([{**row, "price": float("nan")}], raw=True) == pytest.approx(
+        scorer.score([{**row, "price": None}], raw=True), abs=0)

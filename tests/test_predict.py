@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -89,13 +90,48 @@ def test_parquet_files_with_a_key_column_and_bad_data_arguments(trained, tiny_da
     (broken / "manifest.json").unlink()
     csv = tmp_path / "rows.csv"
     csv.write_text("user_id,movie_id\n1,2\n")
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_text("not parquet")
+    worded = tmp_path / "worded.parquet"  # labels as words
+    test = read_split(tiny_data, "test")
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label",
+                                   pa.array(["yes"] * len(test))), worded)
+    (tmp_path / "afile").write_text("")
     capsys.readouterr()
     for args, message in [(["--data", str(broken)], "no manifest.json"),
+                          (["--data", str(corrupt)], "corrupt.parquet: not a readable Parquet file"),
+                          (["--data", str(worded)], "label column 'label' holds string values; labels must be 0 or 1"),
+                          (["--out", str(tmp_path / "afile" / "s.parquet")], "cannot create"),
+                          (["--out", str(tmp_path)], "is a folder; give a file name"),
                           (["--data", glob, "--split", "test"], "--split picks a split of a data set folder"),
                           (["--data", str(csv)], "wdl predict reads Parquet files"),
                           (["--data", glob, "--key", "score"], "the output already has a column"),
                           (["--data", glob, "--key", "nope"], "has no such column")]:
-        assert main(["predict", str(trained), *args, "--out", str(tmp_path / "bad.parquet")]) == 2
+        assert main(["predict", str(trained), "--out", str(tmp_path / "bad.parquet"), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_key_columns_of_other_integer_widths_and_a_run_that_selected_nothing(trained, tiny_data, tmp_path, capsys):
+    """--key reads each file's column as the scoring read it (an int32 file beside int64 ones is
+    widened); the default --checkpoint best of a run that selected no epoch on validation is
+    refused, not replaced silently by its newest (mid-epoch) checkpoint."""
+    test = read_split(tiny_data, "test")
+    half = len(test) // 2
+    pq.write_table(test.slice(0, half), tmp_path / "a.parquet")
+    narrow = test.slice(half)
+    pq.write_table(narrow.set_column(narrow.schema.get_field_index("user_id"), "user_id",
+                                     narrow["user_id"].cast(pa.int32())), tmp_path / "b.parquet")
+    out = tmp_path / "keyed.parquet"
+    assert main(["predict", str(trained), "--data", str(tmp_path / "*.parquet"), "--key", "user_id", "--out", str(out)]) == 0
+    assert pq.read_table(out)["user_id"].to_pylist() == test["user_id"].to_pylist()
+
+    config = write_tiny_config(tmp_path / "cut", tiny_data)
+    assert main(["train", "--config", str(config), "run.name=cut", "data.valid_fraction=0.2", "train.max_steps=10"]) == 0
+    run = tmp_path / "cut" / "runs" / "cut"
+    capsys.readouterr()
+    assert main(["predict", str(run), "--out", str(tmp_path / "s.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "selected no epoch on validation" in err and "--checkpoint latest" in err and "\n" not in err
+    assert main(["predict", str(run), "--checkpoint", "latest", "--out", str(tmp_path / "s.parquet")]) == 0

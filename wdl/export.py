@@ -89,10 +89,12 @@ def export_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.distributed.env import close_distributed, init_distributed
-    from wdl.predict import load_trained_model, pick_checkpoint, refuse_torchrun, run_folder
+    from wdl.predict import load_trained_model, output_path, pick_checkpoint, refuse_torchrun, run_folder
 
     run = run_folder(args, "export")
-    out = Path(args.out)
+    out = output_path(args.out, folder=True)
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise ConfigError(f"--out {args.out}: the export replaces that folder, and this shell is in it; give a new folder")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / ENCODING_FILE).is_file())):
         raise ConfigError(f"--out {out}: exists and is not an exported model folder; give a new or empty folder")
     refuse_torchrun("wdl export runs in one process (it reads every table whole)")

@@ -55,7 +55,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def predict_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
-    from wdl.data.parquet import StreamingLoader, list_row_groups
+    from wdl.data.parquet import StreamingLoader, concat_tables, list_row_groups, read_schema
     from wdl.distributed.env import all_gather_cat, close_distributed, init_distributed
     from wdl.train import run_log
     from wdl.train.evaluate import predict
@@ -63,7 +63,7 @@ def predict_main(args: argparse.Namespace) -> int:
     run = run_folder(args, "predict")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = Path(args.out)
+    out = output_path(args.out)
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as scores.parquet")
     cfg = load_config(run / "config.yaml")
@@ -77,7 +77,7 @@ def predict_main(args: argparse.Namespace) -> int:
         read = raw_rows_spec(cfg, manifest, spec) if args.raw else spec
         if not args.raw:
             _refuse_raw_values(files[0], manifest, spec, cfg.data.train_split)
-        names = set(pq.read_schema(files[0]).names)
+        names = set(read_schema(files[0]).names)
         read.has_labels = spec.label in names
         _check_keys(args.key, files)
         loader = StreamingLoader(list_row_groups(files, read), read, args.batch_size, rank=env.rank,
@@ -91,9 +91,8 @@ def predict_main(args: argparse.Namespace) -> int:
                        "score": pa.array(scores.numpy().astype(np.float32))}
             if read.has_labels:
                 columns["label"] = pa.array(labels.numpy().astype(np.int8))
-            for key in args.key:  # read in file order, as the rows were
-                columns[key] = pa.chunked_array([c for f in files for c in pq.read_table(f, columns=[key])[key].chunks],
-                                                type=pq.read_schema(files[0]).field(key).type)
+            for key in args.key:  # read in file order, as the rows were (widened as the scoring read them)
+                columns[key] = concat_tables([pq.read_table(f, columns=[key]) for f in files], files)[key]
             write_parquet(pa.table(columns), out)
             print(f"wdl: scored {len(scores)} rows of {where} with {ckpt} -> {out}", flush=True)
     finally:
@@ -134,7 +133,8 @@ def raw_rows_spec(cfg, manifest, spec):
     """What reads raw rows for this model (RawRows over the import's vocabularies); a one-line
     error for a model of a data set that `wdl data import` did not write."""
     from wdl.data.dataset import feature_spec
-    from wdl.data.raw_rows import RawRows, raw_vocabularies
+    from wdl.data.parquet import read_schema
+    from wdl.data.raw_rows import RawRows, numeric_types, raw_vocabularies
 
     raw = raw_vocabularies(manifest, spec)
     if not raw:
@@ -145,17 +145,19 @@ def raw_rows_spec(cfg, manifest, spec):
     for name, r in raw.items():
         columns[name] = dataclasses.replace(columns[name], vocab_size=None, vocab_file=str(r["vocab_file"]))
     raw_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, columns=columns))
-    schema = pq.read_schema(manifest.split(cfg.data.train_split).files[0].path)
-    return RawRows(feature_spec(raw_cfg, manifest), raw, {d.name: schema.field(d.name).type for d in spec.dense})
+    schema = read_schema(manifest.split(cfg.data.train_split).files[0].path)
+    raw_spec = feature_spec(raw_cfg, manifest)
+    return RawRows(raw_spec, raw, numeric_types(raw_spec, schema))
 
 
 def _refuse_raw_values(path: Path, manifest, spec, train_split: str) -> None:
     """A one-line error, naming --raw, for raw files of an imported set given without it: a
     column the data set holds as integer ids that holds strings here."""
+    from wdl.data.parquet import read_schema
     from wdl.data.raw_rows import raw_vocabularies
 
-    ids = pq.read_schema(manifest.split(train_split).files[0].path)
-    given = pq.read_schema(path)
+    ids = read_schema(manifest.split(train_split).files[0].path)
+    given = read_schema(path)
     for name in raw_vocabularies(manifest, spec):
         if name not in given.names or name not in ids.names:
             continue
@@ -171,11 +173,28 @@ def _check_keys(keys: list[str], files: list[Path]) -> None:
     for key in keys:
         if key in taken or keys.count(key) > 1:
             raise ConfigError(f"--key {key}: the output already has a column of that name")
+    from wdl.data.parquet import read_schema
+
     for f in files if keys else []:  # each file's footer read once, whatever the number of keys
-        names = set(pq.read_schema(f).names)
+        names = set(read_schema(f).names)
         for key in keys:
             if key not in names:
                 raise DataError(f"--key {key}: {f} has no such column")
+
+
+def output_path(given: str, folder: bool = False) -> Path:
+    """--out, checked before any work: its folder can be made and written, and it is not a
+    folder (a file is replaced; with `folder`, the caller says which folders it replaces)."""
+    out = Path(given).resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {given}: cannot create {out.parent} ({e.strerror or e})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {given}: cannot write into {out.parent} (permission denied)")
+    if out.is_dir() and not folder:
+        raise ConfigError(f"--out {given} is a folder; give a file name (e.g. {Path(given) / 'scores.parquet'})")
+    return out
 
 
 def write_parquet(table: pa.Table, out: Path) -> None:
@@ -223,6 +242,11 @@ def pick_checkpoint(run: Path, cfg, which: str) -> Path:
     if which in ("best", "latest"):
         if which == "best" and (folder / "best").is_dir():
             return folder / "best"
+        if which == "best" and (cfg.data.valid_split or cfg.data.valid_fraction > 0):
+            # The run selects on validation, and selected no whole epoch: its newest checkpoint
+            # is no choice of its own (perhaps a model cut mid-epoch), so it is not picked silently.
+            raise CheckpointError(f"{run} selected no epoch on validation (no {folder / 'best'}); score with "
+                                  "--checkpoint latest or a checkpoint folder")
         found = newest_good_checkpoint(folder)
         if found is None:
             raise CheckpointError(f"{run} has no complete checkpoint to score with (looked in {folder})")

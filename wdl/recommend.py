@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -55,14 +54,14 @@ def recommend_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.distributed.env import close_distributed, init_distributed
-    from wdl.predict import load_trained_model, pick_checkpoint, refuse_torchrun, run_folder, write_parquet
+    from wdl.predict import load_trained_model, output_path, pick_checkpoint, refuse_torchrun, run_folder, write_parquet
     from wdl.train import run_log
     from wdl.train.evaluate import predict
 
     run = run_folder(args, "recommend")
     if args.k < 1 or args.batch_size < 1:
         raise ConfigError(f"--k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
-    out = Path(args.out) if args.out else None
+    out = output_path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as top.parquet")
     refuse_torchrun("wdl recommend scores one user in one process")

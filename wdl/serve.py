@@ -42,8 +42,8 @@ import torch
 
 from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
 from wdl.data.features import FeatureSpec
-from wdl.data.raw_rows import RawRows
-from wdl.errors import ArtefactError, DataError
+from wdl.data.raw_rows import RawRows, numeric_types
+from wdl.errors import ArtefactError, ConfigError, DataError
 
 FORMAT = 1  # encoding.json's "format"; bumped when the layout changes
 MODEL_FILE = "model.pt2"
@@ -134,11 +134,11 @@ class Scorer:
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(enc["arrow_schema"])))
             raw = None
             if enc.get("raw"):
-                raw = RawRows(encoding_spec(enc, root, enc["raw"]), enc["raw"],
-                              {d["name"]: schema.field(d["name"]).type for d in enc["dense"]})
+                raw_spec = encoding_spec(enc, root, enc["raw"])
+                raw = RawRows(raw_spec, enc["raw"], numeric_types(raw_spec, schema))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtefactError(f"{root / ENCODING_FILE}: incomplete or malformed ({type(e).__name__}: {e})") from None
-        except DataError as e:  # e.g. a vocabulary file that cannot be read
+        except (DataError, ConfigError) as e:  # e.g. a vocabulary file that cannot be read
             raise ArtefactError(f"{root}: {e}") from None
         try:
             program = torch.export.load(root / MODEL_FILE).module()
@@ -157,6 +157,12 @@ class Scorer:
                             "holds them (raw=False)")
         spec = self.raw if raw else self.spec
         table = self._table(rows, raw)
+        if not raw:  # numbers in the data set's types: a float64 4.99 buckets as the stored float32 did
+            for i, f in enumerate(table.schema):
+                want = self.schema.field(f.name).type if f.name in self.schema.names else None
+                if want is not None and want != f.type and pa.types.is_floating(want) and (
+                        pa.types.is_floating(f.type) or pa.types.is_integer(f.type)):
+                    table = table.set_column(i, f.name, table.column(i).cast(want))
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float32)
         spec.check_schema(table.schema, "rows")

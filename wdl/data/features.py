@@ -222,7 +222,10 @@ class FeatureSpec:
                             tuple(k for k in self.sparse_keys if k in self.single_keys), multi, tuple(self.sparse_keys))
 
     def _labels(self, col: pa.Array, where: str) -> np.ndarray:
-        y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+        try:
+            y = np.array(pc.cast(col, pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise DataError(f"{where}: label column {self.label!r} holds {col.type} values; labels must be 0 or 1") from None
         bad = ~((y == 0.0) | (y == 1.0))  # NaN and nulls (NaN after conversion) are bad too
         if bad.any():
             row = int(np.flatnonzero(bad)[0])

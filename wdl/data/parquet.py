@@ -60,6 +60,11 @@ def read_row_group(u: RowGroup, columns: list[str], open_files: dict[Path, pq.Pa
         raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
 
 
+def read_schema(path: Path) -> pa.Schema:
+    """A Parquet file's Arrow schema (its footer only), or a DataError naming the file."""
+    return _open(path).schema_arrow
+
+
 def _open(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
@@ -196,7 +201,7 @@ class _PartStream:
                 pending.append((t, u))
                 have += t.num_rows
             units = list(dict.fromkeys(u for _, u in pending))
-            rows = _concat([t for t, _ in pending], units)
+            rows = concat_tables([t for t, _ in pending], [u.path for u in units])
             rest = rows.slice(need)
             pending, have = ([(rest, pending[-1][1])] if rest.num_rows else []), rest.num_rows
             yield first, rows.slice(0, need), units
@@ -229,13 +234,13 @@ class _PartStream:
                 yield table.slice(a, b) if order is None else table.take(order[a:b])
 
 
-def _concat(tables: list[pa.Table], units: list[RowGroup]) -> pa.Table:
-    """Row groups as one table, zero-copy (they become its chunks). Files may differ in integer
-    width or nullability (shards written by different tools): such columns are widened."""
+def concat_tables(tables: list[pa.Table], paths: list[Path]) -> pa.Table:
+    """Tables read from `paths` as one, zero-copy (they become its chunks). Files may differ in
+    integer width or nullability (shards written by different tools): such columns are widened."""
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        files = ", ".join(dict.fromkeys(str(u.path) for u in units))
+        files = ", ".join(dict.fromkeys(str(p) for p in paths))
         raise DataError(f"{files}: the files' columns have types that do not combine "
                         f"({str(e).splitlines()[0]})") from None
 

@@ -67,10 +67,20 @@ class RawRows:
         self.spec.has_labels = value
 
     def check_schema(self, schema: pa.Schema, where: str) -> None:
-        """As FeatureSpec's, on the schema the rows have once split (a string split is a list)."""
-        fields = [pa.field(f.name, pa.list_(pa.string())) if f.name in self.separators and _is_string(f.type) else f
-                  for f in schema]
+        """As FeatureSpec's, on the schema the rows have once prepared (a column of nulls only
+        typed, a string split into a list)."""
+        fields = []
+        for f in schema:
+            t = self._null_type(f.name) if pa.types.is_null(f.type) else f.type
+            fields.append(pa.field(f.name, pa.list_(pa.string()) if f.name in self.separators and _is_string(t) else t))
         self.spec.check_schema(pa.schema(fields), where)
+
+    def _null_type(self, name: str) -> pa.DataType:
+        """The type a column of nulls only is given (it has none of its own)."""
+        sc = self.spec.sparse.get(name)
+        if sc is not None and sc.vocab is not None:
+            return pa.list_(sc.vocab.type) if sc.kind == "multi_hot" and name not in self.separators else sc.vocab.type
+        return pa.list_(pa.int64()) if sc is not None and sc.kind == "multi_hot" else pa.float64()
 
     def encode(self, table: pa.Table | pa.RecordBatch, where: str) -> FeatureTable:
         return self.spec.encode(self.prepare(table), where)
@@ -83,15 +93,16 @@ class RawRows:
             table = pa.Table.from_batches([table])
         for i, name in enumerate(table.column_names):
             col = given = table.column(i)
-            sc, sep = self.spec.sparse.get(name), self.separators.get(name)
+            sep = self.separators.get(name)
             if pa.types.is_null(col.type):
-                if sc is not None and sc.vocab is not None:
-                    col = col.cast(pa.list_(sc.vocab.type) if sc.kind == "multi_hot" and sep is None else sc.vocab.type)
-                else:
-                    col = col.cast(pa.float64())
+                col = col.cast(self._null_type(name))
             want = self.dense_types.get(name)
-            if sc is None and want is not None and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-                col = pc.cast(pc.cast(col, pa.float64()), want)  # the import's float64 -> float32: the same numbers
+            if want is not None and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                # As the import stored them (dense and bucketed columns alike): float64 -> float32
+                # gives the same numbers, so the same buckets; NaN is missing, as the import reads it.
+                col = pc.cast(pc.cast(col, pa.float64()), want)
+                if pa.types.is_floating(want):
+                    col = pc.if_else(pc.is_nan(col), pa.scalar(None, want), col)
             if sep is not None and _is_string(col.type):
                 col = split_strings(col, sep)  # as the import split it
             if col is not given:
@@ -102,3 +113,10 @@ class RawRows:
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or (
         pa.types.is_dictionary(t) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)))
+
+
+def numeric_types(spec: FeatureSpec, schema: pa.Schema) -> dict[str, pa.DataType]:
+    """The stored type of every column the spec reads as a number: dense features and bucketed
+    columns (what RawRows casts raw numbers to)."""
+    names = [d.name for d in spec.dense] + [n for n, sc in spec.sparse.items() if sc.mode == "buckets"]
+    return {n: schema.field(n).type for n in names if n in schema.names}
