@@ -183,6 +183,7 @@ def test_files_split_and_refusing_to_overwrite(raw_dir, tmp_path, capsys):
     ("glob", "matches no files"),
     ("empty", "no rows"),
     ("bad_csv", "cannot read"),
+    ("label_words", "column 'clicked' is string but label needs 0/1 numbers or booleans"),
 ])
 def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
     spec = tmp_path / "s.yaml"
@@ -200,6 +201,10 @@ def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
     elif case == "empty":
         pq.write_table(raw_table(10).slice(0, 0), tmp_path / "e.parquet")
         inputs = [tmp_path / "e.parquet"]
+    elif case == "label_words":
+        words = pa.array(["yes", "no"] * 25)
+        pq.write_table(raw_table(50).set_column(5, "clicked", words), tmp_path / "w.parquet")
+        inputs, spec = [tmp_path / "w.parquet"], None
     elif case == "bad_csv":
         (tmp_path / "bad.csv").write_text('user,clicked\n1,0\n2,1,3,4\n"unterminated\n')
         inputs, spec = [tmp_path / "bad.csv"], None
@@ -223,3 +228,14 @@ def test_csv_boolean_categorical(tmp_path, capsys):
     rc, out, err = run(capsys, csv, "--label", "clicked", "--out", tmp_path / "ds")
     assert rc == 0, err
     assert json.loads((tmp_path / "ds" / "vocab" / "flag.json").read_text()) == [None, 1, 0]  # as int64 ids, most frequent first
+
+
+def test_integers_beyond_float64s_exact_range_import_as_dense(tmp_path, capsys):
+    """An event time in nanoseconds (~1.7e18) is an inferred dense column: it is rounded to the
+    float32 it is stored as, not refused by a cast that wants every integer exact."""
+    t = raw_table(2000)  # more than 1000 distinct values: inferred dense
+    t = t.append_column("event_ns", pa.array(1_700_000_000_000_000_000 + np.arange(2000) * 1_000_003, pa.int64()))
+    pq.write_table(t, tmp_path / "ns.parquet")
+    rc, out, err = run(capsys, tmp_path / "ns.parquet", "--label", "clicked", "--out", tmp_path / "ds")
+    assert rc == 0, err
+    assert load_manifest(tmp_path / "ds").columns["event_ns"]["kind"] == "dense"

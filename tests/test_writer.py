@@ -91,6 +91,29 @@ def test_exception_mid_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_with_writes_still_queued_leaves_nothing_and_returns(tmp_path):
+    """With a backlog (as the importer writes), writes queued behind the failing one are
+    cancelled: the abort must not wait for them forever."""
+    import threading
+
+    out, failed = tmp_path / "ds", []
+
+    def write() -> None:
+        try:
+            with DatasetWriter(out, name="t", row_group_rows=1000, backlog_bytes=1 << 30) as w:
+                for i in range(20):
+                    w.write("train", _table(10_000, start=i * 10_000))
+                raise RuntimeError("boom")
+        except RuntimeError as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and failed
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_data_set_refused_and_survives_failed_overwrite(tmp_path):
     out = tmp_path / "ds"
     w = DatasetWriter(out, name="old")

@@ -346,7 +346,9 @@ class DatasetWriter:
             if state.part is not None:
                 state.part.abandon()
                 state.part = None
-        wait([done for done, _ in self._backlog])  # no thread writes into the folder removed below
+        # No thread writes into the folder removed below. (Writes abandon() cancelled never run, and
+        # wait() never counts a cancelled future as done: waiting on them would hang.)
+        wait([done for done, _ in self._backlog if not done.cancelled()])
         self._backlog.clear()
         if not self._done:
             shutil.rmtree(self.tmp, ignore_errors=True)

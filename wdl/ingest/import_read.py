@@ -135,7 +135,11 @@ def positions(unit: Unit, row_start: int, n: int, rows: np.ndarray | None = None
 
 
 def labels(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
-    y = pc.cast(t.column(plan.spec.label), pa.float64()).to_numpy()  # nulls -> NaN, rejected below
+    try:
+        y = pc.cast(t.column(plan.spec.label), pa.float64(), safe=False).to_numpy()  # nulls -> NaN, rejected below
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{unit.path}: label {plan.spec.label!r} holds {t.column(plan.spec.label).type} values; "
+                        "labels must be 0/1 or true/false") from None
     bad = ~((y == 0) | (y == 1))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -145,7 +149,9 @@ def labels(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
 
 
 def dense_values(col, name: str, unit: Unit) -> np.ndarray:
-    x = pc.cast(col, pa.float64()).to_numpy()  # nulls -> NaN: both are missing values
+    # nulls -> NaN: both are missing values. Not a safe cast: an int64 beyond 2^53 (a timestamp in
+    # nanoseconds) is rounded, as its float32 will be anyway.
+    x = pc.cast(col, pa.float64(), safe=False).to_numpy()
     if np.isinf(x).any():
         raise DataError(f"{unit.path}: dense column {name!r} holds an infinite value")
     return x

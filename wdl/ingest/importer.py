@@ -115,7 +115,7 @@ def _types(spec: S.ImportSpec, schema: pa.Schema, where: str) -> dict[str, pa.Da
               "categorical": is_str or pa.types.is_integer(t) or pa.types.is_boolean(t),
               "multi_hot": (is_list and (pa.types.is_integer(t.value_type) or pa.types.is_string(t.value_type)
                                          or pa.types.is_large_string(t.value_type)))
-                           or (is_str and spec.columns[name].separator is not None)}[kind]
+                           or (is_str and name in spec.columns and spec.columns[name].separator is not None)}[kind]
         if not ok:
             need = {"label": "0/1 numbers or booleans", "dense": "numbers", "time": "numbers, dates or timestamps",
                     "categorical": "strings, integers or booleans",
