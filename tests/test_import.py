@@ -184,6 +184,7 @@ def test_files_split_and_refusing_to_overwrite(raw_dir, tmp_path, capsys):
     ("empty", "no rows"),
     ("bad_csv", "cannot read"),
     ("label_words", "column 'clicked' is string but label needs 0/1 numbers or booleans"),
+    ("seed", "split.seed: the seed must be an integer in [0, 2^63), got -1"),
 ])
 def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
     spec = tmp_path / "s.yaml"
@@ -209,6 +210,8 @@ def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
         (tmp_path / "bad.csv").write_text('user,clicked\n1,0\n2,1,3,4\n"unterminated\n')
         inputs, spec = [tmp_path / "bad.csv"], None
     args = [*inputs, "--out", tmp_path / "ds"] + (["--spec", spec] if spec else ["--label", "clicked"])
+    if case == "seed":
+        args += ["--seed", "-1"]
     rc, out, err = run(capsys, *args)
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -239,3 +242,24 @@ def test_integers_beyond_float64s_exact_range_import_as_dense(tmp_path, capsys):
     rc, out, err = run(capsys, tmp_path / "ns.parquet", "--label", "clicked", "--out", tmp_path / "ds")
     assert rc == 0, err
     assert load_manifest(tmp_path / "ds").columns["event_ns"]["kind"] == "dense"
+
+
+def test_each_input_file_is_read_once(tmp_path, capsys):
+    """A file named twice (a.parquet and ./a.parquet), or an earlier import's output inside the
+    scanned folder, adds no rows; a file in two splits of a files split is refused."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(raw_table(1000), raw / "a.parquet")
+    rc, out, err = run(capsys, raw, "--label", "clicked", "--out", raw / "ds")
+    assert rc == 0, err
+    once = load_manifest(raw / "ds")
+    rc, out, err = run(capsys, raw, "--label", "clicked", "--out", raw / "ds", "--overwrite")  # ds is inside raw now
+    assert rc == 0, err
+    again = load_manifest(raw / "ds")
+    assert {k: v.rows for k, v in again.splits.items()} == {k: v.rows for k, v in once.splits.items()}
+    rc, out, err = run(capsys, raw / "a.parquet", f"{raw}/./a.parquet", "--label", "clicked", "--out", tmp_path / "twice")
+    assert rc == 0, err
+    assert sum(v.rows for v in load_manifest(tmp_path / "twice").splits.values()) == 1000
+    rc, out, err = run(capsys, "--label", "clicked", "--out", tmp_path / "both", "--train-files", str(raw / "a.parquet"),
+                       "--test-files", f"{raw}/./a.parquet")
+    assert rc == 2 and "is in both the train and the test files" in err

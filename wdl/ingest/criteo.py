@@ -41,7 +41,7 @@ from wdl.errors import DataError
 from wdl.ingest import criteo_tsv
 from wdl.ingest.criteo_passes import Plan, count_job, encode_job, init_worker
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, Block, Parsed
-from wdl.ingest.options import from_args, resolve
+from wdl.ingest.options import from_args, resolve, seed_problem
 from wdl.ingest.pool import ordered_map
 
 DEFAULT_HASH_BUCKETS = 1_000_000
@@ -74,6 +74,8 @@ class CriteoOptions:
     block_bytes: int = criteo_tsv.BLOCK_BYTES  # text per parse call
 
     def __post_init__(self) -> None:
+        if (problem := seed_problem(self.seed)) is not None:
+            raise DataError(f"--seed: {problem}")
         if self.hash_buckets is not None and self.min_frequency is not None:
             raise DataError("give --hash-buckets or --min-frequency, not both")
         if self.buckets is not None and self.buckets < 2:

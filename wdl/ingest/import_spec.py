@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import yaml
 
 from wdl.errors import ConfigError
+from wdl.ingest.options import seed_problem
 
 KINDS = ("categorical", "multi_hot", "dense")
 SPLITS = ("random", "time", "files")
@@ -153,6 +154,8 @@ def check_split(where: str, s: SplitSpec) -> SplitSpec:
     if s.kind not in SPLITS:
         raise ConfigError(f"{where}.kind: expected one of {', '.join(SPLITS)}, got {s.kind!r}")
     if s.kind == "random":
+        if (problem := seed_problem(s.seed)) is not None:
+            raise ConfigError(f"{where}.seed: {problem}")
         tf, vf = s.test_fraction, s.valid_fraction
         if not all(isinstance(x, (int, float)) for x in (tf, vf)) or not (0 <= tf < 1 and 0 <= vf < 1 and tf + vf < 1):
             raise ConfigError(f"{where}: test_fraction {tf} and valid_fraction {vf} must be in [0, 1) and leave rows to train on")

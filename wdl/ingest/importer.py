@@ -59,14 +59,16 @@ def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str
             if not found:
                 raise DataError(f"input {p!r} matches no files")
         elif os.path.isdir(p):
-            found = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and _format(str(f), "auto"))
+            found = sorted(str(f) for f in Path(p).rglob("*")
+                           if f.is_file() and _format(str(f), "auto") and not _in_data_set(f, Path(p)))
             if not found:
-                raise DataError(f"input folder {p} holds no .parquet or .csv files")
+                raise DataError(f"input folder {p} holds no .parquet or .csv files (beside wdl data sets)")
         elif os.path.isfile(p):
             found = [p]
         else:
             raise DataError(f"input {p} does not exist")
-        files += [f for f in found if f not in files]
+        # one file named two ways (a.parquet, ./a.parquet) is read once
+        files += [f for f in found if os.path.realpath(f) not in {os.path.realpath(g) for g in files}]
     out = []
     for f in files:
         kind = _format(f, fmt)
@@ -232,12 +234,29 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     return summary
 
 
+def _in_data_set(f: Path, top: Path) -> bool:
+    """`f` lies in a wdl data set below the scanned folder `top` (an earlier import's output, or
+    one being written): its ids are not raw rows."""
+    for parent in f.parents:
+        if parent == top:
+            return False
+        if (parent / "manifest.json").exists() or ".tmp-" in parent.name or ".old-" in parent.name:
+            return True
+    return False
+
+
 def _input_files(inputs: list[str], split: S.SplitSpec, fmt: str) -> list[tuple[str, str, int | None]]:
     """(path, format, split code of a files split or None) of every input file."""
     if split.kind == "files":
         if inputs:
             raise DataError("a files split takes its inputs per split (--train-files ...), not as INPUT")
-        return [(p, f, S.SPLIT_NAMES.index(k)) for k, globs in split.files.items() for p, f in expand_inputs(globs, fmt)]
+        out = [(p, f, S.SPLIT_NAMES.index(k)) for k, globs in split.files.items() for p, f in expand_inputs(globs, fmt)]
+        first: dict[str, str] = {}
+        for p, _, code in out:
+            other = first.setdefault(os.path.realpath(p), S.SPLIT_NAMES[code])
+            if other != S.SPLIT_NAMES[code]:
+                raise DataError(f"input {p} is in both the {other} and the {S.SPLIT_NAMES[code]} files: its rows would be in both")
+        return out
     if not inputs:
         raise DataError("no input given (files, folders or globs of .parquet / .csv files)")
     return [(p, f, None) for p, f in expand_inputs(inputs, fmt)]

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 from wdl.ingest.grouplens import Source as _Source
 from wdl.ingest.grouplens import default_cache_dir, file_hashes as _hashes, resolve_source as _resolve_source
 from wdl.ingest.movielens_ids import Encoded, encode_release
-from wdl.ingest.options import from_args, resolve
+from wdl.ingest.options import from_args, resolve, seed_problem
 from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 
@@ -65,6 +65,8 @@ class MovieLensOptions:
     row_group_rows: int = 16384
 
     def __post_init__(self) -> None:
+        if (problem := seed_problem(self.seed)) is not None:
+            raise DataError(f"--seed: {problem}")
         if self.split not in SPLITS:
             raise DataError(f"unknown split {self.split!r} (random or temporal)")
         if self.temporal_cutoff is not None and self.split != "temporal":

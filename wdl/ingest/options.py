@@ -23,3 +23,11 @@ def from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The fields of options class `cls` that the parsed command line `args` holds."""
     given = vars(args)
     return {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+
+
+def seed_problem(seed: Any) -> str | None:
+    """Why `seed` cannot seed a data command (it is hashed as an unsigned 64-bit number and fed to
+    numpy's generators), or None."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        return f"the seed must be an integer in [0, 2^63), got {seed!r}"
+    return None

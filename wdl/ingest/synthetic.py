@@ -39,7 +39,7 @@ from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 from wdl.ingest import planted
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, format_hex32
-from wdl.ingest.options import from_args, resolve
+from wdl.ingest.options import from_args, resolve, seed_problem
 from wdl.ingest.pool import ordered_map
 
 CHUNK_ROWS = 1 << 17
@@ -65,6 +65,8 @@ class GenerateOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if (problem := seed_problem(self.seed)) is not None:
+            raise DataError(f"--seed: {problem}")
         if self.fmt not in FORMATS:
             raise DataError(f"unknown format {self.fmt!r} (parquet or criteo-tsv)")
         if not (0 < self.test_fraction < 1 and 0 <= self.valid_fraction < 1
