@@ -185,6 +185,8 @@ def test_files_split_and_refusing_to_overwrite(raw_dir, tmp_path, capsys):
     ("bad_csv", "cannot read"),
     ("label_words", "column 'clicked' is string but label needs 0/1 numbers or booleans"),
     ("seed", "split.seed: the seed must be an integer in [0, 2^63), got -1"),
+    ("top_k", "--top-k must be an integer >= 1, got 0"),
+    ("twice", "column 'user' appears 2 times"),
 ])
 def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
     spec = tmp_path / "s.yaml"
@@ -212,6 +214,11 @@ def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
     args = [*inputs, "--out", tmp_path / "ds"] + (["--spec", spec] if spec else ["--label", "clicked"])
     if case == "seed":
         args += ["--seed", "-1"]
+    elif case == "top_k":
+        args = [*inputs, "--out", tmp_path / "ds", "--label", "clicked", "--top-k", "0"]
+    elif case == "twice":
+        (tmp_path / "twice.csv").write_text("user,user,clicked\n1,2,0\n3,4,1\n")
+        args = [tmp_path / "twice.csv", "--out", tmp_path / "ds", "--label", "clicked"]
     rc, out, err = run(capsys, *args)
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -250,6 +257,7 @@ def test_each_input_file_is_read_once(tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
     pq.write_table(raw_table(1000), raw / "a.parquet")
+    (raw / "README.txt.gz").write_bytes(b"")  # not a CSV file: only .csv.gz is
     rc, out, err = run(capsys, raw, "--label", "clicked", "--out", raw / "ds")
     assert rc == 0, err
     once = load_manifest(raw / "ds")

@@ -101,6 +101,10 @@ class ImportOptions:
                 raise ConfigError(f"--kind {f'{col}={kind}'!r}: expected COL=KIND with KIND one of {', '.join(KINDS)}")
         if self.spec is not None and self.kinds:
             raise ConfigError("--kind is for inferred columns; with --spec, give kinds in the spec")
+        for flag, value, low in [("--min-frequency", self.min_frequency, 1), ("--top-k", self.top_k, 1),
+                                 ("--max-categories", self.max_categories, 0), ("--buckets", self.buckets, 0)]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
 
 
 def _check_keys(where: str, raw: Any, cls) -> dict:

@@ -37,7 +37,7 @@ from wdl.ingest.import_read import Plan, Unit
 from wdl.ingest.options import resolve
 from wdl.ingest.pool import ordered_map
 
-SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".gz": "csv"}
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}  # and .csv.gz
 UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker
 CSV_POOL_BYTES = 256 << 20  # a CSV file is one unit: larger ones are encoded in-process, streaming
 SAMPLE_ROWS = 100_000  # rows read to infer kinds
@@ -84,7 +84,7 @@ def _format(path: str, fmt: str) -> str | None:
     if fmt != "auto":
         return fmt
     name = path.lower()
-    return SUFFIXES.get(Path(name).suffix) if not name.endswith(".gz") or name.endswith(".csv.gz") else "csv"
+    return "csv" if name.endswith(".csv.gz") else SUFFIXES.get(Path(name).suffix)  # not any .gz: a README.txt.gz
 
 
 def _first_rows(path: str, fmt: str, rows: int = SAMPLE_ROWS) -> pa.Table:
@@ -200,6 +200,10 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     split = opts.split or (opts.spec.split if opts.spec else S.SplitSpec())
     files = _input_files(inputs, split, opts.fmt)
     first = _first_rows(files[0][0], files[0][1], 0 if opts.spec else SAMPLE_ROWS)  # rows only to infer kinds
+    names = first.schema.names
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{files[0][0]}: column {twice!r} appears {names.count(twice)} times; give each column its own name")
     spec = _columns_spec(opts, split, first, files[0][0])
     types = _types(spec, first.schema, files[0][0])
     strings = [n for n, t in types.items() if n in spec.columns
