@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -135,3 +136,15 @@ def test_key_columns_of_other_integer_widths_and_a_run_that_selected_nothing(tra
     err = capsys.readouterr().err.strip()
     assert "selected no epoch on validation" in err and "--checkpoint latest" in err and "\n" not in err
     assert main(["predict", str(run), "--checkpoint", "latest", "--out", str(tmp_path / "s.parquet")]) == 0
+
+
+def test_ids_outside_the_vocabularies_are_said(trained, tiny_data, tmp_path, capsys):
+    """Rows whose ids the model never had (new users, or raw values given as ids) are scored as
+    the unknown id 0, and said on stderr: a warning above data.max_unknown_fraction."""
+    test = read_split(tiny_data, "test")
+    col = test.schema.get_field_index("user_id")
+    pq.write_table(test.set_column(col, "user_id", pa.compute.add(test["user_id"], 10**6)), tmp_path / "new.parquet")
+    capsys.readouterr()
+    assert main(["predict", str(trained), "--data", str(tmp_path / "new.parquet"), "--out", str(tmp_path / "s.parquet")]) == 0
+    err = capsys.readouterr().err
+    assert "wdl: warning: unknown ids (id 0)" in err and "user_id 100.00% out of vocabulary" in err

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def predict_main(args: argparse.Namespace) -> int:
     from wdl.config import load_config
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.data.parquet import StreamingLoader, concat_tables, list_row_groups, read_schema
+    from wdl.data.raw_rows import raw_vocabularies
     from wdl.distributed.env import all_gather_cat, close_distributed, init_distributed
     from wdl.train import run_log
     from wdl.train.evaluate import predict
@@ -95,10 +97,27 @@ def predict_main(args: argparse.Namespace) -> int:
                 columns[key] = concat_tables([pq.read_table(f, columns=[key]) for f in files], files)[key]
             write_parquet(pa.table(columns), out)
             print(f"wdl: scored {len(scores)} rows of {where} with {ckpt} -> {out}", flush=True)
+            _say_unknown(read.take_unknown_counts(), where, cfg.data.max_unknown_fraction,
+                         hint=not args.raw and bool(raw_vocabularies(manifest, spec)))
     finally:
         run_log.release()
         close_distributed()
     return 0
+
+
+def _say_unknown(counts: dict[str, dict[str, int]], where: str, max_fraction: float, hint: bool) -> None:
+    """The ids the vocabularies could not honour (scored as the unknown id 0), on stderr: a
+    warning when a column's share passes data.max_unknown_fraction, where training would stop.
+    (Scoring goes on: new users and items are what a trained model often meets.)"""
+    from wdl.data.dataset import check_unknown
+
+    line = check_unknown({where: counts}, 1.0)
+    if line is None:
+        return
+    worst = max((c["out_of_vocab"] / max(c["values"], 1) for c in counts.values()), default=0.0)
+    if worst > max_fraction:
+        line = f"warning: {line}" + ("; raw values of an imported set? score them with --raw" if hint else "")
+    print(f"wdl: {line}", file=sys.stderr, flush=True)
 
 
 def _inputs(args: argparse.Namespace, manifest, eval_split: str) -> tuple[list[Path], str]:
