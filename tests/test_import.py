@@ -271,3 +271,18 @@ def test_each_input_file_is_read_once(tmp_path, capsys):
     rc, out, err = run(capsys, "--label", "clicked", "--out", tmp_path / "both", "--train-files", str(raw / "a.parquet"),
                        "--test-files", f"{raw}/./a.parquet")
     assert rc == 2 and "is in both the train and the test files" in err
+
+
+def test_column_names_that_are_no_file_names_get_vocabularies(tmp_path, capsys):
+    """CSV headers such as "user id" or "Größe": their vocabulary files get names of their own
+    (recorded in the manifest), and the import decodes back to the raw values."""
+    rows = ["user id,Größe,clicked"] + [f"{i % 7},{'abc'[i % 3]},{i % 2}" for i in range(60)]
+    (tmp_path / "a.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    rc, out, err = run(capsys, tmp_path / "a.csv", "--label", "clicked", "--out", tmp_path / "ds",
+                       "--kind", "user id=categorical")
+    assert rc == 0, err
+    m = load_manifest(tmp_path / "ds")
+    files = {c: m.columns[c]["vocab_file"] for c in ("user id", "Größe")}
+    assert len(set(files.values())) == 2 and all((tmp_path / "ds" / f).is_file() for f in files.values())
+    vocab = json.loads((tmp_path / "ds" / files["Größe"]).read_text(encoding="utf-8"))
+    assert vocab[0] is None and sorted(vocab[1:]) == ["a", "b", "c"]

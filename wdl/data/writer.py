@@ -14,6 +14,7 @@ or Ctrl-C never leaves something at DIR that looks like a finished data set.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -208,16 +209,22 @@ class DatasetWriter:
             done.result()
 
     def write_vocab(self, column: str, values: list) -> str:
-        """Write vocab/<column>.json and return its path relative to the data set.
+        """Write vocab/<column>.json and return its path relative to the data set (the manifest
+        records it). A column named otherwise than a file may be ("user id", "Größe", "a/b")
+        gets a file name of its own: the name with those characters as "_", and a hash of it.
 
         `values` are the raw values of ids 1..len(values); the file stores `[null, *values]`
         so that position i is id i and id 0 stays out-of-vocabulary. vocab_size is
         len(values) + 1.
         """
         self._check_open()
-        if not _NAME_RE.match(column):
+        if not isinstance(column, str) or not column:
             raise DataError(f"invalid vocabulary column name {column!r}")
-        rel = f"vocab/{column}.json"
+        if _NAME_RE.match(column):
+            rel = f"vocab/{column}.json"
+        else:
+            digest = hashlib.blake2b(column.encode(), digest_size=4).hexdigest()
+            rel = f"vocab/{re.sub(r'[^A-Za-z0-9_.-]', '_', column)[:64]}-{digest}.json"
         try:
             (self.tmp / "vocab").mkdir(exist_ok=True)
             with open(self.tmp / rel, "w", encoding="utf-8") as f:
