@@ -187,6 +187,8 @@ def test_files_split_and_refusing_to_overwrite(raw_dir, tmp_path, capsys):
     ("seed", "split.seed: the seed must be an integer in [0, 2^63), got -1"),
     ("top_k", "--top-k must be an integer >= 1, got 0"),
     ("twice", "column 'user' appears 2 times"),
+    ("stray_flag", "--test-from does not apply to a random split"),
+    ("empty_valid", "valid_from 5 is not before test_from 3: the valid split would be empty"),
 ])
 def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
     spec = tmp_path / "s.yaml"
@@ -216,6 +218,11 @@ def test_bad_input_is_one_line_exit_2(raw_dir, tmp_path, capsys, case, message):
         args += ["--seed", "-1"]
     elif case == "top_k":
         args = [*inputs, "--out", tmp_path / "ds", "--label", "clicked", "--top-k", "0"]
+    elif case == "stray_flag":
+        args = [*inputs, "--out", tmp_path / "ds", "--label", "clicked", "--test-from", "2024-04-01"]
+    elif case == "empty_valid":
+        args = [*inputs, "--out", tmp_path / "ds", "--label", "clicked", "--split", "time", "--time-column", "user",
+                "--valid-from", "5", "--test-from", "3"]
     elif case == "twice":
         (tmp_path / "twice.csv").write_text("user,user,clicked\n1,2,0\n3,4,1\n")
         args = [tmp_path / "twice.csv", "--out", tmp_path / "ds", "--label", "clicked"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import yaml
 
+from wdl.errors import ConfigError
 from wdl.ingest import import_spec as S
 from wdl.ingest.importer import import_data
 from wdl.ingest.options import from_args
@@ -57,6 +58,12 @@ def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
     if kind is None and not given:
         return base
     s = base if base is not None and kind in (None, base.kind) else S.SplitSpec(kind=kind or "random")
+    belongs = {"random": {"seed", "test_fraction", "valid_fraction"}, "time": {"column", "valid_from", "test_from"}}
+    stray = [k for k in given if k not in belongs.get(s.kind, set())]
+    if stray:
+        flag = "--time-column" if stray[0] == "column" else "--" + stray[0].replace("_", "-")
+        raise ConfigError(f"{flag} does not apply to a {s.kind} split"
+                          + (" (a time split: --split time --time-column COL)" if stray[0] in belongs["time"] else ""))
     for k, v in given.items():
         setattr(s, k, v)
     if files:

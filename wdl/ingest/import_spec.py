@@ -166,6 +166,13 @@ def check_split(where: str, s: SplitSpec) -> SplitSpec:
     if s.kind == "time":
         if not s.column or s.test_from is None:
             raise ConfigError(f"{where}: a time split needs 'column' and 'test_from' (and optionally 'valid_from')")
+        try:
+            empty_valid = s.valid_from is not None and not s.valid_from < s.test_from
+        except TypeError:  # a date and a number: compared once the column's type is known
+            empty_valid = False
+        if empty_valid:
+            raise ConfigError(f"{where}: valid_from {s.valid_from} is not before test_from {s.test_from}: "
+                              "the valid split would be empty")
     if s.kind == "files":
         bad = sorted(set(s.files) - set(SPLIT_NAMES))
         if bad or "train" not in s.files:
