@@ -239,3 +239,16 @@ train: {{epochs: 1, progress: false}}
     row = test_rows.slice(0, 1).to_pylist()[0]
     assert scorer.score([{**row, "price": float("nan")}], raw=True) == pytest.approx(
         scorer.score([{**row, "price": None}], raw=True), abs=0)
+
+
+def test_a_bf16_models_export_says_it_scores_in_float32(tiny_data, tmp_path, capsys):
+    """The exported MLP is float32; a model trained with its MLP in bf16 scores near, not exactly
+    as, wdl predict (bf16), and the export says so."""
+    run = _train(tmp_path, tiny_data, "model.deep.precision=bf16")
+    predicted, out = tmp_path / "scores.parquet", tmp_path / "exported"
+    assert main(["predict", str(run), "--out", str(predicted)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert "exported MLP runs in float32" in capsys.readouterr().err
+    scores = Scorer.load(out).score(read_split(tiny_data, "test"))
+    np.testing.assert_allclose(scores, pq.read_table(predicted)["score"].to_numpy(), rtol=0, atol=5e-3)

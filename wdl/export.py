@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,11 @@ def export_main(args: argparse.Namespace) -> int:
             shutil.rmtree(out)
         tmp.rename(out)
         print(f"wdl: exported {ckpt} -> {out} ({MODEL_FILE}, {ENCODING_FILE})", flush=True)
+        if cfg.model.deep.precision == "bf16":
+            # The program's MLP is float32: it scores as the bf16-trained weights do in float32,
+            # up to about 1e-3 from wdl predict, which runs the MLP in bf16 as training did.
+            print("wdl: note: model.deep.precision=bf16: the exported MLP runs in float32, so its scores differ "
+                  "from wdl predict's (bf16) by up to about 1e-3", file=sys.stderr, flush=True)
     finally:
         close_distributed()
     return 0
