@@ -66,8 +66,6 @@ def predict_main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = output_path(args.out)
-    if out.exists() and out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a file name such as scores.parquet")
     cfg = load_config(run / "config.yaml")
     ckpt = pick_checkpoint(run, cfg, args.checkpoint)
     run_log.capture()
@@ -188,12 +186,12 @@ def _refuse_raw_values(path: Path, manifest, spec, train_split: str) -> None:
 
 
 def _check_keys(keys: list[str], files: list[Path]) -> None:
+    from wdl.data.parquet import read_schema
+
     taken = {"row", "score", "label"}
     for key in keys:
         if key in taken or keys.count(key) > 1:
             raise ConfigError(f"--key {key}: the output already has a column of that name")
-    from wdl.data.parquet import read_schema
-
     for f in files if keys else []:  # each file's footer read once, whatever the number of keys
         names = set(read_schema(f).names)
         for key in keys:

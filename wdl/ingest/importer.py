@@ -53,6 +53,7 @@ WRITE_BACKLOG = 64 << 20
 def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
     """(path, format) of every file named by `patterns` (files, folders, globs), in order."""
     files: list[str] = []
+    seen: set[str] = set()  # real paths: one file named two ways (a.parquet, ./a.parquet) is read once
     for p in patterns:
         if glob.has_magic(p):
             found = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
@@ -67,8 +68,10 @@ def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str
             found = [p]
         else:
             raise DataError(f"input {p} does not exist")
-        # one file named two ways (a.parquet, ./a.parquet) is read once
-        files += [f for f in found if os.path.realpath(f) not in {os.path.realpath(g) for g in files}]
+        for f in found:
+            if (real := os.path.realpath(f)) not in seen:
+                seen.add(real)
+                files.append(f)
     out = []
     for f in files:
         kind = _format(f, fmt)
