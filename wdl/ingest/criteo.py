@@ -38,11 +38,11 @@ import pyarrow as pa
 from wdl.data.column_stats import RunningStats
 from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
-from wdl.ingest import criteo_tsv
+from wdl.ingest import criteo_tsv, leftovers
 from wdl.ingest.criteo_passes import Plan, count_job, encode_job, init_worker
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, Block, Parsed
 from wdl.ingest.options import from_args, resolve, seed_problem
-from wdl.ingest.pool import ordered_map
+from wdl.ingest.pool import ordered_map, worker_count
 
 DEFAULT_HASH_BUCKETS = 1_000_000
 ON_BAD_LINE = ("error", "skip", "warn")
@@ -221,18 +221,17 @@ def prepare_criteo(inputs, out, opts: CriteoOptions | None = None, **options) ->
     inputs = [str(p) for p in inputs]
     if not inputs:
         raise DataError("no --input files given")
-    for p in inputs:
-        if not os.path.isfile(p):
-            raise DataError(f"input {p} does not exist or is not a file")
+    _check_inputs(inputs)
     opts = resolve(CriteoOptions, opts, options)
     kind, rules, half, split_info = _plan_splits(inputs, opts)
     plan = Plan(kind, rules, half, opts.seed, opts.test_fraction, opts.valid_fraction, opts.dense_transform,
                 opts.buckets)
-    workers = max(1, int(opts.workers))
+    workers = worker_count(opts.workers)
     start = time.perf_counter()
 
+    leftovers.clear_stale(out)
     with DatasetWriter(out, name="criteo", overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
-                       row_group_rows=opts.row_group_rows) as w:
+                       row_group_rows=opts.row_group_rows) as w, leftovers.hold(w.tmp):
         if opts.min_frequency is not None:
             plan.vocabs = _count_vocabs(inputs, plan, workers, opts)
         tally, stats = _encode(w, inputs, plan, workers, opts, start)
@@ -252,6 +251,20 @@ def prepare_criteo(inputs, out, opts: CriteoOptions | None = None, **options) ->
         extra = {"counts": summary, **_planted_info(inputs, kind)}
         w.commit(source=source, label="label", columns=columns, split=split_info, extra=extra)
     return summary
+
+
+def _check_inputs(inputs: list[str]) -> None:
+    """Every input is a file, and no file comes twice (named twice, through a link, or by two
+    globs): its lines would be rows twice, and the random split would put copies in train and test."""
+    seen: dict = {}
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise DataError(f"input {p} does not exist or is not a file")
+        st = os.stat(p)
+        for key in (os.path.realpath(p), (st.st_dev, st.st_ino)):
+            if key in seen:
+                raise DataError(f"input {p} is the same file as {seen[key]}: give each file once")
+            seen[key] = p
 
 
 def _encode(w: DatasetWriter, inputs: list[str], plan: Plan, workers: int, opts: CriteoOptions,

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from wdl.data.hashing import mix64, unit_uniform
+from wdl.errors import DataError
 from wdl.ingest import criteo_tsv
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, Block, Parsed
 
@@ -74,6 +75,7 @@ def encode_job(block: Block) -> tuple[Block, Parsed, dict[str, pa.Table]]:
         dense = np.maximum(dense, 0.0)
     if plan.dense_transform == "log1p":
         dense = np.log1p(dense)
+    _check_float32(dense, p, block, plan.dense_transform)
     ids = np.zeros(p.cat.shape, dtype=np.int64)
     for j in range(len(CATEGORICAL)):
         v = p.cat[:, j]
@@ -95,6 +97,16 @@ def encode_job(block: Block) -> tuple[Block, Parsed, dict[str, pa.Table]]:
             cols.update({c: pa.array(ids[rows, j]) for j, c in enumerate(CATEGORICAL)})
             tables[name] = pa.table(cols)
     return _strip(block), _strip_parsed(p), tables
+
+
+def _check_float32(dense: np.ndarray, p: Parsed, block: Block, transform: str) -> None:
+    """The data set stores float32: a value beyond its range would be written as inf (and make
+    the manifest's statistics NaN)."""
+    out = np.abs(dense) > np.finfo(np.float32).max
+    if out.any():
+        row, j = map(int, np.argwhere(out)[0])
+        raise DataError(f"{block.path}:{int(p.lines[row])}: {DENSE[j]} value {dense[row, j]:g} is beyond float32's range "
+                        f"(+-{np.finfo(np.float32).max:.1e}) with --dense-transform {transform}; log1p keeps it in range")
 
 
 def _strip(block: Block) -> Block:

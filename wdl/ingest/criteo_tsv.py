@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from wdl.errors import DataError
+from wdl.errors import DataError, clip
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -160,7 +160,7 @@ def parse_block(block: Block) -> Parsed:
         )
     except (pa.ArrowException, UnicodeDecodeError) as e:
         raise DataError(f"{block.path}: cannot parse lines {block.first_line}-{block.first_line + block.lines - 1} "
-                        f"as TSV ({str(e).splitlines()[0]})") from None
+                        f"as TSV ({clip(str(e).splitlines()[0])})") from None
     n = table.num_rows
     # Line number of every parsed row: the block's lines minus those skipped for their field count.
     skipped = np.array([ln for ln, _ in wrong_count], dtype=np.int64) - block.first_line
@@ -180,7 +180,7 @@ def parse_block(block: Block) -> Parsed:
     label_col = table.column("label").combine_chunks()
     label_f = _to_float(label_col)
     label_ok = (label_f == 0) | (label_f == 1)
-    mark(~label_ok, "label", lambda r: f"label {label_col[r].as_py()!r} is not 0 or 1")
+    mark(~label_ok, "label", lambda r: f"label {clip(repr(label_col[r].as_py()))} is not 0 or 1")
 
     dense = np.empty((n, len(DENSE)), dtype=np.float64)
     for j, name in enumerate(DENSE):
@@ -188,7 +188,7 @@ def parse_block(block: Block) -> Parsed:
         x = _to_float(col)
         missing = col.is_null().to_numpy(zero_copy_only=False)
         broken = ~missing & ~np.isfinite(x)
-        mark(broken, "dense", lambda r, col=col, name=name: f"{name} value {col[r].as_py()!r} is not a finite number")
+        mark(broken, "dense", lambda r, col=col, name=name: f"{name} value {clip(repr(col[r].as_py()))} is not a finite number")
         dense[:, j] = np.where(missing, np.nan, x)
 
     cat = np.zeros((n, len(CATEGORICAL)), dtype=np.uint32)
@@ -197,7 +197,7 @@ def parse_block(block: Block) -> Parsed:
         col = table.column(name).combine_chunks()
         values, missing, broken = _hex32(col)
         mark(broken, "categorical",
-             lambda r, col=col, name=name: f"{name} value {col[r].as_py()!r} is not 8 hex digits")
+             lambda r, col=col, name=name: f"{name} value {clip(repr(col[r].as_py()))} is not 8 hex digits")
         cat[:, j], cat_missing[:, j] = values, missing
 
     counts = {reason: int((bad == i + 1).sum()) for i, reason in enumerate(REASONS)}

@@ -37,6 +37,9 @@ def add_import_arguments(parser) -> None:
     for k in S.SPLIT_NAMES:
         add(f"--{k}-files", nargs="+", default=None, help=f"files split: the {k} files, folders or globs")
     add("--format", dest="fmt", choices=S.FORMATS, default=d.fmt, help="input format (default: by file name)")
+    add("--null-values", action="append", default=None, metavar="TEXT",
+        help="CSV: a text read as null (missing); repeatable; replaces the default, the empty field only "
+             "(so NA, null, NaN are values unless listed; a dense column's NaN is missing anyway)")
     add("--workers", type=int, default=d.workers, help=f"processes over Parquet row groups / files (default {d.workers})")
     add("--buckets", type=int, default=d.buckets,
         help=f"dense columns: equal-frequency bucket edges to record (default {d.buckets})")
@@ -74,7 +77,8 @@ def split_from_args(args, base: S.SplitSpec | None) -> S.SplitSpec | None:
 def run_import(args) -> int:
     kinds = dict(item.partition("=")[::2] for item in args.kind)  # COL=KIND, checked by S.ImportOptions
     spec = S.load_spec(args.spec) if args.spec else None
-    options = {**from_args(S.ImportOptions, args), "spec": spec, "kinds": kinds,
+    given = {k: v for k, v in from_args(S.ImportOptions, args).items() if not (k == "null_values" and v is None)}
+    options = {**given, "spec": spec, "kinds": kinds,
                "split": split_from_args(args, spec.split if spec else None)}
     summary = import_data(args.inputs, args.out, **options)
     print(format_summary(args.out, summary))

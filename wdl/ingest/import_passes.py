@@ -141,7 +141,8 @@ def _train_stats(plan: Plan, unit: Unit, t: pa.Table, row_start: int, is_train: 
             out.counts[name].add_array(values, None if mask is None else np.repeat(mask, lengths))
         else:
             train = np.flatnonzero(is_train)
-            x, d = dense_values(t.column(name).take(train) if mask is not None else t.column(name), name, unit), out.dense[name]
+            col = t.column(name).take(train) if mask is not None else t.column(name)
+            x, d = dense_values(col, name, unit, row_start, train), out.dense[name]
             ok = ~np.isnan(x)
             d.stats.update(x)
             d.missing += int((~ok).sum())
@@ -206,7 +207,7 @@ def encode(unit: Unit):
         cols = {plan.spec.label: pa.array(labels(plan, unit, t, row_start), pa.int8())}
         unknown = {}  # column -> [[values, unknown, null] per split]
         for name, c in plan.spec.columns.items():
-            cols[name], unknown[name] = _ENCODE[c.kind](plan, name, t.column(name), unit, split)
+            cols[name], unknown[name] = _ENCODE[c.kind](plan, name, t.column(name), unit, split, row_start)
         table = pa.table(cols, schema=plan.out_schema)
         present = np.flatnonzero(split.rows)
         parts = {int(k): table if len(present) == 1 else table.take(np.flatnonzero(codes == k)) for k in present}
@@ -249,19 +250,19 @@ def _encoder(plan: Plan, name: str) -> IdEncoder:
     return _ENCODERS.get(name) or _ENCODERS.setdefault(name, IdEncoder(plan.vocabs.get(name, pa.array([]))))
 
 
-def _encode_dense(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
-    x = dense_values(col, name, unit)
+def _encode_dense(plan: Plan, name: str, col, unit: Unit, split: PerSplit, row_start: int):
+    x = dense_values(col, name, unit, row_start)
     miss = np.isnan(x)
     missing = split.count(miss)
     return pa.array(x.astype(np.float32), mask=miss), np.stack([split.rows, missing, missing], 1)
 
 
-def _encode_categorical(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
+def _encode_categorical(plan: Plan, name: str, col, unit: Unit, split: PerSplit, row_start: int):
     ids = _encoder(plan, name).encode(col)
     return pa.array(ids), np.stack([split.rows, split.count(ids == 0), split.nulls(col)], 1)
 
 
-def _encode_multi_hot(plan: Plan, name: str, col, unit: Unit, split: PerSplit):
+def _encode_multi_hot(plan: Plan, name: str, col, unit: Unit, split: PerSplit, row_start: int):
     lists = list_values(plan, name, col)
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
     ids = _encoder(plan, name).encode(pc.list_flatten(lists))

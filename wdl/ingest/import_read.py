@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 
 from wdl.data.hashing import mix64, unit_uniform
 from wdl.data.id_encoder import split_strings
-from wdl.errors import DataError, first_line
+from wdl.errors import DataError, clip, first_line
 from wdl.ingest import import_spec as S
+from wdl.ingest.import_csv import convert_options, quoted, read_error
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Plan:
     parse_types: dict[str, pa.DataType] | None = None  # CSV: types to parse as, where not `types` (booleans)
     vocabs: dict[str, pa.Array] = field(default_factory=dict)  # pass 2
     handover: str | None = None  # the folder pass 2's workers hand their encoded tables over in
+    null_values: tuple[str, ...] = ("",)  # CSV: the texts read as null
+    first_file: str = ""  # whose types the others are cast to (named in a type difference)
 
     @property
     def out_schema(self) -> pa.Schema:
@@ -68,15 +71,17 @@ def read_unit(plan: Plan, unit: Unit, columns: list[str] | None = None):
             t = pa.concat_tables([pf.read_row_group(g, columns=cols) for g in unit.row_groups])
             yield _conform(plan, t, unit), unit.row_start
             return
-        convert = pacsv.ConvertOptions(column_types={**plan.types, **(plan.parse_types or {})}, include_columns=cols,
-                                       strings_can_be_null=True)
+        convert = convert_options(plan.null_values, {**plan.types, **(plan.parse_types or {})}, cols)
         row = 0
         for batch in pacsv.open_csv(unit.path, read_options=pacsv.ReadOptions(block_size=1 << 24),
                                     convert_options=convert):
             yield _conform(plan, pa.Table.from_batches([batch]), unit), row
             row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{unit.path}: cannot read ({first_line(e)})") from None
+        if unit.fmt == "csv":
+            text = [n for n in cols if _is_text(plan.types[n])]
+            raise read_error(unit.path, e, plan.null_values, text) from None
+        raise DataError(f"{unit.path}: cannot read ({clip(first_line(e))})") from None
 
 
 def _dictionary_paths(plan: Plan, md, cols: list[str]) -> list[str]:
@@ -93,13 +98,25 @@ def _dictionary_paths(plan: Plan, md, cols: list[str]) -> list[str]:
 def _conform(plan: Plan, t: pa.Table, unit: Unit) -> pa.Table:
     for i, name in enumerate(t.column_names):
         col, want = t.column(i), plan.types[name]
-        if col.type == want or _decoded(col.type) == want:
+        have = _decoded(col.type)
+        if have == want:
             continue
         try:
+            if not pa.types.is_null(have) and _is_text(have) != _is_text(want):  # "00047" is not 47
+                raise ValueError(have)
             t = t.set_column(i, name, col.cast(want))
         except (pa.ArrowException, ValueError):
-            raise DataError(f"{unit.path}: column {name!r} is {col.type} here but {want} in the first input file") from None
+            raise DataError(f"{unit.path}: column {name!r} is {col.type} here but {want} in the first input file "
+                            f"{plan.first_file}") from None
     return t
+
+
+def _is_text(t: pa.DataType) -> bool:
+    """Strings or bytes, or lists of them: never cast to or from numbers, which would lose
+    leading zeros and merge values."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _decoded(t: pa.DataType) -> pa.DataType:
@@ -143,17 +160,27 @@ def labels(plan: Plan, unit: Unit, t: pa.Table, row_start: int) -> np.ndarray:
     bad = ~((y == 0) | (y == 1))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{unit.path} row {row_start + row + 1}: label {plan.spec.label!r} is {t.column(plan.spec.label)[row]}; "
+        raise DataError(f"{unit.path} row {row_start + row + 1}: label {plan.spec.label!r} is "
+                        f"{quoted(t.column(plan.spec.label)[row].as_py())}; "
                         "labels must be 0/1 or true/false")
     return y.astype(np.int8)
 
 
-def dense_values(col, name: str, unit: Unit) -> np.ndarray:
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def dense_values(col, name: str, unit: Unit, row_start: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """float64 values of a dense column (`rows`: the table rows `col` holds, if not all)."""
     # nulls -> NaN: both are missing values. Not a safe cast: an int64 beyond 2^53 (a timestamp in
     # nanoseconds) is rounded, as its float32 will be anyway.
-    x = pc.cast(col, pa.float64(), safe=False).to_numpy()
-    if np.isinf(x).any():
-        raise DataError(f"{unit.path}: dense column {name!r} holds an infinite value")
+    x = pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        out = np.abs(x) > FLOAT32_MAX  # the data set stores float32: written, it would be inf
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        row = row_start + 1 + (i if rows is None else int(rows[i]))
+        raise DataError(f"{unit.path} row {row}: dense column {name!r} holds {x[i]:g}, "
+                        f"beyond float32's range (+-{FLOAT32_MAX:.1e}) that the data set stores")
     return x
 
 

@@ -85,6 +85,7 @@ class ImportOptions:
     top_k: int | None = None
     max_categories: int = 1000
     separator: str = "|"
+    null_values: tuple[str, ...] = ("",)  # CSV: the texts read as null (others, "NA" too, are values)
     buckets: int = 10  # dense columns: equal-frequency buckets whose inner edges are recorded
     sample_size: int = 65536  # dense values kept for the bucket edges
     overwrite: bool = False
@@ -101,6 +102,8 @@ class ImportOptions:
                 raise ConfigError(f"--kind {f'{col}={kind}'!r}: expected COL=KIND with KIND one of {', '.join(KINDS)}")
         if self.spec is not None and self.kinds:
             raise ConfigError("--kind is for inferred columns; with --spec, give kinds in the spec")
+        if isinstance(self.null_values, str) or not all(isinstance(v, str) for v in self.null_values):
+            raise ConfigError(f"--null-values: expected a list of texts, got {self.null_values!r}")
         for flag, value, low in [("--min-frequency", self.min_frequency, 1), ("--top-k", self.top_k, 1),
                                  ("--max-categories", self.max_categories, 0), ("--buckets", self.buckets, 0)]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -123,6 +126,9 @@ def parse_spec(raw: Any, where: str) -> ImportSpec:
     if not isinstance(raw.get("label"), str):
         raise ConfigError(f"{where}: 'label' must name the 0/1 label column")
     columns = {}
+    if not isinstance(raw.get("columns") or {}, dict):
+        raise ConfigError(f"{where}: 'columns' must be a mapping of column name to its kind "
+                          f"(columns: {{user: {{kind: categorical}}}}), not a {type(raw['columns']).__name__}")
     for name, c in (raw.get("columns") or {}).items():
         c = _check_keys(f"{where}: columns.{name}", c or {}, ColumnSpec)
         columns[str(name)] = check_column(f"{where}: columns.{name}", ColumnSpec(**c))

@@ -26,16 +26,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError, first_line
 from wdl.ingest import import_spec as S
+from wdl.ingest import leftovers
+from wdl.ingest.import_csv import csv_schema, first_rows
 from wdl.ingest.import_passes import Stats, encode, encode_job, init_worker, keep_freed_memory, stats_job, unspill
 from wdl.ingest.import_read import Plan, Unit
 from wdl.ingest.options import resolve
-from wdl.ingest.pool import ordered_map
+from wdl.ingest.pool import ordered_map, worker_count
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}  # and .csv.gz
 UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker
@@ -53,7 +54,7 @@ WRITE_BACKLOG = 64 << 20
 def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
     """(path, format) of every file named by `patterns` (files, folders, globs), in order."""
     files: list[str] = []
-    seen: set[str] = set()  # real paths: one file named two ways (a.parquet, ./a.parquet) is read once
+    seen: set = set()  # real paths and (device, inode): one file named two ways (./a.parquet, a link) is read once
     for p in patterns:
         if glob.has_magic(p):
             found = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
@@ -69,8 +70,9 @@ def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str
         else:
             raise DataError(f"input {p} does not exist")
         for f in found:
-            if (real := os.path.realpath(f)) not in seen:
-                seen.add(real)
+            st = os.stat(f)
+            if (real := os.path.realpath(f)) not in seen and (st.st_dev, st.st_ino) not in seen:
+                seen.update([real, (st.st_dev, st.st_ino)])
                 files.append(f)
     out = []
     for f in files:
@@ -90,16 +92,13 @@ def _format(path: str, fmt: str) -> str | None:
     return "csv" if name.endswith(".csv.gz") else SUFFIXES.get(Path(name).suffix)  # not any .gz: a README.txt.gz
 
 
-def _first_rows(path: str, fmt: str, rows: int = SAMPLE_ROWS) -> pa.Table:
-    """The first `rows` rows of a file (Parquet: none but the schema if rows is 0)."""
+def _first_rows(path: str, fmt: str, rows: int, null_values) -> pa.Table:
+    """The first `rows` rows of a file (Parquet: none but the schema if rows is 0; CSV: its first block)."""
+    if fmt == "csv":
+        return first_rows(path, null_values)
     try:
-        if fmt == "parquet":
-            batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None) if rows else None
-            return pa.Table.from_batches([batch]) if batch is not None else pq.read_schema(path).empty_table()
-        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-        return pa.Table.from_batches([reader.read_next_batch()])
-    except StopIteration:
-        raise DataError(f"{path}: empty CSV file (no rows)") from None
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None) if rows else None
+        return pa.Table.from_batches([batch]) if batch is not None else pq.read_schema(path).empty_table()
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: cannot read ({first_line(e)})") from None
 
@@ -202,25 +201,28 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     opts = resolve(S.ImportOptions, opts, options)
     split = opts.split or (opts.spec.split if opts.spec else S.SplitSpec())
     files = _input_files(inputs, split, opts.fmt)
-    first = _first_rows(files[0][0], files[0][1], 0 if opts.spec else SAMPLE_ROWS)  # rows only to infer kinds
+    first = _first_rows(files[0][0], files[0][1], 0 if opts.spec else SAMPLE_ROWS, opts.null_values)  # rows to infer kinds
     names = first.schema.names
     if len(set(names)) < len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise DataError(f"{files[0][0]}: column {twice!r} appears {names.count(twice)} times; give each column its own name")
     spec = _columns_spec(opts, split, first, files[0][0])
-    types = _types(spec, first.schema, files[0][0])
+    types = _types(spec, csv_schema(spec, first.schema) if files[0][1] == "csv" else first.schema, files[0][0])
     strings = [n for n, t in types.items() if n in spec.columns
                and (pa.types.is_string(t) or pa.types.is_list(t) and pa.types.is_string(t.value_type))]
     cuts = tuple(_cut(getattr(split, k), types[split.column], k) for k in ("valid_from", "test_from")) \
         if split.kind == "time" else (None, None)
     # A boolean categorical column is read as int64 (ids of 0 and 1): CSV parses it as boolean first.
     bools = {n: pa.bool_() for n in types if pa.types.is_boolean(first.schema.field(n).type) and n in spec.columns}
-    plan = Plan(spec, types, strings, opts.sample_size, cuts, parse_types=bools)
+    plan = Plan(spec, types, strings, opts.sample_size, cuts, parse_types=bools,
+                null_values=tuple(opts.null_values), first_file=files[0][0])
     units = _units(files, plan)
-    workers = max(1, int(opts.workers))
+    workers = worker_count(opts.workers)
 
+    leftovers.clear_stale(out)
     with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
-                       row_group_rows=opts.row_group_rows, label=spec.label, backlog_bytes=WRITE_BACKLOG) as w:
+                       row_group_rows=opts.row_group_rows, label=spec.label, backlog_bytes=WRITE_BACKLOG) as w, \
+            leftovers.hold(w.tmp):
         handover = w.tmp / "handover"  # files the passes hand over, not part of the data set
         handover.mkdir()
         plan.handover = str(handover)
