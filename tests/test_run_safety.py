@@ -153,7 +153,7 @@ def test_each_kind_of_damage_is_found(two_epochs, damage):
 
     older, newest = checkpoints(two_epochs)
     assert checkpoint_damage(newest) is None
-    target = {"truncate meta.json": newest / "meta.json", "delete rng": newest / "rng-rank00000.pt",
+    target = {"truncate meta.json": newest / "meta.json", "delete rng": newest / "rng-rank00000.json",
               "delete shard": next(newest.glob("*.distcp")), "truncate .metadata": newest / ".metadata"}[damage]
     if damage.startswith("delete"):
         target.unlink()

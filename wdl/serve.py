@@ -15,7 +15,8 @@ An artefact folder holds:
   weight and needs neither wdl's model code nor TorchRec to run.
 - `encoding.json`: how raw columns become those tensors (see `FORMAT` and wdl.export): the
   label name, every sparse column (mode ids/hash/vocab/buckets, size, bucket edges), the
-  crosses (columns, buckets, salt), the dense columns (normalisation and statistics) and the
+  crosses (columns, buckets, salt), the dense columns (normalisation, statistics, a null's
+  value and whether the model reads a missing indicator for it: D = columns + indicators) and the
   Arrow types of the training data's columns.
 - `vocab/<column>.json`: copies of the vocabulary files the encoding names.
 - `raw/<column>.json`: for a data set from `wdl data import`, copies of its vocabularies, which
@@ -43,7 +44,8 @@ import torch
 from wdl.config import ColumnConfig, CrossConfig, FeaturesConfig
 from wdl.data.features import FeatureSpec
 from wdl.data.raw_rows import RawRows, numeric_types
-from wdl.errors import ArtefactError, ConfigError, DataError
+from wdl.program_file import check_program_file
+from wdl.errors import ArtefactError, ConfigError, DataError, first_line
 
 FORMAT = 1  # encoding.json's "format"; bumped when the layout changes
 MODEL_FILE = "model.pt2"
@@ -74,7 +76,9 @@ def encoding_spec(enc: dict[str, Any], root: Path, raw: dict[str, dict] | None =
         # A dense column may also be bucketed (a sparse key): one config entry serves both uses.
         col = columns.setdefault(d["name"], ColumnConfig(kind="dense"))
         col.normalize, col.fill = d["normalize"], float(d["fill"])
-        stats[d["name"]] = {"mean": float(d["mean"]), "std": float(d["std"])}
+        # An artefact written before missing indicators has none (its model reads none).
+        stats[d["name"]] = {"mean": float(d["mean"]), "std": float(d["std"]),
+                            "missing_train": int(bool(d.get("missing_indicator")))}
     crosses = {k: CrossConfig(columns=list(c["columns"]), hash_buckets=int(c["buckets"])) for k, c in enc["crosses"].items()}
     cfg = FeaturesConfig(label=enc["label"], columns=columns, crosses=crosses)
     spec = FeatureSpec(cfg, stats, list(enc["sparse_keys"]), [d["name"] for d in enc["dense"]], root=root)
@@ -140,6 +144,7 @@ class Scorer:
             raise ArtefactError(f"{root / ENCODING_FILE}: incomplete or malformed ({type(e).__name__}: {e})") from None
         except (DataError, ConfigError) as e:  # e.g. a vocabulary file that cannot be read
             raise ArtefactError(f"{root}: {e}") from None
+        check_program_file(root / MODEL_FILE)  # torch.export.load runs what a crafted file asks it to
         try:
             program = torch.export.load(root / MODEL_FILE).module()
         except Exception as e:  # a truncated or foreign file: torch raises many kinds
@@ -201,4 +206,4 @@ class Scorer:
         try:
             return pa.Table.from_pylist(rows, schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-            raise DataError(f"rows: {str(e).splitlines()[0]}") from None
+            raise DataError(f"rows: {first_line(e)}") from None
