@@ -9,7 +9,9 @@ whole lines (wdl.ingest.criteo_tsv), a pool of `--workers` processes parses and 
 Output is therefore identical for any number of workers.
 
 - Dense I1..I13: missing -> 0, then `--dense-transform` log1p (negatives clamped to 0, then
-  log(1 + x), the DLRM convention), clamp (negatives to 0 only) or none; float32.
+  log(1 + x), the DLRM convention), clamp (negatives to 0 only) or none; float32 (a value beyond
+  its range is an error naming the line, where it would be written as inf).
+- Inputs: each file once (a path given twice, a link or a hard link to one is refused).
 - Categorical C1..C26: `--hash-buckets N`: id = 1 + hash(column, value) % (N - 1); or
   `--min-frequency K`: a first pass counts each value over the train rows, values seen at least
   K times get ids 1.. (in value order), the rest are out-of-vocabulary. Either way id 0 means
@@ -353,7 +355,7 @@ def add_prepare_arguments(parser) -> None:
                      help=f"hash each categorical column into N ids (default {DEFAULT_HASH_BUCKETS:,}; 0 = missing)")
     enc.add_argument("--min-frequency", type=int, default=d.min_frequency,
                      help="two passes: a vocabulary of values seen >= K times in train, others -> id 0")
-    add("--workers", type=int, default=d.workers, help=f"parsing processes (default {d.workers})")
+    add("--workers", type=int, default=d.workers, help=f"parsing processes (default {d.workers}; at most the usable cores)")
     add("--on-bad-line", choices=ON_BAD_LINE, default=d.on_bad_line,
         help="a malformed line stops the run (default), is dropped, or is dropped with a warning")
     add("--split", choices=SPLITS, default=d.split,

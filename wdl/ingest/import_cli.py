@@ -40,7 +40,8 @@ def add_import_arguments(parser) -> None:
     add("--null-values", action="append", default=None, metavar="TEXT",
         help="CSV: a text read as null (missing); repeatable; replaces the default, the empty field only "
              "(so NA, null, NaN are values unless listed; a dense column's NaN is missing anyway)")
-    add("--workers", type=int, default=d.workers, help=f"processes over Parquet row groups / files (default {d.workers})")
+    add("--workers", type=int, default=d.workers,
+        help=f"processes over Parquet row groups / files (default {d.workers}; at most the usable cores)")
     add("--buckets", type=int, default=d.buckets,
         help=f"dense columns: equal-frequency bucket edges to record (default {d.buckets})")
     add("--overwrite", action="store_true", help="replace an existing data set at --out")
