@@ -267,3 +267,40 @@ def test_more_workers_than_rows_is_a_clear_error(tmp_path):
     files = [_shard(tmp_path / f"r{i}.parquet", [i]) for i in range(3)] + [_shard(tmp_path / "e.parquet", [])]
     with pytest.raises(DataError, match="3 rows cannot be split over 1 ranks x 4 workers"):
         StreamingLoader(files, spec, 8, num_workers=4)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_counts_the_unknown_ids_of_every_row_group(tmp_path, workers):
+    """The check at start reads 4 sampled row groups; a row group of negative ids between them is
+    counted as it is streamed (it trained as id 0 without a word), in workers too, once per epoch."""
+    spec = _own_spec({"u": ColumnConfig(kind="categorical", vocab_size=1000)})
+    u = np.arange(320) % 900
+    u[32:64] = -7  # row group 1: never among the 4 sampled of 10 (0, 2, 5, 7)
+    files = [_shard(tmp_path / "a.parquet", u)]
+    loader = StreamingLoader(files, spec, 16, num_workers=workers, shuffle_buffer=64, seed=3)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        assert sum(len(b) for b in loader) == 320
+        assert loader.unknown_counts() == {"u": {"values": 320, "out_of_vocab": 32, "missing": 1}}  # u = 0 once
+    assert loader.unknown_counts(lambda t: t * 2)["u"]["out_of_vocab"] == 64  # e.g. summed over two ranks
+
+
+class _FreezingSpec(FeatureSpec):
+    """A spec whose encode hangs in a loader worker (a file system that stopped answering)."""
+
+    def encode(self, table, where):
+        if torch.utils.data.get_worker_info() is not None:
+            import time
+            time.sleep(60)
+        return super().encode(table, where)
+
+
+def test_a_frozen_loader_worker_ends_the_run_naming_it(tmp_path):
+    from wdl.errors import TrainingError
+
+    spec = _FreezingSpec(FeaturesConfig(label="label", columns={"u": ColumnConfig(kind="categorical", vocab_size=10)}),
+                         {}, ["u"], [])
+    loader = StreamingLoader([_shard(tmp_path / "a.parquet", np.arange(64) % 10)], spec, 16, num_workers=1, timeout_s=1)
+    with pytest.raises(TrainingError, match=r"^data loader worker 0 \(pid \d+\) of rank 0 sent no batch for 1 s "
+                                            r"\(data.loader_timeout_s\)"):
+        next(iter(loader))

@@ -27,8 +27,9 @@ class RunConfig:
     out_dir: str = "runs"  # the run folder is out_dir/name
     seed: int = 2021
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # A collective that waits longer than this fails instead of hanging, so torchrun can restart.
-    collective_timeout_s: int = 1800
+    # A collective that waits longer than this fails instead of hanging, so torchrun can restart
+    # (long enough for rank 0 to prepare a missing MovieLens set while the others wait).
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -45,7 +46,10 @@ class ColumnConfig:
     vocab_file: Optional[str] = None
     # Dense only: standard (train mean/std from the manifest) | log1p | none.
     normalize: Literal["standard", "log1p", "none"] = "standard"
-    fill: float = 0.0  # dense: value used for null
+    # Dense: a null's value in raw units, normalised like any value; null (default): the train
+    # mean (0 once standardised). The deep part also sees a missing indicator for a column with
+    # nulls in the train split.
+    fill: Optional[float] = None
     # Dense only: also a categorical id usable in the wide part, crosses and deep embeddings:
     # the bucket of the raw value between these ascending edges (id 1 .. len+1; null -> 0), or
     # "auto": the equal-frequency edges `wdl data import` wrote into the manifest.
@@ -65,6 +69,9 @@ class FeaturesConfig:
     label: str = "label"
     columns: dict[str, ColumnConfig] = field(default_factory=dict)
     crosses: dict[str, CrossConfig] = field(default_factory=dict)
+    # A dense column missing in more than this share of the train rows is dropped from the model
+    # with a warning (1: none is dropped, and a column missing in every train row is an error).
+    max_missing_fraction: float = 1.0
 
 
 @dataclass
@@ -92,6 +99,8 @@ class DataConfig:
     in_memory: bool = True  # hold the (small) data set as tensors on the device
     shuffle_buffer: int = 65536  # rows; streaming mode only
     num_workers: int = 0  # streaming mode: DataLoader worker processes per rank
+    # A loader worker that sends no batch for this long ends the run (one line naming it).
+    loader_timeout_s: int = 600
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 

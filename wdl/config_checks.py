@@ -3,6 +3,8 @@ checked: each failure is one ConfigError that names the key and what it accepts.
 
 from __future__ import annotations
 
+import math
+
 from wdl.config import (COMPILE_MODES, SHARDING_TYPES, Config, DataConfig, DeepConfig, DistributedConfig,
                         EarlyStoppingConfig, FeaturesConfig, ModelConfig, OptimConfig, ScheduleConfig)
 from wdl.errors import ConfigError
@@ -30,9 +32,13 @@ def _validate_features(features: FeaturesConfig) -> set[str]:
     """Columns and crosses; returns the names that give ids (sparse columns, bucketed dense ones)."""
     cols = features.columns
     sparse = {n for n, c in cols.items() if c.kind != "dense" or c.buckets is not None}
+    if not 0 <= features.max_missing_fraction <= 1:
+        raise ConfigError(f"features.max_missing_fraction: must be in [0, 1], got {features.max_missing_fraction}")
     for name, col in cols.items():
         where = f"features.columns.{name}"
         if col.kind == "dense":
+            if col.fill is not None and not math.isfinite(col.fill):
+                raise ConfigError(f"{where}.fill: must be a finite number (or null: the train mean), got {col.fill}")
             edges = col.buckets
             if isinstance(edges, list) and (not edges or any(b <= a for a, b in zip(edges, edges[1:]))):
                 raise ConfigError(f"{where}.buckets: give strictly ascending edges (or auto), got {edges}")
@@ -151,6 +157,8 @@ def _validate_selection(d: DataConfig, es: EarlyStoppingConfig) -> None:
                           "of the train split to hold out)")
     if not 0 <= d.max_unknown_fraction <= 1:
         raise ConfigError(f"data.max_unknown_fraction: must be in [0, 1], got {d.max_unknown_fraction}")
+    if not d.loader_timeout_s > 0:
+        raise ConfigError(f"data.loader_timeout_s: must be > 0, got {d.loader_timeout_s}")
     if not 0 <= d.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction: must be in [0, 1), got {d.valid_fraction}")
     if d.valid_split and d.valid_split in (d.train_split, d.eval_split):

@@ -30,8 +30,15 @@ class ArtefactError(WdlError):
     """An exported model folder (`wdl export`) is missing, incomplete or unreadable."""
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, saying how many more there were: what an error line
+    quotes of data (a 50 MB field must not make a 50 MB message)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors run to many lines), or its type's
-    name when it has none: what a one-line message quotes of a caught error."""
+    name when it has none, clipped (library errors quote the values they fail on): what a one-line
+    message quotes of a caught error."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return clip(text.splitlines()[0]) if text else type(e).__name__

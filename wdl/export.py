@@ -233,8 +233,10 @@ def write_artefact(folder: Path, module: InferenceModel, spec, features_cfg, dat
         "sparse_keys": list(spec.sparse_keys),
         "columns": columns,
         "crosses": {k: {"columns": c.columns, "buckets": c.buckets, "salt": c.salt} for k, c in spec.crosses.items()},
-        "dense": [{"name": d.name, "normalize": d.normalize, "mean": d.mean, "std": d.std, "fill": d.fill}
-                  for d in spec.dense],
+        # fill: a null's raw value; missing_indicator: the model also reads 1.0 for a null (after
+        # every column's value, in this order)
+        "dense": [{"name": d.name, "normalize": d.normalize, "mean": d.mean, "std": d.std, "fill": d.fill,
+                   "missing_indicator": d.indicator} for d in spec.dense],
         # Raw values -> ids as `wdl data import` mapped them (score(rows, raw=True)); {} if not imported.
         "raw": raw_encoding,
         # The Arrow types of the columns read, so wdl.serve converts a dict's values as Parquet did.

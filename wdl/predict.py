@@ -58,7 +58,7 @@ def predict_main(args: argparse.Namespace) -> int:
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.data.parquet import StreamingLoader, concat_tables, list_row_groups, read_schema
     from wdl.data.raw_rows import raw_vocabularies
-    from wdl.distributed.env import all_gather_cat, close_distributed, init_distributed
+    from wdl.distributed.env import all_gather_cat, all_reduce_sum, close_distributed, init_distributed
     from wdl.train import run_log
     from wdl.train.evaluate import predict
 
@@ -86,6 +86,7 @@ def predict_main(args: argparse.Namespace) -> int:
         placed = load_trained_model(cfg, spec, env, ckpt)
         scores, labels = predict(placed.model, loader, env.device)
         scores, labels = all_gather_cat(scores), all_gather_cat(labels)  # rank order = input order
+        unknown = loader.unknown_counts(all_reduce_sum)  # every rank's rows
         if env.is_main:
             columns = {"row": pa.array(np.arange(len(scores), dtype=np.int64)),
                        "score": pa.array(scores.numpy().astype(np.float32))}
@@ -95,7 +96,7 @@ def predict_main(args: argparse.Namespace) -> int:
                 columns[key] = concat_tables([pq.read_table(f, columns=[key]) for f in files], files)[key]
             write_parquet(pa.table(columns), out)
             print(f"wdl: scored {len(scores)} rows of {where} with {ckpt} -> {out}", flush=True)
-            _say_unknown(read.take_unknown_counts(), where, cfg.data.max_unknown_fraction,
+            _say_unknown(unknown, where, cfg.data.max_unknown_fraction,
                          hint=not args.raw and bool(raw_vocabularies(manifest, spec)))
     finally:
         run_log.release()

@@ -1,4 +1,5 @@
-"""Mean and std of dense columns, what a data set's manifest records for `normalize: standard`:
+"""Mean and std of dense columns, what a data set's manifest records for `normalize: standard`,
+and how many values were missing (whether the model gets a missing indicator for a column):
 whole (`column_stats`) or accumulated over chunks and workers (`RunningStats`)."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import numpy as np
 
 
 def column_stats(values) -> dict[str, float]:
-    """Mean and (population) std of a dense column, ignoring NaN; what the manifest records."""
+    """Mean and (population) std of a dense column, ignoring NaN (missing), and the counts of
+    missing and present values; what the manifest records of the train split."""
     stats = RunningStats()
     stats.update(values)
     return stats.result()
@@ -24,10 +26,13 @@ class RunningStats:
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        self.missing = 0  # NaN values seen (nulls, as numpy holds them)
 
     def update(self, values) -> None:
         x = np.asarray(values, dtype=np.float64).ravel()
+        n = x.size
         x = x[~np.isnan(x)]
+        self.missing += n - x.size
         if x.size == 0:
             return
         chunk = RunningStats()
@@ -37,6 +42,7 @@ class RunningStats:
 
     def merge(self, other: "RunningStats") -> None:
         """Add the values `other` has seen (statistics gathered by another worker)."""
+        self.missing += other.missing
         if other.count == 0:
             return
         total = self.count + other.count
@@ -46,6 +52,8 @@ class RunningStats:
         self.count = total
 
     def result(self) -> dict[str, float]:
+        """mean, std, and (the manifest's names for a train split's) missing_train, values_train."""
+        counts = {"missing_train": self.missing, "values_train": self.count}
         if self.count == 0:
-            return {"mean": 0.0, "std": 0.0}
-        return {"mean": self.mean, "std": math.sqrt(self.m2 / self.count)}
+            return {"mean": 0.0, "std": 0.0, **counts}
+        return {"mean": self.mean, "std": math.sqrt(self.m2 / self.count), **counts}

@@ -73,7 +73,8 @@ def build_loaders(cfg: DataConfig, manifest: Manifest, spec: FeatureSpec, *, ran
                                   rank=rank, world_size=world_size, shuffle=train, seed=seed)
         return StreamingLoader(rows, spec, cfg.batch_size if train else cfg.eval_batch_size, rank=rank,
                                world_size=world_size, num_workers=cfg.num_workers if train else 0, shuffle=train,
-                               shuffle_buffer=cfg.shuffle_buffer, seed=seed, pin_memory=device.type == "cuda")
+                               shuffle_buffer=cfg.shuffle_buffer, seed=seed, pin_memory=device.type == "cuda",
+                               timeout_s=cfg.loader_timeout_s)
 
     unknown: dict[str, dict[str, dict[str, int]]] = {}
     train = _rows(cfg, manifest, spec, cfg.train_split, "data.train_split", world_size, unknown)

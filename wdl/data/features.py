@@ -9,6 +9,7 @@ arithmetic for hashing (wdl.data.hashing). The model only learns the table sizes
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from wdl.config import FeaturesConfig
 from wdl.data.batch import FeatureTable, Jagged
 from wdl.data.hashing import cross_ids, cross_salt, hash_ids, hash_strings
 from wdl.data.id_encoder import IdEncoder
-from wdl.errors import ConfigError, DataError
+from wdl.errors import ConfigError, DataError, clip
 
 
 def _tensor(a: np.ndarray) -> Tensor:
@@ -68,7 +69,8 @@ class DenseColumn:
     normalize: str
     mean: float
     std: float
-    fill: float
+    fill: float  # a null's value in raw units (then normalised as any value): the config's, or the train mean
+    indicator: bool = False  # the train split has nulls here: the deep part also reads 1.0 where a row's is null
 
 
 @dataclass
@@ -123,15 +125,24 @@ class FeatureSpec:
             k for k in self.sparse_keys
             if all(self.sparse[c].kind == "categorical" for c in (self.crosses[k].columns if k in self.crosses else [k]))
         )
+        self.dropped: list[str] = []  # dense columns left out for their share of missing values
         for key in dense_keys:
             col = cfg.columns[key]
             meta = manifest_columns.get(key, {})
+            if _missing_share(key, meta, cfg.max_missing_fraction):
+                self.dropped.append(key)
+                continue
             if col.normalize == "standard" and "mean" not in meta:
                 raise ConfigError(
                     f"features.columns.{key}: normalize=standard needs mean/std in the data set manifest; use log1p or none"
                 )
             std = float(meta.get("std", 1.0)) or 1.0
-            self.dense.append(DenseColumn(key, col.normalize, float(meta.get("mean", 0.0)), std, col.fill))
+            mean = float(meta.get("mean", 0.0))
+            fill = mean if col.fill is None else col.fill  # the train mean: 0 once standardised
+            self.dense.append(DenseColumn(key, col.normalize, mean, std, fill, int(meta.get("missing_train") or 0) > 0))
+        if self.dropped:
+            _say(f"warning: dense column(s) {', '.join(self.dropped)} are missing in more than "
+                 f"{cfg.max_missing_fraction:.0%} of the train rows (features.max_missing_fraction): left out of the model")
 
     def _add_sparse(self, name: str, cfg: FeaturesConfig, meta_cols: dict, root: Path | None) -> None:
         if name in self.sparse:
@@ -174,7 +185,13 @@ class FeatureSpec:
 
     @property
     def dense_dim(self) -> int:
-        return len(self.dense)
+        """The deep part's dense inputs: each dense column, then a missing indicator for each
+        column with nulls in the train split (`missing_columns`)."""
+        return len(self.dense) + len(self.missing_columns)
+
+    @property
+    def missing_columns(self) -> list[str]:
+        return [d.name for d in self.dense if d.indicator]
 
     @property
     def columns(self) -> list[str]:
@@ -188,7 +205,7 @@ class FeatureSpec:
         names = set(schema.names)
         for col in self.columns:
             if col not in names:
-                raise DataError(f"{where}: column {col!r} named in the config is missing (has: {', '.join(schema.names)})")
+                raise DataError(f"{where}: column {col!r} named in the config is missing (has: {clip(', '.join(schema.names))})")
         for name, sc in self.sparse.items():
             t = schema.field(name).type
             is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
@@ -217,7 +234,13 @@ class FeatureSpec:
                 lengths_t[id(lengths)] = _tensor(lengths)
             multi[key] = Jagged(_tensor(values), lengths_t[id(lengths)])
         single_ids = _stack_rows(single, n, np.int64)
-        dense = _stack_rows([self._dense(table.column(d.name), d, where) for d in self.dense], n, np.float32)
+        values, missing = [], []
+        for d in self.dense:
+            x, null = self._dense(table.column(d.name), d, where)
+            values.append(x)
+            if d.indicator:
+                missing.append(null.astype(np.float32))
+        dense = _stack_rows(values + missing, n, np.float32)
         return FeatureTable(torch.from_numpy(dense), torch.from_numpy(labels), torch.from_numpy(single_ids),
                             tuple(k for k in self.sparse_keys if k in self.single_keys), multi, tuple(self.sparse_keys))
 
@@ -326,13 +349,15 @@ class FeatureSpec:
         return cross_ids(parts, cross.buckets, cross.salt), m_lengths
 
     @staticmethod
-    def _dense(col: pa.ChunkedArray, d: DenseColumn, where: str) -> np.ndarray:
-        # A null is a missing value (filled); a NaN or inf in the data is an error. Arrow keeps
-        # the two apart, numpy would not, so fill nulls before converting.
+    def _dense(col: pa.ChunkedArray, d: DenseColumn, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised values, True where null). A null is a missing value (filled); a NaN or inf
+        in the data is an error. Arrow keeps the two apart, numpy would not, so fill nulls before
+        converting."""
         t = col.type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
             raise DataError(f"{where}: column {d.name!r} is declared dense but holds {t}; declare it categorical "
                             "(vocab_size, hash_buckets or vocab_file) or store numbers")
+        null = pc.is_null(col).to_numpy(zero_copy_only=False) if col.null_count else np.zeros(len(col), bool)
         x = pc.fill_null(pc.cast(col, pa.float64()), d.fill).to_numpy(zero_copy_only=False)
         if not np.isfinite(x).all():
             row = int(np.flatnonzero(~np.isfinite(x))[0])
@@ -341,4 +366,26 @@ class FeatureSpec:
             x = (x - d.mean) / d.std
         elif d.normalize == "log1p":
             x = np.log1p(np.maximum(x, 0.0))
-        return x.astype(np.float32)
+        return x.astype(np.float32), null
+
+
+def _missing_share(name: str, meta: dict, max_fraction: float) -> bool:
+    """Whether dense column `name` is to be dropped for its share of missing train values
+    (the manifest's missing_train / values_train; unknown: kept). A column missing in every
+    train row has nothing to learn from or normalise with: an error unless it is dropped."""
+    missing, present = int(meta.get("missing_train") or 0), meta.get("values_train")
+    if not missing or present is None:
+        return False
+    share = missing / (missing + int(present))
+    if share > max_fraction:
+        return True
+    if not present:
+        raise ConfigError(f"dense column {name!r} is missing (null) in every train row of the data set: take it out of "
+                          "model.deep.dense, or let features.max_missing_fraction (below 1) drop such columns")
+    return False
+
+
+def _say(line: str) -> None:
+    """A line on stderr, from the first rank only (every rank builds the spec)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
+        print(f"wdl: {line}", file=sys.stderr, flush=True)

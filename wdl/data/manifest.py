@@ -6,7 +6,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
-from wdl.errors import DataError
+from wdl.errors import DataError, clip, first_line
 
 FORMAT = "wdl-dataset/1"
 MANIFEST = "manifest.json"
@@ -68,18 +68,18 @@ def load_manifest(root) -> Manifest:
     if not isinstance(raw, dict):
         raise DataError(f"{path} is not a JSON object")
     if raw.get("format") != FORMAT:
-        raise DataError(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}")
+        raise DataError(f"{path} has format {clip(repr(raw.get('format')))}, expected {FORMAT!r}")
 
     try:
         splits = {name: _split(root, name, s) for name, s in raw["splits"].items()}
         label, columns = raw["label"], raw["columns"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{path} is malformed ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path} is malformed ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(label, str) or not isinstance(columns, dict):
         raise DataError(f"{path} is malformed (label must be a string, columns an object)")
     for name, entry in columns.items():
         if not isinstance(entry, dict) or "kind" not in entry:
-            raise DataError(f"{path}: column {name!r} has no kind")
+            raise DataError(f"{path}: column {clip(repr(name))} has no kind")
     return Manifest(root=root, name=str(raw.get("name", root.name)), label=label,
                     columns=columns, splits=splits, raw=raw)
 
@@ -89,8 +89,8 @@ def _split(root: pathlib.Path, name: str, entry: dict) -> SplitFiles:
     for f in entry["files"]:
         path = (root / f["path"]).resolve()
         if not path.is_relative_to(root.resolve()):
-            raise DataError(f"{root / MANIFEST}: shard path {f['path']!r} points outside the data set")
+            raise DataError(f"{root / MANIFEST}: shard path {clip(repr(f['path']))} points outside the data set")
         if not path.is_file():
-            raise DataError(f"data set {root}: shard {f['path']} of split {name!r} is missing")
+            raise DataError(f"data set {root}: shard {clip(str(f['path']))} of split {clip(repr(name))} is missing")
         files.append(ShardFile(path=root / f["path"], rows=int(f["rows"]), row_groups=int(f["row_groups"])))
     return SplitFiles(rows=int(entry["rows"]), positive_rate=float(entry["positive_rate"]), files=files)

@@ -17,10 +17,11 @@ With loader workers, each batch reaches the training process as one shared-memor
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ import torch
 
 from wdl.data.batch import Batch, FeatureTable, PackedBatch
 from wdl.data.features import FeatureSpec
-from wdl.errors import DataError, WdlError
+from wdl.errors import DataError, TrainingError, WdlError, first_line
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def read_row_group(u: RowGroup, columns: list[str], open_files: dict[Path, pq.Pa
     try:
         return pf.read_row_group(u.index, columns=columns)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{u.path}: cannot read row group {u.index} ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{u.path}: cannot read row group {u.index} ({first_line(e)})") from None
 
 
 def read_schema(path: Path) -> pa.Schema:
@@ -69,7 +70,7 @@ def _open(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
 
 
 def sample_row_groups(units: list[RowGroup], k: int = 4) -> list[RowGroup]:
@@ -134,6 +135,10 @@ class InMemoryLoader(_Position):
     def fix_shapes(self) -> None:
         """Cut batches of fixed shapes from now on (padded jagged columns: FeatureTable.pad_batches)."""
         self.table.pad_batches(self.batch_size)
+
+    def unknown_counts(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, int]]:
+        """Nothing to add: a split held in memory had every id counted when it was loaded."""
+        return {}
 
     def __iter__(self) -> Iterator[Batch]:
         device = self.table.labels.device
@@ -206,8 +211,9 @@ class _PartStream:
             pending, have = ([(rest, pending[-1][1])] if rest.num_rows else []), rest.num_rows
             yield first, rows.slice(0, need), units
 
-    def batches(self, skip: int = 0) -> Iterator[Batch]:
-        """This part's `steps` batches; the first `skip` are read but not built (resume)."""
+    def batches(self, skip: int = 0) -> Iterator["_Read"]:
+        """This part's `steps` batches; the first `skip` are read but not built (resume). Each
+        comes with the ids its block's vocabularies could not honour (counted once per block)."""
         for block_no, (first, rows, units) in enumerate(self._blocks()):
             last = min(first + self.batches_per_block, self.steps)
             if last <= skip:
@@ -221,6 +227,7 @@ class _PartStream:
                 for u in units:
                     self.spec.encode(read_row_group(u, self.spec.columns, files), f"{u.path} (row group {u.index})")
                 raise
+            unknown = self.spec.take_unknown_counts()  # this block's, handed over with its first batch
             base = self.bounds[first]
             order = None
             if self.shuffle:
@@ -231,7 +238,8 @@ class _PartStream:
                 order = torch.arange(len(table)) if order is None else order
             for i in range(max(first, skip), last):
                 a, b = self.bounds[i] - base, self.bounds[i + 1] - base
-                yield table.slice(a, b) if order is None else table.take(order[a:b])
+                yield _Read(table.slice(a, b) if order is None else table.take(order[a:b]), unknown)
+                unknown = {}
 
 
 def concat_tables(tables: list[pa.Table], paths: list[Path]) -> pa.Table:
@@ -242,7 +250,7 @@ def concat_tables(tables: list[pa.Table], paths: list[Path]) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         files = ", ".join(dict.fromkeys(str(p) for p in paths))
         raise DataError(f"{files}: the files' columns have types that do not combine "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({first_line(e)})") from None
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
@@ -261,8 +269,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         stream = _PartStream(L.units, L.spec, L.batch_size, L.shuffle_buffer, L.shuffle, L.seed, L.epoch, part, L.parts,
                              L.capacity)
         try:
-            for batch in stream.batches(self.skip_per_part[local]):
-                yield batch if info is None else _Handover(batch)
+            for read in stream.batches(self.skip_per_part[local]):
+                yield read if info is None else _Read(_Handover(read.batch), read.unknown)
         except WdlError as e:
             # Handed over as an item: raised in a worker, the DataLoader would re-raise it with
             # the worker's whole traceback in the message.
@@ -281,6 +289,19 @@ class _Handover:
     def __reduce__(self):
         p = self.batch.pack()
         return PackedBatch, (p.buffer, p.layout, p.keys, p.id_keys, p.has_ids)
+
+
+@dataclass
+class _Read:
+    """A batch and the unknown-id counts (FeatureSpec.take_unknown_counts) of what was encoded
+    for it: the counts ride along with the batches, so a worker's reach the training process
+    without an item of their own (that would shift the DataLoader's round-robin order)."""
+
+    batch: Any
+    unknown: dict[str, dict[str, int]]
+
+    def pin_memory(self) -> "_Read":  # the DataLoader's pinning thread calls this
+        return _Read(self.batch.pin_memory(), self.unknown)
 
 
 @dataclass
@@ -305,10 +326,12 @@ class StreamingLoader(_Position):
 
     def __init__(self, source: list[Path] | list[RowGroup], spec: FeatureSpec, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 65536,
-                 seed: int = 0, pin_memory: bool = False) -> None:
+                 seed: int = 0, pin_memory: bool = False, timeout_s: float = 600) -> None:
         super().__init__()
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
-        self.num_workers_proc, self.pin_memory = num_workers, pin_memory
+        self.num_workers_proc, self.pin_memory, self.timeout_s = num_workers, pin_memory, timeout_s
+        self._unknown: dict[str, list[int]] = {}  # unknown-id counts of the batches read in epoch ...
+        self._unknown_epoch = -1  # ... this one
         self.capacity: list[int] | None = None  # ids per jagged column group of a padded batch (fix_shapes)
         self.num_workers = max(1, num_workers)  # parts per rank
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
@@ -337,9 +360,23 @@ class StreamingLoader(_Position):
         files: dict[Path, pq.ParquetFile] = {}
         sample = [self.spec.encode(read_row_group(u, self.spec.columns, files), f"{u.path} (row group {u.index})")
                   for u in sample_row_groups(self.units)]
+        self.spec.take_unknown_counts()  # the sample's: the stream counts these rows when it reads them
         self.capacity = FeatureTable.concat(sample).pad_capacity(self.batch_size)
 
+    def unknown_counts(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, int]]:
+        """Per vocabulary column, the `values`, `out_of_vocab` and `missing` ids (as
+        FeatureSpec.take_unknown_counts) of every batch this rank has read in the current epoch:
+        the check at start reads a sample of row groups only. reduce: e.g. a sum over ranks
+        (called on every rank alike: each has every column, in the same order)."""
+        names = [n for n, sc in self.spec.sparse.items() if sc.mode != "hash"]
+        counts = torch.tensor([self._unknown.get(n, [0, 0, 0]) for n in names], dtype=torch.float64).reshape(-1, 3)
+        if reduce is not None:
+            counts = reduce(counts)
+        return {n: dict(zip(("values", "out_of_vocab", "missing"), map(int, c.tolist()))) for n, c in zip(names, counts)}
+
     def __iter__(self) -> Iterator[Batch]:
+        if self.batches_done == 0 or self._unknown_epoch != self.epoch:
+            self._unknown, self._unknown_epoch = {}, self.epoch
         ds = StreamingDataset(self, batches_per_part(self.batches_done, self.num_workers),
                               rotate=self.batches_done % self.num_workers)
         if self.num_workers_proc == 0:
@@ -350,10 +387,33 @@ class StreamingLoader(_Position):
             # (The workers use no torch randomness: their order comes from the seeds above.)
             it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers_proc,
                                                   persistent_workers=False, pin_memory=self.pin_memory,
-                                                  worker_init_fn=_one_arrow_thread,
+                                                  worker_init_fn=_one_arrow_thread, timeout=self.timeout_s,
                                                   generator=torch.Generator().manual_seed(self.seed)))
-        for batch in it:
-            if isinstance(batch, _Failure):
-                raise batch.error
+        for n in itertools.count():
+            try:
+                read = next(it, None)
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                raise self._frozen(it, n) from None
+            if read is None:
+                return
+            if isinstance(read, _Failure):
+                raise read.error
+            for name, c in read.unknown.items():
+                mine = self._unknown.setdefault(name, [0, 0, 0])
+                for j, k in enumerate(("values", "out_of_vocab", "missing")):
+                    mine[j] += c[k]
             self.batches_done += 1
+            batch = read.batch
             yield batch.unpack() if isinstance(batch, PackedBatch) else batch
+
+    def _frozen(self, it: Any, received: int) -> TrainingError:
+        """The error for a worker that sent nothing for `timeout_s`: the DataLoader asks its
+        workers in turn, so the one it waited for is the next in the round."""
+        worker = received % self.num_workers_proc
+        procs = getattr(it, "_workers", None) or []  # the DataLoader's processes (not public API)
+        pid = f" (pid {procs[worker].pid})" if worker < len(procs) else ""
+        return TrainingError(f"data loader worker {worker}{pid} of rank {self.rank} sent no batch for "
+                             f"{self.timeout_s:g} s (data.loader_timeout_s): stuck reading its part of the data "
+                             "(a hung file system?) or too slow for that limit")

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wdl.data.manifest import FORMAT, MANIFEST
-from wdl.errors import DataError
+from wdl.errors import DataError, clip
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -39,7 +39,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 def _os_error(what: str, err: OSError) -> DataError:
     # One line naming the file: OSError's str() may be multi-line for pyarrow errors.
     text = str(err).strip()
-    reason = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
+    reason = err.strerror or (clip(text.splitlines()[0]) if text else type(err).__name__)
     where = f" ({err.filename})" if getattr(err, "filename", None) else ""
     return DataError(f"{what}: {reason}{where}")
 
@@ -159,7 +159,7 @@ class DatasetWriter:
             state = self._splits[split] = _Split(table.schema)
         elif not table.schema.equals(state.schema, check_metadata=False):
             raise DataError(f"split {split!r}: table schema differs from the first one written "
-                            f"({_schema_str(table.schema)} vs {_schema_str(state.schema)})")
+                            f"({clip(_schema_str(table.schema))} vs {clip(_schema_str(state.schema))})")
         if table.num_rows == 0:
             return
         if self.label in table.column_names:

@@ -245,6 +245,9 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
+        # A streamed split's ids were checked on a sample at start; every one read is checked now.
+        check_unknown({f"{self.cfg.data.train_split} (epoch {self.epoch + 1})": self.train_loader.unknown_counts(
+            all_reduce_sum)}, self.cfg.data.max_unknown_fraction)
         if self.graphed is not None and (line := self.graphed.shortfall()) and self.env.is_main:
             print(f"wdl: warning: {line}", file=sys.stderr, flush=True)
         totals = all_reduce_sum(torch.cat([self._epoch_sums(), torch.tensor([float(rows)], dtype=torch.float64)]))
@@ -418,6 +421,8 @@ def model_signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
         "wide_tables": {f: rows(f) for f in m.wide.features} if m.kind != "deep" else {},
         "deep_tables": {f: [rows(f), d] for f, d in m.deep.embeddings.items()} if m.kind != "wide" else {},
         "dense_dim": spec.dense_dim if m.kind != "wide" else 0,
+        # which dense inputs are missing indicators; left out when none, so older checkpoints load
+        **({"missing_indicators": spec.missing_columns} if m.kind != "wide" and spec.missing_columns else {}),
         "hidden": list(m.deep.hidden) if m.kind != "wide" else [],
         # dot widens the MLP input, fm changes the logit; left out for none so older checkpoints load
         **({"interaction": [m.deep.interaction, m.deep.interaction_pairs]}
