@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a trained model as a folder to serve from (torch.export program + feature encoding)")
     add_run_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="artefact folder to write (model.pt2, encoding.json, vocab/); replaces an earlier export")
+                   help="artefact folder to write (model.pt2, encoding.json, vocab/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (swapped in whole once the new one loads)")
     p.set_defaults(func=export_main)
 
     from wdl.recommend import add_recommend_arguments, recommend_main
@@ -144,15 +146,25 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def run_guarded(fn, *args) -> int:
-    """Run a command; user errors become one line on stderr and exit status 2."""
+    """Run a command; user errors become one line on stderr and exit status 2. Ctrl-C and
+    SIGTERM (torchrun's, a scheduler's) end it as an interrupt, wherever it was: 130 and 143."""
+    import signal
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         return fn(*args)
     except WdlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        by_term = e.args == ("SIGTERM",)
+        print("interrupted (SIGTERM)" if by_term else "interrupted", file=sys.stderr)
+        return 143 if by_term else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@ a time.
 
 Fresh runs get out_dir/name, or name-1, name-2, ... so an earlier run's files are never
 overwritten. `resume: auto` reuses out_dir/name and continues from its newest good checkpoint
-if there is one (so a torchrun restart uses the same command line); an explicit path must hold
-a good checkpoint. Rank 0 holds an exclusive lock on `<run folder>/.lock` for the whole run
+if there is one (so a torchrun restart uses the same command line), and refuses to start over
+when every checkpoint there is damaged; an explicit path must hold a good checkpoint, and its own
+run goes on in its own folder whatever run.name says (the folder used is printed when they differ). Rank 0 holds an exclusive lock on `<run folder>/.lock` for the whole run
 (released by the kernel if the process dies), so two runs never write into one folder.
 """
 
@@ -17,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from wdl.checkpoint import find_checkpoint, newest_good_checkpoint
+from wdl.checkpoint import complete_checkpoints, find_checkpoint, newest_good_checkpoint
 from wdl.config import Config
 from wdl.errors import CheckpointError, ConfigError
 
@@ -66,6 +67,10 @@ class RunFolder:
                 raise ConfigError(f"run folder {base} is in use by another run ({_holder(base)}); wait for it to "
                                   f"finish or pick another run.name (remove {base / LOCK} only if that process is gone)")
             ckpt = newest_good_checkpoint(ckpt_dir)
+            if ckpt is None and complete_checkpoints(ckpt_dir):  # never start over silently on top of them
+                os.close(fd)
+                raise CheckpointError(f"every checkpoint in {ckpt_dir} is damaged (see the warnings above), so run "
+                                      f"{base} cannot continue; move them away to train it again from the start")
             restart = ckpt is None and (base / "metrics.jsonl").exists()
             if ckpt is None and (base / "summary.json").exists():
                 os.close(fd)
@@ -78,6 +83,9 @@ class RunFolder:
             fd = _lock(_mkdir(path, "run.out_dir"))
             if fd is None:
                 raise ConfigError(f"run folder {path} is in use by another run ({_holder(path)})")
+            if path.resolve() != base.resolve():  # the checkpoint's run goes on, not a new one named run.name
+                print(f"wdl: --resume {resume}: continuing that checkpoint's run in {path} (not in {base}, "
+                      f"which run.name={cfg.run.name} names)", flush=True)
             return cls(path, fd, False, ckpt, False)
         # A fresh folder (also for evaluating a checkpoint): the first free name.
         ckpt = find_checkpoint(resume, ckpt_dir) if resume else None
