@@ -303,17 +303,42 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
-    node = raw
+    node, tp = raw, Config
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = parsed
+        node, tp = child, _child_type(tp, part)
+    last = parts[-1]
+    node[last] = _merge(_child_type(tp, last), node.get(last), parsed)
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _merge(tp: Any, old: Any, new: Any) -> Any:
+    """`new` over `old` (raw YAML values at a place of type `tp`): a mapping given for a section
+    (a dataclass) changes only the keys it names; any other value replaces the old one."""
+    if not (dataclasses.is_dataclass(tp) and isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{k: _merge(_child_type(tp, k), old.get(k), v) for k, v in new.items()}}
+
+
+def _child_type(tp: Any, key: str) -> Any:
+    """The type of `key` inside a value of type `tp` (a section's field, a mapping's entry), or
+    None where there is none: the key is then unknown, which _build reports."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp).get(key)
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1]
+    return None
+
+
+def _build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
+    """A `cls` from the keys `raw` names over `base` (default: `cls()`): a section given in part
+    keeps its other values, and a nested section's defaults are those of its parent's default
+    (optim.wide's are FTRL's, not OptimizerConfig's)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -322,19 +347,22 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if key not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key {_join(where, key)!r} (known here: {known})")
-    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in raw.items()}
-    return cls(**kwargs)
+    base = cls() if base is None else base
+    changes = {k: _convert(hints[k], v, _join(where, k), getattr(base, k)) for k, v in raw.items()}
+    return dataclasses.replace(base, **changes)
 
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _convert(tp: Any, value: Any, where: str, base: Any = None) -> Any:
+    """`value` (raw YAML) checked and converted to `tp`; `base` is what a section given in part
+    keeps (the parent's default at this place)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, where)
+        return _build(tp, value if value is not None else {}, where, base if isinstance(base, tp) else None)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -343,7 +371,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, where)
+                return _convert(arg, value, where, base)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} is not valid ({'; '.join(errors)})")
