@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,7 +74,9 @@ def predict_main(args: argparse.Namespace) -> int:
     try:
         manifest = open_dataset(cfg.data)  # ids and statistics of training
         spec = feature_spec(cfg, manifest)
-        files, where = _inputs(args, manifest, cfg.data.eval_split)
+        files, where, source = _inputs(args, manifest, cfg.data.eval_split)
+        if source is not None:
+            check_readable(ckpt, cfg, manifest, spec, source)
         read = raw_rows_spec(cfg, manifest, spec) if args.raw else spec
         if not args.raw:
             _refuse_raw_values(files[0], manifest, spec, cfg.data.train_split)
@@ -119,8 +122,9 @@ def _say_unknown(counts: dict[str, dict[str, int]], where: str, max_fraction: fl
     print(f"wdl: {line}", file=sys.stderr, flush=True)
 
 
-def _inputs(args: argparse.Namespace, manifest, eval_split: str) -> tuple[list[Path], str]:
-    """The Parquet files to score, in order, and how to name them in messages."""
+def _inputs(args: argparse.Namespace, manifest, eval_split: str) -> tuple[list[Path], str, object]:
+    """The Parquet files to score, in order, how to name them in messages, and the data set
+    they belong to (None for loose files)."""
     from wdl.data.manifest import MANIFEST, load_manifest
     from wdl.ingest.importer import expand_inputs
 
@@ -137,14 +141,71 @@ def _inputs(args: argparse.Namespace, manifest, eval_split: str) -> tuple[list[P
         files = [f.path for f in source.split(split).files]
         if not files:
             raise DataError(f"the {split!r} split of {source.root} has no files")
-        return files, f"{source.root}/{split}"
+        return files, f"{source.root}/{split}", source
     if args.split:
         raise ConfigError(f"--split picks a split of a data set folder; {args.data} is files")
     found = expand_inputs([args.data])
     if any(fmt != "parquet" for _, fmt in found):
         raise DataError(f"--data {args.data}: wdl predict reads Parquet files (import CSV with wdl data import, "
                         "or convert it)")
-    return [Path(f) for f, _ in found], args.data
+    return [Path(f) for f, _ in found], args.data, None
+
+
+def check_readable(ckpt: Path, cfg, manifest, spec, source) -> None:
+    """A model is applied only to data whose ids and numbers mean what they meant in training:
+    the data set it was trained on (the manifest hash its checkpoint records), or one that
+    encodes every column the model reads alike (vocabularies, sizes, bucket edges, dense
+    statistics) as the run's data set does. Otherwise one line pointing at --raw."""
+    from wdl.data.dataset import feature_spec
+
+    try:
+        recorded = json.loads((ckpt / "meta.json").read_text()).get("read_order", {}).get("data set (manifest hash)")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if source.identity in (recorded, manifest.identity) or source.root == manifest.root:
+        return
+    try:
+        theirs = feature_spec(cfg, source)
+        why = encoding_difference(spec, theirs, manifest, source)
+    except (ConfigError, DataError) as e:
+        why = str(e)
+    if why:
+        raise DataError(f"--data {source.root} is not the data set this model was trained on ({manifest.root}), and "
+                        f"{why}: its rows would be scored as something else; score raw rows with --data FILES --raw "
+                        "(a model of an imported set), or a data set encoded as the training one")
+
+
+def encoding_difference(spec, theirs, manifest, source) -> str | None:
+    """How data set `source` (read by `theirs`) encodes a column the model reads otherwise than
+    its training data set `manifest` (read by `spec`) does, or None when every one agrees."""
+    if spec.label != theirs.label:
+        return f"its label column is {theirs.label!r}"
+    for name, a in spec.sparse.items():
+        b = theirs.sparse[name]
+        if (a.kind, a.mode, a.num_embeddings) != (b.kind, b.mode, b.num_embeddings):
+            return f"column {name!r} has {b.num_embeddings} ids ({b.mode}) there, {a.num_embeddings} ({a.mode}) here"
+        if a.edges is not None and not np.array_equal(a.edges, b.edges):
+            return f"column {name!r} has other bucket edges"
+        if a.vocab is not None and not a.vocab.equals(b.vocab):
+            return f"column {name!r} has another vocabulary"
+        mine, other = manifest.columns.get(name, {}), source.columns.get(name, {})
+        if mine.get("encoding") != other.get("encoding") or not _same_file(manifest.vocab_path(name), source.vocab_path(name)):
+            return f"column {name!r} maps its values to ids through another vocabulary"
+    for a, b in zip(spec.dense, theirs.dense):
+        if a != b:
+            return f"dense column {a.name!r} has other statistics (mean {b.mean:g}, std {b.std:g} there; {a.mean:g}, {a.std:g} here)"
+    if [d.name for d in spec.dense] != [d.name for d in theirs.dense]:
+        return "it leaves out other dense columns (features.max_missing_fraction)"
+    return None
+
+
+def _same_file(a: Path | None, b: Path | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def raw_rows_spec(cfg, manifest, spec):

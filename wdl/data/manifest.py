@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class Manifest:
         except KeyError:
             raise DataError(f"data set {self.root} has no split {name!r} "
                             f"(available: {', '.join(sorted(self.splits)) or 'none'})") from None
+
+    @property
+    def identity(self) -> str:
+        """A hash of the whole manifest (every shard, row count, vocabulary and statistic): what a
+        checkpoint records of the data set it was trained on."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
     def vocab_path(self, column: str) -> pathlib.Path | None:
         rel = self.columns.get(column, {}).get("vocab_file")

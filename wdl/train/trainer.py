@@ -433,10 +433,8 @@ def model_signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
 def _read_order(cfg: Config, manifest: Any) -> dict[str, Any]:
     """The settings that fix which rows each step reads within an epoch (see data/parquet.py),
     and the data set itself (its manifest names every shard and its row count)."""
-    import hashlib
-
     d = cfg.data
-    identity = hashlib.sha256(json.dumps(manifest.raw, sort_keys=True).encode()).hexdigest()[:16]
+    identity = manifest.identity
     order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed,
              "data.valid_split": d.valid_split, "data.valid_fraction": d.valid_fraction,  # what train holds
              "data set (manifest hash)": identity}
