@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import ctypes
 import dataclasses
 import json
+import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -98,6 +101,8 @@ def export_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: the export replaces that folder, and this shell is in it; give a new folder")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / ENCODING_FILE).is_file())):
         raise ConfigError(f"--out {out}: exists and is not an exported model folder; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not getattr(args, "overwrite", False):
+        raise ConfigError(f"--out {out}: an exported model is already there; add --overwrite to replace it")
     refuse_torchrun("wdl export runs in one process (it reads every table whole)")
     cfg = load_config(run / "config.yaml")
     ckpt = pick_checkpoint(run, cfg, args.checkpoint)
@@ -109,14 +114,16 @@ def export_main(args: argparse.Namespace) -> int:
         placed = load_trained_model(cfg, spec, env, ckpt)
         module = inference_model(placed.state_module, spec.sparse_keys)
         schema = pq.read_schema(manifest.split(cfg.data.train_split).files[0].path)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Written beside the old export and swapped in whole: a kill at any point leaves one of
+        # them complete under --out (and at worst a stray OUT.tmp-* folder).
+        tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True)
-        write_artefact(tmp, module, spec, cfg.features, manifest.root, schema, raw_vocabularies(manifest, spec))
-        Scorer.load(tmp)  # what was written loads, before it replaces anything
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            write_artefact(tmp, module, spec, cfg.features, manifest.root, schema, raw_vocabularies(manifest, spec))
+            Scorer.load(tmp)  # what was written loads, before it replaces anything
+            _swap_in(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old export
         print(f"wdl: exported {ckpt} -> {out} ({MODEL_FILE}, {ENCODING_FILE})", flush=True)
         if cfg.model.deep.precision == "bf16":
             # The program's MLP is float32: it scores as the bf16-trained weights do in float32,
@@ -126,6 +133,24 @@ def export_main(args: argparse.Namespace) -> int:
     finally:
         close_distributed()
     return 0
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put folder `new` at `out`; an earlier folder at `out` ends up at `new`. Linux exchanges
+    the two in one step (renameat2 RENAME_EXCHANGE); elsewhere, or on a file system without it,
+    the old one is renamed aside first (a kill in between leaves it complete as OUT.old-*)."""
+    if not out.exists() or not any(out.iterdir()):
+        new.replace(out)  # onto nothing, or onto an empty folder
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(out), rename_exchange) == 0:
+        return
+    aside = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+    out.rename(aside)
+    new.rename(out)
+    aside.rename(new)
 
 
 def _one_cpu_process(cfg):
