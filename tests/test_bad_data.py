@@ -268,3 +268,37 @@ def test_text_in_a_dense_column(tmp_path, tiny):
     r = _train(tmp_path, tiny)
     line = one_line_error(r.stderr)
     assert r.returncode == 2 and "'release_year'" in line and "string" in line, line
+
+
+def test_streamed_unknown_ids_outside_the_sample_stop_training(tmp_path, capsys):
+    """The check at start samples 4 of the 10 streamed row groups; a whole row group of negative
+    user ids outside the sample (11% of the rows) trained as id 0 without a word. Every id read
+    is counted: the epoch's end stops the run with one line."""
+    data = make_tiny_dataset(tmp_path / "tiny", rows=3000)
+    shard = data / "train/part-00000.parquet"
+
+    def poison(t):
+        u = t.column("user_id").to_numpy().copy()
+        u[256:512] = -3  # row group 1
+        return _set(t, "user_id", pa.array(u, pa.int64()))
+
+    _rewrite(shard, poison)
+    cfg = write_tiny_config(tmp_path, data)
+    assert cli_main(["train", "--config", str(cfg), "train.epochs=1", "data.in_memory=false"]) == 2
+    one_line_error(capsys.readouterr().err, "column 'user_id': 10.7% of its values in the 'train (epoch 1)' split "
+                                            "are outside its vocabulary")
+
+
+def test_an_error_quotes_at_most_200_characters_of_a_value(tmp_path, tiny):
+    """A manifest (a file anyone may hand over) with a 5 MB value gave a 5 MB error line."""
+    import json
+
+    from wdl.data.manifest import load_manifest
+    from wdl.errors import first_line
+
+    raw = json.loads((tiny / "manifest.json").read_text())
+    (tiny / "manifest.json").write_text(json.dumps({**raw, "format": "x" * 5_000_000}))
+    with pytest.raises(DataError, match=r"has format 'xxx+\.\.\. \(4999802 more characters\), expected") as e:
+        load_manifest(tiny)
+    assert len(str(e.value)) < 500
+    assert len(first_line(ValueError("could not convert " + "9" * 10**6))) < 300
