@@ -26,7 +26,8 @@ def planned_points(result: dict[str, Any]) -> list[dict[str, Any]]:
     from benchmarks import floors
     from benchmarks.suite import system_config
     from wdl.config import load_config
-    from wdl.distributed.planning import Hardware, plan
+    from wdl.distributed.planning import Hardware
+    from wdl.train.build import plan
 
     suite = result["suite_config"]
     gpus = bool(result["machine"].get("gpus"))

@@ -107,3 +107,83 @@ def test_plan_takes_given_bandwidths(capsys, tmp_path):
     a = json.loads(out)["assumptions"]
     assert (a["hbm_bw_gbs"], a["intra_node_bw_gbs"], a["inter_node_bw_gbs"]) == pytest.approx((3350, 450, 50))
     assert a["all_to_all_bw_gbs"] == pytest.approx(50)  # 16 ranks span two 8-rank nodes
+
+
+# --------------------------------------------------------------------------------------------
+# A run's plan.txt is the plan `wdl plan` prints for the same ranks, memory and batch size.
+
+RUN_TORCHREC = ["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05",
+                "model.deep.embeddings={user_id: 256, movie_id: 8, genres: 4}", "distributed.sharding=table_wise",
+                "distributed.tables={deep_user_id: column_wise}"]  # 256 wide: column_wise splits it over 2 ranks
+RUN_FUSED = ["model.embedding_backend=torch"]  # wdl's row blocks only, deep tables included
+SHORT = ["train.epochs=1", "train.max_steps=1"]
+
+
+def _run_plan_txt(config, world_size: int, backend: list[str], name: str) -> str:
+    """plan.txt of a real run: in this process (1 rank) or under torchrun with gloo (2 ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    args = ["--config", str(config), *backend, *SHORT, f"run.name={name}"]
+    if world_size == 1:
+        assert main(["train", *args]) == 0
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+               str(ROOT / "launch" / "train.py"), *args, "run.collective_timeout_s=90"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return (config.parent / "runs" / name / "plan.txt").read_text()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("backend", [RUN_TORCHREC, RUN_FUSED], ids=["torchrec", "torch"])
+def test_a_runs_plan_is_wdl_plans(capsys, tiny_config, world_size, backend):
+    """One planner for both: the same tables, sharding types, ranks, bytes, memory per rank and
+    step estimate, given the run's own capacity (the host's memory it measured)."""
+    from wdl.distributed.plan_report import render
+
+    txt = _run_plan_txt(tiny_config, world_size, backend, f"plan{world_size}")
+    host_gib = txt.split("capacity per rank: ")[1].split(" host")[0].split(", ")[1]
+    capsys.readouterr()
+    rc = main(["plan", "--config", str(tiny_config), *backend, "--device", "cpu", "--world-size", str(world_size),
+               "--local-world-size", str(world_size), "--ddr-gb", host_gib, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    planned = json.loads(out)
+    assert render(planned) + "\n" == txt
+    by_name = {t["name"].split(" ")[0]: t for t in planned["tables"]}
+    if backend is RUN_TORCHREC:
+        assert by_name["deep_user_id"]["sharding"] == "column_wise"
+        assert by_name["deep_user_id"]["ranks"] == list(range(world_size))  # split over both ranks at 2
+        assert by_name["deep_movie_id"]["sharding"] == "table_wise"
+    else:
+        assert set(by_name) == {"wide", "deep"} and by_name["deep"]["ranks"] == list(range(world_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, no work done.
+
+@pytest.mark.parametrize("args, needle", [
+    (["--hbm-gb", "0"], "--hbm-gb 0.0"), (["--hbm-gb", "-1"], "--hbm-gb -1.0"), (["--hbm-gb", "nan"], "--hbm-gb nan"),
+    (["--hbm-gb", "1e300"], "--hbm-gb 1e+300"), (["--ddr-gb", "inf"], "--ddr-gb inf"),
+    (["--device", "cpu", "--ddr-gb", "0"], "--ddr-gb 0.0"), (["--intra-bw", "-5"], "--intra-bw -5.0"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0"), (["--table-rows", "user_id=9223372036854775808", *ML_ROWS[1:]], "user_id="),
+    (["--table-rows", "user_id=0", *ML_ROWS[1:]], "user_id=0"), (["--world-size", "100000000"], "--world-size 100000000"),
+    (["--world-size", "0"], "--world-size 0"), (["--local-world-size", "-1"], "--local-world-size -1"),
+    (["--batch-size", "0"], "--batch-size 0"),
+])
+def test_plan_bad_arguments_are_one_line(capsys, tmp_path, args, needle):
+    import time
+
+    start = time.perf_counter()
+    base = ["--world-size", "2"] if "--world-size" not in args else []
+    rows = [] if "--table-rows" in args else ["--table-rows", *ML_ROWS]
+    rc, out, err = _plan(capsys, tmp_path, "configs/movielens-100k.yaml", *base, *args, *rows)
+    assert rc == 2 and out == "", err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert "ranks" not in err or "at least 0" not in err
+    assert time.perf_counter() - start < 5

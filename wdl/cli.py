@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_cli.add_import_arguments(imp)
     imp.set_defaults(func=import_cli.run_import)
 
-    from wdl.distributed.plan_report import add_plan_arguments  # torchrec is imported only when a plan runs
-
-    add_plan_arguments(sub.add_parser("plan", help="memory per rank and time per step for N GPUs, on paper"))
+    p = sub.add_parser("plan", help="memory per rank and time per step for N GPUs, on paper")
+    add_plan_arguments(p)
+    p.set_defaults(func=plan_main)
 
     # The benchmark harness is not installed with wdl: it lives in benchmarks/ of the source tree
     # and is loaded from there when `wdl bench` runs. Its own parser reads the rest of the line
@@ -82,16 +82,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(args: argparse.Namespace, root: Path | None = None) -> int:
-    """`wdl bench ...`: benchmarks/cli.py of the source tree this wdl runs from (`root`)."""
+    """`wdl bench ...`: benchmarks/cli.py of the source tree this wdl runs from (`root`). Found by
+    name: the harness imports wdl, never the reverse."""
+    import importlib
+
     root = root or Path(__file__).resolve().parents[1]
     if not ((root / "benchmarks" / "cli.py").is_file() and (root / "launch" / "train.py").is_file()):
         raise ConfigError(f"wdl bench runs from a source checkout of wdl (benchmarks/, launch/, configs/), and this "
                           f"wdl is installed without one ({root}); clone the repository and `pip install -e .` there")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from benchmarks.cli import main as harness_main
+    return importlib.import_module("benchmarks.cli").main(args.bench_args, prog="wdl bench")
 
-    return harness_main(args.bench_args, prog="wdl bench")
+
+# `wdl plan`'s bounds: beyond them a plan is no use and would take minutes (or overflow) to make.
+MAX_RANKS = 4096
+MAX_GIB = 1 << 20  # 1 PiB per rank
+MAX_BANDWIDTH = 1e7  # GB/s
+MAX_ROWS = 1 << 48
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--world-size", type=int, required=True, help=f"ranks (GPUs or processes) in all, up to {MAX_RANKS}")
+    p.add_argument("--local-world-size", type=int, default=8, help="ranks per node (default 8)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="GiB of device memory per rank (default 80)")
+    p.add_argument("--ddr-gb", type=float, default=512.0, help="GiB of host memory per rank (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the config's data.batch_size)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="TorchRec table weights")
+    p.add_argument("--table-rows", nargs="+", default=[], metavar="FEATURE=ROWS",
+                   help="table sizes, e.g. for vocab_size: auto when the data set is not prepared")
+    p.add_argument("--uvm", action="store_true", help="let TorchRec keep tables in host memory behind an HBM cache")
+    for flag, what in (("hbm-bw", "HBM"), ("ddr-bw", "host memory"), ("intra-bw", "intra-node link"),
+                       ("inter-bw", "inter-node link")):
+        p.add_argument(f"--{flag}", type=float, default=None, metavar="GB/s", help=f"{what} bandwidth (default: TorchRec's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense FLOP/s assumed for the MLP (default 67 on cuda, 0.1 on cpu)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, as for wdl train")
+
+
+def _check_plan_arguments(args: argparse.Namespace) -> dict[str, int]:
+    """One ConfigError for the first argument out of range; the --table-rows as a dict."""
+    import math
+
+    for flag, n in (("--world-size", args.world_size), ("--local-world-size", args.local_world_size)):
+        if not 1 <= n <= MAX_RANKS:
+            raise ConfigError(f"{flag} {n}: must be in [1, {MAX_RANKS}]")
+    if args.batch_size is not None and not 1 <= args.batch_size <= 1 << 31:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be in [1, 2^31]")
+    bounded = [("--hbm-gb", args.hbm_gb, MAX_GIB, args.device == "cuda"), ("--ddr-gb", args.ddr_gb, MAX_GIB, False)]
+    bounded += [(f"--{f}", v, MAX_BANDWIDTH, True) for f, v in (("hbm-bw", args.hbm_bw), ("ddr-bw", args.ddr_bw),
+                                                                  ("intra-bw", args.intra_bw), ("inter-bw", args.inter_bw))
+                if v is not None]
+    bounded += [("--peak-tflops", args.peak_tflops, 1e6, True)] if args.peak_tflops is not None else []
+    for flag, v, most, positive in bounded:
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0) and v <= most):
+            raise ConfigError(f"{flag} {v}: must be a number {'>' if positive else '>='} 0 and at most {most:g}")
+    if args.device == "cpu" and args.ddr_gb <= 0:
+        raise ConfigError(f"--ddr-gb {args.ddr_gb}: on cpu the tables live in host memory; give it > 0")
+    rows = {}
+    for item in args.table_rows:
+        name, _, n = item.partition("=")
+        if not n.isdigit() or not 1 <= int(n) <= MAX_ROWS:
+            raise ConfigError(f"--table-rows {item!r}: expected FEATURE=ROWS with ROWS in [1, 2^48]")
+        rows[name] = int(n)
+    return rows
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    import json
+
+    from wdl.config import load_config
+    from wdl.distributed.plan_report import render
+    from wdl.distributed.planning import Hardware
+    from wdl.train.build import plan  # torch and torchrec load only when a plan is made
+
+    rows = _check_plan_arguments(args)
+    cfg = load_config(args.config, args.overrides)
+    hw = Hardware(args.device, args.world_size, args.local_world_size, args.hbm_gb, args.ddr_gb, args.hbm_bw,
+                  args.ddr_bw, args.intra_bw, args.inter_bw, args.peak_tflops, args.uvm)
+    result = plan(cfg, hw, batch_size=args.batch_size or cfg.data.batch_size, dtype=args.dtype, table_rows=rows)
+    print(json.dumps(result, indent=1) if args.json else render(result))
+    return 0
 
 
 def export_main(args: argparse.Namespace) -> int:

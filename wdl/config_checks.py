@@ -7,6 +7,7 @@ import math
 
 from wdl.config import (COMPILE_MODES, SHARDING_TYPES, Config, DataConfig, DeepConfig, DistributedConfig,
                         EarlyStoppingConfig, FeaturesConfig, ModelConfig, OptimConfig, ScheduleConfig)
+from wdl.data.tables import model_reads
 from wdl.errors import ConfigError
 
 
@@ -84,9 +85,10 @@ def _validate_model(m: ModelConfig, features: FeaturesConfig, sparse: set[str]) 
     for f in m.deep.dense:
         if f not in cols or cols[f].kind != "dense":
             raise ConfigError(f"model.deep.dense: {f!r} is not a dense column")
-    if m.kind in ("wide_deep", "wide") and not m.wide.features:
+    reads = model_reads(m)
+    if reads.wide and not reads.wide_features:
         raise ConfigError(f"model.kind={m.kind} needs model.wide.features")
-    if m.kind in ("wide_deep", "deep") and not (m.deep.embeddings or m.deep.dense):
+    if reads.deep and not (reads.deep_embeddings or reads.dense):
         raise ConfigError(f"model.kind={m.kind} needs model.deep.embeddings or model.deep.dense")
     if any(h < 1 for h in m.deep.hidden):
         raise ConfigError(f"model.deep.hidden: every layer needs >= 1 unit, got {m.deep.hidden}")
@@ -123,8 +125,7 @@ def _validate_training(cfg: Config) -> None:
         raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume)")
     if cfg.train.ranking_group:
         g, m, cols = cfg.train.ranking_group, cfg.model, cfg.features.columns
-        read = (set(m.wide.features) if m.kind != "deep" else set()) | (set(m.deep.embeddings) if m.kind != "wide" else set())
-        if g not in cols or cols[g].kind != "categorical" or g not in read:
+        if g not in cols or cols[g].kind != "categorical" or g not in model_reads(m).sparse:
             raise ConfigError(f"train.ranking_group={g!r}: must be a categorical column the model reads "
                               "(in model.wide.features or model.deep.embeddings)")
         if cfg.train.ranking_k < 1:

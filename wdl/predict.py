@@ -305,7 +305,7 @@ def load_trained_model(cfg, spec, env, ckpt: Path):
     (the checkpoint's signature is verified first). Returns build_model's placement (`Placed`)."""
     from wdl.checkpoint import Checkpointer
     from wdl.model.embeddings import resolve_backend
-    from wdl.train.trainer import build_model, deep_fused_optimizer, model_signature
+    from wdl.train.build import build_model, deep_fused_optimizer, model_signature
 
     backend = resolve_backend(cfg.model.embedding_backend)
     _, model_cfg, placed = build_model(cfg, spec, env, backend, deep_fused_optimizer(cfg, env, backend))

@@ -15,6 +15,7 @@ from wdl.data.features import FeatureSpec
 from wdl.data.manifest import Manifest, load_manifest
 from wdl.data.parquet import (InMemoryLoader, RowGroup, StreamingLoader, list_row_groups, read_row_group,
                               sample_row_groups)
+from wdl.data.tables import model_reads
 from wdl.errors import DataError
 
 
@@ -25,17 +26,10 @@ def open_dataset(cfg: DataConfig) -> Manifest:
 
 def feature_spec(cfg: Config, manifest: Manifest) -> FeatureSpec:
     """The spec of exactly what the model reads."""
-    m = cfg.model
-    sparse: list[str] = []
-    if m.kind in ("wide_deep", "wide"):
-        sparse += m.wide.features
-    dense: list[str] = []
-    if m.kind in ("wide_deep", "deep"):
-        sparse += list(m.deep.embeddings)
-        dense = list(m.deep.dense)
+    reads = model_reads(cfg.model)
     if cfg.features.label != manifest.label and manifest.label:
         raise DataError(f"{manifest.root}: the data set's label column is {manifest.label!r}, the config says {cfg.features.label!r}")
-    return FeatureSpec(cfg.features, manifest.columns, sparse, dense, root=manifest.root)
+    return FeatureSpec(cfg.features, manifest.columns, reads.sparse, list(reads.dense), root=manifest.root)
 
 
 def load_table(files: list[Path], spec: FeatureSpec) -> FeatureTable:

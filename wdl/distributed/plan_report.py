@@ -1,11 +1,10 @@
-"""`wdl plan`: its arguments, and a plan (wdl.distributed.planning) printed as a table."""
+"""A plan (wdl.distributed.planning) as a table: what `wdl plan` prints and a run writes to plan.txt."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from wdl.distributed.planning import GIB, PEAK_TFLOPS, Hardware, plan
-from wdl.errors import ConfigError
+from wdl.distributed.planning import GIB
 
 
 def _ranks(rs: list[int]) -> str:
@@ -62,49 +61,3 @@ def render(p: dict[str, Any]) -> str:
             f"{a['bwd_compute_multiplier']:g}x forward; {a['pooling_factor']:g} id per feature and sample; "
             f"no overlap of communication and compute"]
     return "\n".join(out)
-
-
-def add_plan_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--world-size", type=int, required=True, help="ranks (GPUs or processes) in all")
-    p.add_argument("--local-world-size", type=int, default=8, help="ranks per node (default 8)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--hbm-gb", type=float, default=80.0, help="GiB of device memory per rank (default 80)")
-    p.add_argument("--ddr-gb", type=float, default=512.0, help="GiB of host memory per rank (default 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the config's data.batch_size)")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="TorchRec table weights")
-    p.add_argument("--table-rows", nargs="+", default=[], metavar="FEATURE=ROWS",
-                   help="table sizes, e.g. for vocab_size: auto when the data set is not prepared")
-    p.add_argument("--uvm", action="store_true", help="let TorchRec keep tables in host memory behind an HBM cache")
-    for flag, what in (("hbm-bw", "HBM"), ("ddr-bw", "host memory"), ("intra-bw", "intra-node link"),
-                       ("inter-bw", "inter-node link")):
-        p.add_argument(f"--{flag}", type=float, default=None, metavar="GB/s", help=f"{what} bandwidth (default: TorchRec's)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"dense FLOP/s assumed for the MLP (default {PEAK_TFLOPS['cuda']:g} on cuda, "
-                        f"{PEAK_TFLOPS['cpu']:g} on cpu)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, as for wdl train")
-    p.set_defaults(func=run_plan)
-
-
-def run_plan(args) -> int:
-    import json
-
-    from wdl.config import load_config
-
-    if args.world_size < 1 or args.local_world_size < 1:
-        raise ConfigError("--world-size and --local-world-size must be >= 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError("--batch-size must be >= 1")
-    rows = {}
-    for item in args.table_rows:
-        name, _, n = item.partition("=")
-        if not n.isdigit() or int(n) < 1:
-            raise ConfigError(f"--table-rows {item!r}: expected FEATURE=ROWS with ROWS >= 1")
-        rows[name] = int(n)
-    cfg = load_config(args.config, args.overrides)
-    hw = Hardware(args.device, args.world_size, args.local_world_size, args.hbm_gb, args.ddr_gb, args.hbm_bw,
-                  args.ddr_bw, args.intra_bw, args.inter_bw, args.peak_tflops, args.uvm)
-    result = plan(cfg, hw, batch_size=args.batch_size or cfg.data.batch_size, dtype=args.dtype, table_rows=rows)
-    print(json.dumps(result, indent=1) if args.json else render(result))
-    return 0

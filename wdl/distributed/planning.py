@@ -1,7 +1,8 @@
-"""Planning on paper: how many devices the tables need and what a step will cost, with no GPU.
+"""Planning: how many devices the tables need and what a step will cost, on paper (`wdl plan`)
+and for a run (its plan.txt): one planner, built the same way for both (wdl.train.build).
 
-The tables are the model's own (`WideDeep.table_specs` on the `meta` device), placed as training
-places them (wdl.distributed.sharding):
+The tables are the model's own (wdl.data.tables describes them; the model's fused groups on the
+`meta` device), placed as training places them (wdl.distributed.sharding):
 
 - TorchRec's tables (the deep part with the torchrec backend) go through TorchRec's planner:
   its enumerator, storage and perf estimators (`EmbeddingStorageEstimator`,
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from wdl.config import Config
+from wdl.data.tables import LOCAL_SCRATCH_BYTES, Table, model_reads, state_bytes
 from wdl.errors import ConfigError
 
 GIB = 1 << 30
@@ -56,7 +58,7 @@ class Hardware:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables: exactly the model's
+# Table sizes, when no data set says them
 
 
 def table_sizes(cfg: Config, table_rows: dict[str, int]) -> dict[str, int]:
@@ -78,10 +80,10 @@ def table_sizes(cfg: Config, table_rows: dict[str, int]) -> dict[str, int]:
     if (root / MANIFEST).is_file():
         manifest = load_manifest(root)
     else:  # not prepared: sizes must come from the config or --table-rows (never prepare data here)
-        manifest = Manifest(root, "", cfg.features.label, {c: {"mean": 0.0, "std": 1.0} for c in cfg.model.deep.dense},
-                            {}, {})
-        wanted = {c for k in _sparse_keys(cfg) for c in (cfg.features.crosses[k].columns if k in cfg.features.crosses
-                                                          else [k])}
+        reads = model_reads(cfg.model)
+        manifest = Manifest(root, "", cfg.features.label, {c: {"mean": 0.0, "std": 1.0} for c in reads.dense}, {}, {})
+        wanted = {c for k in reads.sparse for c in (cfg.features.crosses[k].columns if k in cfg.features.crosses
+                                                    else [k])}
         for c in sorted(wanted):
             col = features.columns[c]
             if col.vocab_size == "auto" or (col.vocab_file and not Path(col.vocab_file).is_absolute()):
@@ -91,26 +93,8 @@ def table_sizes(cfg: Config, table_rows: dict[str, int]) -> dict[str, int]:
     return {k: spec.num_embeddings(k) for k in spec.sparse_keys}
 
 
-def _sparse_keys(cfg: Config) -> list[str]:
-    m = cfg.model
-    keys = list(m.wide.features) if m.kind in ("wide_deep", "wide") else []
-    return keys + (list(m.deep.embeddings) if m.kind in ("wide_deep", "deep") else [])
-
-
-def build_model(cfg: Config, sizes: dict[str, int]):
-    """The model on `meta` with wdl's fused tables, whose groups are what wdl splits row-wise."""
-    import torch  # torch loads when a plan is made, not when `wdl` builds its parser
-
-    from wdl.model.wide_deep import WideDeep
-
-    dense_dim = len(cfg.model.deep.dense) if cfg.model.kind != "wide" else 0
-    meta = torch.device("meta")
-    return WideDeep(dataclasses.replace(cfg.model, embedding_backend="torch"), sizes, dense_dim, device=meta,
-                    table_device=meta)
-
-
 # ---------------------------------------------------------------------------------------------
-# TorchRec's planner
+# TorchRec's planner, built one way for `wdl plan` and for a run
 
 
 def _topology(hw: Hardware, hbm: float, ddr: float):
@@ -164,11 +148,57 @@ class _OncePerShape:
                 so.batch_size, so.is_pooled, so.cache_load_factor, so.module_type_key)
 
 
-def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_size: int, hbm: float, ddr: float) -> list:
-    """TorchRec's chosen sharding options (one per table, shards with rank, storage and perf)."""
-    import torch
-    from torch.distributed.optim import _apply_optimizer_in_backward
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+@dataclass
+class Budget:
+    """Memory per rank before TorchRec places its tables: wdl's row blocks (bytes per rank and a
+    table entry per group), the dense layers, the capacities, and what is left for TorchRec."""
+
+    wdl_rank: list[int]
+    wdl_tables: list[dict[str, Any]]
+    dense_params: int
+    dense_bytes: int
+    hbm_cap: float
+    ddr_cap: float
+    hbm_left: float
+    ddr_left: float
+    short: str  # the memory sentence a refusal starts with
+
+    @property
+    def tables_hbm(self) -> bool:
+        return self.hbm_cap > 0
+
+
+def budget(cfg: Config, hw: Hardware, model: Any, described: list[Table]) -> Budget:
+    """What every rank holds of wdl's tables and the dense layers, checked against the capacity
+    (a ConfigError saying what is missing when the tables do not fit)."""
+    w = hw.world_size
+    parts = model.parts()
+    dense_params = sum(p.numel() for p in parts["deep"].dense)
+    dense_bytes = dense_params * (8 + state_bytes(cfg.optim.deep, 1))  # weight, grad, optimiser state
+    wdl_rank, wdl_tables = _wdl_blocks(model, described, w)
+    tables_hbm = hw.device == "cuda"
+    hbm_cap, ddr_cap = hw.hbm_gib * GIB if tables_hbm else 0.0, hw.ddr_gib * GIB
+    cap = hbm_cap if tables_hbm else ddr_cap
+    usable = (1 - RESERVED) * cap - max(wdl_rank) - dense_bytes
+    need = sum(t["bytes"] for t in wdl_tables) + dense_bytes * w + sum(t.bytes for t in described
+                                                                          if t.owner == "torchrec")
+    where = "HBM" if tables_hbm else "host memory"
+    short = (f"the tables and optimiser state need {need / GIB:,.1f} GiB of {where} in all, {w} rank(s) x "
+             f"{cap / GIB:,.1f} GiB less TorchRec's {RESERVED:.0%} reserve give {(1 - RESERVED) * cap * w / GIB:,.1f} GiB")
+    if usable < 0 or need > (1 - RESERVED) * cap * w + (ddr_cap * w if hw.allow_uvm and tables_hbm else 0):
+        missing = need - (1 - RESERVED) * cap * w
+        ranks = math.ceil(need / ((1 - RESERVED) * cap))
+        raise ConfigError(f"{short}: {max(missing, 0) / GIB:,.1f} GiB missing; use at least {ranks:,} ranks, more "
+                          "memory per rank, --dtype fp16, fewer rows or optim.deep.name=rowwise_adagrad")
+    hbm_left, ddr_left = (usable, ddr_cap) if tables_hbm else (0.0, usable)
+    return Budget(wdl_rank, wdl_tables, dense_params, dense_bytes, hbm_cap, ddr_cap, hbm_left, ddr_left, short)
+
+
+def torchrec_planner(cfg: Config, hw: Hardware, described: list[Table], batch_size: int, room: Budget,
+                     chosen: list):
+    """TorchRec's planner for the TorchRec tables of `described` on `hw` with what `room` leaves
+    them; each plan it finds (its sharding options) is appended to `chosen` on the rank that plans.
+    `wdl plan` calls its `plan`, a run its `collective_plan`: the same placement."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
     from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
@@ -176,103 +206,56 @@ def _torchrec_plan(cfg: Config, specs: list, hw: Hardware, dtype: str, batch_siz
     from torchrec.distributed.planner.stats import NoopEmbeddingStats
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from wdl.distributed.sharding import allowed_sharding
-    from wdl.train.optim import fused_table_optimizer
 
-    ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.num_embeddings, feature_names=[t.feature],
-                           pooling=PoolingType.SUM, data_type=DataType.FP16 if dtype == "fp16" else DataType.FP32)
-        for t in specs], device=torch.device("meta"))
-    opt_cls, opt_args = fused_table_optimizer(cfg.optim.deep, hw.device, "deep")
-    _apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_args)  # the storage estimator reads it
-
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)  # it logs every proposal
     kernels = ["fused", "fused_uvm_caching"] if hw.allow_uvm and hw.device == "cuda" else ["fused"]
     constraints = {}
-    for t in specs:
-        types = allowed_sharding(*cfg.distributed.sharding_of(t.name), hw.device)
-        constraints[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
-    topology = _topology(hw, hbm, ddr)
+    for t in described:
+        if t.owner == "torchrec":
+            types = allowed_sharding(*cfg.distributed.sharding_of(t.name), hw.device)
+            constraints[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+    topology = _topology(hw, room.hbm_left, room.ddr_left)
     estimators = [_OncePerShape(EmbeddingPerfEstimator(topology, constraints)),
                   EmbeddingStorageEstimator(topology, constraints)]
     # Partitioning a proposal costs O(world size); the greedy search stops after this many
     # proposals without a better plan (TorchRec's default search never stops early).
     proposals = max(2, 1024 // hw.world_size)
-    chosen: list = []
-    planner = EmbeddingShardingPlanner(
+    return EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size, constraints=constraints,
         enumerator=EmbeddingEnumerator(topology, batch_size, constraints, estimator=estimators),
         storage_reservation=FixedPercentageStorageReservation(0.0),  # RESERVED is taken off the capacity already
         proposer=[UniformProposer(), GreedyProposer(threshold=proposals)], stats=[NoopEmbeddingStats()], debug=False,
         callbacks=[lambda plan: chosen.append(plan) or plan])
-    planner.plan(ebc, [EmbeddingBagCollectionSharder()])
-    return chosen[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # The plan
 
 
-def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
-         table_rows: dict[str, int] | None = None) -> dict[str, Any]:
-    """Where every table goes and what a step costs on `hw`; a plain dict (the --json output)."""
+def report(cfg: Config, hw: Hardware, model: Any, described: list[Table], room: Budget, shards: list, *,
+           batch_size: int, dtype: str, backend: str) -> dict[str, Any]:
+    """Where every table goes and what a step costs on `hw`; a plain dict (the --json output).
+    shards: TorchRec's chosen sharding options (empty without TorchRec tables)."""
     import torch
     from torchrec.distributed.planner import constants as C
-    from torchrec.distributed.planner.types import CollectiveType, PlannerError
+    from torchrec.distributed.planner.types import CollectiveType
 
-    from wdl.model.embeddings import resolve_backend
-    from wdl.train.sparse_optim import state_bytes_per_row
-
-    logging.getLogger("torchrec").setLevel(logging.ERROR)  # its planner logs every proposal
     w, device = hw.world_size, hw.device
-    backend = resolve_backend(cfg.model.embedding_backend)
-    model = build_model(cfg, table_sizes(cfg, table_rows or {}))
     parts = model.parts()
     groups = [(p, g) for p in ("wide", "deep") for g in parts[p].tables]
-    if backend == "torchrec":
-        groups = [(p, g) for p, g in groups if p == "wide"]
-    tr_specs = [t for t in model.table_specs() if t.name.startswith("deep_")] if backend == "torchrec" else []
-    elt = 2 if dtype == "fp16" else 4
-
-    # Memory: wdl's row blocks (the largest is rank 0's), then what is left for TorchRec per rank.
-    dense_params = sum(p.numel() for p in parts["deep"].dense)
-    dense_bytes = dense_params * 4 * (2 + state_bytes_per_row(cfg.optim.deep, 1) // 4)  # weight, grad, state
-    wdl_rank, tables = _wdl_blocks(cfg, groups, w)
-    tables_hbm = device == "cuda"
-    hbm_cap, ddr_cap = hw.hbm_gib * GIB if tables_hbm else 0.0, hw.ddr_gib * GIB
-    cap = hbm_cap if tables_hbm else ddr_cap
-    usable = (1 - RESERVED) * cap - max(wdl_rank) - dense_bytes
-    need = sum(t["bytes"] for t in tables) + dense_bytes * w + sum(
-        t.num_embeddings * (elt * t.dim + state_bytes_per_row(cfg.optim.deep, t.dim)) for t in tr_specs)
-    where = "HBM" if tables_hbm else "host memory"
-    short = (f"the tables and optimiser state need {need / GIB:,.1f} GiB of {where} in all, {w} rank(s) x "
-             f"{cap / GIB:,.1f} GiB less TorchRec's {RESERVED:.0%} reserve give {(1 - RESERVED) * cap * w / GIB:,.1f} GiB")
-    if usable < 0 or need > (1 - RESERVED) * cap * w + (ddr_cap * w if hw.allow_uvm and tables_hbm else 0):
-        missing = need - (1 - RESERVED) * cap * w
-        ranks = math.ceil(need / ((1 - RESERVED) * cap)) if cap else 0
-        raise ConfigError(f"{short}: {max(missing, 0) / GIB:,.1f} GiB missing; use at least {ranks} ranks, more memory "
-                          "per rank, --dtype fp16, fewer rows or optim.deep.name=rowwise_adagrad")
-
-    shards: list = []
-    if tr_specs:
-        hbm_left, ddr_left = (usable, ddr_cap) if tables_hbm else (0.0, usable)
-        try:
-            shards = _torchrec_plan(cfg, tr_specs, hw, dtype, batch_size, hbm_left, ddr_left)
-        except PlannerError as e:
-            raise ConfigError(f"{short}; TorchRec's planner found no placement for the tables one by one "
-                              f"({str(e).splitlines()[0].strip()}); use more ranks or smaller tables") from None
-    topology = _topology(hw, hbm_cap, ddr_cap)
+    tables_hbm = room.tables_hbm
+    topology = _topology(hw, room.hbm_cap, room.ddr_cap)
+    by_name = {t.name: t for t in described}
 
     # Per rank: memory and embedding time (ms), TorchRec's shards plus wdl's blocks.
-    mem = [{"rank": r, "hbm_bytes": wdl_rank[r] + dense_bytes if tables_hbm else 0,
-            "host_bytes": 0 if tables_hbm else wdl_rank[r] + dense_bytes,
-            "tables_bytes": wdl_rank[r]} for r in range(w)]
+    mem = [{"rank": r, "hbm_bytes": room.wdl_rank[r] + room.dense_bytes if tables_hbm else 0,
+            "host_bytes": 0 if tables_hbm else room.wdl_rank[r] + room.dense_bytes,
+            "tables_bytes": room.wdl_rank[r]} for r in range(w)]
     keys = ("lookup_fwd", "lookup_bwd", "input_comms", "output_comms")
     t_rank = [dict.fromkeys(keys, 0.0) for _ in range(w)]
-    state_of = {t.name: state_bytes_per_row(cfg.optim.deep, t.dim) for t in tr_specs}
-    tables += _add_torchrec_shards(shards, state_of, elt, dtype, mem, t_rank)
+    tables = room.wdl_tables + _add_torchrec_shards(shards, by_name, dtype, mem, t_rank)
 
     # wdl's blocks: every rank looks up batch x features ids (pooling factor 1, as TorchRec
     # assumes) and serves as many; (W-1)/W of them travel.
@@ -282,7 +265,7 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     away = (w - 1) / w
     for part, g in groups:
         ids = batch_size * (len(g.tables) + (g.bias_row is not None))
-        state = state_bytes_per_row(getattr(cfg.optim, part), g.dim)
+        state = by_name[g.tables[0].name].state_bytes
         for t in t_rank:
             t["lookup_fwd"] += ids * (4 * g.dim + 8) / dev_bw
             t["lookup_bwd"] += ids * (3 * 4 * g.dim + 2 * state) / dev_bw  # grad read, weight and state r/w
@@ -296,7 +279,7 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     ar_bw = topology.comms_bandwidths.get_bw(local_world_size=topology.local_world_size, world_size=w,
                                              collective_type=CollectiveType.ALL_REDUCE)
     dense_ms = {"dense_compute": flops / (peak * 1e12) * 1e3,
-                "dense_allreduce": 2 * away * dense_params * 4 / ar_bw if w > 1 else 0.0}
+                "dense_allreduce": 2 * away * room.dense_params * 4 / ar_bw if w > 1 else 0.0}
     emb = [sum(t.values()) for t in t_rank]
     busiest = max(range(w), key=lambda r: emb[r])
     step = {**t_rank[busiest], **dense_ms}
@@ -304,11 +287,11 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     return {
         "world_size": w, "local_world_size": topology.local_world_size, "device": device, "backend": backend,
         "batch_size": batch_size, "global_batch_size": batch_size * w, "dtype": dtype,
-        "capacity": {"hbm_bytes": hbm_cap, "host_bytes": ddr_cap, "reserved_fraction": RESERVED},
+        "capacity": {"hbm_bytes": room.hbm_cap, "host_bytes": room.ddr_cap, "reserved_fraction": RESERVED},
         "tables": tables, "memory_per_rank": mem, "step_ms": step, "busiest_rank": busiest,
         "busiest_share": emb[busiest] / sum(emb) if sum(emb) else 1.0,
         "samples_per_second": batch_size * w / (step["total"] / 1e3),
-        "dense": {"flops_per_step": flops, "peak_tflops": peak, "params": dense_params},
+        "dense": {"flops_per_step": flops, "peak_tflops": peak, "params": room.dense_params},
         "assumptions": {
             "source": C.__file__.split("site-packages/")[-1],
             "hbm_bw_gbs": topology.hbm_mem_bw / 1e6, "ddr_bw_gbs": topology.ddr_mem_bw / 1e6,
@@ -319,47 +302,48 @@ def plan(cfg: Config, hw: Hardware, *, batch_size: int, dtype: str = "fp32",
     }
 
 
-def _wdl_blocks(cfg: Config, groups: list, w: int) -> tuple[list[int], list[dict[str, Any]]]:
+def _wdl_blocks(model: Any, described: list[Table], w: int) -> tuple[list[int], list[dict[str, Any]]]:
     """wdl's fused groups split in row blocks over `w` ranks: bytes per rank (rows, optimiser
-    state and, on one rank, the dedupe scratch) and a table entry per group."""
+    state and, in one process, the dedupe scratch) and a table entry per group."""
     from wdl.distributed.rows import block
-    from wdl.train.sparse_optim import state_bytes_per_row
 
+    by_name = {t.name: t for t in described}
     wdl_rank = [0] * w
     tables: list[dict[str, Any]] = []
-    for part, g in groups:
-        per_row = 4 * g.dim + state_bytes_per_row(getattr(cfg.optim, part), g.dim) + (4 if w == 1 else 0)
-        for r in range(w):
-            lo, hi = block(g.num_rows, w, r)
-            wdl_rank[r] += (hi - lo) * per_row
-        names = [t.name for t in g.tables] + (["bias"] if g.bias_row is not None else [])
-        tables.append({"name": f"{part} (wdl fused, {len(names)} tables: {', '.join(names)})", "owner": "wdl",
-                       "rows": g.num_rows, "dim": g.dim, "dtype": "fp32", "sharding": "wdl_row_blocks",
-                       "kernel": "wdl", "ranks": list(range(min(w, g.num_rows))), "bytes": g.num_rows * per_row,
-                       "features": len(g.tables) + (g.bias_row is not None)})
+    for part, p in model.parts().items():
+        for g in p.tables:
+            per_row = by_name[g.tables[0].name].bytes_per_row + (LOCAL_SCRATCH_BYTES if w == 1 else 0)
+            for r in range(w):
+                lo, hi = block(g.num_rows, w, r)
+                wdl_rank[r] += (hi - lo) * per_row
+            names = [t.name for t in g.tables] + (["bias"] if g.bias_row is not None else [])
+            tables.append({"name": f"{part} (wdl fused, {len(names)} tables: {', '.join(names)})", "owner": "wdl",
+                           "rows": g.num_rows, "dim": g.dim, "dtype": "fp32", "sharding": "wdl_row_blocks",
+                           "kernel": "wdl", "ranks": list(range(min(w, g.num_rows))), "bytes": g.num_rows * per_row,
+                           "features": len(g.tables) + (g.bias_row is not None)})
     return wdl_rank, tables
 
 
-def _add_torchrec_shards(shards: list, state_of: dict[str, int], elt: int, dtype: str, mem: list[dict],
+def _add_torchrec_shards(shards: list, by_name: dict[str, Table], dtype: str, mem: list[dict],
                          t_rank: list[dict]) -> list[dict[str, Any]]:
     """Adds each TorchRec shard's memory and TorchRec's time estimates to its rank (in place);
     returns a table entry per sharded table."""
     tables = []
     for so in shards:
-        nbytes = 0
+        nbytes, t = 0, by_name[so.name]
         for s in so.shards:
             rows, cols = s.size
-            b = rows * cols * elt + rows * state_of[so.name] * cols // so.tensor.shape[1]
+            b = rows * t.bytes_per_row * cols // t.dim  # a column shard holds its share of the row's state
             nbytes += b
             m = mem[s.rank]
             m["hbm_bytes"] += s.storage.hbm
             m["host_bytes"] += s.storage.ddr
             m["tables_bytes"] += b
-            t = t_rank[s.rank]
-            t["lookup_fwd"] += s.perf.fwd_compute
-            t["lookup_bwd"] += s.perf.bwd_compute + s.perf.prefetch_compute
-            t["input_comms"] += s.perf.input_dist_comms
-            t["output_comms"] += s.perf.fwd_comms + s.perf.bwd_comms
+            r = t_rank[s.rank]
+            r["lookup_fwd"] += s.perf.fwd_compute
+            r["lookup_bwd"] += s.perf.bwd_compute + s.perf.prefetch_compute
+            r["input_comms"] += s.perf.input_dist_comms
+            r["output_comms"] += s.perf.fwd_comms + s.perf.bwd_comms
         tables.append({"name": so.name, "owner": "torchrec", "rows": int(so.tensor.shape[0]),
                        "dim": int(so.tensor.shape[1]), "dtype": dtype, "sharding": so.sharding_type,
                        "kernel": so.compute_kernel, "ranks": sorted({s.rank for s in so.shards}), "bytes": nbytes,

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from wdl.config import SHARDING_TYPES, DistributedConfig
+from wdl.data.tables import LOCAL_SCRATCH_BYTES
 from wdl.distributed.env import DistEnv
 from wdl.distributed.rows import ShardedRows, block, check_memory
 from wdl.errors import ConfigError
@@ -78,12 +79,12 @@ def check_placement(cfg: DistributedConfig, deep_table_names: list[str], env: Di
 
 
 def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, seed: int,
-          fused: tuple[type, dict[str, Any]] | None = None,
-          state_bytes: Callable[[str, int], int] = lambda part, dim: 0) -> Placed:
+          row_bytes: dict[str, int], fused: tuple[type, dict[str, Any]] | None = None, planner: Any = None) -> Placed:
     """Give every rank its part of the model and initialise it.
 
-    fused: the optimiser class and args FBGEMM applies to TorchRec's tables (torchrec backend).
-    state_bytes(part, dim): optimiser state per row of a fused group, for the memory check.
+    row_bytes: table name -> bytes per row, weights and optimiser state (wdl.data.tables), for
+    the memory check; fused: the optimiser class and args FBGEMM applies to TorchRec's tables;
+    planner: TorchRec's planner for them (wdl.distributed.planning.torchrec_planner).
     """
     model = train_module.model
     groups = [(part, g) for part, p in model.parts().items() for g in p.tables]
@@ -92,8 +93,8 @@ def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, 
     need, detail, mib = 0, [], {}
     for part, g in groups:
         lo, hi = block(g.num_rows, env.world_size, env.rank)
-        scratch = 0 if env.distributed else 4  # LocalRows' dedupe scratch
-        n = (hi - lo) * (4 * g.dim + state_bytes(part, g.dim) + scratch)
+        scratch = 0 if env.distributed else LOCAL_SCRATCH_BYTES
+        n = (hi - lo) * (row_bytes[g.tables[0].name] + scratch)  # a group's tables share dim and optimiser
         need += n
         mib[id(g)] = n / 2**20
         detail.append(f"{part} dim {g.dim}: {hi - lo:,} rows, {n / 2**20:,.0f} MiB")
@@ -110,7 +111,7 @@ def place(train_module: WideDeepTrain, cfg: DistributedConfig, env: DistEnv, *, 
     # 2. TorchRec's tables.
     emb = model.deep.embeddings if model.deep is not None else None
     if isinstance(emb, TorchRecEmbeddingBags):
-        return _torchrec(train_module, emb, cfg, env, fused, own_rows, seed, plan)
+        return _torchrec(train_module, emb, env, fused, planner, own_rows, seed, plan)
 
     # 3. Dense layers in DDP.
     wrapped: nn.Module = train_module
@@ -132,32 +133,24 @@ def _describe_group(part: str, g: nn.Module, env: DistEnv, mib: float) -> str:
     return f"wdl fused {part} table, dim {g.dim}, {g.num_rows:,} rows: {where}, {mib:,.1f} MiB with optimiser state; {tables}"
 
 
-def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, cfg: DistributedConfig, env: DistEnv,
-              fused: tuple[type, dict[str, Any]] | None, own_rows: list[str], seed: int, plan: list[str]) -> Placed:
+def _torchrec(train_module: WideDeepTrain, emb: TorchRecEmbeddingBags, env: DistEnv,
+              fused: tuple[type, dict[str, Any]] | None, planner: Any, own_rows: list[str], seed: int,
+              plan: list[str]) -> Placed:
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-    from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import ShardingEnv
 
-    if fused is None:
-        raise ValueError("TorchRec tables need their FBGEMM optimiser (fused)")
-    # 1. FBGEMM's optimiser, applied in the backward pass.
+    if fused is None or planner is None:
+        raise ValueError("TorchRec tables need their FBGEMM optimiser (fused) and a planner")
+    # 1. FBGEMM's optimiser, applied in the backward pass (the planner's storage estimate reads it).
     _apply_optimizer_in_backward(fused[0], emb.ebc.parameters(), fused[1])
 
-    # 2. Planner: TorchRec chooses among the allowed sharding types for this topology.
-    constraints: dict[str, ParameterConstraints] = {}
-    for t in emb.tables:
-        types = allowed_sharding(*cfg.sharding_of(t.name), env.device.type)
-        constraints[t.name] = ParameterConstraints(sharding_types=types)
+    # 2. Planner: TorchRec chooses among the allowed sharding types; rank 0 plans, all get its plan.
     sharding_env = ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD)
-    topology = Topology(world_size=env.world_size, compute_device=env.device.type,
-                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
     sharders = [EmbeddingBagCollectionSharder()]
-    sharding_plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
-        train_module, sharders, sharding_env.process_group)
+    sharding_plan = planner.collective_plan(train_module, sharders, sharding_env.process_group)
 
     # 3. DistributedModelParallel: allocates each rank's shards, wraps the dense layers in DDP
     #    (which must leave wdl's own rows alone). One process has nothing to all-reduce: its dense

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from wdl.config import DeepConfig, ModelConfig
 from wdl.data.batch import Batch
+from wdl.data.tables import model_reads
 from wdl.model.embeddings import EmbeddingGroup, FusedEmbeddingBags, TableSpec, TorchRecEmbeddingBags, build_embedding_bags
 from wdl.model.init import generator
 from wdl.model.interactions import PairwiseInteraction
@@ -178,15 +179,13 @@ class WideDeep(nn.Module):
                  device: torch.device | None = None, table_device: torch.device | None = None) -> None:
         super().__init__()
         self.kind = cfg.kind
+        reads = model_reads(cfg)
         table_device = table_device if table_device is not None else device
-        self.wide = (
-            WideArch(cfg.wide.features, num_embeddings, table_device)
-            if cfg.kind in ("wide_deep", "wide") else None
-        )
+        self.wide = WideArch(list(reads.wide_features), num_embeddings, table_device) if reads.wide else None
         self.deep = (
-            DeepArch(cfg.deep, num_embeddings, dense_dim if cfg.deep.dense else 0, cfg.embedding_backend, device,
+            DeepArch(cfg.deep, num_embeddings, dense_dim if reads.dense else 0, cfg.embedding_backend, device,
                      table_device)
-            if cfg.kind in ("wide_deep", "deep") else None
+            if reads.deep else None
         )
         # The bias: the wide part's bias row when there is one, else a parameter of its own.
         self.bias = nn.Parameter(torch.zeros(1, device=device)) if self.wide is None else None

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -22,25 +21,23 @@ import torch
 import torch.distributed as dist
 
 from wdl.checkpoint import Checkpointer
-from wdl.config import Config, ModelConfig, save_config
+from wdl.config import Config, save_config
 from wdl.data.dataset import build_loaders, check_unknown, feature_spec, open_dataset
-from wdl.data.features import FeatureSpec
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, all_gather_cat, all_reduce_sum, barrier
-from wdl.distributed.sharding import check_placement, place
+from wdl.distributed.sharding import check_placement
 from wdl.errors import ConfigError, TrainingError, WdlError
 from wdl.ingest.prepare import open_or_prepare
 from wdl.model.embeddings import resolve_backend
-from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import evaluate
 from wdl.train.graphed_step import GraphedStep
 from wdl.train.metrics import MetricsLogger
-from wdl.train.optim import build_optimizers, fused_table_optimizer
+from wdl.train.build import build_model, deep_fused_optimizer, model_signature
+from wdl.train.optim import build_optimizers
 from wdl.train import run_log
 from wdl.train.run_folder import RunFolder
 from wdl.train.schedule import LrSchedule
 from wdl.train.selection import Selection
-from wdl.train.sparse_optim import state_bytes_per_row
 
 
 class Trainer:
@@ -366,25 +363,6 @@ class Trainer:
                     disable=None)
 
 
-def deep_fused_optimizer(cfg: Config, env: DistEnv, backend: str) -> Any:
-    """FBGEMM's optimiser for TorchRec's deep tables (None without them); a ConfigError for one
-    FBGEMM lacks, so it fails before anything is built."""
-    if backend != "torchrec" or cfg.model.kind == "wide":
-        return None
-    return fused_table_optimizer(cfg.optim.deep, env.device.type, "deep")
-
-
-def build_model(cfg: Config, spec: FeatureSpec, env: DistEnv, backend: str,
-                fused: Any) -> tuple[WideDeep, ModelConfig, Any]:
-    """The model (tables described on the meta device) and its placement on this rank."""
-    sizes = {k: spec.num_embeddings(k) for k in spec.sparse_keys}
-    model_cfg = dataclasses.replace(cfg.model, embedding_backend=backend)
-    model = WideDeep(model_cfg, sizes, spec.dense_dim, device=env.device, table_device=torch.device("meta"))
-    placed = place(WideDeepTrain(model), cfg.distributed, env, seed=cfg.run.seed, fused=fused,
-                   state_bytes=lambda part, dim: state_bytes_per_row(getattr(cfg.optim, part), dim))
-    return model, model_cfg, placed
-
-
 def _open_run_folder(cfg: Config, env: DistEnv) -> tuple[RunFolder | None, Path, Path | None, bool]:
     """Rank 0 opens (and locks) the run folder; every rank learns where it is and what to resume."""
     folder, box = None, [None, None, False, None]
@@ -407,27 +385,6 @@ def _warn_single_class(manifest: Any, splits: list[str]) -> None:
         if rate in (0.0, 1.0):
             print(f"wdl: warning: every label of the {split!r} split is {int(rate)}, so its AUC is undefined "
                   f"(shown as '-'); logloss is still computed", file=sys.stderr, flush=True)
-
-
-def model_signature(m: ModelConfig, spec: FeatureSpec) -> dict[str, Any]:
-    """What a checkpoint must agree on to be loaded: the model's shape, and what each row of a
-    table means (a cross over other columns with the same bucket count has the same shape)."""
-    rows = spec.num_embeddings
-    return {
-        "crosses": {k: c.columns for k, c in spec.crosses.items()},
-        "layout": 2,  # fused wide/deep tables with row optimiser state (earlier: a table per feature)
-        "kind": m.kind,
-        "backend": m.embedding_backend,
-        "wide_tables": {f: rows(f) for f in m.wide.features} if m.kind != "deep" else {},
-        "deep_tables": {f: [rows(f), d] for f, d in m.deep.embeddings.items()} if m.kind != "wide" else {},
-        "dense_dim": spec.dense_dim if m.kind != "wide" else 0,
-        # which dense inputs are missing indicators; left out when none, so older checkpoints load
-        **({"missing_indicators": spec.missing_columns} if m.kind != "wide" and spec.missing_columns else {}),
-        "hidden": list(m.deep.hidden) if m.kind != "wide" else [],
-        # dot widens the MLP input, fm changes the logit; left out for none so older checkpoints load
-        **({"interaction": [m.deep.interaction, m.deep.interaction_pairs]}
-           if m.kind != "wide" and m.deep.interaction != "none" else {}),
-    }
 
 
 def _read_order(cfg: Config, manifest: Any) -> dict[str, Any]:
