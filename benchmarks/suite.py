@@ -3,8 +3,8 @@
 A suite names its data, the systems to run and how: epochs, warm-up epochs (timed but
 excluded from the timing summaries), repetitions, world sizes, batch sizes. Command-line
 `key=value` items change the suite (`epochs=2`, `repetitions=3`); items whose first part is a
-config section (`train.`, `data.`, `model.`, `optim.`, `run.`, `features.`) are passed on to
-every run of our trainer instead.
+config section (`train.`, `data.`, `model.`, `optim.`, `run.`, `features.`, `checkpoint.`,
+`distributed.`) are passed on to every run of our trainer instead.
 
 Which protocol a run of our trainer followed is read from the run itself (runners.run_wdl: its
 records' `eval_split`, its summary.json `test`), whatever set it: the config (configs/movielens-100k.yaml
@@ -31,7 +31,7 @@ from wdl.config import load_config
 from wdl.errors import ConfigError
 
 SUITES = Path(__file__).resolve().parent / "suites"
-CONFIG_SECTIONS = ("train", "data", "model", "optim", "run", "features")
+CONFIG_SECTIONS = ("train", "data", "model", "optim", "run", "features", "checkpoint", "distributed")
 DEFAULTS = {"repetitions": 1, "warmup_epochs": 1, "epochs": 1, "threads": None, "valid_fraction": None, "systems": []}
 KINDS = ("wdl", "sklearn_lr", "peer", "reference", "throughput", "planted", "mlp_floor", "tune")
 # Kinds whose runs are our trainer's and can hold out a validation split (`tune` always does);
