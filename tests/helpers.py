@@ -112,8 +112,9 @@ def write_tiny_config(folder: Path, data: Path, name: str = "tiny.yaml") -> Path
 
 # ---------------------------------------------------------------------- runs and their output
 def records(run: Path) -> list[dict]:
-    """A run folder's metrics.jsonl, one dict per epoch."""
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """A run folder's epoch records in metrics.jsonl, one dict per epoch (step and eval records left out)."""
+    return [r for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()
+            if (r := json.loads(line)).get("kind", "epoch") == "epoch"]
 
 
 def one_line_error(err: str, *needles: str) -> str:

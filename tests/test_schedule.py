@@ -22,21 +22,22 @@ def test_warm_up_then_plateau_decay_down_to_the_floor():
     s = LrSchedule(ScheduleConfig(warmup_steps=4, plateau_factor=0.5, plateau_patience=2, min_scale=0.2))
     assert [s.scale(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert [s.warming_up(k) for k in (0, 3, 4)] == [True, True, False]
-    # gains reset the count; two epochs without one decay, and counting starts again after a decay
-    history = (True, False, True, False, False, False, False, False, False, False, False)
-    decays = [s.epoch_end(g) for g in history]
+    # gains reset the count; two evaluations without one decay, and counting starts again after a decay
+    history = (True, False, True, False, False, False, False, False, False, False)
+    decays = [s.evaluated(g) for g in history]
     # 0.5, 0.25, then 0.2 (not 0.125), where it stays
-    assert decays == [False, False, False, False, True, False, True, False, True, False, False]
+    assert decays == [False, False, False, False, True, False, True, False, True, False]
     assert s.decay == 0.2 and s.scale(10) == 0.2
-    again = LrSchedule(s.cfg)
-    again.replay(list(history))
-    assert again.decay == s.decay and again._epochs_without_gain == s._epochs_without_gain
+    again = LrSchedule(s.cfg)  # the state a checkpoint holds: the next evaluation acts the same
+    again.load_state_dict(s.state_dict())
+    assert again.decay == s.decay and again.evaluated(False) == s.evaluated(False) is False
+    assert again.evaluated(False) == s.evaluated(False) is False  # at the floor already
 
 
 def test_no_schedule_is_a_constant_one():
     s = LrSchedule(ScheduleConfig())
     assert s.scale(0) == 1.0 and not s.warming_up(0)
-    assert not any(s.epoch_end(False) for _ in range(5)) and s.decay == 1.0
+    assert not any(s.evaluated(False) for _ in range(5)) and s.decay == 1.0
 
 
 class _Group:
@@ -100,7 +101,7 @@ def test_schedule_in_training_and_exact_after_resume(tiny_config, tmp_path, caps
     assert decay < 1.0, "the tiny run should plateau at least once: the check above would prove little"
     assert "learning rates x0.5 of the configured ones" in capsys.readouterr().out
 
-    # cut after epoch 3 and resumed: the decay is replayed from the log, the epochs are the same
+    # cut after epoch 3 and resumed: the decay comes back from the checkpoint, the epochs are the same
     assert main(["train", "--config", str(tiny_config), "run.name=cut", "train.epochs=3", *SCHEDULE]) == 0
     assert main(["train", "--config", str(tiny_config), "run.name=cut", "train.epochs=6", *SCHEDULE,
                  "--resume", "auto"]) == 0

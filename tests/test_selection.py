@@ -14,12 +14,19 @@ from wdl.train.selection import Selection
 
 
 def test_selection_by_auc_and_by_logloss_with_min_delta():
-    s = Selection(EarlyStoppingConfig(metric="auc", patience=2, min_delta=0.01))
-    assert s.update(1, 0.70) and not s.update(2, 0.705) and s.update(3, 0.72)  # 0.005 is within min_delta
-    assert not s.should_stop() and not s.update(4, float("nan")) and not s.update(5, 0.71)
-    assert s.should_stop() and (s.best_epoch, s.best_value) == (3, 0.72)
+    s = Selection(EarlyStoppingConfig(metric="auc", patience=2, min_delta=0.01))  # (step, epoch, value)
+    assert s.update(10, 1, 0.70) and not s.update(20, 1, 0.705) and s.update(30, 2, 0.72)  # 0.005 is within min_delta
+    assert not s.should_stop() and not s.update(40, 2, float("nan"))
+    again = Selection(s.cfg)  # the state a checkpoint holds: the next evaluation acts the same
+    again.load_state_dict(s.state_dict())
+    for sel in (s, again):
+        assert not sel.update(50, 3, 0.71) and sel.should_stop()
+        assert (sel.best_step, sel.best_epoch, sel.best_value) == (30, 2, 0.72)
+    fresh = Selection(s.cfg)
+    fresh.load_state_dict(Selection(s.cfg).state_dict())  # nothing selected yet survives the round trip
+    assert fresh.best_value is None and fresh.best_step is None
     s = Selection(EarlyStoppingConfig(metric="logloss"))
-    assert s.update(1, 0.6) and s.update(2, 0.5) and not s.update(3, 0.55)
+    assert s.update(1, 1, 0.6) and s.update(2, 2, 0.5) and not s.update(3, 3, 0.55)
     assert s.best_epoch == 2 and not s.should_stop()  # patience 0: never stops
 
 

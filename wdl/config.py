@@ -158,8 +158,9 @@ class ScheduleConfig:
     the validation metric plateaus."""
 
     warmup_steps: int = 0  # the multiplier rises linearly from 1/warmup_steps to 1 over these steps
-    # After `plateau_patience` epochs without a better validation metric (train.early_stopping's
-    # metric and min_delta), multiply by `plateau_factor` (1: never); needs a validation split.
+    # After `plateau_patience` evaluations (train.eval_every_steps; by default one per epoch)
+    # without a better validation metric (train.early_stopping's metric and min_delta), multiply
+    # by `plateau_factor` (1: never); needs a validation split.
     plateau_factor: float = 1.0
     plateau_patience: int = 1
     min_scale: float = 0.0  # the plateau decay stops here
@@ -174,10 +175,11 @@ class OptimConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    """Stop when the validation metric has not improved by min_delta for `patience` epochs."""
+    """Stop when the validation metric has not improved by min_delta for `patience` evaluations
+    (train.eval_every_steps; by default one per epoch)."""
 
     metric: Literal["auc", "logloss"] = "auc"
-    patience: int = 0  # 0: off (the best epoch is still selected on validation)
+    patience: int = 0  # 0: off (the best evaluation's model is still selected on validation)
     min_delta: float = 0.0
 
 
@@ -185,14 +187,25 @@ class EarlyStoppingConfig:
 class TrainConfig:
     epochs: int = 20
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests and smoke runs
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit)
+    # A "step" record in metrics.jsonl every N steps: the train loss over those steps, rows, rate,
+    # samples/s (0: none; the epoch records cover it). The loss is read from the device only then.
+    log_every_steps: int = 0
+    # Score the validation split (the eval split without one) every N steps; selection, early
+    # stopping and the plateau schedule tick on these evaluations (0: at each epoch end).
+    eval_every_steps: int = 0
+    # Score only the first rows of the split (about this many, the same ones each time) at these
+    # evaluations; the test split's final score reads it whole (0: the whole split).
+    eval_max_rows: int = 0
+    # Stop when the train loss over a log interval (or an epoch) passes this multiple of the
+    # constant predictor's logloss (the train split's label entropy): a run that has diverged
+    # without reaching inf (0: only a non-finite loss stops it).
+    divergence_ratio: float = 10.0
+    tensorboard: bool = False  # also write the records to <run folder>/tensorboard (needs tensorboard)
     progress: bool = True  # a bar per epoch, on a terminal only
     # Only evaluate the model state (e.g. a checkpoint given by checkpoint.resume) and write
     # eval.json in the run folder; no training.
     eval_only: bool = False
-    # Fault injection for tests: the last rank SIGKILLs itself after this step on the first
-    # attempt under torchrun (0 = off).
-    kill_at_step: int = 0
     # Ranking metrics beside AUC: NDCG@k and Recall@k of each group's (e.g. user's) evaluated rows
     # ranked by score, averaged over groups with a positive. "" = off; else a categorical column
     # the model reads.

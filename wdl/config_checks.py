@@ -117,8 +117,11 @@ def _validate_training(cfg: Config) -> None:
         raise ConfigError("checkpoint.keep: must be >= 1")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
-    for where, n in (("train.max_steps", cfg.train.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                     ("data.num_workers", cfg.data.num_workers)):
+    t = cfg.train
+    for where, n in (("train.max_steps", t.max_steps), ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                     ("data.num_workers", cfg.data.num_workers), ("train.log_every_steps", t.log_every_steps),
+                     ("train.eval_every_steps", t.eval_every_steps), ("train.eval_max_rows", t.eval_max_rows),
+                     ("train.divergence_ratio", t.divergence_ratio)):
         if n < 0:
             raise ConfigError(f"{where}: must be >= 0, got {n}")
     if cfg.train.eval_only and not cfg.checkpoint.resume:

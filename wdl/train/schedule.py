@@ -3,15 +3,16 @@ see wdl.train.optim._follows_schedule).
 
     scale = warm-up(step) x plateau decay
     warm-up(step) = min(1, (step + 1) / warmup_steps)     linear over the first steps
-    plateau decay: x plateau_factor each time `plateau_patience` epochs pass without a better
-                   validation metric (the epochs are counted again from each decay), down to
-                   min_scale
+    plateau decay: x plateau_factor each time `plateau_patience` evaluations pass without a
+                   better validation metric (counted again from each decay), down to min_scale
 
-The decay is a function of the validation history, which the metrics log keeps; a resumed run
-replays it (`replay`) instead of checkpointing the multiplier.
+The decay and its count are state: a checkpoint saves them (`state_dict`), so a resumed run goes
+on with the same multiplier.
 """
 
 from __future__ import annotations
+
+import torch
 
 from wdl.config import ScheduleConfig
 
@@ -20,7 +21,7 @@ class LrSchedule:
     def __init__(self, cfg: ScheduleConfig) -> None:
         self.cfg = cfg
         self.decay = 1.0
-        self._epochs_without_gain = 0
+        self._evals_without_gain = 0
 
     def warming_up(self, step: int) -> bool:
         """True while `step` (0-based, the step about to run) is in the warm-up."""
@@ -31,19 +32,21 @@ class LrSchedule:
         warm = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
         return warm * self.decay
 
-    def epoch_end(self, improved: bool) -> bool:
-        """Record whether the epoch bettered the validation metric; True when the rates decay now."""
+    def evaluated(self, improved: bool) -> bool:
+        """Record whether an evaluation bettered the validation metric; True when the rates decay now."""
         if self.cfg.plateau_factor >= 1.0:
             return False
-        self._epochs_without_gain = 0 if improved else self._epochs_without_gain + 1
-        if self._epochs_without_gain < self.cfg.plateau_patience:
+        self._evals_without_gain = 0 if improved else self._evals_without_gain + 1
+        if self._evals_without_gain < self.cfg.plateau_patience:
             return False
-        self._epochs_without_gain = 0
+        self._evals_without_gain = 0
         decayed = max(self.cfg.min_scale, self.decay * self.cfg.plateau_factor)
         changed, self.decay = decayed != self.decay, decayed
         return changed
 
-    def replay(self, improvements: list[bool]) -> None:
-        """Rebuild the decay from the epochs already trained (after a resume)."""
-        for improved in improvements:
-            self.epoch_end(improved)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"decay_and_count": torch.tensor([self.decay, float(self._evals_without_gain)], dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        decay, count = state["decay_and_count"].tolist()
+        self.decay, self._evals_without_gain = decay, int(count)

@@ -1,11 +1,14 @@
 """The Trainer: a table of contents of a training run.
 
-    __init__: run folder -> data -> model -> optimisers -> metrics
-    train():  for each epoch: train_epoch -> evaluate -> log
+    __init__: run folder -> data -> model -> optimisers -> metrics -> checkpoints (resume)
+    train():  for each epoch: train_epoch (steps; step records, evaluations, checkpoints on their
+              step cadences) -> the epoch's record (and what is due at its last step)
 """
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -31,7 +34,7 @@ from wdl.ingest.prepare import open_or_prepare
 from wdl.model.embeddings import resolve_backend
 from wdl.train.evaluate import evaluate
 from wdl.train.graphed_step import GraphedStep
-from wdl.train.metrics import MetricsLogger
+from wdl.train.metrics import MetricsLogger, TrainSums, finite_json
 from wdl.train.build import build_model, deep_fused_optimizer, model_signature
 from wdl.train.optim import build_optimizers
 from wdl.train import run_log
@@ -54,6 +57,9 @@ class Trainer:
         if cfg.train.compile != "none" and self.device.type == "cpu" and cpu_compiler() is None:
             raise ConfigError(f"train.compile={cfg.train.compile} on a CPU needs a C++ compiler (g++, c++ or "
                               "clang++ on PATH, or $CXX); install one or set train.compile=none")
+        if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
+        self.kill_at = int(os.environ.get("WDL_TEST_KILL_AT_STEP") or 0)  # fault injection for tests: _maybe_kill
 
         # 1. Run folder (rank 0 picks and locks it, everyone uses it) and the checkpoint to resume
         #    from. A start that fails before training removes a folder it created.
@@ -93,7 +99,11 @@ class Trainer:
         # the test split is scored once at the end); else on the test split.
         self.eval_loader = loaders.valid or loaders.test
         self.eval_name = ("valid" if loaders.valid is not None else cfg.data.eval_split)
-        self.selection = Selection(cfg.train.early_stopping) if loaders.valid is not None else None
+        # Every checkpoint holds a selection state (the same keys whatever the config); it selects
+        # only with a validation split.
+        self.selection, self.selecting = Selection(cfg.train.early_stopping), loaders.valid is not None
+        # The logloss of always predicting the train split's label rate: a loss far above it has diverged.
+        self.constant_logloss = _entropy(manifest.split(cfg.data.train_split).positive_rate)
         if env.is_main:
             _warn_single_class(manifest, [s for s in (cfg.data.train_split, cfg.data.valid_split, cfg.data.eval_split) if s])
 
@@ -123,12 +133,12 @@ class Trainer:
             print(f"wdl: sharding plan in {self.run_dir / 'plan.txt'}", flush=True)
 
         # 5. Metrics (rank 0) and checkpoints; resume if asked.
-        self.metrics = MetricsLogger(self.run_dir, env.is_main, self.eval_name)
-        if restart:  # an earlier attempt logged epochs but died before its first checkpoint
-            self.metrics.load_existing(keep_epochs=0)
+        self.metrics = MetricsLogger(self.run_dir, env.is_main, self.eval_name, tensorboard=cfg.train.tensorboard)
+        if restart:  # an earlier attempt logged records but died before its first checkpoint
+            self.metrics.load_existing(step=0, epochs=0)
         self.epoch, self.step, self.batches_done = 0, 0, 0  # batches_done: trained in the current epoch
-        # The current epoch's summed loss (on the device) and rows, so far: a resumed epoch reports all of it.
-        self.epoch_loss, self.epoch_rows = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        self.sums = TrainSums(self.device, env.is_main)  # the loss over the epoch, log and eval intervals
+        self.evaluated_at = self.saved_at = -1  # the steps of the latest evaluation and checkpoint
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         if self.folder is not None:
             self.folder.check_writable(ckpt_dir, "checkpoint.dir")
@@ -151,53 +161,75 @@ class Trainer:
                   f"world size {self.env.world_size}; {n} train rows, {self.train_loader.steps_per_epoch} steps/epoch; "
                   f"run folder {self.run_dir}", flush=True)
         while self.epoch < cfg.epochs and not self._out_of_steps() and not self._stop_early():
-            train_stats = self.train_epoch()
-            if not math.isfinite(train_stats["train_loss"]):  # the same all-reduced value on every rank
-                raise TrainingError(
-                    f"training diverged: the train loss of epoch {self.epoch + 1} (steps {self.step - train_stats['steps'] + 1}"
-                    f"-{self.step}) is {train_stats['train_loss']}; lower optim.wide.lr / optim.deep.lr "
-                    "(nothing saved since the loss stopped being finite)")
-            eval_stats = self.evaluate(self.eval_loader)
-            rss = all_gather_cat(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
-            record = {"epoch": self.epoch + 1, **train_stats, "eval_split": self.eval_name, **eval_stats,
-                      "peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss}
-            self.metrics.log_epoch(record)
+            stats = self.train_epoch()
             complete = self.batches_done >= self.train_loader.steps_per_epoch
             if complete:
                 self.epoch, self.batches_done = self.epoch + 1, 0
-            # Only whole epochs are selected from (as a resume rebuilds the selection): a model
-            # cut mid-epoch by train.max_steps is never `best`.
-            if self.selection is not None and complete:
-                improved = self.selection.update(record["epoch"], record[self.selection.cfg.metric])
-                if improved:
-                    self.save_checkpoint(name="best")
-                if self.schedule.epoch_end(improved) and self.env.is_main:
-                    print(f"wdl: no better {self.eval_name} {self.selection.cfg.metric} for "
-                          f"{self.cfg.optim.schedule.plateau_patience} epoch(s): learning rates x{self.schedule.decay:g} "
-                          "of the configured ones", flush=True)
-            if self.cfg.checkpoint.at_epoch_end:
-                self.save_checkpoint()
-        test = self.score_selected() if self.selection is not None else None
+            self.end_epoch(stats, complete)
+        test = self.score_selected() if self.selecting else None
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
                                            "device": str(self.device), "peak_rss_mb": _peak_rss_mb(),
                                            "unknown_ids": self.unknown},
-                                          selection=self.selection, test=test, test_split=self.cfg.data.eval_split)
+                                          selection=self.selection if self.selecting else None, test=test,
+                                          test_split=self.cfg.data.eval_split)
+
+    def end_epoch(self, stats: dict[str, Any], complete: bool) -> None:
+        """The epoch's record, after what is due at its last step (a step record, an evaluation).
+        With evaluations at epoch ends (train.eval_every_steps=0) the record holds its evaluation.
+        A run stopped mid-epoch is scored where it stands unless it just was: an `interim`
+        evaluation, never selected and dropped on resume (an uncut run has none there)."""
+        epoch = self.epoch if complete else self.epoch + 1
+        self._check_loss(stats["train_loss"], f"epoch {epoch} (steps {self.step - stats['steps'] + 1}-{self.step})")
+        at_epochs = self.cfg.train.eval_every_steps == 0
+        record = {"kind": "epoch", "epoch": epoch, "step": self.step, **stats, "eval_split": self.eval_name}
+        if complete:
+            self._on_cadence(None, epoch_scores=record if at_epochs else None)
+        elif self.evaluated_at != self.step:
+            scores = self._evaluate(interim=True)
+            if at_epochs:
+                record |= scores
+            else:
+                self.metrics.log({"kind": "eval", "step": self.step, "epoch": epoch, "eval_split": self.eval_name,
+                                  **scores, "interim": True})
+        rss = all_gather_cat(torch.tensor([_peak_rss_mb()], dtype=torch.float64)).tolist()
+        self.metrics.log(record | {"peak_rss_mb": max(rss), "peak_rss_mb_per_rank": rss})
+        if self.cfg.checkpoint.at_epoch_end and self.saved_at != self.step:
+            self.save_checkpoint()
+
+    def _on_cadence(self, bar: Any, epoch_scores: dict[str, Any] | None = None) -> None:
+        """What is due after this step, in this order: a step record, an evaluation (also at the
+        last epoch's end; at every epoch end into `epoch_scores` with eval_every_steps=0), a checkpoint
+        (an epoch's last step is saved by end_epoch when checkpoint.at_epoch_end)."""
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        at_end = self.batches_done == 0  # called by end_epoch, the epoch rolled over
+        if t.log_every_steps and self.step % t.log_every_steps == 0:
+            self._log_steps(bar)
+        if epoch_scores is not None:
+            epoch_scores |= self._evaluate()
+        elif t.eval_every_steps and (self.step % t.eval_every_steps == 0 or (at_end and self.epoch >= t.epochs)):
+            self.metrics.log({"kind": "eval", "step": self.step, "epoch": self._epoch_of_step(),
+                              "eval_split": self.eval_name, **self._evaluate()})
+        if ck.every_steps and self.step % ck.every_steps == 0 and not (at_end and ck.at_epoch_end) \
+                and self.saved_at != self.step:
+            self.save_checkpoint()
 
     def score_selected(self) -> dict[str, Any] | None:
-        """Score the test split once, with the model of the best validation epoch."""
-        best = self.checkpointer.folder / "best"
-        if self.selection.best_epoch is None:
+        """Score the test split once, with the model of the best validation evaluation."""
+        best, sel = self.checkpointer.folder / "best", self.selection
+        if sel.best_step is None:
             return None
         saved = json.loads((best / "meta.json").read_text()) if (best / "meta.json").exists() else {}
-        if (saved.get("epoch"), saved.get("batches_done")) != (self.selection.best_epoch, 0) or saved.get("step", 0) > self.step:
-            # e.g. this run continued from a checkpoint older than the best one, and no later epoch beat it
+        if saved.get("step") != sel.best_step or sel.best_step > self.step:
+            # e.g. this run continued from a checkpoint older than the best one, and nothing later beat it
             if self.env.is_main:
-                print(f"wdl: warning: {best} does not hold the model of epoch {self.selection.best_epoch} (this run "
-                      f"continued from an earlier checkpoint); the {self.cfg.data.eval_split} split is not scored",
-                      file=sys.stderr, flush=True)
+                where = f"epoch {sel.best_epoch}" if sel.best_at_epoch_end else f"step {sel.best_step}"
+                print(f"wdl: warning: {best} does not hold the model of {where} (this run continued from an "
+                      f"earlier checkpoint); the {self.cfg.data.eval_split} split is not scored", file=sys.stderr, flush=True)
             return None
-        self._load(best)
-        return {"epoch": self.selection.best_epoch, **self.evaluate(self.test_loader)}
+        weights = {"model": self.placed.state_module.state_dict()}
+        self.checkpointer.load_weights(best, weights)
+        self.placed.state_module.load_state_dict(weights["model"])
+        return {"epoch": sel.best_epoch, "step": sel.best_step, **self.evaluate(self.test_loader)}
 
     def close(self) -> None:
         """Give up the run folder (the lock also goes when the process dies)."""
@@ -205,38 +237,31 @@ class Trainer:
             self.folder.release()
 
     def train_epoch(self) -> dict[str, Any]:
+        """Train to the epoch's end, or to a stop (train.max_steps, early stopping); what is due
+        at each step but the epoch's last runs here (that one: end_epoch)."""
         self.model.train()
         # The trainer counts the batches it trained (the loader may be read one batch ahead).
         self.train_loader.load_state_dict({"epoch": self.epoch, "batches_done": self.batches_done})
-        if self.batches_done == 0:
-            self.epoch_loss.zero_()
-            self.epoch_rows = 0
         resumed_at = self.batches_done  # > 0 when resuming mid-epoch
-        rows, steps = 0, 0
+        if resumed_at == 0:
+            self.sums.reset("epoch")
+            self.sums.epoch_lr_scale = self.schedule.scale(self.step)
+        rows, steps, last = 0, 0, self.train_loader.steps_per_epoch
         self.optimizer.scale_lr(self.schedule.scale(self.step))
-        lr_scale = self.schedule.scale(self.step - resumed_at)  # the epoch's first step's, across a resume
-        bar = self._progress(self.train_loader.steps_per_epoch - self.batches_done)
+        bar = self._progress(last - self.batches_done)
         start = time.perf_counter()
         for batch in to_device(self.train_loader, self.device):
             if self.schedule.warming_up(self.step):
                 self.optimizer.scale_lr(self.schedule.scale(self.step))
-            loss = self.train_step(batch)
-            self.epoch_loss += loss * len(batch)  # summed on the device: no host sync per step
-            self.epoch_rows += len(batch)
-            rows += len(batch)
-            steps += 1
-            self.step += 1
-            self.batches_done += 1
+            self.sums.add(self.train_step(batch), len(batch))  # summed on the device: no host sync per step
+            rows, steps = rows + len(batch), steps + 1
+            self.step, self.batches_done = self.step + 1, self.batches_done + 1
             if bar is not None:
                 bar.update(1)
-            _maybe_kill(self.cfg.train.kill_at_step, self.step, self.env)
-            every = self.cfg.checkpoint.every_steps
-            # An epoch's last step is saved at the epoch's end (checkpoint.at_epoch_end), after its evaluation.
-            if every and self.step % every == 0 and (self.batches_done < self.train_loader.steps_per_epoch
-                                                     or not self.cfg.checkpoint.at_epoch_end):
-                self._check_finite()
-                self.save_checkpoint()
-            if self._out_of_steps():
+            _maybe_kill(self.kill_at, self.step, self.env)
+            if self.batches_done < last:
+                self._on_cadence(bar)
+            if self._out_of_steps() or (self.selecting and self.selection.should_stop()):
                 break
         _sync(self.device)
         seconds = time.perf_counter() - start
@@ -247,16 +272,16 @@ class Trainer:
             all_reduce_sum)}, self.cfg.data.max_unknown_fraction)
         if self.graphed is not None and (line := self.graphed.shortfall()) and self.env.is_main:
             print(f"wdl: warning: {line}", file=sys.stderr, flush=True)
-        totals = all_reduce_sum(torch.cat([self._epoch_sums(), torch.tensor([float(rows)], dtype=torch.float64)]))
-        epoch_rows, rows_now = int(totals[1].item()), int(totals[2].item())
+        (loss, epoch_rows), = self.sums.totals("epoch")
+        rows_now = int(all_reduce_sum(torch.tensor([float(rows)], dtype=torch.float64))[0])
         return {
-            "train_loss": float(totals[0] / max(epoch_rows, 1)),  # the whole epoch, across a resume
+            "train_loss": loss,  # the whole epoch, across a resume
             "train_seconds": seconds,
-            "samples_per_second": rows_now / seconds if seconds > 0 else float("nan"),
+            "samples_per_second": rows_now / seconds if seconds > 0 else None,
             "train_rows": epoch_rows,
             "steps": steps,
             "resumed_at_batch": resumed_at,
-            "lr_scale": lr_scale,  # the schedule's multiplier at the epoch's start
+            "lr_scale": self.sums.epoch_lr_scale,  # the schedule's multiplier at the epoch's first step
             **(self.graphed.counters() if self.graphed is not None else {}),  # steps replayed, so far
         }
 
@@ -275,82 +300,139 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
-    def evaluate(self, loader: Any) -> dict[str, Any]:
+    def _log_steps(self, bar: Any) -> None:
+        """A step record: the train loss over the log interval, read from the device now."""
+        (loss, rows), (_, seen) = self.sums.totals("log", "run")
+        seconds = self.sums.seconds("log")
+        n = self.cfg.train.log_every_steps
+        self._check_loss(loss, f"steps {max(self.step - n, 0) + 1}-{self.step} (epoch {self._epoch_of_step()})")
+        self.metrics.log({"kind": "step", "step": self.step, "epoch": self._epoch_of_step(), "rows_seen": seen,
+                          "train_loss": loss, "lr_scale": self.schedule.scale(self.step - 1),
+                          "samples_per_second": rows / seconds if seconds > 0 else None}, bar)
+        self.sums.reset("log")
+
+    def _evaluate(self, interim: bool = False) -> dict[str, Any]:
+        """Score the eval split (train.eval_max_rows of it) with the train loss since the last
+        evaluation; unless `interim`, select on it: `best`, the plateau schedule, early stopping."""
+        scores = self.evaluate(self.eval_loader, self.cfg.train.eval_max_rows)
+        self.evaluated_at = self.step
+        if interim:
+            return scores
+        (loss, _), = self.sums.totals("eval")
+        self._check_chance(scores.get("auc"), loss)
+        self.sums.last_eval_loss = loss
+        self.sums.reset("eval")
+        if self.selecting:
+            improved = self.selection.update(self.step, self._epoch_of_step(), scores.get(self.selection.cfg.metric),
+                                             at_epoch_end=self.batches_done == 0)
+            if improved:
+                self.save_checkpoint(name="best")
+            if self.schedule.evaluated(improved):
+                self.optimizer.scale_lr(self.schedule.scale(self.step))
+                if self.env.is_main:
+                    print(f"wdl: no better {self.eval_name} {self.selection.cfg.metric} for "
+                          f"{self.cfg.optim.schedule.plateau_patience} evaluation(s): learning rates "
+                          f"x{self.schedule.decay:g} of the configured ones", flush=True)
+        return {**scores, "train_loss_since_last_eval": loss}
+
+    def evaluate(self, loader: Any, max_rows: int = 0) -> dict[str, Any]:
+        """Global metrics of `loader`'s split; with `max_rows`, of about that many of its first
+        rows (the same number of batches on every rank: sharded look-ups are collective)."""
         start = time.perf_counter()
         loader.load_state_dict({"epoch": 0, "batches_done": 0})
-        m = evaluate(self.model, loader, self.device, self.cfg.train.ranking_group, self.cfg.train.ranking_k)
+        batches = loader if not max_rows else \
+            itertools.islice(loader, max(1, math.ceil(max_rows / (loader.batch_size * self.env.world_size))))
+        m = evaluate(self.model, batches, self.device, self.cfg.train.ranking_group, self.cfg.train.ranking_k)
         return {**m, "eval_seconds": time.perf_counter() - start}
 
     def evaluate_only(self) -> dict[str, Any]:
         result = {"epoch": self.epoch, "step": self.step, "world_size": self.env.world_size,
                   **self.evaluate(self.test_loader)}
         if self.env.is_main:
-            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            print(f"{self.cfg.data.eval_split} AUC {result['auc']:.6f} logloss {result['logloss']:.6f} "
+            (self.run_dir / "eval.json").write_text(finite_json(result, indent=2) + "\n")
+            auc = f"{result['auc']:.6f}" if math.isfinite(result["auc"]) else "- (one class only)"
+            print(f"{self.cfg.data.eval_split} AUC {auc} logloss {result['logloss']:.6f} "
                   f"({result['rows']} rows, model at epoch {self.epoch}, step {self.step})", flush=True)
         return result
 
     # --- checkpoints ------------------------------------------------------------------------
 
+    def _states(self) -> dict[str, Any]:
+        """Every stateful part by name, each with state_dict / load_state_dict: what a checkpoint
+        holds beside the progress counters (epoch, step, the loader's position) and the RNGs."""
+        return {"model": self.placed.state_module, "optim": self.optimizer, "selection": self.selection,
+                "schedule": self.schedule, "train_sums": self.sums}
+
     def _progress_state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done}
 
-    def _app_state(self, epoch_sums: torch.Tensor) -> dict[str, Any]:
-        return {"model": self.placed.state_module.state_dict(), "optim": self.optimizer.state_dict(),
-                "epoch_sums": epoch_sums}
-
     def save_checkpoint(self, name: str | None = None) -> Path:
-        # The epoch's loss and rows so far, summed over ranks (saved once, restored on rank 0).
-        return self.checkpointer.save(self._app_state(all_reduce_sum(self._epoch_sums())),
+        """Save every state (after checking the epoch's loss so far: a diverged model is never saved)."""
+        (loss, _), = self.sums.totals("epoch")
+        self._check_loss(loss, f"epoch {self._epoch_of_step()} up to step {self.step}")
+        self.saved_at = self.step if name is None else self.saved_at
+        return self.checkpointer.save({k: s.state_dict() for k, s in self._states().items()},
                                       self._progress_state(), name=name)
 
-    def _epoch_sums(self) -> torch.Tensor:
-        """[loss summed over rows, rows] of the current epoch on this rank, float64 on the CPU."""
-        return torch.stack([self.epoch_loss.cpu(), torch.tensor(float(self.epoch_rows), dtype=torch.float64)])
-
-    def _load(self, path: Path) -> tuple[dict[str, int], dict[str, Any]]:
+    def _load(self, path: Path) -> dict[str, int]:
         # DCP fills these tensors in place (split ones as this world size splits them).
-        app = self._app_state(torch.zeros(2, dtype=torch.float64))
+        states = self._states()
+        app = {k: s.state_dict() for k, s in states.items()}
         progress = self.checkpointer.load(path, app, self._progress_state())
-        self.placed.state_module.load_state_dict(app["model"])
-        self.optimizer.load_state_dict(app["optim"])
-        return progress, app
+        for k, s in states.items():
+            s.load_state_dict(app[k])
+        return progress
 
     def _resume(self, path: Path) -> None:
-        progress, app = self._load(path)
-        if self.env.is_main and progress["batches_done"] > 0:
-            self.epoch_loss.fill_(app["epoch_sums"][0])
-            self.epoch_rows = int(app["epoch_sums"][1])
+        progress = self._load(path)
         self.epoch, self.step, self.batches_done = progress["epoch"], progress["step"], progress["batches_done"]
         if self.folder is not None and path.parent.resolve() == self.checkpointer.folder.resolve():  # this run, continued
             moved = self.checkpointer.set_aside_after(self.step)
             if moved and self.env.is_main:
                 print(f"wdl: continuing from step {self.step}, before this run's {', '.join(moved)}: those are moved "
                       f"to {self.checkpointer.folder / f'abandoned-after-step-{self.step:08d}'}", flush=True)
-        self.metrics.load_existing(keep_epochs=self.epoch)
-        if self.selection is not None:
-            self.schedule.replay(self.selection.replay(self.metrics.records))
+        self.metrics.load_existing(step=self.step, epochs=self.epoch)
         if self.env.is_main:
             print(f"wdl: resumed from {path} (epoch {self.epoch + 1}, step {self.step}, "
                   f"{progress['batches_done']} batches into the epoch)", flush=True)
 
     # ------------------------------------------------------------------------------------------
 
-    def _check_finite(self) -> None:
-        """Refuse to save a model whose epoch loss so far is not finite (one host read per save)."""
-        if not math.isfinite(float(all_reduce_sum(self._epoch_sums())[0])):
-            raise TrainingError(f"training diverged: the train loss of epoch {self.epoch + 1} up to step {self.step} is not "
-                                "finite; lower optim.wide.lr / optim.deep.lr (nothing saved since the loss stopped being finite)")
+    def _check_loss(self, loss: float, where: str) -> None:
+        """Stop a run whose train loss `loss` (over `where`) is not finite, or passes
+        train.divergence_ratio times the loss of always predicting the label rate."""
+        ratio, base = self.cfg.train.divergence_ratio, self.constant_logloss
+        if math.isfinite(loss) and not (ratio and base and loss > ratio * base):
+            return
+        how = f"{loss:.4g}, {loss / base:.3g}x the {base:.4f} of always predicting the label rate" \
+            if math.isfinite(loss) else f"{loss}"
+        raise TrainingError(f"training diverged: the train loss over {where} is {how}; lower optim.wide.lr / "
+                            "optim.deep.lr (nothing saved since the last check it passed)")
+
+    def _check_chance(self, auc: float | None, loss: float) -> None:
+        """Stop a run whose AUC is chance's after its first evaluation while its train loss rises
+        above the constant predictor's: it has stopped learning anything."""
+        before, base = self.sums.last_eval_loss, self.constant_logloss
+        if auc is None or not math.isfinite(auc) or abs(auc - 0.5) >= 0.01 or not math.isfinite(before):
+            return
+        if loss > before and base and loss > base:
+            raise TrainingError(f"training diverged: {self.eval_name} AUC {auc:.4f} at step {self.step} is chance's "
+                                f"while the train loss rose to {loss:.4g} (from {before:.4g}; always predicting the "
+                                f"label rate gives {base:.4f}); lower optim.wide.lr / optim.deep.lr")
+
+    def _epoch_of_step(self) -> int:
+        """The epoch (1-based) the latest step belongs to (at an epoch end the counter has moved on)."""
+        return self.epoch if self.batches_done == 0 else self.epoch + 1
 
     def _out_of_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.step
 
     def _stop_early(self) -> bool:
-        if self.selection is None or not self.selection.should_stop():
+        if not self.selecting or not self.selection.should_stop():
             return False
         if self.env.is_main:
-            print(f"wdl: early stop after epoch {self.selection.last_epoch}: no better {self.eval_name} "
-                  f"{self.selection.cfg.metric} for {self.selection.cfg.patience} epochs", flush=True)
+            print(f"wdl: early stop at step {self.step} (epoch {self.selection.last_epoch}): no better {self.eval_name} "
+                  f"{self.selection.cfg.metric} for {self.selection.cfg.patience} evaluations", flush=True)
         return True
 
     def _progress(self, total: int):
@@ -400,14 +482,19 @@ def _read_order(cfg: Config, manifest: Any) -> dict[str, Any]:
     return order
 
 
-def _maybe_kill(kill_at_step: int, step: int, env: DistEnv) -> None:
-    """Fault injection for tests: the last rank SIGKILLs itself once, on the first attempt."""
-    import os
+def _maybe_kill(kill_at: int, step: int, env: DistEnv) -> None:
+    """Fault injection for tests (WDL_TEST_KILL_AT_STEP=N in the environment): the last rank
+    SIGKILLs itself after step N, once (not again in a torchrun restart)."""
     import signal
 
-    if kill_at_step and step == kill_at_step and env.rank == env.world_size - 1 \
+    if kill_at and step == kill_at and env.rank == env.world_size - 1 \
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _entropy(rate: float) -> float:
+    """The logloss of always predicting `rate` on labels with that positive rate (0 for one class)."""
+    return -sum(p * math.log(p) for p in (rate, 1.0 - rate) if p > 0)
 
 
 def cpu_compiler() -> str | None:
