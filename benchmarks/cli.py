@@ -43,12 +43,25 @@ def run_main(args: argparse.Namespace) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(args.rest, namespace=args)
     suite = load_suite(args.suite, args.overrides)
+    _check_counts(suite)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "out" / f"{suite['name']}-{stamp}"
     result = run_suite(suite, out.resolve(), install_peers=args.install_peers)
     print((out / "report.md").read_text())
     print(f"bench: results in {out} ({len(result['measurements'])} measurements)")
     return 0
+
+
+def _check_counts(suite: dict) -> None:
+    """The suite's counts, from its file or `key=value` (threads=abc was a ValueError deep in the run)."""
+    from wdl.errors import ConfigError
+
+    for key, least in (("threads", 0), ("repetitions", 1), ("epochs", 1), ("warmup_epochs", 0)):
+        value = suite.get(key)
+        if key == "threads" and value is None:  # unset: each library's own default
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"suite {suite['name']!r}: {key}={value!r} must be a whole number >= {least}")
 
 
 def list_main(args: argparse.Namespace) -> int:

@@ -221,6 +221,10 @@ class TrainConfig:
     # process, train.compile=none. Batches, in memory or streamed, are cut with fixed shapes for it
     # (multi-hot columns padded); a batch of other shapes (an epoch's last) is stepped as usual.
     cuda_graph: bool = False
+    # torch's intra-op CPU threads per rank. 0: wdl chooses (the host's cores per local rank less
+    # the loader workers, fewer while other processes load them; wdl/distributed/threads.py), or
+    # OMP_NUM_THREADS when the environment sets it; N: exactly N.
+    threads: int = 0
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")

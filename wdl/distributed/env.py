@@ -23,6 +23,7 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str  # gloo or nccl; a 1-rank group in the single-process mode
+    local_world_size: int = 1  # ranks on this host (they share its cores)
 
     @property
     def is_main(self) -> bool:
@@ -65,7 +66,8 @@ def init_distributed(device_spec: str = "auto", timeout_s: int = 1800) -> DistEn
             # The single-process debug mode runs the same code (TorchRec's sharding included)
             # on a 1-rank group; an in-process store needs no port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend,
+                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _attempt_store() -> dist.Store:

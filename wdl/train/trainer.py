@@ -28,6 +28,7 @@ from wdl.config import Config, save_config
 from wdl.data.dataset import build_loaders, check_unknown, feature_spec, open_dataset
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, all_gather_cat, all_reduce_sum, barrier
+from wdl.distributed.threads import IntraOpThreads
 from wdl.distributed.sharding import check_placement
 from wdl.errors import ConfigError, TrainingError, WdlError
 from wdl.ingest.prepare import open_or_prepare
@@ -46,6 +47,7 @@ from wdl.train.selection import Selection
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
+        self.threads = IntraOpThreads.start(cfg.train.threads, cfg.data, env)  # printed by rank 0
         self.device = env.device
         self.backend = resolve_backend(cfg.model.embedding_backend)
         deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if self.backend == "torchrec" else []
@@ -254,6 +256,7 @@ class Trainer:
             if self.schedule.warming_up(self.step):
                 self.optimizer.scale_lr(self.schedule.scale(self.step))
             self.sums.add(self.train_step(batch), len(batch))  # summed on the device: no host sync per step
+            self.threads.tick()  # fewer intra-op threads while other processes load our cores
             rows, steps = rows + len(batch), steps + 1
             self.step, self.batches_done = self.step + 1, self.batches_done + 1
             if bar is not None:
@@ -281,6 +284,7 @@ class Trainer:
             "train_rows": epoch_rows,
             "steps": steps,
             "resumed_at_batch": resumed_at,
+            "intra_op_threads": self.threads.now,  # at the epoch's end (they follow the host's load)
             "lr_scale": self.sums.epoch_lr_scale,  # the schedule's multiplier at the epoch's first step
             **(self.graphed.counters() if self.graphed is not None else {}),  # steps replayed, so far
         }
