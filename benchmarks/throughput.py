@@ -139,19 +139,14 @@ def axes(system: dict) -> list[tuple[list[str], list[str], dict[str, Any]]]:
 
 
 def estimate_table_bytes(cfg: Config, backend: str) -> int:
-    """Bytes the embedding tables and their optimiser state take (as the placement check counts)."""
+    """Bytes the embedding tables and their optimiser state take in one process (as the placement
+    check counts them: wdl's fused tables keep a dedupe scratch per row there, TorchRec's do not)."""
     from wdl.data.dataset import feature_spec, open_dataset
-    from wdl.train.sparse_optim import state_bytes_per_row
+    from wdl.data.tables import LOCAL_SCRATCH_BYTES, tables
 
     spec = feature_spec(cfg, open_dataset(cfg.data))
-    m, total = cfg.model, 0
-    if m.kind in ("wide_deep", "wide"):
-        total += sum(spec.num_embeddings(f) for f in m.wide.features) * (4 + state_bytes_per_row(cfg.optim.wide, 1) + 4)
-    if m.kind in ("wide_deep", "deep"):
-        scratch = 4 if backend == "torch" else 0  # wdl's dedupe scratch
-        total += sum(spec.num_embeddings(f) * (4 * d + state_bytes_per_row(cfg.optim.deep, d) + scratch)
-                     for f, d in m.deep.embeddings.items())
-    return total
+    return sum(t.rows * (t.bytes_per_row + (LOCAL_SCRATCH_BYTES if t.owner == "wdl" else 0))
+               for t in tables(cfg, spec, backend))
 
 
 def _percentile(xs: list[float], q: float) -> float:

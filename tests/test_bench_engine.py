@@ -20,7 +20,7 @@ from benchmarks.suite import load_suite
 from wdl.config import OptimizerConfig, load_config
 from wdl.data.batch import Batch, Jagged
 from wdl.model.wide_deep import WideDeep
-from wdl.train.sparse_optim import state_bytes_per_row
+from wdl.data.tables import state_bytes
 
 SIZES = {"user_id": 51, "movie_id": 81, "gender": 3, "genres": 7, "gender_movie": 500, "gender_genres": 50}
 
@@ -44,7 +44,7 @@ def test_state_tensors_agree_with_the_optimisers():
     for name, sizes in expected.items():
         for dim in (1, 4, 16):
             assert floors.state_tensor_bytes(name, dim) == sizes(dim)
-            assert state_bytes_per_row(OptimizerConfig(name=name), dim) == sum(sizes(dim))
+            assert state_bytes(OptimizerConfig(name=name), dim) == sum(sizes(dim))
 
 
 def test_hardware_floor_arithmetic(tiny_config):

@@ -165,13 +165,6 @@ def row_rule(cfg: OptimizerConfig) -> RowRule:
     return SGDRule(cfg.lr, cfg.weight_decay)
 
 
-def state_bytes_per_row(cfg: OptimizerConfig, dim: int) -> int:
-    """Optimiser state per row, for memory estimates: what the rule allocates for one row."""
-    rule = row_rule(cfg)
-    state = rule.init_state(1, dim, torch.device("meta"))
-    return sum(state[k].numel() * state[k].element_size() for k in rule.per_row)
-
-
 class SparseTableOptimizer:
     """Applies one RowRule to the rows each step touched in its embedding groups.
 
