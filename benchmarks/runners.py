@@ -175,7 +175,9 @@ def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_si
     if r.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise BenchError(f"training run {name} failed (exit {r.returncode}); log {log}:\n{tail}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+               if (r := json.loads(line)).pop("kind", "epoch") == "epoch"]  # step and eval records left out
+    # (a record's kind is not a measurement's: that one names the system's kind)
     summary = json.loads((run_dir / "summary.json").read_text())
     protocol = run_protocol(records, summary, f"training run {name} (log {log})")
     for rec in records:

@@ -140,13 +140,13 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterru
     assert one["logloss"] == pytest.approx(cut[-1]["logloss"], abs=1e-6)
 
 
-def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted):
+def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted, monkeypatch):
     """TorchRec's sharded tables (or plain DDP without TorchRec): the last rank SIGKILLs itself
-    after step 13 (mid-epoch 2); torchrun restarts the group, which resumes from step 12 and logs
-    the uninterrupted run's epochs. The checkpoint (a column-wise and table-wise sharded
-    TorchRec state) reloads whole into one process with the same AUC."""
-    proc = launch(tiny_config, 2, *TORCHREC, *UNINTERRUPTED, "run.name=killed", "train.kill_at_step=13",
-                  "--resume", "auto", max_restarts=1)
+    after step 13 (mid-epoch 2; WDL_TEST_KILL_AT_STEP, inherited by the launch); torchrun restarts
+    the group, which resumes from step 12 and logs the uninterrupted run's epochs. The checkpoint
+    (a column-wise and table-wise sharded TorchRec state) reloads whole into one process with the same AUC."""
+    monkeypatch.setenv("WDL_TEST_KILL_AT_STEP", "13")
+    proc = launch(tiny_config, 2, *TORCHREC, *UNINTERRUPTED, "run.name=killed", "--resume", "auto", max_restarts=1)
     ok(proc)
     assert "exitcode: -9" in proc.stderr or "SIGKILL" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000012" in proc.stdout
