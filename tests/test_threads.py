@@ -158,3 +158,14 @@ def test_bench_threads_not_a_number_is_one_line(tmp_path):
     assert r.returncode == 2
     one_line_error(r.stderr, "threads='abc' must be a whole number >= 0")
     assert not (tmp_path / "out").exists()
+
+
+def test_contention_variants_name_a_count_and_its_environment():
+    from benchmarks.scripts.contention import variant
+
+    assert variant("auto") == ([], {})
+    assert variant("2+GOMP_SPINCOUNT=10000+OMP_WAIT_POLICY=PASSIVE") == (
+        ["train.threads=2"], {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": "PASSIVE"})
+    for bad in ("abc", "0", "2+", "auto+=1"):
+        with pytest.raises(ValueError, match="auto or a thread count"):
+            variant(bad)
