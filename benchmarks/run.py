@@ -34,6 +34,10 @@ SYSTEMS: dict[str, Callable[[SuiteRun, dict], list[dict]]] = {
 
 
 def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) -> dict[str, Any]:
+    if suite.get("runner") == "scale":  # one run watched from outside, not systems (benchmarks/scripts/scale.py)
+        from benchmarks.scripts.scale import run_scale
+
+        return run_scale(suite, out)
     out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc)
     _data_path_override(suite)

@@ -179,6 +179,7 @@ def run_scale(suite: dict[str, Any], out: Path) -> dict[str, Any]:
     from benchmarks.run import ensure_data
     from benchmarks.scripts.scale_report import write_outputs
 
+    _check(suite)
     run_dir = out / "runs" / "scale"
     if run_dir.exists():
         raise ConfigError(f"{out} already holds a scale run ({run_dir}); give another --out")
@@ -228,6 +229,19 @@ def run_scale(suite: dict[str, Any], out: Path) -> dict[str, Any]:
     }
     write_outputs(result, out)
     return result
+
+
+def _check(suite: dict[str, Any]) -> None:
+    """The suite's own keys, from its file or `key=value`: one line each, before anything runs."""
+    checks = {"world_size": (int, lambda v: v >= 2, "a whole number >= 2 (a rank is killed, one must be left)"),
+              "kill_at": (float, lambda v: 0 < v < 1, "a share of the pass in (0, 1)"),
+              "sample_seconds": (float, lambda v: v > 0, "seconds > 0"),
+              "threads": (int, lambda v: v >= 1, "a whole number >= 1")}
+    for key, (kind, ok, what) in checks.items():
+        value = suite.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and not isinstance(value, int) \
+                or not ok(value):
+            raise ConfigError(f"suite {suite['name']!r}: {key}={value!r} must be {what}")
 
 
 def launch_command(suite: dict[str, Any], data: dict[str, Any], out: Path) -> list[str]:
