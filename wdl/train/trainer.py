@@ -130,9 +130,6 @@ class Trainer:
         # Seed the global RNGs (dropout) only now: building and sharding the model draw from them,
         # so seeding here gives the same masks for every backend and world size.
         _seed_everything(cfg.run.seed + env.rank)
-        if env.is_main:
-            (self.run_dir / "plan.txt").write_text(self.placed.plan + "\n")
-            print(f"wdl: sharding plan in {self.run_dir / 'plan.txt'}", flush=True)
 
         # 5. Metrics (rank 0) and checkpoints; resume if asked.
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.eval_name, tensorboard=cfg.train.tensorboard)
@@ -150,6 +147,9 @@ class Trainer:
         self.checkpointer.clear_unfinished()  # this run holds the folder's lock
         if resume_from is not None:
             self._resume(resume_from)
+        if env.is_main:  # after the resume: a refused one leaves the run's plan.txt as it was
+            (self.run_dir / "plan.txt").write_text(self.placed.plan + "\n")
+            print(f"wdl: sharding plan in {self.run_dir / 'plan.txt'}", flush=True)
 
     # ------------------------------------------------------------------------------------------
 
