@@ -184,3 +184,10 @@ def test_an_override_mapping_merges_into_a_section_but_replaces_a_plain_mapping(
     assert (cfg.optim.wide.name, cfg.optim.wide.lr, cfg.optim.wide.beta) == ("ftrl", 0.2, 0.001)
     assert cfg.model.deep.embeddings == {"user_id": 8, "movie_id": 8}
     assert (cfg.features.columns["user_id"].kind, cfg.features.columns["user_id"].vocab_size) == ("categorical", 10)
+
+
+def test_naming_a_columns_id_source_drops_the_one_the_file_gave():
+    # vocab_size, hash_buckets and vocab_file exclude each other: merging would keep both and be refused
+    cfg = load_config(ROOT / "configs" / "movielens-100k.yaml", ["features.columns.user_id={hash_buckets: 64}"])
+    col = cfg.features.columns["user_id"]
+    assert (col.kind, col.vocab_size, col.hash_buckets) == ("categorical", None, 64)

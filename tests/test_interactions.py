@@ -141,9 +141,9 @@ def test_embedding_dropout_trains_only():
 
 
 def test_checkpoint_signature_includes_the_interaction():
-    from wdl.train.trainer import model_signature
+    from wdl.train.build import model_signature
 
-    spec = SimpleNamespace(crosses={}, dense_dim=0, num_embeddings=lambda f: 10)  # what model_signature reads
+    spec = SimpleNamespace(crosses={}, dense_dim=0, missing_columns=[], num_embeddings=lambda f: 10)  # what model_signature reads
     none = _cfg().model
     dot = _cfg("model.deep.interaction=dot", "model.deep.interaction_pairs=[[u, m]]").model
     fm = _cfg("model.deep.interaction=fm", "model.deep.interaction_pairs=[[u, m]]").model

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -35,6 +35,8 @@ class RunConfig:
 @dataclass
 class ColumnConfig:
     """One input column. Sparse ids come from exactly one of vocab_size / hash_buckets / vocab_file."""
+
+    ONE_OF: ClassVar[tuple[str, ...]] = ("vocab_size", "hash_buckets", "vocab_file")  # the id source
 
     kind: Literal["categorical", "multi_hot", "dense"] = "categorical"
     # Integer ids already in [0, vocab_size); anything else maps to the reserved id 0.
@@ -336,6 +338,10 @@ def _merge(tp: Any, old: Any, new: Any) -> Any:
     (a dataclass) changes only the keys it names; any other value replaces the old one."""
     if not (dataclasses.is_dataclass(tp) and isinstance(old, dict) and isinstance(new, dict)):
         return new
+    # Keys that exclude each other (a column's id source): naming one drops the others old gave.
+    one_of = getattr(tp, "ONE_OF", ())
+    if any(k in new for k in one_of):
+        old = {k: v for k, v in old.items() if k not in one_of}
     return {**old, **{k: _merge(_child_type(tp, k), old.get(k), v) for k, v in new.items()}}
 
 
