@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     import_cli.add_import_arguments(imp)
     imp.set_defaults(func=import_cli.run_import)
 
+    from wdl.config_reference import add_config_commands
+
+    add_config_commands(sub)
+
     p = sub.add_parser("plan", help="memory per rank and time per step for N GPUs, on paper")
     add_plan_arguments(p)
     p.set_defaults(func=plan_main)

@@ -23,9 +23,9 @@ from wdl.errors import ConfigError
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # the run folder's name, a plain one (a fresh run takes name-1, ... when it is taken)
     out_dir: str = "runs"  # the run folder is out_dir/name
-    seed: int = 2021
+    seed: int = 2021  # seeds initial values, shuffling, dropout and a held-out valid_fraction
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # A collective that waits longer than this fails instead of hanging, so torchrun can restart
     # (long enough for rank 0 to prepare a missing MovieLens set while the others wait).
@@ -38,6 +38,7 @@ class ColumnConfig:
 
     ONE_OF: ClassVar[tuple[str, ...]] = ("vocab_size", "hash_buckets", "vocab_file")  # the id source
 
+    # categorical: one id per row; multi_hot: a list of ids (e.g. genres), sum-pooled; dense: a number.
     kind: Literal["categorical", "multi_hot", "dense"] = "categorical"
     # Integer ids already in [0, vocab_size); anything else maps to the reserved id 0.
     # "auto" reads the size from the data set's manifest.
@@ -62,15 +63,15 @@ class ColumnConfig:
 class CrossConfig:
     """A wide cross-product feature: hash(v_1, ..., v_n) % hash_buckets."""
 
-    columns: list[str] = field(default_factory=list)
-    hash_buckets: int = 10_000
+    columns: list[str] = field(default_factory=list)  # two or more; a multi-hot one gives a cross id per element
+    hash_buckets: int = 10_000  # rows of the cross's wide table
 
 
 @dataclass
 class FeaturesConfig:
-    label: str = "label"
-    columns: dict[str, ColumnConfig] = field(default_factory=dict)
-    crosses: dict[str, CrossConfig] = field(default_factory=dict)
+    label: str = "label"  # the 0/1 target column
+    columns: dict[str, ColumnConfig] = field(default_factory=dict)  # every column the model reads, by name
+    crosses: dict[str, CrossConfig] = field(default_factory=dict)  # hashed cross-product features, by name
     # A dense column missing in more than this share of the train rows is dropped from the model
     # with a warning (1: none is dropped, and a column missing in every train row is an error).
     max_missing_fraction: float = 1.0
@@ -80,24 +81,25 @@ class FeaturesConfig:
 class PrepareConfig:
     """How to create `data.path` when it does not exist yet (so `make train` needs no extra step)."""
 
-    source: Optional[Literal["movielens"]] = None
-    variant: str = "ml-100k"
+    source: Optional[Literal["movielens"]] = None  # null: never prepared; movielens: `wdl data prepare movielens`
+    variant: str = "ml-100k"  # which MovieLens: ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m
 
 
 @dataclass
 class DataConfig:
-    path: str = "data/ml-100k"
-    train_split: str = "train"
+    path: str = "data/ml-100k"  # the data set folder (manifest.json, train/ valid/ test/ Parquet shards, vocab/)
+    train_split: str = "train"  # the split trained on
     eval_split: str = "test"  # scored every epoch; with a validation split, once at the end (best epoch's model)
-    # Model selection: a split of the data set that picks the best epoch (and early stopping)...
+    # Model selection: a split of the data set that picks the best evaluation (and early stopping)...
     valid_split: str = ""
-    # ... or this share of the train split held out for it (seeded by run.seed; whole row groups when streaming).
+    # ... or, instead, this share of the train split held out for it (seeded by run.seed; whole row
+    # groups when streaming).
     valid_fraction: float = 0.0
     # Stop at start when more than this share of a vocabulary column's values (in any split) lie
     # outside its vocabulary: they would all train one "unknown" row.
     max_unknown_fraction: float = 0.05
     batch_size: int = 1024  # per rank: the global batch is batch_size * world_size
-    eval_batch_size: int = 16384
+    eval_batch_size: int = 16384  # rows per rank scored at once in evaluations
     in_memory: bool = True  # hold the (small) data set as tensors on the device
     shuffle_buffer: int = 65536  # rows; streaming mode only
     num_workers: int = 0  # streaming mode: DataLoader worker processes per rank
@@ -114,9 +116,9 @@ class WideConfig:
 @dataclass
 class DeepConfig:
     embeddings: dict[str, int] = field(default_factory=dict)  # sparse column -> embedding dim
-    dense: list[str] = field(default_factory=list)
-    hidden: list[int] = field(default_factory=lambda: [256, 128, 64])
-    dropout: float = 0.0
+    dense: list[str] = field(default_factory=list)  # dense columns appended (normalised) to the MLP input
+    hidden: list[int] = field(default_factory=lambda: [256, 128, 64])  # the MLP's hidden widths, ReLU after each
+    dropout: float = 0.0  # dropout after each hidden layer, training only
     init_std: float = 0.01  # N(0, std) embeddings; PyTorch's default N(0, 1) overfits badly
     # Explicit second-order interactions between the pooled embeddings (wdl/model/interactions.py):
     # none (Wide & Deep as in the paper) | dot (pairwise dot products appended to the MLP input, as
@@ -134,7 +136,9 @@ class DeepConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["wide_deep", "wide", "deep"] = "wide_deep"
+    kind: Literal["wide_deep", "wide", "deep"] = "wide_deep"  # the model or one of its two ablations
+    # Who holds the deep tables: torchrec (FBGEMM kernels, TorchRec's planner), torch (wdl's own
+    # fused tables, any device), auto (TorchRec where it imports). The wide part is always wdl's.
     embedding_backend: Literal["auto", "torchrec", "torch"] = "auto"
     wide: WideConfig = field(default_factory=WideConfig)
     deep: DeepConfig = field(default_factory=DeepConfig)
@@ -142,13 +146,14 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
+    # The paper's: ftrl for the wide part, adagrad for the deep. On tables every one updates only the
+    # rows a batch touches; FBGEMM has no ftrl (deep ftrl needs model.embedding_backend=torch).
     name: Literal["ftrl", "adagrad", "rowwise_adagrad", "adam", "sgd"] = "adam"
-    lr: float = 0.001
-    weight_decay: float = 0.0
-    # FTRL-Proximal (McMahan et al. 2013): lr is alpha.
-    l1: float = 0.0
-    l2: float = 0.0
-    beta: float = 1.0
+    lr: float = 0.001  # learning rate (FTRL's alpha)
+    weight_decay: float = 0.0  # L2 added to the gradient (not FTRL: use l2), e.g. optim.deep.weight_decay=1e-4
+    l1: float = 0.0  # FTRL-Proximal (McMahan et al. 2013) L1 strength: sparse wide weights
+    l2: float = 0.0  # FTRL's L2 strength
+    beta: float = 1.0  # FTRL's beta; small (0.001) with batch-mean gradients, or the wide part barely learns
     eps: float = 1e-8  # adagrad / adam
     initial_accumulator_value: float = 0.0  # adagrad
 
@@ -164,7 +169,7 @@ class ScheduleConfig:
     # without a better validation metric (train.early_stopping's metric and min_delta), multiply
     # by `plateau_factor` (1: never); needs a validation split.
     plateau_factor: float = 1.0
-    plateau_patience: int = 1
+    plateau_patience: int = 1  # evaluations without a better validation metric before a decay
     min_scale: float = 0.0  # the plateau decay stops here
 
 
@@ -180,14 +185,14 @@ class EarlyStoppingConfig:
     """Stop when the validation metric has not improved by min_delta for `patience` evaluations
     (train.eval_every_steps; by default one per epoch)."""
 
-    metric: Literal["auc", "logloss"] = "auc"
+    metric: Literal["auc", "logloss"] = "auc"  # the validation metric that selects the best evaluation
     patience: int = 0  # 0: off (the best evaluation's model is still selected on validation)
-    min_delta: float = 0.0
+    min_delta: float = 0.0  # a smaller improvement does not count as better
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 20  # passes over the train split (train.max_steps may end the run earlier)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     max_steps: int = 0  # stop after this many steps in total (0 = no limit)
     # A "step" record in metrics.jsonl every N steps: the train loss over those steps, rows, rate,
@@ -212,7 +217,7 @@ class TrainConfig:
     # ranked by score, averaged over groups with a positive. "" = off; else a categorical column
     # the model reads.
     ranking_group: str = ""
-    ranking_k: int = 10
+    ranking_k: int = 10  # the k of ndcg@k and recall@k
     # torch.compile the deep part's dense computation (interactions, dropout, MLP; not the
     # look-ups) for training: none, or a torch.compile mode (default, reduce-overhead: CUDA
     # graphs on a GPU, max-autotune). The first steps pay the compilation (tens of seconds).
@@ -254,7 +259,7 @@ class DistributedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # also save every N steps (0: only at epoch ends)
-    at_epoch_end: bool = True
+    at_epoch_end: bool = True  # save at each epoch's end
     keep: int = 3  # newest complete checkpoints kept
     dir: str = ""  # default: <run folder>/checkpoints
     resume: str = ""  # "" (start fresh) | auto (newest complete checkpoint of the run) | a checkpoint or run folder
