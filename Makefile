@@ -1,16 +1,20 @@
 # make train : set up .venv if needed, prepare MovieLens-100k, train Wide & Deep on it
 # make test  : run the test suite (CPU)
+# make test-fast : the suite without the tests marked slow
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: train test venv clean
+.PHONY: train test test-fast venv clean
 
 train: $(VENV)/.installed
 	$(PY) launch/train.py --config configs/movielens-100k.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 venv: $(VENV)/.installed
 
