@@ -174,12 +174,13 @@ def test_disk_full_mid_write_is_one_line_and_cleans_up(tmp_path, monkeypatch):
 
 def test_column_stats_and_running_stats():
     x = np.array([1.0, 2.0, 3.0, np.nan, 4.0])
-    assert column_stats(x) == pytest.approx({"mean": 2.5, "std": np.std([1, 2, 3, 4])})
+    assert column_stats(x) == pytest.approx({"mean": 2.5, "std": np.std([1, 2, 3, 4]),
+                                             "missing_train": 1, "values_train": 4})
     big = 1.6e9 + np.arange(1000.0)
     r = RunningStats()
     for chunk in np.array_split(big, 7):
         r.update(chunk)
-    assert r.result() == pytest.approx({"mean": big.mean(), "std": big.std()})
+    assert r.result() == pytest.approx({"mean": big.mean(), "std": big.std(), "missing_train": 0, "values_train": 1000})
 
 
 def test_failed_rename_during_overwrite_restores_old(tmp_path, monkeypatch):
