@@ -60,6 +60,7 @@ def tiny_result(tmp_path_factory, tiny_data):
     return out
 
 
+@pytest.mark.slow
 def test_suite_writes_results_csv_report_and_plots(tiny_result):
     out = tiny_result
     result = json.loads((out / "results.json").read_text())
@@ -87,6 +88,7 @@ def test_suite_writes_results_csv_report_and_plots(tiny_result):
         assert png in result["plots"]
 
 
+@pytest.mark.slow
 def test_compare_flags_a_planted_regression(tiny_result, tmp_path, capsys):
     a = json.loads((tiny_result / "results.json").read_text())
     rows, _ = compare(a, a)
@@ -125,6 +127,7 @@ def test_compare_flags_a_planted_regression(tiny_result, tmp_path, capsys):
     assert "regression(s) beyond noise" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_validation_protocol_reports_the_selected_epoch_and_its_test_score(tiny_result):
     result = json.loads((tiny_result / "results.json").read_text())
     ours = [r for r in result["measurements"] if r["system"] == "wdl-valid"]
@@ -214,6 +217,7 @@ def test_shipped_suites_train_on_the_rows_they_say():
         assert over == ["data.valid_fraction=0.1"] and (data.valid_fraction, data.valid_split) == (0.1, "")
 
 
+@pytest.mark.slow
 def test_protocol_is_read_from_the_run_not_the_suite(tmp_path, tiny_config, tiny_data, capsys):
     """The config holds out a validation split and the suite says nothing: reported as selected on
     validation. `valid_fraction: 0` trains on every train row and scores every epoch on test."""
@@ -273,6 +277,7 @@ def test_suites_parse_and_bad_input_is_one_line(capsys):
     assert "no benchmark suite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tune_selects_on_validation_and_scores_test_once(tmp_path, tiny_config, tiny_data):
     from benchmarks.tune import trials
 

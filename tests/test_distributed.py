@@ -100,6 +100,7 @@ def assert_same_epochs(whole: list[dict], resumed: list[dict]) -> None:
         assert b["logloss"] == pytest.approx(a["logloss"], abs=1e-6)
 
 
+@pytest.mark.slow
 @BACKENDS
 def test_two_process_training(backend, uninterrupted):
     """Every row once per epoch across the ranks, a model that learns, tables split (none
@@ -123,6 +124,7 @@ def test_two_process_training(backend, uninterrupted):
     assert proc.stdout.count("best test AUC") == 1  # only rank 0 prints
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterrupted):
     """wdl's row-split tables: a run cut at step 6 (mid-epoch 1) and resumed by a new launch logs
     the uninterrupted run's epochs; its 2-rank checkpoint reloads whole into one process and
@@ -140,6 +142,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterru
     assert one["logloss"] == pytest.approx(cut[-1]["logloss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted, monkeypatch):
     """TorchRec's sharded tables (or plain DDP without TorchRec): the last rank SIGKILLs itself
     after step 13 (mid-epoch 2; WDL_TEST_KILL_AT_STEP, inherited by the launch); torchrun restarts
@@ -156,6 +159,7 @@ def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted,
     assert one["rows"] == 600 and one["auc"] == pytest.approx(killed[-1]["auc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_continues_on_two_with_dot_interaction(tiny_config, tmp_path, capsys):
     """1 -> 2: an epoch-end checkpoint of a 1-process run resumes under 2 processes, its tables
     resharded. The model has a dot interaction and embedding dropout: explicit interactions are

@@ -133,6 +133,7 @@ def test_byte_dropout_drops_p_and_rescales():
 
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_compiled_head_computes_the_eager_function():
     """train.compile: the deep part's head through torch.compile gives the eager logits and

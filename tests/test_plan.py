@@ -139,6 +139,7 @@ def _run_plan_txt(config, world_size: int, backend: list[str], name: str) -> str
     return (config.parent / "runs" / name / "plan.txt").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("backend", [RUN_TORCHREC, RUN_FUSED], ids=["torchrec", "torch"])
 def test_a_runs_plan_is_wdl_plans(capsys, tiny_config, world_size, backend):

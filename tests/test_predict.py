@@ -44,6 +44,7 @@ def test_scores_equal_the_selected_models_test_auc(trained, tiny_data, tmp_path)
     assert roc_auc_score(labels, t["score"].to_numpy()) == pytest.approx(summary["test"]["auc"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_rows_without_labels_and_two_processes_give_the_same_scores(trained, tiny_data, tmp_path):
     """Unlabelled rows (a copy of the test split without its label column) scored by two
     processes: the same scores, in the same order, as one process on the labelled rows."""

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.scripts.scale_report import count_rows, expected_rows
 from wdl.ingest.synthetic import generate
 
@@ -26,6 +28,7 @@ def scale(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_pass_reads_every_row_once(tmp_path):
     data = tmp_path / "data"
     # row groups of 512 rows: the 2k-row valid split must feed both ranks

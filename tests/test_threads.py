@@ -123,6 +123,7 @@ def _train(tmp_path, config, env_changes, *overrides):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_run_says_its_choice_once_and_train_threads_overrides(tmp_path, tiny_config):
     auto = _train(tmp_path, tiny_config, {}, "run.name=auto")
     assert auto.returncode == 0, auto.stderr

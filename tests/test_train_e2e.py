@@ -61,6 +61,7 @@ def prepared(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_prepare_then_train_two_epochs(prepared, tmp_path):
     proc = wdl("train", "--config", str(CONFIG), f"data.path={prepared}", f"run.out_dir={tmp_path}",
                "train.epochs=2", *QUICK)
