@@ -1,5 +1,6 @@
-"""`wdl recommend`: a user's top k movies, seen ones left out, scored exactly as `wdl predict`
-scores the same (user, movie) rows of the data set."""
+"""`wdl recommend`: a user's top k items, seen ones left out, scored exactly as `wdl predict`
+scores the same (user, item) rows of the data set: a MovieLens set (items table, titles) and
+a set from `wdl data import` (items and sides read from its train split)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -105,14 +107,14 @@ def test_top_k_leaves_out_seen_movies_and_scores_as_predict(trained, tmp_path, c
 
 
 def test_unknown_or_silent_user_is_one_line(trained, capsys):
-    for user, says in (("77777", "no such user"), ("abc", "no such user"), (str(SILENT_USER), "no ratings")):
+    for user, says in (("77777", "no such user"), ("abc", "no such user"), (str(SILENT_USER), "no rows")):
         rc, out, err = recommend(capsys, "--run", str(trained), "--user", user)
         assert rc == 2 and says in err and err.startswith("error: --user") and err.count("\n") == 1, err
 
 
-def test_data_set_without_items_table_is_one_line(trained, tiny_data, tmp_path, capsys):
-    """A MovieLens set prepared before the items table existed names the command to re-run; a
-    data set of another kind (conftest's tiny set) says that recommend needs MovieLens."""
+def test_data_set_without_items_table_is_one_line(trained, tmp_path, capsys):
+    """A MovieLens set prepared before the items table existed names the command to re-run (a
+    data set of another kind asks for its user and item columns: below)."""
     data = Path(yaml.safe_load((trained / "config.yaml").read_text())["data"]["path"])
     old = tmp_path / "old-ml"
     shutil.copytree(data, old)
@@ -120,11 +122,108 @@ def test_data_set_without_items_table_is_one_line(trained, tiny_data, tmp_path, 
     del manifest["items"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     (old / "items.parquet").unlink()
-    for path, says in ((old, "re-run `wdl data prepare movielens --variant ml-100k"), (tiny_data, "needs a MovieLens")):
+    for path, says in ((old, "re-run `wdl data prepare movielens --variant ml-100k"),):
         run = tmp_path / f"run-{path.name}"
         shutil.copytree(trained, run)
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         cfg["data"]["path"] = str(path)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         rc, out, err = recommend(capsys, "--run", str(run), "--user", "105")
+        assert rc == 2 and says in err and err.count("\n") == 1, err
+
+
+def write_shop(path: Path) -> Path:
+    """Raw clicks: string user ids with a region each, int item ids with a category, a price and
+    tags each (so every column is user- or item-side), a label that depends on both."""
+    rng = np.random.default_rng(5)
+    n, users, items = 2000, 40, 60
+    u, i = rng.integers(0, users, n), rng.integers(0, items, n)
+    region = np.array(["north", "south", "east"])[np.arange(users) % 3]
+    category = np.array(["a", "b", "c", "d"])[np.arange(items) % 4]
+    tags = [[f"t{(j * 7 + k) % 5}" for k in range(j % 3)] for j in range(items)]
+    logit = (u % 3 - 1) * (i % 4 - 1.5) + rng.normal(0, 1, n)
+    pq.write_table(pa.table({
+        "user": pa.array([f"u{x}" for x in u]), "item": pa.array(1000 + i, pa.int64()),
+        "region": pa.array(region[u]), "category": pa.array(category[i]),
+        "price": pa.array((i % 7 + 1) * 2.5, pa.float64()), "tags": pa.array([tags[x] for x in i]),
+        "clicked": pa.array((logit > 0).astype(np.int8)),
+    }), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("shop")
+    raw = write_shop(root / "clicks.parquet")
+    assert main(["data", "import", str(raw), "--label", "clicked", "--kind", "item=categorical",
+                 "--kind", "tags=multi_hot", "--out", str(root / "data"), "--no-progress"]) == 0
+    config = {
+        "run": {"name": "shop", "out_dir": str(root / "runs"), "device": "cpu"},
+        "data": {"path": str(root / "data"), "batch_size": 128},
+        "features": {"label": "clicked", "columns": {
+            **{c: {"kind": "categorical", "vocab_size": "auto"} for c in ("user", "item", "region", "category")},
+            "tags": {"kind": "multi_hot", "vocab_size": "auto"}, "price": {"kind": "dense", "normalize": "log1p"}}},
+        "model": {"wide": {"features": ["user", "item", "region", "category", "tags"]},
+                  "deep": {"embeddings": {"user": 8, "item": 8, "category": 4, "tags": 4}, "dense": ["price"],
+                           "hidden": [16]}},
+        "train": {"epochs": 1, "progress": False},
+    }
+    (root / "shop.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(root / "shop.yaml")]) == 0
+    return root / "runs" / "shop", raw
+
+
+def test_imported_set_scores_as_predict_and_leaves_out_seen(shop, tmp_path, capsys):
+    run, raw = shop
+    columns = ["--user-column", "user", "--item-column", "item"]
+    rc, out, err = recommend(capsys, str(run), "--user", "u3", "--k", "5", *columns)
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith("wdl: top 5 of ") and "context" not in out.splitlines()[0]
+    assert out.splitlines()[1].split("|")[1].strip() == "item" and len(out.strip().splitlines()) == 7
+
+    rc, out, err = recommend(capsys, str(run), "--user", "u3", "--k", "1000", "--include-seen", *columns,
+                             "--out", str(tmp_path / "all.parquet"))
+    assert rc == 0, err
+    every = pq.read_table(tmp_path / "all.parquet")
+    assert set(every["user"].to_pylist()) == {"u3"}
+    data = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["path"])
+    train = read_split(data, "train")
+    users, items = raw_ids(data, "user"), raw_ids(data, "item")
+    mine = train["user"].to_numpy() == users.index("u3")
+    seen = {items[j] for j in train["item"].to_numpy()[mine]}
+    assert {m for m, s in zip(every["item"].to_pylist(), every["seen"].to_pylist()) if s} == seen
+    assert set(every["item"].to_pylist()) == {items[j] for j in train["item"].to_numpy()}
+
+    # wdl predict on the user's raw rows (every split) gives the same score per item.
+    assert main(["predict", str(run), "--data", str(raw), "--raw", "--key", "user", "--key", "item",
+                 "--out", str(tmp_path / "p.parquet")]) == 0
+    scored = pq.read_table(tmp_path / "p.parquet").filter(pc.equal(pc.field("user"), "u3"))
+    by_item = dict(zip(every["item"].to_pylist(), every["score"].to_numpy()))
+    pairs = [(s, by_item[i]) for i, s in zip(scored["item"].to_pylist(), scored["score"].to_numpy()) if i in by_item]
+    assert len(pairs) >= 10
+    np.testing.assert_allclose(*np.array(pairs).T, rtol=0, atol=1e-6)
+
+    # Without --include-seen: none of the seen items, best first.
+    rc, out, err = recommend(capsys, str(run), "--user", "u3", "--k", "1000", *columns,
+                             "--out", str(tmp_path / "top.parquet"))
+    top = pq.read_table(tmp_path / "top.parquet")
+    assert rc == 0 and not set(top["item"].to_pylist()) & seen and (np.diff(top["score"].to_numpy()) <= 0).all()
+
+
+def test_imported_set_users_file_and_refusals(shop, tmp_path, capsys):
+    run, _ = shop
+    users = tmp_path / "users.txt"
+    users.write_text("u1\nu7\nnobody\n")
+    rc, out, err = recommend(capsys, str(run), "--users", str(users), "--k", "3", "--user-column", "user",
+                             "--item-column", "item", "--out", str(tmp_path / "many.parquet"))
+    assert rc == 0, err
+    many = pq.read_table(tmp_path / "many.parquet")
+    assert many["user"].to_pylist() == ["u1"] * 3 + ["u7"] * 3 and many["rank"].to_pylist() == [1, 2, 3] * 2
+    assert "1 users of" in out and "nobody" in out
+
+    for args, says in ((("--user", "u1"), "--user-column COL --item-column COL"),
+                       (("--user", "u1", "--user-column", "user", "--item-column", "price"), "--item-column price"),
+                       (("--user", "ghost", "--user-column", "user", "--item-column", "item"), "no such user"),
+                       (("--users", str(users), "--user-column", "user", "--item-column", "item"), "give --out")):
+        rc, out, err = recommend(capsys, str(run), *args)
         assert rc == 2 and says in err and err.count("\n") == 1, err

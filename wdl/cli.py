@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from wdl.recommend import add_recommend_arguments, recommend_main
 
-    p = sub.add_parser("recommend", help="the top k movies for one user of a MovieLens run (seen ones left out)")
+    p = sub.add_parser("recommend", help="the top k items for a user or a file of users (seen ones left out)")
     add_recommend_arguments(p)
     p.set_defaults(func=recommend_main)
 

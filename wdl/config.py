@@ -150,7 +150,9 @@ class OptimizerConfig:
     # rows a batch touches; FBGEMM has no ftrl (deep ftrl needs model.embedding_backend=torch).
     name: Literal["ftrl", "adagrad", "rowwise_adagrad", "adam", "sgd"] = "adam"
     lr: float = 0.001  # learning rate (FTRL's alpha)
-    weight_decay: float = 0.0  # L2 added to the gradient (not FTRL: use l2), e.g. optim.deep.weight_decay=1e-4
+    # L2 added to the gradient, e.g. optim.deep.weight_decay=1e-4 (on tables: the touched rows). Not
+    # FTRL's (it has l2); TorchRec's fused tables refuse it (model.embedding_backend=torch takes it).
+    weight_decay: float = 0.0
     l1: float = 0.0  # FTRL-Proximal (McMahan et al. 2013) L1 strength: sparse wide weights
     l2: float = 0.0  # FTRL's L2 strength
     beta: float = 1.0  # FTRL's beta; small (0.001) with batch-mean gradients, or the wide part barely learns
