@@ -70,6 +70,15 @@ def test_eval_max_rows_scores_a_fixed_sample(tiny_config, tmp_path):
     assert summary["test"]["rows"] == 600  # the final score reads the whole test split
 
 
+def test_an_epoch_not_a_multiple_of_the_log_interval_ends_with_a_shorter_record(tiny_config, tmp_path):
+    """15 steps an epoch, a record every 4: the epoch's last steps are in a record of their own,
+    so the step records hold every row read."""
+    assert train(tiny_config, "run.name=r", *CADENCE, "train.log_every_steps=4", "train.epochs=2") == 0
+    steps = [r for r in lines(tmp_path / "runs" / "r") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [4, 8, 12, 15, 16, 20, 24, 28, 30]
+    assert [r["rows_seen"] for r in steps][-1] == 2 * 1920 and steps[3]["rows_seen"] == 1920
+
+
 # dropout draws from the RNG, the warm-up and plateau decay change the rates between evaluations
 EXACT = [*CADENCE, "train.log_every_steps=4", "model.deep.dropout=0.3", "optim.schedule.warmup_steps=6",
          "optim.schedule.plateau_factor=0.5", "optim.schedule.plateau_patience=1", "train.epochs=2"]

@@ -181,6 +181,8 @@ class Trainer:
         A run stopped mid-epoch is scored where it stands unless it just was: an `interim`
         evaluation, never selected and dropped on resume (an uncut run has none there)."""
         epoch = self.epoch if complete else self.epoch + 1
+        if complete and self.cfg.train.log_every_steps and self.step % self.cfg.train.log_every_steps:
+            self._log_steps(None)  # the epoch's last, shorter log interval: every step is in a record
         self._check_loss(stats["train_loss"], f"epoch {epoch} (steps {self.step - stats['steps'] + 1}-{self.step})")
         at_epochs = self.cfg.train.eval_every_steps == 0
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, **stats, "eval_split": self.eval_name}
@@ -308,8 +310,9 @@ class Trainer:
         """A step record: the train loss over the log interval, read from the device now."""
         (loss, rows), (_, seen) = self.sums.totals("log", "run")
         seconds = self.sums.seconds("log")
-        n = self.cfg.train.log_every_steps
-        self._check_loss(loss, f"steps {max(self.step - n, 0) + 1}-{self.step} (epoch {self._epoch_of_step()})")
+        n, into_epoch = self.cfg.train.log_every_steps, self.batches_done or self.train_loader.steps_per_epoch
+        first = max((self.step - 1) // n * n, self.step - into_epoch) + 1  # intervals end at epoch ends too
+        self._check_loss(loss, f"steps {first}-{self.step} (epoch {self._epoch_of_step()})")
         self.metrics.log({"kind": "step", "step": self.step, "epoch": self._epoch_of_step(), "rows_seen": seen,
                           "train_loss": loss, "lr_scale": self.schedule.scale(self.step - 1),
                           "samples_per_second": rows / seconds if seconds > 0 else None}, bar)
