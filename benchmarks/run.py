@@ -38,6 +38,10 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         from benchmarks.scripts.scale import run_scale
 
         return run_scale(suite, out)
+    if suite.get("runner") == "continual":  # day after day, three strategies (benchmarks/scripts/continual.py)
+        from benchmarks.scripts.continual import run_continual
+
+        return run_continual(suite, out)
     out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc)
     _data_path_override(suite)

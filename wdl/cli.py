@@ -182,6 +182,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest complete checkpoint of this run (auto) or from PATH")
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="warm start: a new run from another run's model, tables grown to this data set (train.init_from)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="dotted overrides, e.g. train.epochs=2 data.batch_size=512")
 
@@ -193,7 +195,8 @@ def train_main(args: argparse.Namespace) -> int:
 
     from wdl.train import run_log
 
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
+        + ([f"train.init_from={args.init_from}"] if args.init_from else [])
     cfg = load_config(args.config, overrides)
     run_log.capture()  # library warnings go to <run folder>/run.log once the folder is known
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)

@@ -215,6 +215,13 @@ class TrainConfig:
     # Only evaluate the model state (e.g. a checkpoint given by checkpoint.resume) and write
     # eval.json in the run folder; no training.
     eval_only: bool = False
+    # Warm start: begin from another run's model (its run folder, checkpoints folder or a
+    # checkpoint), tables grown to this data set's vocabularies (wdl/train/warm_start.py). A
+    # resume of this run continues its own checkpoints instead.
+    init_from: str = ""
+    # Progressive validation: before the first step, score the train split (train.eval_max_rows of
+    # it) with the incoming model: an "eval" record at step 0 with before_training: true.
+    eval_before_training: bool = False
     # Ranking metrics beside AUC: NDCG@k and Recall@k of each group's (e.g. user's) evaluated rows
     # ranked by score, averaged over groups with a positive. "" = off; else a categorical column
     # the model reads.

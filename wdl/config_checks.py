@@ -124,8 +124,9 @@ def _validate_training(cfg: Config) -> None:
                      ("train.divergence_ratio", t.divergence_ratio)):
         if n < 0:
             raise ConfigError(f"{where}: must be >= 0, got {n}")
-    if cfg.train.eval_only and not cfg.checkpoint.resume:
-        raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume)")
+    if cfg.train.eval_only and not (cfg.checkpoint.resume or cfg.train.init_from):
+        raise ConfigError("train.eval_only=true evaluates a checkpoint: give it with checkpoint.resume=PATH (or --resume), "
+                          "or train.init_from=RUN (--init-from: its tables grown to this data set)")
     if cfg.train.ranking_group:
         g, m, cols = cfg.train.ranking_group, cfg.model, cfg.features.columns
         if g not in cols or cols[g].kind != "categorical" or g not in model_reads(m).sparse:

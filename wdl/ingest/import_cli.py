@@ -9,6 +9,7 @@ from wdl.errors import ConfigError
 from wdl.ingest import import_spec as S
 from wdl.ingest.importer import import_data
 from wdl.ingest.options import from_args
+from wdl.ingest.vocab_from import growth_lines
 
 
 def add_import_arguments(parser) -> None:
@@ -45,6 +46,8 @@ def add_import_arguments(parser) -> None:
     add("--buckets", type=int, default=d.buckets,
         help=f"dense columns: equal-frequency bucket edges to record (default {d.buckets})")
     add("--overwrite", action="store_true", help="replace an existing data set at --out")
+    add("--vocab-from", default=None, metavar="DATASET",
+        help="continue DATASET's ids: its values keep them, new values get ids after them (for wdl train --init-from)")
     add("--row-group-rows", type=int, default=d.row_group_rows, help="rows per Parquet row group of the output")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -95,5 +98,7 @@ def format_summary(out, s: dict) -> str:
     for split, cols in s["unknown_values"].items():
         parts = [f"{n} {c['unknown']:,}/{c['values']:,}" for n, c in cols.items() if c["unknown"]]
         lines.append(f"    {split}: {', '.join(parts) or 'none'}")
+    if "vocab_growth" in s:
+        lines += ["  new values per column (ids after the parent's):", *growth_lines(s["vocab_growth"])]
     lines.append(f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s with {s['workers']} worker(s)")
     return "\n".join(lines)

@@ -44,6 +44,9 @@ class ColumnSpec:
     min_frequency: int = 1  # categorical / multi_hot: values seen fewer times in train -> id 0
     top_k: int | None = None  # keep at most the k most frequent values
     separator: str | None = None  # multi_hot from a string column: "a|b|c" -> [a, b, c]
+    # With --vocab-from: at most this many ids (0 included); new values past it take the ids of the
+    # values unseen in train for the longest (recycled: a warm start resets their rows).
+    max_rows: int | None = None
 
 
 @dataclass
@@ -92,6 +95,7 @@ class ImportOptions:
     progress: bool = True
     row_group_rows: int = 16384
     rows_per_file: int = 1_000_000
+    vocab_from: str | None = None  # an earlier data set whose ids are continued (wdl/ingest/vocab_from.py)
     log: Callable[[str], None] = print  # where an inferred spec is printed
 
     def __post_init__(self) -> None:
@@ -155,6 +159,8 @@ def check_column(where: str, c: ColumnSpec) -> ColumnSpec:
         raise ConfigError(f"{where}.min_frequency: must be an integer >= 1, got {c.min_frequency!r}")
     if c.top_k is not None and (not isinstance(c.top_k, int) or c.top_k < 1):
         raise ConfigError(f"{where}.top_k: must be an integer >= 1, got {c.top_k!r}")
+    if c.max_rows is not None and (isinstance(c.max_rows, bool) or not isinstance(c.max_rows, int) or c.max_rows < 2):
+        raise ConfigError(f"{where}.max_rows: must be an integer >= 2 (id 0 and one value), got {c.max_rows!r}")
     if c.separator is not None and (c.kind != "multi_hot" or not isinstance(c.separator, str) or not c.separator):
         raise ConfigError(f"{where}.separator: only for multi_hot columns, a non-empty string")
     return c
@@ -259,7 +265,7 @@ def spec_yaml(spec: ImportSpec, notes: dict[str, str] | None = None) -> str:
     lines = [f"label: {_scalar(spec.label)}", "columns:"]
     for name, c in spec.columns.items():
         d = {"kind": c.kind}
-        d.update({k: getattr(c, k) for k in ("min_frequency", "top_k", "separator")
+        d.update({k: getattr(c, k) for k in ("min_frequency", "top_k", "separator", "max_rows")
                   if getattr(c, k) != getattr(ColumnSpec, k)})
         lines.append(f"  {_scalar(name)}: {_value(d)}" + (f"  # {notes[name]}" if notes.get(name) else ""))
     for name, note in notes.items():

@@ -37,6 +37,7 @@ from wdl.ingest.import_passes import Stats, encode, encode_job, init_worker, kee
 from wdl.ingest.import_read import Plan, Unit
 from wdl.ingest.options import resolve
 from wdl.ingest.pool import ordered_map, worker_count
+from wdl.ingest.vocab_from import Parent
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}  # and .csv.gz
 UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker
@@ -218,6 +219,9 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
                 null_values=tuple(opts.null_values), first_file=files[0][0])
     units = _units(files, plan)
     workers = worker_count(opts.workers)
+    parent = Parent(opts.vocab_from, spec, types) if opts.vocab_from else None  # ids continued (vocab_from.py)
+    if parent is None and any(c.max_rows for c in spec.columns.values()):
+        raise ConfigError("max_rows bounds a vocabulary continued with --vocab-from; a first import bounds it with top_k")
 
     leftovers.clear_stale(out)
     with DatasetWriter(out, name=Path(out).name, overwrite=opts.overwrite, rows_per_file=opts.rows_per_file,
@@ -229,16 +233,18 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
         _keep(units, handover, _memory() * KEPT_SHARE)
         agg = _statistics(units, plan, workers, opts.progress, files, split)
         plan.dict_columns = [n for n in plan.dict_columns if n not in agg.plain_columns()]  # as pass 2 reads them
-        columns, normalize = _columns(w, spec, agg, plan, opts.buckets)
+        columns, normalize = _columns(w, spec, agg, plan, opts.buckets, parent)
         unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split)
         shutil.rmtree(handover)
         summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
+        summary |= {"vocab_growth": parent.growth} if parent is not None else {}
         unknown_values = {k: {n: dict(zip(("values", "unknown", "null"), map(int, u[i]))) for n, u in unknown.items()}
                           for i, k in enumerate(S.SPLIT_NAMES) if k in summary["rows"]}
         source = {"kind": "import", "format": files[0][1], "inputs": [os.path.abspath(p) for p, _, _ in files],
                   "spec": S.spec_yaml(spec)}
         w.commit(source=source, label=spec.label, columns=columns, split=_split_info(split, files),
-                 extra={"counts": summary, "unknown_values": unknown_values})
+                 extra={"counts": summary, "unknown_values": unknown_values,
+                        **(parent.manifest_entries() if parent is not None else {})})
     summary.update(unknown_values=unknown_values, features_yaml=S.features_yaml(spec.label, columns, normalize))
     return summary
 
@@ -307,9 +313,10 @@ def _statistics(units: list[Unit], plan: Plan, workers: int, progress: bool, fil
     return agg
 
 
-def _columns(w: DatasetWriter, spec: S.ImportSpec, agg: Stats, plan: Plan, buckets: int) -> tuple[dict, dict]:
+def _columns(w: DatasetWriter, spec: S.ImportSpec, agg: Stats, plan: Plan, buckets: int,
+             parent: Parent | None = None) -> tuple[dict, dict]:
     """The manifest's column entries (vocabularies written and set in `plan` for pass 2), and a
-    suggested normalisation per dense column."""
+    suggested normalisation per dense column. `parent`: the data set whose ids are continued."""
     columns, normalize = {}, {}
     for name, c in spec.columns.items():
         if c.kind == "dense":
@@ -320,11 +327,14 @@ def _columns(w: DatasetWriter, spec: S.ImportSpec, agg: Stats, plan: Plan, bucke
                              "quantile_sample": len(d.sample.values)}
             normalize[name] = "log1p" if d.lo >= 0 and d.sample.skewness() > 2 else "standard"
             continue
-        vocab, distinct = agg.counts[name].vocabulary(c.min_frequency, c.top_k)
+        vocab, distinct = agg.counts[name].vocabulary(c.min_frequency, c.top_k) if parent is None \
+            else parent.extend(name, agg.counts[name], c.min_frequency, c.top_k, c.max_rows)
         plan.vocabs[name] = vocab
         columns[name] = {"kind": c.kind, "vocab_size": len(vocab) + 1, "encoding": "vocab",
                          "vocab_file": w.write_vocab(name, vocab.to_pylist()), "raw_type": str(plan.types[name]),
                          "min_frequency": c.min_frequency, "top_k": c.top_k, "distinct_train_values": distinct}
+        if parent is not None:
+            parent.record(w, name, columns[name])
         if c.separator is not None:  # raw strings "a|b" were split into lists (what scoring raw rows repeats)
             columns[name]["separator"] = c.separator
     return columns, normalize

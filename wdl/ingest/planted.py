@@ -15,6 +15,7 @@ the output depends only on the seed, not on the number of workers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -144,10 +145,64 @@ def criteo_columns(stats: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- movielens
-def movielens_chunk(seed: int, rng: np.random.Generator, n: int, n_users: int, n_items: int) -> dict:
-    """n MovieLens-shaped ratings with the columns wdl.ingest.movielens writes (ids from 1)."""
-    u = zipf_ranks(rng, n, n_users, 0.9) + 1
-    i = zipf_ranks(rng, n, n_items, 1.05) + 1
+# --days: each day after the first, this share of rows has a user new that day, and (drawn
+# apart) this share an item new that day; the users' and items' effects and latent vectors turn
+# by DAY_DRIFT radians a day (a rotation towards independent ones: the same spread, other values).
+DAY_NEW_ROWS = 0.15
+DAY_NEW_USERS, DAY_NEW_ITEMS = 0.2, 0.1  # new users / items a day, as shares of the first day's
+DAY_DRIFT = 0.1
+DRIFT_TAG = 40  # the effect a tag turns towards has the tag + DRIFT_TAG
+
+
+@dataclass(frozen=True)
+class Day:
+    """Day `number` (from 1) of a `--days` series: the users and items known before it, and through it."""
+
+    number: int
+    users_before: int
+    users: int
+    items_before: int
+    items: int
+
+    @property
+    def angle(self) -> float:
+        return DAY_DRIFT * (self.number - 1)
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """n (user, item) ids: the known ones as Zipf ranks, a DAY_NEW_ROWS share of each new today."""
+        u = zipf_ranks(rng, n, self.users_before or self.users, 0.9) + 1
+        i = zipf_ranks(rng, n, self.items_before or self.items, 1.05) + 1
+        if self.number > 1:
+            u = np.where(rng.random(n) < DAY_NEW_ROWS, self.users_before + 1 + rng.integers(0, self.users - self.users_before, n), u)
+            i = np.where(rng.random(n) < DAY_NEW_ROWS, self.items_before + 1 + rng.integers(0, self.items - self.items_before, n), i)
+        return u, i
+
+
+def movielens_day(rows_per_day: int, number: int) -> Day:
+    """Day `number` of a series of days of `rows_per_day` ratings each."""
+    n_users, n_items = movielens_sizes(rows_per_day)
+    du, di = max(1, int(n_users * DAY_NEW_USERS)), max(1, int(n_items * DAY_NEW_ITEMS))
+    return Day(number, n_users + (number - 2) * du if number > 1 else 0, n_users + (number - 1) * du,
+               n_items + (number - 2) * di if number > 1 else 0, n_items + (number - 1) * di)
+
+
+def _turned(values: np.ndarray, angle: float, draw) -> np.ndarray:
+    """draw(tag_offset, values) turned by `angle` towards the independent draw(DRIFT_TAG, values)."""
+    if not angle:
+        return draw(0, values)
+    return math.cos(angle) * draw(0, values) + math.sin(angle) * draw(DRIFT_TAG, values)
+
+
+def movielens_chunk(seed: int, rng: np.random.Generator, n: int, n_users: int, n_items: int,
+                    day: Day | None = None) -> dict:
+    """n MovieLens-shaped ratings with the columns wdl.ingest.movielens writes (ids from 1); with
+    `day`, that day's users, items and drifted effects (n_users, n_items unused)."""
+    if day is None:
+        u = zipf_ranks(rng, n, n_users, 0.9) + 1
+        i = zipf_ranks(rng, n, n_items, 1.05) + 1
+    else:
+        u, i = day.draw(rng, n)
+    angle = day.angle if day is not None else 0.0
     age = (mix64(u.astype(np.uint64) ^ _salt(seed, 1)) % np.uint64(ML_AGES)).astype(np.int64) + 1
     gender = (mix64(u.astype(np.uint64) ^ _salt(seed, 2)) % np.uint64(ML_GENDERS)).astype(np.int64) + 1
     occupation = (mix64(u.astype(np.uint64) ^ _salt(seed, 3)) % np.uint64(ML_OCCUPATIONS)).astype(np.int64) + 1
@@ -161,8 +216,10 @@ def movielens_chunk(seed: int, rng: np.random.Generator, n: int, n_users: int, n
     year = ML_FIRST_YEAR + np.floor(80 * np.sqrt(unit_uniform(iu ^ _salt(seed, 9)))).astype(np.int64)
     decade = (year - ML_FIRST_YEAR) // 10 + 1
 
-    z = -0.1 + 0.5 * hashed_normal(seed, 20, u) + 0.6 * hashed_normal(seed, 21, i)
-    z += 0.8 * (latent(seed, 22, u) * latent(seed, 23, i)).sum(axis=1) / math.sqrt(LATENT_DIM)
+    z = -0.1 + 0.5 * _turned(u, angle, lambda t, v: hashed_normal(seed, 20 + t, v)) \
+        + 0.6 * _turned(i, angle, lambda t, v: hashed_normal(seed, 21 + t, v))
+    z += 0.8 * (_turned(u, angle, lambda t, v: latent(seed, 22 + t, v))
+                * _turned(i, angle, lambda t, v: latent(seed, 23 + t, v))).sum(axis=1) / math.sqrt(LATENT_DIM)
     z += 0.2 * hashed_normal(seed, 24, occupation)
     # Crosses with no main effect: gender x genre, age x genre (averaged over an item's genres).
     cross = (np.where(keep, hashed_normal(seed, 25, gender[:, None] * 64 + g), 0.0)

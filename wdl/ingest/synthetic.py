@@ -63,10 +63,13 @@ class GenerateOptions:
     row_group_rows: int = 16384
     rows_per_file: int = 1_000_000
     progress: bool = True
+    days: int = 0  # > 0: that many data sets out/day-01 ... (movielens profile), `rows` each (planted.Day)
 
     def __post_init__(self) -> None:
         if (problem := seed_problem(self.seed)) is not None:
             raise DataError(f"--seed: {problem}")
+        if isinstance(self.days, bool) or not isinstance(self.days, int) or self.days < 0:
+            raise DataError(f"--days must be a whole number >= 0 (0: one data set), got {self.days!r}")
         if self.fmt not in FORMATS:
             raise DataError(f"unknown format {self.fmt!r} (parquet or criteo-tsv)")
         if not (0 < self.test_fraction < 1 and 0 <= self.valid_fraction < 1
@@ -85,12 +88,13 @@ def _init_worker(params: dict) -> None:
 def _chunk(k: int) -> tuple[dict, np.ndarray, np.ndarray]:
     """Chunk k: (split -> Parquet table or TSV bytes, true p of its test rows, their labels)."""
     j = _JOB
-    rng = np.random.default_rng([j["seed"], k])
+    day = j.get("day")
+    rng = np.random.default_rng([j["seed"], k] if day is None else [j["seed"], day.number, k])
     n = min(CHUNK_ROWS, j["rows"] - k * CHUNK_ROWS)
     if j["profile"] == "criteo":
         c = planted.criteo_chunk(j["seed"], rng, n)
     else:
-        c = planted.movielens_chunk(j["seed"], rng, n, j["n_users"], j["n_items"])
+        c = planted.movielens_chunk(j["seed"], rng, n, j["n_users"], j["n_items"], day)
     c["label"] = (rng.random(n) < c["p"]).astype(np.int8)
     u = rng.random(n)
     where = np.where(u < j["test_fraction"], 2, np.where(u < j["test_fraction"] + j["valid_fraction"], 1, 0))
@@ -175,17 +179,29 @@ def generate(profile: str, rows: int, out, opts: GenerateOptions | None = None, 
         raise DataError("--format criteo-tsv needs --profile criteo and no valid split (day_0 train, day_1 test)")
     if rows < 1:
         raise DataError(f"--rows must be >= 1, got {rows}")
-    n_users, n_items = planted.movielens_sizes(rows)
+    if opts.days:
+        return _generate_days(profile, rows, out, opts)
+    return _generate(profile, rows, out, opts)
+
+
+def _generate(profile: str, rows: int, out, opts: GenerateOptions, day: planted.Day | None = None,
+              lineage: list[str] | None = None) -> dict:
+    """One data set (with `day`: that day of a series, `lineage` the manifest hashes of the days before)."""
+    n_users, n_items = (day.users, day.items) if day is not None else planted.movielens_sizes(rows)
     params = {"profile": profile, "rows": rows, "seed": opts.seed, "format": opts.fmt,
               "test_fraction": opts.test_fraction, "valid_fraction": opts.valid_fraction, "n_users": n_users,
-              "n_items": n_items}
+              "n_items": n_items, "day": day}
     chunks = range((rows + CHUNK_ROWS - 1) // CHUNK_ROWS)
     results = ordered_map(_chunk, chunks, max(1, int(opts.workers)), _init_worker, params)
     tally = _Tally(rows, profile, opts.progress)
     start = time.perf_counter()
     planted_info = {"profile": profile, "seed": opts.seed, "rows": rows, "model": _describe(profile, n_users, n_items)}
+    if day is not None:
+        planted_info["day"] = {"day": day.number, "users": day.users, "items": day.items, "new_users_from": day.users_before + 1,
+                               "new_items_from": day.items_before + 1, "new_rows_share": planted.DAY_NEW_ROWS * (day.number > 1),
+                               "drift_radians": day.angle}
     if opts.fmt == "parquet":
-        bayes = _write_parquet(out, profile, rows, results, tally, opts, planted_info)
+        bayes = _write_parquet(out, profile, rows, results, tally, opts, planted_info, (n_users, n_items), lineage)
     else:
         bayes = _write_tsv(out, results, tally, opts.overwrite, planted_info)
     tally.bar.close()
@@ -196,9 +212,29 @@ def generate(profile: str, rows: int, out, opts: GenerateOptions | None = None, 
             "seconds": seconds, "rows_per_second": rows / seconds if seconds else 0.0}
 
 
+def _generate_days(profile: str, rows: int, out, opts: GenerateOptions) -> dict:
+    """out/day-01 ... day-NN: `rows` ratings a day, new users and items each day and drifting
+    effects (planted.Day); each day's ids extend the day before's (its manifest's lineage), so a
+    model of one day warm-starts on the next (wdl train --init-from)."""
+    if profile != "movielens" or opts.fmt != "parquet":
+        raise DataError("--days needs --profile movielens and --format parquet")
+    from wdl.data.manifest import load_manifest
+
+    days, lineage = [], []
+    for d in range(1, opts.days + 1):
+        where = pathlib.Path(out) / f"day-{d:02d}"
+        s = _generate(profile, rows, where, opts, planted.movielens_day(rows, d), list(lineage))
+        lineage.append(load_manifest(where).identity)
+        days.append(s)
+    return {"out": str(out), "days": days, "rows": {k: sum(s["rows"].get(k, 0) for s in days) for k in SPLITS
+                                                   if any(k in s["rows"] for s in days)},
+            "bayes_optimal_auc": [s["bayes_optimal_auc"] for s in days], "seconds": sum(s["seconds"] for s in days),
+            "rows_per_second": rows * len(days) / max(sum(s["seconds"] for s in days), 1e-9)}
+
+
 def _write_parquet(out, profile: str, rows: int, results, tally: _Tally, opts: GenerateOptions,
-                   planted_info: dict) -> float:
-    """A wdl data set (DatasetWriter); returns the Bayes-optimal test AUC."""
+                   planted_info: dict, sizes: tuple[int, int], lineage: list[str] | None = None) -> float:
+    """A wdl data set (DatasetWriter); returns the Bayes-optimal test AUC. sizes: users, items."""
     dense_cols = DENSE if profile == "criteo" else ["release_year"]
     stats = {c: RunningStats() for c in dense_cols}
     with DatasetWriter(out, name=f"synthetic-{profile}", overwrite=opts.overwrite, row_group_rows=opts.row_group_rows,
@@ -216,13 +252,14 @@ def _write_parquet(out, profile: str, rows: int, results, tally: _Tally, opts: G
             raise DataError(f"{rows} rows leave no test rows at --test-fraction {opts.test_fraction}; ask for more rows")
         dense_stats = {c: s.result() for c, s in stats.items()}
         columns = (planted.criteo_columns(dense_stats) if profile == "criteo"
-                   else planted.movielens_columns(*planted.movielens_sizes(rows), dense_stats["release_year"]))
+                   else planted.movielens_columns(*sizes, dense_stats["release_year"]))
+        days = {"lineage": lineage} if lineage is not None else {}  # the days before: their ids are kept
         split = {"kind": "random", "seed": opts.seed, "test_fraction": opts.test_fraction,
                  "valid_fraction": opts.valid_fraction, "rule": "each row by a uniform draw from its chunk's stream"}
         bayes = tally.auc.result()
         w.commit(source={"kind": "synthetic", "profile": profile, "seed": opts.seed, "rows": rows}, label="label",
                  columns=columns, split=split, extra={"bayes_optimal_auc": bayes, "planted": planted_info,
-                                                     "other_columns": {"bayes_p": "true probability of label 1"}})
+                                                     "other_columns": {"bayes_p": "true probability of label 1"}, **days})
     return bayes
 
 
@@ -285,11 +322,17 @@ def add_generate_arguments(parser) -> None:
         help=f"share of valid rows (default {d.valid_fraction:g})")
     add("--workers", type=int, default=d.workers, help=f"generating processes (default {d.workers})")
     add("--overwrite", action="store_true", help="replace an existing output")
+    add("--days", type=int, default=d.days,
+        help="movielens: N data sets OUT/day-01 ... of --rows each, with new users/items and drifting effects each day")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run_generate(args) -> int:
     s = generate(args.profile, args.rows, args.out, **from_args(GenerateOptions, args))
+    for d in s.get("days", []):
+        print(f"wrote {d['out']}: Bayes-optimal test AUC {d['bayes_optimal_auc']:.4f}")
+    if "days" in s:
+        return 0
     rows = ", ".join(f"{k} {v:,}" for k, v in s["rows"].items())
     print(f"wrote {s['out']}\n  rows: {rows}\n  Bayes-optimal test AUC: {s['bayes_optimal_auc']:.4f}\n"
           f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s")

@@ -37,6 +37,7 @@ from wdl.train.evaluate import evaluate
 from wdl.train.graphed_step import GraphedStep
 from wdl.train.metrics import MetricsLogger, TrainSums, finite_json
 from wdl.train.build import build_model, deep_fused_optimizer, model_signature
+from wdl.train.warm_start import warm_start
 from wdl.train.optim import build_optimizers
 from wdl.train import run_log
 from wdl.train.run_folder import RunFolder
@@ -147,6 +148,8 @@ class Trainer:
         self.checkpointer.clear_unfinished()  # this run holds the folder's lock
         if resume_from is not None:
             self._resume(resume_from)
+        elif cfg.train.init_from:  # warm start: another run's model, tables grown to this data set
+            warm_start(cfg, self.spec, manifest, self.checkpointer.signature, self._states(), self.backend, env.is_main)
         if env.is_main:  # after the resume: a refused one leaves the run's plan.txt as it was
             (self.run_dir / "plan.txt").write_text(self.placed.plan + "\n")
             print(f"wdl: sharding plan in {self.run_dir / 'plan.txt'}", flush=True)
@@ -162,6 +165,9 @@ class Trainer:
             print(f"wdl: {self.cfg.model.kind} ({self.backend} embeddings) on {self.device}, "
                   f"world size {self.env.world_size}; {n} train rows, {self.train_loader.steps_per_epoch} steps/epoch; "
                   f"run folder {self.run_dir}", flush=True)
+        if cfg.eval_before_training and self.step == 0:  # progressive validation: the incoming model on these rows
+            self.metrics.log({"kind": "eval", "step": 0, "epoch": 0, "eval_split": self.cfg.data.train_split,
+                              "before_training": True, **self.evaluate(self.train_loader, cfg.eval_max_rows)})
         while self.epoch < cfg.epochs and not self._out_of_steps() and not self._stop_early():
             stats = self.train_epoch()
             complete = self.batches_done >= self.train_loader.steps_per_epoch
