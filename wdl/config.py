@@ -237,6 +237,12 @@ class TrainConfig:
     # process, train.compile=none. Batches, in memory or streamed, are cut with fixed shapes for it
     # (multi-hot columns padded); a batch of other shapes (an epoch's last) is stepped as usual.
     cuda_graph: bool = False
+    # TorchRec's TrainPipelineSparseDist drives the steps: the next batch's input distribution
+    # (the all-to-all of its ids to the ranks holding its rows) overlaps this step's compute.
+    # auto: on with TorchRec tables on CUDA and several processes (there is nothing to overlap on
+    # one process, nor on CPU, which has no streams); none: the plain loop; sparse_dist: always
+    # (model.embedding_backend=torchrec; on CPU it gives the plain loop's results).
+    pipeline: Literal["auto", "none", "sparse_dist"] = "auto"
     # torch's intra-op CPU threads per rank. 0: wdl chooses (the host's cores per local rank less
     # the loader workers, fewer while other processes load them; wdl/distributed/threads.py), or
     # OMP_NUM_THREADS when the environment sets it; N: exactly N.

@@ -124,6 +124,13 @@ class Batch:
         for t in self.tensors():
             t.record_stream(stream)
 
+    @property
+    def kjts(self) -> "KJTs":
+        """`batch.kjts[keys]` is `batch.kjt(list(keys))` for a tuple of keys: reached by attribute and
+        item, which TorchRec's train pipeline can follow when it traces a model to find how a sharded
+        table's input comes from the batch."""
+        return KJTs(self)
+
     def kjt(self, keys: list[str]):
         """The features `keys` as a TorchRec KeyedJaggedTensor (imports torchrec lazily)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -138,6 +145,16 @@ class Batch:
             stride=len(self),
             length_per_key=[c.values.numel() for c in cols],  # known here: no device sync to count ids
         )
+
+
+class KJTs:
+    """Batch.kjts: a batch's features as KeyedJaggedTensors, by tuple of keys."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def __getitem__(self, keys: tuple[str, ...]):
+        return self.batch.kjt(list(keys))
 
 
 @dataclass

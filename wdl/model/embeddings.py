@@ -305,6 +305,7 @@ class TorchRecEmbeddingBags(nn.Module):
 
         self.tables = list(tables)
         self.features = [t.feature for t in tables]
+        self.keys = tuple(self.features)
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.num_embeddings,
@@ -315,7 +316,9 @@ class TorchRecEmbeddingBags(nn.Module):
         )
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return self.ebc(batch.kjt(self.features)).to_dict()
+        # By attribute and item, not a call: TorchRec's train pipeline traces this to cut the next
+        # batch's input for the sharded tables ahead of its forward (it follows getattr/getitem only).
+        return self.ebc(batch.kjts[self.keys]).to_dict()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:

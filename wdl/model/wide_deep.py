@@ -107,6 +107,7 @@ class DeepArch(nn.Module):
         layers.append(nn.Linear(width, 1, bias=False, device=device))
         self.mlp = nn.Sequential(*layers)
         self.bf16 = cfg.precision == "bf16"
+        self.dense_dim = dense_dim  # a Python int: the forward stays traceable by torch.fx (TorchRec's pipeline)
         self._compiled_head = None
 
     def compile_head(self, **options) -> None:
@@ -138,7 +139,7 @@ class DeepArch(nn.Module):
                 parts.append(emb)
                 if self.interaction is not None:
                     pairwise = self.interaction(emb)
-        if dense.shape[1]:
+        if self.dense_dim:
             parts.append(dense)
         if pairwise is not None and self.interaction.kind == "dot":
             parts.append(pairwise)
@@ -146,7 +147,7 @@ class DeepArch(nn.Module):
         if self.bf16:  # the MLP's matmuls in bf16, its weights fp32 masters; the logit back in fp32
             # No cast cache: each weight is cast once per forward anyway, and a cached cast must
             # not outlive a CUDA graph capture (train.cuda_graph; PyTorch's notes on graphs + AMP).
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            with torch.autocast(_device_type(x), dtype=torch.bfloat16, cache_enabled=False):
                 out = self.mlp(x).squeeze(1).float()
         else:
             out = self.mlp(x).squeeze(1)
@@ -246,6 +247,12 @@ class WideDeep(nn.Module):
             emb = self.deep.embeddings
             specs += emb.tables if isinstance(emb, TorchRecEmbeddingBags) else [t for g in emb.groups for t in g.tables]
         return specs
+
+
+def _device_type(x: Tensor) -> str:
+    """x's device type; any for a torch.fx Proxy: TorchRec's train pipeline traces the model only to
+    find its tables' inputs in the batch, and never runs the traced graph."""
+    return "cpu" if isinstance(x, torch.fx.Proxy) else x.device.type
 
 
 def _uniform(t: Tensor, seed: int, name: str, bound: float) -> None:

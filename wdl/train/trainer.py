@@ -39,6 +39,7 @@ from wdl.train.metrics import MetricsLogger, TrainSums, finite_json
 from wdl.train.build import build_model, deep_fused_optimizer, model_signature
 from wdl.train.warm_start import warm_start
 from wdl.train.optim import build_optimizers
+from wdl.train.pipeline import SparseDistSteps, wants_pipeline
 from wdl.train import run_log
 from wdl.train.run_folder import RunFolder
 from wdl.train.schedule import LrSchedule
@@ -60,6 +61,7 @@ class Trainer:
         if cfg.train.compile != "none" and self.device.type == "cpu" and cpu_compiler() is None:
             raise ConfigError(f"train.compile={cfg.train.compile} on a CPU needs a C++ compiler (g++, c++ or "
                               "clang++ on PATH, or $CXX); install one or set train.compile=none")
+        self.pipelined = wants_pipeline(cfg.train, cfg.model, self.backend, self.device, env.world_size)
         if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
         self.kill_at = int(os.environ.get("WDL_TEST_KILL_AT_STEP") or 0)  # fault injection for tests: _maybe_kill
@@ -127,6 +129,8 @@ class Trainer:
             self.optimizer.compile()
             if model.deep is not None:
                 model.deep.compile_head(mode=cfg.train.compile)
+        # TorchRec's train pipeline: the next batch's input distribution overlaps this step (train.pipeline).
+        self.pipeline = SparseDistSteps(self.model, self.optimizer, self.device) if self.pipelined else None
         self.schedule = LrSchedule(cfg.optim.schedule)  # warm-up, decay on a validation plateau
         # Seed the global RNGs (dropout) only now: building and sharding the model draw from them,
         # so seeding here gives the same masks for every backend and world size.
@@ -260,7 +264,8 @@ class Trainer:
         self.optimizer.scale_lr(self.schedule.scale(self.step))
         bar = self._progress(last - self.batches_done)
         start = time.perf_counter()
-        for batch in to_device(self.train_loader, self.device):
+        batches = self.pipeline.batches(self.train_loader) if self.pipeline else to_device(self.train_loader, self.device)
+        for batch in batches:
             if self.schedule.warming_up(self.step):
                 self.optimizer.scale_lr(self.schedule.scale(self.step))
             self.sums.add(self.train_step(batch), len(batch))  # summed on the device: no host sync per step
@@ -299,6 +304,8 @@ class Trainer:
 
     def train_step(self, batch: Any) -> torch.Tensor:
         """One optimiser step on `batch`; its mean loss (detached, on the device)."""
+        if self.pipeline is not None:
+            return self.pipeline.step(batch)
         return self._step(batch) if self.graphed is None else self.graphed(batch)
 
     def _step(self, batch: Any) -> torch.Tensor:
@@ -352,6 +359,8 @@ class Trainer:
         """Global metrics of `loader`'s split; with `max_rows`, of about that many of its first
         rows (the same number of batches on every rank: sharded look-ups are collective)."""
         start = time.perf_counter()
+        if self.pipeline is not None:  # the model's own forward, not the pipeline's
+            self.pipeline.pause()
         loader.load_state_dict({"epoch": 0, "batches_done": 0})
         batches = loader if not max_rows else \
             itertools.islice(loader, max(1, math.ceil(max_rows / (loader.batch_size * self.env.world_size))))
