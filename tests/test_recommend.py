@@ -227,3 +227,20 @@ def test_imported_set_users_file_and_refusals(shop, tmp_path, capsys):
                        (("--users", str(users), "--user-column", "user", "--item-column", "item"), "give --out")):
         rc, out, err = recommend(capsys, str(run), *args)
         assert rc == 2 and says in err and err.count("\n") == 1, err
+
+
+def test_documented_commands_print_no_library_warnings(shop, tmp_path):
+    """predict, export and recommend keep torch's and TorchRec's warnings (e.g. DCP's ShardedTensor
+    deprecation when loading TorchRec tables) off the console: only wdl's own lines."""
+    import subprocess
+    import sys
+
+    run, raw = shop
+    commands = [["predict", str(run), "--data", str(raw), "--raw", "--out", str(tmp_path / "p.parquet")],
+                ["export", str(run), "--out", str(tmp_path / "exported")],
+                ["recommend", str(run), "--user", "u3", "--user-column", "user", "--item-column", "item"]]
+    for args in commands:
+        done = subprocess.run([sys.executable, "-m", "wdl.cli", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        for line in (done.stdout + done.stderr).splitlines():
+            assert line.startswith(("wdl:", "rank ", " ")) and "Warning" not in line, (args[0], line)

@@ -94,6 +94,7 @@ def export_main(args: argparse.Namespace) -> int:
     from wdl.data.dataset import feature_spec, open_dataset
     from wdl.distributed.env import close_distributed, init_distributed
     from wdl.predict import load_trained_model, output_path, pick_checkpoint, refuse_torchrun, run_folder
+    from wdl.train import run_log
 
     run = run_folder(args, "export")
     out = output_path(args.out, folder=True)
@@ -107,6 +108,9 @@ def export_main(args: argparse.Namespace) -> int:
     cfg = load_config(run / "config.yaml")
     ckpt = pick_checkpoint(run, cfg, args.checkpoint)
     cfg = _one_cpu_process(cfg)
+    # TorchRec's and torch's warnings (DCP loading TorchRec's ShardedTensor tables is deprecated
+    # upstream) are nothing a user of wdl can act on: kept off the console, as predict does.
+    run_log.capture()
     env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)  # cpu: the artefact is a CPU program
     try:
         manifest = open_dataset(cfg.data)  # ids and statistics of training
@@ -131,6 +135,7 @@ def export_main(args: argparse.Namespace) -> int:
             print("wdl: note: model.deep.precision=bf16: the exported MLP runs in float32, so its scores differ "
                   "from wdl predict's (bf16) by up to about 1e-3", file=sys.stderr, flush=True)
     finally:
+        run_log.release()
         close_distributed()
     return 0
 
