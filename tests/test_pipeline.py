@@ -92,13 +92,13 @@ def assert_same(pipe: Path, loop: Path, steps: int, tmp_path: Path) -> None:
 @needs_torchrec
 def test_one_process_pipeline_matches_the_loop_and_resumes_mid_epoch(tiny_config, tmp_path):
     """19 steps an epoch, 38 in all; the cut run stops at step 9 (mid-epoch, between evaluations
-    and checkpoints) and a new run resumes it."""
-    runs = tmp_path / "runs"
-    assert train_here(tiny_config, *RUN, *LOOP, "run.name=loop") == 0
-    assert train_here(tiny_config, *RUN, *PIPE, "run.name=pipe") == 0
+    and checkpoints) and a new run resumes it. The MLP in bf16: its autocast is traced too."""
+    runs, run = tmp_path / "runs", [*RUN, "model.deep.precision=bf16"]
+    assert train_here(tiny_config, *run, *LOOP, "run.name=loop") == 0
+    assert train_here(tiny_config, *run, *PIPE, "run.name=pipe") == 0
     assert_same(runs / "pipe", runs / "loop", 38, tmp_path)
-    assert train_here(tiny_config, *RUN, *PIPE, "run.name=cut", "train.max_steps=9") == 0
-    assert train_here(tiny_config, *RUN, *PIPE, "run.name=cut", "--resume", "auto") == 0
+    assert train_here(tiny_config, *run, *PIPE, "run.name=cut", "train.max_steps=9") == 0
+    assert train_here(tiny_config, *run, *PIPE, "run.name=cut", "--resume", "auto") == 0
     assert_same(runs / "cut", runs / "loop", 38, tmp_path)
 
 
