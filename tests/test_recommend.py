@@ -229,6 +229,7 @@ def test_imported_set_users_file_and_refusals(shop, tmp_path, capsys):
         assert rc == 2 and says in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # three subprocesses that import torch and TorchRec: about 30 s
 def test_documented_commands_print_no_library_warnings(shop, tmp_path):
     """predict, export and recommend keep torch's and TorchRec's warnings (e.g. DCP's ShardedTensor
     deprecation when loading TorchRec tables) off the console: only wdl's own lines."""
