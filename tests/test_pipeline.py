@@ -89,6 +89,7 @@ def assert_same(pipe: Path, loop: Path, steps: int, tmp_path: Path) -> None:
         assert a[k].shape == b[k].shape and torch.allclose(a[k].double(), b[k].double(), atol=1e-6, rtol=0, equal_nan=True), k
 
 
+@pytest.mark.slow
 @needs_torchrec
 def test_one_process_pipeline_matches_the_loop_and_resumes_mid_epoch(tiny_config, tmp_path):
     """19 steps an epoch, 38 in all; the cut run stops at step 9 (mid-epoch, between evaluations
@@ -102,6 +103,7 @@ def test_one_process_pipeline_matches_the_loop_and_resumes_mid_epoch(tiny_config
     assert_same(runs / "cut", runs / "loop", 38, tmp_path)
 
 
+@pytest.mark.slow
 @needs_torchrec
 def test_two_processes_pipeline_matches_the_loop_across_a_mid_epoch_resume(tiny_config, tmp_path):
     """torchrun, 2 ranks, tables column- and table-wise: 10 steps an epoch, 20 in all; the
