@@ -309,7 +309,8 @@ def launch(config: Path, nproc: int, *args: str) -> None:
            "run.collective_timeout_s=90", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 0, "\n".join(said) or proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 @pytest.mark.slow

@@ -192,11 +192,30 @@ def load_grown(path: Path, app: dict[str, Any], spaces: list[RowSpace]) -> int:
     _dcp_load(path, same)
     for key, value in same.items():  # DCP fills tensors in place; other values are replaced
         set_element(app, mapping[key], value)
-    for key, value, md, space in grown:  # one old table in memory at a time
+    # One old table in memory at a time. Each load is collective and ranks may hold different keys
+    # (TorchRec keeps a table's optimiser state on the ranks of its shards): every rank takes part
+    # in a load per key any rank grows, with nothing to read where it holds none of it.
+    mine = {key: rest for key, *rest in grown}
+    for key in _union(sorted(mine)):
+        if key not in mine:
+            _dcp_load(path, {})
+            continue
+        value, md, space = mine[key]
         old = torch.empty(tuple(md.size), dtype=md.properties.dtype)
         _dcp_load(path, {key: old})
         _copy_rows(old, value, space.source_rows())
     return len(grown)
+
+
+def _union(keys: list[str]) -> list[str]:
+    """Every rank's `keys`, sorted, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, keys)
+    return sorted(set().union(*parts))
 
 
 @torch.no_grad()
