@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wdl.train.metrics import finite_json
+
 PLANNED_WORLD_SIZES = (8, 16, 32, 64, 128)
 
 
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> int:
     add_planned(result)
     result["plots"] = plots.make_plots(result, path.parent)
     (path.parent / "report.md").write_text(report.render(result))
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    path.write_text(finite_json(result, indent=2, default=str) + "\n")
     print(f"bench: {len(result.get('planned', []))} planned points added to {path}")
     return 0
 

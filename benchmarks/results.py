@@ -26,6 +26,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from wdl.train.metrics import finite_json
+
 # metric -> (higher is better, absolute noise floor, relative noise floor)
 METRICS = {
     "train_seconds": (False, 0.0, 0.02),
@@ -130,7 +132,7 @@ def protocol(measurement: dict[str, Any]) -> str:
 
 def write_results(out: Path, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(finite_json(result, indent=2, default=str) + "\n")  # NaN as null
     rows = result["measurements"]
     keys: list[str] = []
     for r in rows:

@@ -364,3 +364,17 @@ def test_prepare_script_measures_wdl_data_prepare(tmp_path):
     (run,) = r["runs"]
     assert run["workers"] == 1 and run["rows_per_second"] > 0 and run["peak_rss_tree_sum_mb"] > 0
     assert (tmp_path / "work" / "prepared-2000-w1" / "manifest.json").is_file()
+
+
+def test_results_json_holds_no_nan(tmp_path):
+    """A strict JSON reader refuses NaN: an undefined AUC (a split of one class) is written as null, with why."""
+    from benchmarks.results import write_results
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+
+    write_results(tmp_path, {"summary": {"s": {"auc": {"mean": float("nan"), "std": float("inf")}}},
+                             "measurements": [{"system": "s", "auc": float("nan")}]})
+    got = strict((tmp_path / "results.json").read_text())
+    assert got["measurements"][0]["auc"] is None and "every label" in got["measurements"][0]["auc_note"]
+    assert got["summary"]["s"]["auc"] == {"mean": None, "std": None}

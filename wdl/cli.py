@@ -156,7 +156,7 @@ def _check_plan_arguments(args: argparse.Namespace) -> dict[str, int]:
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    import json
+    from wdl.train.metrics import finite_json
 
     from wdl.config import load_config
     from wdl.distributed.plan_report import render
@@ -168,7 +168,7 @@ def plan_main(args: argparse.Namespace) -> int:
     hw = Hardware(args.device, args.world_size, args.local_world_size, args.hbm_gb, args.ddr_gb, args.hbm_bw,
                   args.ddr_bw, args.intra_bw, args.inter_bw, args.peak_tflops, args.uvm)
     result = plan(cfg, hw, batch_size=args.batch_size or cfg.data.batch_size, dtype=args.dtype, table_rows=rows)
-    print(json.dumps(result, indent=1) if args.json else render(result))
+    print(finite_json(result, indent=1) if args.json else render(result))
     return 0
 
 
