@@ -24,7 +24,7 @@ from wdl.data.batch import Batch, Jagged
 from wdl.data.column_stats import column_stats
 from wdl.data.manifest import load_manifest
 from wdl.data.writer import DatasetWriter
-from wdl.train.trainer import cpu_compiler
+from wdl.train.build import cpu_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 from helpers import ROOT, one_line_error
 from wdl.cli import main
 from wdl.errors import TrainingError
-from wdl.train.trainer import Trainer
+from wdl.train.divergence import Divergence
 
 # 1920 train rows after the 20% held out: 15 steps of 128 rows in the one epoch
 CADENCE = ["train.epochs=1", "data.valid_fraction=0.2", "train.log_every_steps=5", "train.eval_every_steps=5"]
@@ -138,9 +137,8 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_no_best(tiny_config, tmp_p
 
 def test_chance_auc_with_a_rising_loss_is_divergence():
     def check(auc, loss, before=0.70):
-        fake = SimpleNamespace(sums=SimpleNamespace(last_eval_loss=before), constant_logloss=0.69,
-                               eval_name="valid", step=40)
-        Trainer._check_chance(fake, auc, loss)
+        d = Divergence(10.0, 0.5)  # the constant predictor's logloss: log 2 = 0.693
+        d.check_chance(auc, loss, before, "valid", 40)
 
     check(0.503, 0.68)  # at chance, but the loss falls
     check(0.62, 0.9)  # the loss rises, but the model ranks

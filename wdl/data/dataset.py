@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+import sys
+from typing import Any, Optional, Union
 
 import torch
 
@@ -152,3 +153,24 @@ def _carve(rows: FeatureTable | list[RowGroup], fraction: float, seed: int, worl
         raise DataError(f"data.valid_fraction={fraction}: {where} has {len(rows)} row groups, too few to hold out "
                         "whole row groups for validation; use a valid split in the data (data.valid_split)")
     return kept, sorted(held, key=rows.index)
+
+
+def warn_single_class(manifest: Any, splits: list[str]) -> None:
+    for split in dict.fromkeys(splits):
+        rate = manifest.split(split).positive_rate
+        if rate in (0.0, 1.0):
+            print(f"wdl: warning: every label of the {split!r} split is {int(rate)}, so its AUC is undefined "
+                  f"(shown as '-'); logloss is still computed", file=sys.stderr, flush=True)
+
+
+def read_order(cfg: Config, manifest: Any) -> dict[str, Any]:
+    """The settings that fix which rows each step reads within an epoch (see data/parquet.py),
+    and the data set itself (its manifest names every shard and its row count)."""
+    d = cfg.data
+    identity = manifest.identity
+    order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed,
+             "data.valid_split": d.valid_split, "data.valid_fraction": d.valid_fraction,  # what train holds
+             "data set (manifest hash)": identity}
+    if not d.in_memory:
+        order |= {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer}
+    return order

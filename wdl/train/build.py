@@ -6,7 +6,9 @@ for the same ranks, memory and batch size."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -16,11 +18,33 @@ from wdl.data.features import FeatureSpec
 from wdl.data.tables import model_reads, tables
 from wdl.distributed.env import DistEnv
 from wdl.distributed.planning import GIB, Hardware, budget, report, table_sizes, torchrec_planner
-from wdl.distributed.sharding import place
+from wdl.distributed.sharding import check_placement, place
 from wdl.errors import ConfigError
 from wdl.model.embeddings import TorchRecEmbeddingBags, resolve_backend, torchrec_available
 from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.optim import fused_table_optimizer
+
+
+def check_run(cfg: Config, env: DistEnv, backend: str) -> None:
+    """A ConfigError (one line) for what this run asks and its device, backend or packages cannot
+    give; checked before any data is touched."""
+    deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if backend == "torchrec" else []
+    check_placement(cfg.distributed, deep_tables, env)
+    device = env.device
+    if cfg.train.cuda_graph and (device.type != "cuda" or backend != "torch" or env.world_size > 1):
+        raise ConfigError(f"train.cuda_graph=true needs one process on a CUDA device with model.embedding_backend="
+                          f"torch; this run has {env.world_size} process(es) on {device}, {backend} tables")
+    if cfg.train.compile != "none" and device.type == "cpu" and cpu_compiler() is None:
+        raise ConfigError(f"train.compile={cfg.train.compile} on a CPU needs a C++ compiler (g++, c++ or "
+                          "clang++ on PATH, or $CXX); install one or set train.compile=none")
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, if there is one."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for name in names if (path := shutil.which(name))), None)
 
 
 def deep_fused_optimizer(cfg: Config, env: DistEnv, backend: str) -> Any:

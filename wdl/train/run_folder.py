@@ -18,9 +18,12 @@ import socket
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from wdl.checkpoint import complete_checkpoints, find_checkpoint, newest_good_checkpoint
 from wdl.config import Config
-from wdl.errors import CheckpointError, ConfigError
+from wdl.distributed.env import DistEnv
+from wdl.errors import CheckpointError, ConfigError, WdlError
 
 LOCK = ".lock"
 # What a run writes before its first step: a folder holding only these is an unused one.
@@ -158,3 +161,19 @@ def _holder(folder: Path) -> str:
         return (folder / LOCK).read_text().strip() or "unknown process"
     except OSError:
         return "unknown process"
+
+
+def open_run_folder(cfg: Config, env: DistEnv) -> tuple[RunFolder | None, Path, Path | None, bool]:
+    """Rank 0 opens (and locks) the run folder; every rank learns where it is and what to resume."""
+    folder, box = None, [None, None, False, None]
+    if env.is_main:
+        try:
+            folder = RunFolder.open(cfg)
+            box = [str(folder.path), str(folder.resume_from) if folder.resume_from else None, folder.restart, None]
+        except WdlError as e:
+            box = [None, None, False, e]
+    if env.distributed:
+        dist.broadcast_object_list(box, src=0)
+    if box[3] is not None:
+        raise box[3]
+    return folder, Path(box[0]), Path(box[1]) if box[1] else None, box[2]

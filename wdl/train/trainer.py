@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,27 +19,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from wdl.checkpoint import Checkpointer
 from wdl.config import Config, save_config
-from wdl.data.dataset import build_loaders, check_unknown, feature_spec, open_dataset
+from wdl.data.dataset import build_loaders, check_unknown, feature_spec, open_dataset, read_order, warn_single_class
 from wdl.data.prefetch import to_device
 from wdl.distributed.env import DistEnv, all_gather_cat, all_reduce_sum, barrier
 from wdl.distributed.threads import IntraOpThreads
-from wdl.distributed.sharding import check_placement
-from wdl.errors import ConfigError, TrainingError, WdlError
 from wdl.ingest.prepare import open_or_prepare
 from wdl.model.embeddings import resolve_backend
 from wdl.train.evaluate import evaluate
 from wdl.train.graphed_step import GraphedStep
 from wdl.train.metrics import MetricsLogger, TrainSums, finite_json
-from wdl.train.build import build_model, deep_fused_optimizer, model_signature
+from wdl.train.build import build_model, check_run, deep_fused_optimizer, model_signature
+from wdl.train.divergence import Divergence
 from wdl.train.warm_start import warm_start
 from wdl.train.optim import build_optimizers
 from wdl.train.pipeline import SparseDistSteps, wants_pipeline
 from wdl.train import run_log
-from wdl.train.run_folder import RunFolder
+from wdl.train.run_folder import open_run_folder
 from wdl.train.schedule import LrSchedule
 from wdl.train.selection import Selection
 
@@ -52,23 +48,14 @@ class Trainer:
         self.threads = IntraOpThreads.start(cfg.train.threads, cfg.data, env)  # printed by rank 0
         self.device = env.device
         self.backend = resolve_backend(cfg.model.embedding_backend)
-        deep_tables = [f"deep_{f}" for f in cfg.model.deep.embeddings] if self.backend == "torchrec" else []
-        check_placement(cfg.distributed, deep_tables, env)  # fail before any data is touched
+        check_run(cfg, env, self.backend)  # what the config asks of the device and packages, before any data
         fused = deep_fused_optimizer(cfg, env, self.backend)
-        if cfg.train.cuda_graph and (self.device.type != "cuda" or self.backend != "torch" or env.world_size > 1):
-            raise ConfigError(f"train.cuda_graph=true needs one process on a CUDA device with model.embedding_backend="
-                              f"torch; this run has {env.world_size} process(es) on {self.device}, {self.backend} tables")
-        if cfg.train.compile != "none" and self.device.type == "cpu" and cpu_compiler() is None:
-            raise ConfigError(f"train.compile={cfg.train.compile} on a CPU needs a C++ compiler (g++, c++ or "
-                              "clang++ on PATH, or $CXX); install one or set train.compile=none")
         self.pipelined = wants_pipeline(cfg.train, cfg.model, self.backend, self.device, env.world_size)
-        if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
         self.kill_at = int(os.environ.get("WDL_TEST_KILL_AT_STEP") or 0)  # fault injection for tests: _maybe_kill
 
         # 1. Run folder (rank 0 picks and locks it, everyone uses it) and the checkpoint to resume
         #    from. A start that fails before training removes a folder it created.
-        self.folder, self.run_dir, resume_from, restart = _open_run_folder(cfg, env)
+        self.folder, self.run_dir, resume_from, restart = open_run_folder(cfg, env)
         run_log.attach(self.run_dir / ("run.log" if env.is_main else f"run-rank{env.rank}.log"))
         try:
             self._build(resume_from, restart, fused)
@@ -107,10 +94,10 @@ class Trainer:
         # Every checkpoint holds a selection state (the same keys whatever the config); it selects
         # only with a validation split.
         self.selection, self.selecting = Selection(cfg.train.early_stopping), loaders.valid is not None
-        # The logloss of always predicting the train split's label rate: a loss far above it has diverged.
-        self.constant_logloss = _entropy(manifest.split(cfg.data.train_split).positive_rate)
+        # A loss far above always predicting the train split's label rate has diverged.
+        self.divergence = Divergence(cfg.train.divergence_ratio, manifest.split(cfg.data.train_split).positive_rate)
         if env.is_main:
-            _warn_single_class(manifest, [s for s in (cfg.data.train_split, cfg.data.valid_split, cfg.data.eval_split) if s])
+            warn_single_class(manifest, [s for s in (cfg.data.train_split, cfg.data.valid_split, cfg.data.eval_split) if s])
 
         # 3. Model: knows nothing of distribution. Its tables are only described (meta device):
         #    placement allocates and initialises each rank's rows, so none exists whole anywhere.
@@ -148,7 +135,7 @@ class Trainer:
             self.folder.check_writable(ckpt_dir, "checkpoint.dir")
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep, env.rank, env.world_size,
                                          signature=model_signature(model_cfg, self.spec),
-                                         read_order=_read_order(cfg, manifest))
+                                         read_order=read_order(cfg, manifest))
         self.checkpointer.clear_unfinished()  # this run holds the folder's lock
         if resume_from is not None:
             self._resume(resume_from)
@@ -193,7 +180,7 @@ class Trainer:
         epoch = self.epoch if complete else self.epoch + 1
         if complete and self.cfg.train.log_every_steps and self.step % self.cfg.train.log_every_steps:
             self._log_steps(None)  # the epoch's last, shorter log interval: every step is in a record
-        self._check_loss(stats["train_loss"], f"epoch {epoch} (steps {self.step - stats['steps'] + 1}-{self.step})")
+        self.divergence.check_loss(stats["train_loss"], f"epoch {epoch} (steps {self.step - stats['steps'] + 1}-{self.step})")
         at_epochs = self.cfg.train.eval_every_steps == 0
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, **stats, "eval_split": self.eval_name}
         if complete:
@@ -325,7 +312,7 @@ class Trainer:
         seconds = self.sums.seconds("log")
         n, into_epoch = self.cfg.train.log_every_steps, self.batches_done or self.train_loader.steps_per_epoch
         first = max((self.step - 1) // n * n, self.step - into_epoch) + 1  # intervals end at epoch ends too
-        self._check_loss(loss, f"steps {first}-{self.step} (epoch {self._epoch_of_step()})")
+        self.divergence.check_loss(loss, f"steps {first}-{self.step} (epoch {self._epoch_of_step()})")
         self.metrics.log({"kind": "step", "step": self.step, "epoch": self._epoch_of_step(), "rows_seen": seen,
                           "train_loss": loss, "lr_scale": self.schedule.scale(self.step - 1),
                           "samples_per_second": rows / seconds if seconds > 0 else None}, bar)
@@ -339,7 +326,7 @@ class Trainer:
         if interim:
             return scores
         (loss, _), = self.sums.totals("eval")
-        self._check_chance(scores.get("auc"), loss)
+        self.divergence.check_chance(scores.get("auc"), loss, self.sums.last_eval_loss, self.eval_name, self.step)
         self.sums.last_eval_loss = loss
         self.sums.reset("eval")
         if self.selecting:
@@ -391,7 +378,7 @@ class Trainer:
     def save_checkpoint(self, name: str | None = None) -> Path:
         """Save every state (after checking the epoch's loss so far: a diverged model is never saved)."""
         (loss, _), = self.sums.totals("epoch")
-        self._check_loss(loss, f"epoch {self._epoch_of_step()} up to step {self.step}")
+        self.divergence.check_loss(loss, f"epoch {self._epoch_of_step()} up to step {self.step}")
         self.saved_at = self.step if name is None else self.saved_at
         return self.checkpointer.save({k: s.state_dict() for k, s in self._states().items()},
                                       self._progress_state(), name=name)
@@ -420,28 +407,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _check_loss(self, loss: float, where: str) -> None:
-        """Stop a run whose train loss `loss` (over `where`) is not finite, or passes
-        train.divergence_ratio times the loss of always predicting the label rate."""
-        ratio, base = self.cfg.train.divergence_ratio, self.constant_logloss
-        if math.isfinite(loss) and not (ratio and base and loss > ratio * base):
-            return
-        how = f"{loss:.4g}, {loss / base:.3g}x the {base:.4f} of always predicting the label rate" \
-            if math.isfinite(loss) else f"{loss}"
-        raise TrainingError(f"training diverged: the train loss over {where} is {how}; lower optim.wide.lr / "
-                            "optim.deep.lr (nothing saved since the last check it passed)")
-
-    def _check_chance(self, auc: float | None, loss: float) -> None:
-        """Stop a run whose AUC is chance's after its first evaluation while its train loss rises
-        above the constant predictor's: it has stopped learning anything."""
-        before, base = self.sums.last_eval_loss, self.constant_logloss
-        if auc is None or not math.isfinite(auc) or abs(auc - 0.5) >= 0.01 or not math.isfinite(before):
-            return
-        if loss > before and base and loss > base:
-            raise TrainingError(f"training diverged: {self.eval_name} AUC {auc:.4f} at step {self.step} is chance's "
-                                f"while the train loss rose to {loss:.4g} (from {before:.4g}; always predicting the "
-                                f"label rate gives {base:.4f}); lower optim.wide.lr / optim.deep.lr")
-
     def _epoch_of_step(self) -> int:
         """The epoch (1-based) the latest step belongs to (at an epoch end the counter has moved on)."""
         return self.epoch if self.batches_done == 0 else self.epoch + 1
@@ -467,43 +432,6 @@ class Trainer:
                     disable=None)
 
 
-def _open_run_folder(cfg: Config, env: DistEnv) -> tuple[RunFolder | None, Path, Path | None, bool]:
-    """Rank 0 opens (and locks) the run folder; every rank learns where it is and what to resume."""
-    folder, box = None, [None, None, False, None]
-    if env.is_main:
-        try:
-            folder = RunFolder.open(cfg)
-            box = [str(folder.path), str(folder.resume_from) if folder.resume_from else None, folder.restart, None]
-        except WdlError as e:
-            box = [None, None, False, e]
-    if env.distributed:
-        dist.broadcast_object_list(box, src=0)
-    if box[3] is not None:
-        raise box[3]
-    return folder, Path(box[0]), Path(box[1]) if box[1] else None, box[2]
-
-
-def _warn_single_class(manifest: Any, splits: list[str]) -> None:
-    for split in dict.fromkeys(splits):
-        rate = manifest.split(split).positive_rate
-        if rate in (0.0, 1.0):
-            print(f"wdl: warning: every label of the {split!r} split is {int(rate)}, so its AUC is undefined "
-                  f"(shown as '-'); logloss is still computed", file=sys.stderr, flush=True)
-
-
-def _read_order(cfg: Config, manifest: Any) -> dict[str, Any]:
-    """The settings that fix which rows each step reads within an epoch (see data/parquet.py),
-    and the data set itself (its manifest names every shard and its row count)."""
-    d = cfg.data
-    identity = manifest.identity
-    order = {"data.batch_size": d.batch_size, "data.in_memory": d.in_memory, "run.seed": cfg.run.seed,
-             "data.valid_split": d.valid_split, "data.valid_fraction": d.valid_fraction,  # what train holds
-             "data set (manifest hash)": identity}
-    if not d.in_memory:
-        order |= {"data.num_workers": d.num_workers, "data.shuffle_buffer": d.shuffle_buffer}
-    return order
-
-
 def _maybe_kill(kill_at: int, step: int, env: DistEnv) -> None:
     """Fault injection for tests (WDL_TEST_KILL_AT_STEP=N in the environment): the last rank
     SIGKILLs itself after step N, once (not again in a torchrun restart)."""
@@ -512,17 +440,6 @@ def _maybe_kill(kill_at: int, step: int, env: DistEnv) -> None:
     if kill_at and step == kill_at and env.rank == env.world_size - 1 \
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _entropy(rate: float) -> float:
-    """The logloss of always predicting `rate` on labels with that positive rate (0 for one class)."""
-    return -sum(p * math.log(p) for p in (rate, 1.0 - rate) if p > 0)
-
-
-def cpu_compiler() -> str | None:
-    """The C++ compiler torch.compile would build CPU kernels with, if there is one."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for name in names if (path := shutil.which(name))), None)
 
 
 def _seed_everything(seed: int) -> None:
