@@ -79,6 +79,10 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> dict[str, Any]:
             suite["trainer_overrides"].append(item)
             continue
         node, parts = suite, key.split(".")
+        if parts[0] not in suite:  # a typo would otherwise run the whole suite unchanged
+            known = ", ".join(sorted(k for k in suite if k not in ("path", "trainer_overrides")))
+            raise ConfigError(f"{path.stem}: unknown suite key {parts[0]!r} in {item!r} (suite keys: {known}; "
+                              f"trainer keys start with {', '.join(sorted(CONFIG_SECTIONS))})")
         for part in parts[:-1]:
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(value) if value else ""
@@ -217,3 +221,30 @@ class SuiteRun:
         warm = int(system.get("warmup_epochs", default))
         return [{"system": label, "group": system["name"], "kind": system["kind"], "rep": rep,
                  "warmup": bool(r.get("epoch") is not None and r["epoch"] <= warm), **extra, **r} for r in records]
+
+
+def script_main(prog: str, doc: str, run: Any, argv: list[str] | None = None) -> int:
+    """The command line of a suite with a runner of its own (scale, continual): `--suite`, `--out`
+    and key=value overrides; `run(suite, out)` writes report.md into `out`, which is printed."""
+    import argparse
+    import datetime as dt
+
+    from wdl.cli import run_guarded
+
+    name = prog.rsplit(".", 1)[-1]
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default=name, help=f"suite name or YAML path (default {name})")
+    p.add_argument("--out", default=None, help=f"result folder (default benchmarks/out/{name}-<date>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+
+    def go(a: argparse.Namespace) -> int:
+        suite = load_suite(a.suite, a.overrides)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(a.out) if a.out else ROOT / "benchmarks" / "out" / f"{suite['name']}-{stamp}"
+        run(suite, out.resolve())
+        print((out / "report.md").read_text())
+        return 0
+
+    return run_guarded(go, a)

@@ -378,3 +378,12 @@ def test_results_json_holds_no_nan(tmp_path):
     got = strict((tmp_path / "results.json").read_text())
     assert got["measurements"][0]["auc"] is None and "every label" in got["measurements"][0]["auc_note"]
     assert got["summary"]["s"]["auc"] == {"mean": None, "std": None}
+
+
+def test_an_unknown_suite_key_is_one_line():
+    """`wdl bench run continual bogus=1` once ran the whole 8-minute suite, ignoring the key."""
+    from benchmarks.suite import load_suite
+
+    with pytest.raises(ConfigError, match="unknown suite key 'bogus'"):
+        load_suite("continual", ["bogus=1"])
+    assert load_suite("continual", ["days=3", "data.path=x"])["days"] == 3  # suite and trainer keys still go

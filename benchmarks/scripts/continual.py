@@ -20,7 +20,6 @@ trainer keys such as `model.embedding_backend=torch` go to every run). Steps:
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import ROOT, describe
-from benchmarks.suite import abs_path, load_suite
+from benchmarks.suite import abs_path, script_main
 from wdl.errors import ConfigError
 
 STRATEGIES = ("warm", "full", "frozen")
@@ -208,24 +207,7 @@ def _plot(per_day: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wdl.cli import run_guarded
-
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scripts.continual", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="continual", help="suite name or YAML path (default continual)")
-    p.add_argument("--out", default=None, help="result folder (default benchmarks/out/continual-<date>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
-
-    def go(a: argparse.Namespace) -> int:
-        suite = load_suite(a.suite, a.overrides)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(a.out) if a.out else ROOT / "benchmarks" / "out" / f"{suite['name']}-{stamp}"
-        run_continual(suite, out.resolve())
-        print((out / "report.md").read_text())
-        return 0
-
-    return run_guarded(go, a)
+    return script_main("benchmarks.scripts.continual", __doc__, run_continual, argv)
 
 
 if __name__ == "__main__":

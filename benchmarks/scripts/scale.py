@@ -20,7 +20,6 @@ first attempt's records are kept from before the resume rewrites metrics.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import ROOT, describe
-from benchmarks.suite import abs_path, load_suite
+from benchmarks.suite import abs_path, script_main
 from wdl.errors import ConfigError
 
 POLL_SECONDS = 0.1  # how often metrics.jsonl is read: a kill lands within a step or two of its target
@@ -302,24 +301,7 @@ def _attempt(a: Attempt, rc: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wdl.cli import run_guarded
-
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scripts.scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="scale", help="suite name or YAML path (default scale)")
-    p.add_argument("--out", default=None, help="result folder (default benchmarks/out/scale-<date>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
-
-    def go(a: argparse.Namespace) -> int:
-        suite = load_suite(a.suite, a.overrides)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(a.out) if a.out else ROOT / "benchmarks" / "out" / f"{suite['name']}-{stamp}"
-        run_scale(suite, out.resolve())
-        print((out / "report.md").read_text())
-        return 0
-
-    return run_guarded(go, a)
+    return script_main("benchmarks.scripts.scale", __doc__, run_scale, argv)
 
 
 if __name__ == "__main__":
