@@ -1,4 +1,4 @@
-"""`wdl` command line: train, predict, export, recommend, data, plan, bench.
+"""`wdl` command line: train, tune, predict, export, recommend, data, plan, bench.
 
 `train_main` is also the entry point of launch/train.py, what torchrun runs:
 config -> init distributed -> Trainer -> train -> close."""
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp = data_sub.add_parser("import", help="your own Parquet or CSV files -> a wdl data set (vocabularies, statistics, split)")
     import_cli.add_import_arguments(imp)
     imp.set_defaults(func=import_cli.run_import)
+
+    from wdl.tune import add_tune_arguments, tune_main  # torch loads only when the trials start
+
+    p = sub.add_parser("tune", help="search hyper-parameters on validation (successive halving); the winner as a "
+                                    "config, trained once and scored once on test")
+    add_tune_arguments(p)
+    p.set_defaults(func=tune_main)
 
     from wdl.config_reference import add_config_commands
 
