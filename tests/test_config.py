@@ -51,7 +51,7 @@ def test_unknown_key_names_the_key(tmp_path):
     ("train.eval_only=true", "give it with checkpoint.resume"),
     ("run.name=../../escape", "run.name='../../escape': must be a plain folder name"),
     ("run.name=a/b", "must be a plain folder name"),
-    ("optim.deep.l2=0.1", "optim.deep.l1/l2 are FTRL's; with adagrad use optim.deep.weight_decay"),
+    ("optim.deep.l1=0.1", "optim.deep.l1 is FTRL.s; with adagrad use optim.deep.l2"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -242,3 +242,41 @@ def test_every_optimiser_trains_either_part_with_either_backend(tiny_config, tmp
     assert summary["steps"] == 4 and 0.0 < summary["final"]["train_loss"] < 1.0
     changed = (wide_rows != before).squeeze(1)
     assert changed.any() and not changed.all()  # touched rows moved, the others did not
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_row_prior_is_frequency_aware(name):
+    """optim.*.l2 outside FTRL: a touched row's gradient gains l2 * w / (steps that touched it), so
+    over t steps every row, rare or frequent, is shrunk by about l2 * w in total."""
+    l2, lr = 0.5, 0.1
+    rule = row_rule(OptimizerConfig(name=name, lr=lr, l2=l2))
+    plain = row_rule(OptimizerConfig(name=name, lr=lr))
+    assert "touches" in rule.per_row and "touches" not in plain.per_row
+    weight = torch.tensor([[1.0, -2.0], [3.0, 0.5], [0.25, 4.0]])
+    state, w_plain, s_plain = rule.full_state(3, 2, weight.device), weight.clone(), plain.full_state(3, 2, weight.device)
+    grad = torch.tensor([[0.1, 0.2], [-0.3, 0.4]])
+    expect_touches = torch.zeros(3)
+    for step, rows in enumerate([[0, 1], [0, 2], [0, 1]]):
+        idx = torch.tensor(rows)
+        # the prior as a plain gradient term on the same rule without it
+        expect_touches[idx] += 1
+        prior = l2 * w_plain.index_select(0, idx) / expect_touches[idx].unsqueeze(1)
+        plain.apply(w_plain, s_plain, idx, grad + prior)
+        rule.apply(weight, state, idx, grad.clone())
+        assert torch.equal(state["touches"], expect_touches), step
+        torch.testing.assert_close(weight, w_plain)
+    assert expect_touches.tolist() == [3.0, 2.0, 1.0]
+
+
+def test_row_prior_checks():
+    from wdl.config import load_config
+    from wdl.errors import ConfigError
+    from wdl.train.optim import fused_table_optimizer
+
+    # l2 on adagrad is a row prior now; l1 stays FTRL's
+    assert load_config("configs/movielens-100k.yaml", ["optim.deep.l2=0.01"]).optim.deep.l2 == 0.01
+    with pytest.raises(ConfigError, match="l1 is FTRL's"):
+        load_config("configs/movielens-100k.yaml", ["optim.deep.l1=0.01"])
+    # FBGEMM's kernels cannot apply it: refused, not ignored
+    with pytest.raises(ConfigError, match="l2"):
+        fused_table_optimizer(OptimizerConfig(name="adagrad", lr=0.1, l2=0.01), "cpu", "deep")

@@ -154,7 +154,12 @@ class OptimizerConfig:
     # FTRL's (it has l2); TorchRec's fused tables refuse it (model.embedding_backend=torch takes it).
     weight_decay: float = 0.0
     l1: float = 0.0  # FTRL-Proximal (McMahan et al. 2013) L1 strength: sparse wide weights
-    l2: float = 0.0  # FTRL's L2 strength
+    # L2 prior on every table row, in the units of the summed batch-mean loss, whatever how often
+    # the row is seen: FTRL's own l2 (in its closed form); for the other rules, on wdl's tables
+    # (model.embedding_backend=torch), added to a touched row's gradient as l2 * w / (steps that
+    # touched it), so a rare row is shrunk as much as a frequent one (frequency-aware; Zhou et al.
+    # 2018's mini-batch aware regularisation). Dense layers take weight_decay instead.
+    l2: float = 0.0
     beta: float = 1.0  # FTRL's beta; small (0.001) with batch-mean gradients, or the wide part barely learns
     eps: float = 1e-8  # adagrad / adam
     initial_accumulator_value: float = 0.0  # adagrad

@@ -151,9 +151,9 @@ def _validate_optim(optim: OptimConfig) -> None:
                 raise ConfigError(f"optim.{part}.{k}: must be >= 0, got {getattr(o, k)}")
         if not o.eps > 0:
             raise ConfigError(f"optim.{part}.eps: must be > 0, got {o.eps}")
-        if o.name != "ftrl" and (o.l1 or o.l2):  # would be silently ignored
-            raise ConfigError(f"optim.{part}.l1/l2 are FTRL's; with {o.name} use optim.{part}.weight_decay "
-                              "(L2 on the rows a step touches)")
+        if o.name != "ftrl" and o.l1:  # would be silently ignored
+            raise ConfigError(f"optim.{part}.l1 is FTRL's; with {o.name} use optim.{part}.l2 (a prior on the "
+                              "table rows) or weight_decay (L2 on the rows a step touches)")
 
 
 def _validate_selection(d: DataConfig, es: EarlyStoppingConfig) -> None:

@@ -50,8 +50,9 @@ def model_reads(m: ModelConfig) -> Reads:
 
 
 def state_bytes(opt: OptimizerConfig, dim: int) -> int:
-    """Bytes of optimiser state for one row of `dim` floats."""
-    return 4 * STATE_FLOATS[opt.name](dim)
+    """Bytes of optimiser state for one row of `dim` floats (and its touch count, for a row prior
+    outside FTRL: wdl.train.sparse_optim)."""
+    return 4 * (STATE_FLOATS[opt.name](dim) + (opt.name != "ftrl" and opt.l2 > 0))
 
 
 @dataclass(frozen=True)

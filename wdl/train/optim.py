@@ -87,8 +87,8 @@ def fused_table_optimizer(cfg: OptimizerConfig, device_type: str, part: str) -> 
         raise ConfigError(f"{where}: FBGEMM has no Adam for TorchRec tables on CPU; use model.embedding_backend=torch "
                           "(lazy Adam on wdl's own tables) or adagrad / rowwise_adagrad / sgd")
     # FBGEMM's kernels take lr and eps only.
-    if cfg.weight_decay or (cfg.name in ("adagrad", "rowwise_adagrad") and cfg.initial_accumulator_value):
-        raise ConfigError(f"{where} fused into TorchRec tables supports lr and eps only; set weight_decay and "
+    if cfg.weight_decay or cfg.l2 or (cfg.name in ("adagrad", "rowwise_adagrad") and cfg.initial_accumulator_value):
+        raise ConfigError(f"{where} fused into TorchRec tables supports lr and eps only; set weight_decay, l2 and "
                           "initial_accumulator_value to 0 or use model.embedding_backend=torch")
     if cfg.name == "adagrad":
         return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps}

@@ -9,6 +9,14 @@ Each rule is the per-row form of a known optimiser, written for a block of gathe
     adam (lazy)      moments of touched rows only, bias-corrected by the global step (torch.optim.SparseAdam)
     ftrl             FTRL-Proximal per coordinate with L1/L2 (McMahan et al. 2013)
 
+With `l2` (OptimizerConfig.l2), every rule but FTRL (whose closed form has its own) adds a prior
+to a touched row's gradient, l2 * w / c with c the steps that have touched the row so far: a row
+touched in a share c/t of t steps is then shrunk by l2 * w / t per step on average, as if L2 of
+l2 / 2 * |w|^2 were added once to the loss summed over the steps so far, for every row whatever
+its frequency. That is FTRL's l2 in the same units, and Zhou et al. (2018)'s mini-batch aware
+regularisation with running counts; plain weight decay on touched rows instead shrinks a row in
+proportion to how often it is seen, and leaves rare rows, the ones that overfit, nearly free.
+
 A row no batch touches is left exactly as it is. For sgd, adagrad and ftrl that is also what the
 dense optimiser does (a zero gradient changes nothing), so the results equal dense training
 (tests check this); lazy Adam and weight decay differ from their dense forms by design: they
@@ -37,10 +45,25 @@ class RowRule:
     per_row: tuple[str, ...] = ()
     scalars: tuple[str, ...] = ()
     lr: float  # read at every step (the learning-rate schedule sets it)
+    l2: float = 0.0  # the row prior (module docstring); FTRL applies its own
     compiled: Any = None  # `update` through torch.compile (see SparseTableOptimizer.compile)
 
     def init_state(self, rows: int, dim: int, device: torch.device) -> State:
         return {}
+
+    def with_prior(self, l2: float) -> "RowRule":
+        """This rule with the row prior `l2` (module docstring): a touch count per row joins its state."""
+        self.l2 = l2
+        if l2 > 0:
+            self.per_row = type(self).per_row + ("touches",)
+        return self
+
+    def full_state(self, rows: int, dim: int, device: torch.device) -> State:
+        """init_state, plus the touch counts the prior needs."""
+        state = self.init_state(rows, dim, device)
+        if "touches" in self.per_row:
+            state["touches"] = torch.zeros(rows, device=device)
+        return state
 
     def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
         raise NotImplementedError
@@ -51,8 +74,14 @@ class RowRule:
         for k in self.scalars:  # advanced by every rank every step, so they agree after resharding
             state[k].add_(1)
         s = {k: state[k].index_select(0, rows) for k in self.per_row} | {k: state[k] for k in self.scalars}
+        w = weight.index_select(0, rows)
+        if "touches" in s:
+            touches = s.pop("touches").add_(1)
+            grad = grad.addcmul(w, (self.l2 / touches).unsqueeze(1))
         update = self.compiled if self.compiled is not None else self.update
-        w_new, s_new = update(weight.index_select(0, rows), grad, s)
+        w_new, s_new = update(w, grad, s)
+        if "touches" in self.per_row:
+            s_new["touches"] = touches
         weight.index_copy_(0, rows, w_new)
         for k in self.per_row:
             state[k].index_copy_(0, rows, s_new[k])
@@ -157,12 +186,14 @@ def row_rule(cfg: OptimizerConfig) -> RowRule:
     if cfg.name == "ftrl":
         return FtrlRule(cfg.lr, cfg.l1, cfg.l2, cfg.beta)
     if cfg.name == "adagrad":
-        return AdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
-    if cfg.name == "rowwise_adagrad":
-        return RowwiseAdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
-    if cfg.name == "adam":
-        return LazyAdamRule(cfg.lr, cfg.eps, weight_decay=cfg.weight_decay)
-    return SGDRule(cfg.lr, cfg.weight_decay)
+        rule: RowRule = AdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
+    elif cfg.name == "rowwise_adagrad":
+        rule = RowwiseAdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
+    elif cfg.name == "adam":
+        rule = LazyAdamRule(cfg.lr, cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        rule = SGDRule(cfg.lr, cfg.weight_decay)
+    return rule.with_prior(cfg.l2)
 
 
 class SparseTableOptimizer:
@@ -178,7 +209,7 @@ class SparseTableOptimizer:
         self.state: dict[str, State] = {}
         for name, g in groups.items():
             w = g.rows.weight
-            self.state[name] = rule.init_state(w.shape[0], w.shape[1], w.device)
+            self.state[name] = rule.full_state(w.shape[0], w.shape[1], w.device)
 
     def compile(self) -> None:
         """Run the rule's arithmetic (a dozen element-wise ops for FTRL) as one compiled kernel.
