@@ -63,13 +63,15 @@ def test_space_kinds_and_seeded_points(tmp_path):
     assert points != draw_points(space, 20, 6, lambda p: None)[0]  # another seed, other points
 
 
-def test_refused_points_are_reported_and_replaced(tiny_config):
+def test_refused_points_are_reported_and_replaced(tiny_config, capsys):
     space = {**load_space(write(tiny_config.parent / "s.yaml", "optim.deep.l1: [0.0, 0.1]\nmodel.deep.dropout: [0.0, 0.1, 0.2]\n"))}
     points, refused = draw_points(space, 3, 0, lambda p: load_config(tiny_config, p))
     assert len(points) == 3 and all("optim.deep.l1=0.0" in p for p in points)  # adam takes no l1
     assert refused and all("optim.deep.l1=0.1" in p and "FTRL's" in why for p, why in refused)
     # only 3 distinct points the config accepts: asking for more gives those
     assert len(draw_points(space, 10, 0, lambda p: load_config(tiny_config, p))[0]) == 3
+    s, points, _ = prepare(args_for(tiny_config, tiny_config.parent / "s.yaml", tiny_config.parent / "t", "--trials", "5"))
+    assert len(points) == 3 and "holds 3 distinct points the config accepts" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------ successive halving

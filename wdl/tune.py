@@ -391,6 +391,8 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> tup
     points, refused = draw_points(space, args.trials, seed, lambda p: load_config(config, base + p))
     if not points:
         raise ConfigError(f"the config refuses every point drawn from {args.space}; the first: {refused[0][1]}")
+    if len(points) < args.trials:
+        log(f"wdl tune: the space holds {len(points)} distinct points the config accepts; trying those")
     out = _search_folder(args.out, cfg)
     command = (f"wdl tune --config {config} --space {args.space} --trials {args.trials} --seed {seed} "
                f"--min-epochs {args.min_epochs} --max-epochs {max_epochs} --eta {args.eta} --out {out}"
