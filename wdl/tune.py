@@ -40,7 +40,7 @@ import os
 import random
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -221,7 +221,6 @@ class Search:
     train_split: str = "train"
     env: Any = None  # the process's DistEnv, made on first use
     log: Any = print
-    records: list[dict[str, Any]] = field(default_factory=list)
 
     def trial_config(self, t: Trial, epochs: int) -> Config:
         """The trial's config for `epochs` in all: its own run folder, continued when it has trained."""
@@ -248,7 +247,6 @@ class Search:
         t.seconds += time.perf_counter() - start
         record = {"id": t.id, "rung": rung, "epochs": t.epochs, "valid_auc": t.valid_auc, "best_epoch": t.best_epoch,
                   "seconds": round(t.seconds, 2), "overrides": t.overrides, **({"error": t.error} if t.error else {})}
-        self.records.append(record)
         with (self.out / "trials.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         score = f"valid AUC {t.valid_auc:.4f} (epoch {t.best_epoch})" if t.valid_auc is not None else f"failed: {t.error}"
@@ -294,7 +292,7 @@ class Search:
                 f"Winner {winner.id}: valid AUC {winner.valid_auc:.4f} at epoch {winner.best_epoch} of "
                 f"{winner.epochs} (rung {winner.rung}); {' '.join(winner.overrides)}",
                 "Trials (rung reached, best valid AUC):"]
-        head += [f"  {t.id} rung {t.rung} {_auc(t.valid_auc)}  {' '.join(t.overrides)}" for t in ranked[:10]]
+        head += [f"  {t.id} rung {t.rung} {_fmt(t.valid_auc)}  {' '.join(t.overrides)}" for t in ranked[:10]]
         head += [f"  ... {len(ranked) - 10} more in report.md"] * (len(ranked) > 10)
         path.write_text("".join(f"# {line}\n" for line in head) + text)
         return path
@@ -309,7 +307,7 @@ class Search:
                  "|---|---|---|---|---|---|---|"]
         for t in _ranked(trials):
             note = f" (failed: {t.error})" if t.error else ""
-            lines.append(f"| {t.id}{' **winner**' * (t is winner)} | {t.rung} | {t.epochs} | {_auc(t.valid_auc)}"
+            lines.append(f"| {t.id}{' **winner**' * (t is winner)} | {t.rung} | {t.epochs} | {_fmt(t.valid_auc)}"
                          f"{note} | {t.best_epoch or '-'} | {t.seconds:.1f} | `{' '.join(t.overrides)}` |")
         if refused:
             lines += ["", "Points the config refused (not trained):", ""]
@@ -317,9 +315,9 @@ class Search:
         lines += ["", f"Winner: {winner.id}, written to `best.yaml`."]
         if final is not None:
             test = final.get("test") or {}
-            lines += ["", f"Trained again from `best.yaml` ({final['run']}): best valid AUC {_auc(final.get('best_auc'))}"
+            lines += ["", f"Trained again from `best.yaml` ({final['run']}): best valid AUC {_fmt(final.get('best_auc'))}"
                       f" at epoch {final.get('best_epoch')}; {final.get('test_split')} AUC of that model "
-                      f"{_auc(test.get('auc'))}, logloss {_auc(test.get('logloss'))} (scored once)."]
+                      f"{_fmt(test.get('auc'))}, logloss {_fmt(test.get('logloss'))} (scored once)."]
         path = self.out / "report.md"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -344,7 +342,7 @@ def _ranked(trials: list[Trial]) -> list[Trial]:
     return sorted(trials, key=lambda t: (-t.rung, -(t.valid_auc if t.valid_auc is not None else -1.0)))
 
 
-def _auc(x: Any) -> str:
+def _fmt(x: Any) -> str:
     """A metric with 4 decimals, or '-' for none."""
     return f"{x:.4f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
 
@@ -452,8 +450,8 @@ def final_run(s: Search, winner: Trial, trials: list[Trial], refused: list) -> d
     summary["run"] = str(s.out / "final")
     s.write_report(trials, refused, winner, summary)
     test = summary.get("test") or {}
-    s.log(f"final: best valid AUC {_auc(summary.get('best_auc'))} at epoch {summary.get('best_epoch')}; "
-          f"{summary.get('test_split')} AUC of that model {_auc(test.get('auc'))} (scored once); "
+    s.log(f"final: best valid AUC {_fmt(summary.get('best_auc'))} at epoch {summary.get('best_epoch')}; "
+          f"{summary.get('test_split')} AUC of that model {_fmt(test.get('auc'))} (scored once); "
           f"report in {s.out / 'report.md'}")
     return summary
 
