@@ -133,7 +133,7 @@ def test_pass_two_reads_kept_tables_or_the_input_alike(imported, raw_dir, tmp_pa
     reads the input again and writes the same files. Nothing of the hand-over stays behind."""
     from wdl.ingest import importer
 
-    assert sorted(p.name for p in imported.iterdir()) == ["manifest.json", "test", "train", "valid", "vocab"]
+    assert sorted(p.name for p in imported.iterdir()) == ["manifest.json", "test", "train", "train-config.yaml", "valid", "vocab"]
     monkeypatch.setattr(importer, "KEPT_SHARE", 0)
     spec = tmp_path / "columns.yaml"
     spec.write_text(SPEC)
@@ -154,7 +154,7 @@ def test_csv_inferred_with_time_split_and_min_frequency(raw_dir, tmp_path, capsy
                        "--valid-from", 60 * 1500, "--test-from", 60 * 1800, "--out", tmp_path / "ds")
     assert rc == 0, err
     assert "user: {kind: categorical, min_frequency: 100}" in out  # the inferred spec, printed as YAML
-    assert "price: {kind: dense, normalize: log1p}" in out  # skewed and positive
+    assert "price: {kind: dense, normalize: log1p, buckets: auto}" in out  # skewed and positive
     assert "vocab_size: auto" in out and "unknown or missing" in out
     m = load_manifest(tmp_path / "ds")
     assert {k: s.rows for k, s in m.splits.items()} == {"train": 1500, "valid": 300, "test": 200}

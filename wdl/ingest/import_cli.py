@@ -1,5 +1,6 @@
 """`wdl data import` on the command line: its flags (the fields of ImportOptions and the split's),
-and the summary it prints. The import itself is wdl.ingest.importer."""
+and the summary it prints, then the training config it wrote into the data set folder. The
+import itself is wdl.ingest.importer."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def run_import(args) -> int:
                "split": split_from_args(args, spec.split if spec else None)}
     summary = import_data(args.inputs, args.out, **options)
     print(format_summary(args.out, summary))
-    print(f"\n# for a training config (data.path: {args.out}):\n" + summary["features_yaml"], end="")
+    print(f"\n# {summary['config_path']}:\n" + summary["training_config"], end="")
     return 0
 
 
@@ -100,5 +101,9 @@ def format_summary(out, s: dict) -> str:
         lines.append(f"    {split}: {', '.join(parts) or 'none'}")
     if "vocab_growth" in s:
         lines += ["  new values per column (ids after the parent's):", *growth_lines(s["vocab_growth"])]
+    crosses = [f"{' x '.join(x['columns'])} (z {x['z']:.1f})" for x in s.get("proposed_crosses", [])]
+    lines.append(f"  proposed crosses (manifest: proposed_crosses): {', '.join(crosses) or 'none'}")
     lines.append(f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s with {s['workers']} worker(s)")
+    if "config_path" in s:
+        lines.append(f"  training config: {s['config_path']} (wdl train --config {s['config_path']})")
     return "\n".join(lines)

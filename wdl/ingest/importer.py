@@ -9,7 +9,9 @@ Two streaming passes over the input, in units of a few Parquet row groups or one
    (quantile edges) of each dense column; labels checked.
 2. encoding: raw values -> ids through the vocabularies (id 0 = unknown or null; a raw 0 is a
    value like any other), written by DatasetWriter (temporary folder, manifest last, rename).
-   Units pass 1 decoded whole it keeps for pass 2 (Arrow files, within a memory budget).
+   Units pass 1 decoded whole it keeps for pass 2 (Arrow files, within a memory budget). A
+   bounded sample of the encoded train rows proposes crosses (wdl/ingest/cross_proposal.py),
+   which the training config written beside the data (train-config.yaml) holds.
 A row's split is a function of (seed, file, row) or of its time column, so both passes agree
 and the output is the same for any --workers.
 """
@@ -26,10 +28,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError, first_line
+from wdl.ingest import cross_proposal as X
 from wdl.ingest import import_spec as S
 from wdl.ingest import leftovers
 from wdl.ingest.import_csv import csv_schema, first_rows
@@ -50,6 +54,7 @@ KEPT_SHARE = 1 / 8
 # Encoded rows that may wait for the part files' writer threads: the main process writes all the
 # output, and with this much in hand it writes a split's next file while the last one is finished.
 WRITE_BACKLOG = 64 << 20
+CONFIG_FILE = "train-config.yaml"  # the training config written into the data set folder
 
 
 def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
@@ -234,9 +239,17 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
         agg = _statistics(units, plan, workers, opts.progress, files, split)
         plan.dict_columns = [n for n in plan.dict_columns if n not in agg.plain_columns()]  # as pass 2 reads them
         columns, normalize = _columns(w, spec, agg, plan, opts.buckets, parent)
-        unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split)
+        # Ids by value and bucket edges are known from here: the sample reads the encoded rows.
+        elements = {n: pc.sum(agg.counts[n].table().column("count")).as_py() or 0
+                    for n, c in spec.columns.items() if c.kind == "multi_hot"}
+        sample = X.TrainSample(X.features_of(columns, elements, int(agg.rows[0])), spec.label, int(agg.rows[0]))
+        unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split, sample)
         shutil.rmtree(handover)
+        ranked = sample.rank()
+        crosses = X.proposed(ranked)
         summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
+        config = S.training_config(str(out), spec.label, columns, normalize, summary["rows"], crosses)
+        (w.tmp / CONFIG_FILE).write_text(config, encoding="utf-8")
         summary |= {"vocab_growth": parent.growth} if parent is not None else {}
         unknown_values = {k: {n: dict(zip(("values", "unknown", "null"), map(int, u[i]))) for n, u in unknown.items()}
                           for i, k in enumerate(S.SPLIT_NAMES) if k in summary["rows"]}
@@ -244,8 +257,10 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
                   "spec": S.spec_yaml(spec)}
         w.commit(source=source, label=spec.label, columns=columns, split=_split_info(split, files),
                  extra={"counts": summary, "unknown_values": unknown_values,
+                        "proposed_crosses": X.manifest_entry(sample, ranked),
                         **(parent.manifest_entries() if parent is not None else {})})
-    summary.update(unknown_values=unknown_values, features_yaml=S.features_yaml(spec.label, columns, normalize))
+    summary.update(unknown_values=unknown_values, training_config=config, config_path=str(Path(out) / CONFIG_FILE),
+                   proposed_crosses=[{k: x[k] for k in ("columns", "z", "hash_buckets")} for x in crosses])
     return summary
 
 
@@ -341,9 +356,10 @@ def _columns(w: DatasetWriter, spec: S.ImportSpec, agg: Stats, plan: Plan, bucke
 
 
 def _write_rows(w: DatasetWriter, units: list[Unit], plan: Plan, workers: int, progress: bool, rows: int,
-                split: S.SplitSpec) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Pass 2: encode and write every unit; per column, [split, (values, unknown, null)] counts; and
-    the splits the rule promises (written, empty if need be)."""
+                split: S.SplitSpec, sample: X.TrainSample) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Pass 2: encode and write every unit (its train rows sampled into `sample`); per column,
+    [split, (values, unknown, null)] counts; and the splits the rule promises (written, empty if
+    need be)."""
     # Large CSV files would be whole units in a pool: stream them in this process instead.
     pool = workers if all(u.fmt == "parquet" or os.path.getsize(u.path) <= CSV_POOL_BYTES for u in units) else 1
     bar = _progress(rows, "encode", progress)
@@ -351,6 +367,8 @@ def _write_rows(w: DatasetWriter, units: list[Unit], plan: Plan, workers: int, p
     for parts, counts, n in _encoded(units, plan, pool):
         for code, table in parts.items():
             w.write(S.SPLIT_NAMES[code], table)
+            if code == 0:
+                sample.add(table)
         for name, c in counts.items():
             unknown[name] += c
         bar.update(n)
