@@ -64,7 +64,7 @@ def ablation(tmp_path, data, **extra) -> str:
 
 def test_curves_and_the_validation_selected_test_auc(tmp_path, flipped, capsys):
     out = tmp_path / "out"
-    assert main([ablation(tmp_path, flipped), "--out", str(out)]) == 0
+    assert main([ablation(tmp_path, flipped), "--out", str(out), "curve_rows=1000"]) == 0  # key=value after options
     err = capsys.readouterr().err
     assert err.count("epoch 1/2: valid AUC") == 2 and err.count("selected epoch") == 2  # progress per epoch and run
 
@@ -103,8 +103,8 @@ def test_curves_and_the_validation_selected_test_auc(tmp_path, flipped, capsys):
     plain = [json.loads(line) for line in (tmp_path / "plain" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [p["auc"] for p in plain if p.get("kind") == "epoch"] == [e["valid_auc"] for e in base["epochs"]]
 
-    # a second call reuses the finished runs; --only picks variants
-    assert main([ablation(tmp_path, flipped), "--out", str(out), "--only", "slow"]) == 0
+    # a second call reuses the finished runs; --only picks variants (a key=value after it is an override)
+    assert main([ablation(tmp_path, flipped), "--out", str(out), "--only", "slow", "epochs=2"]) == 0
     assert "slow seed 3: reusing" in capsys.readouterr().err
     assert [x["variant"] for x in json.loads((out / "results.json").read_text())["runs"]] == ["slow"]
 

@@ -166,7 +166,8 @@ def train_run(config: str, overrides: list[str], label: str, curve_rows: int, lo
 
     cfg = load_config(config, overrides)
     run = Path(cfg.run.out_dir) / cfg.run.name
-    if _finished(run, cfg):
+    reused = _finished(run, cfg)
+    if reused:
         say(f"{label}: reusing {run}")
     else:
         shutil.rmtree(run, ignore_errors=True)  # a run cut short: trained again from the start
@@ -180,7 +181,7 @@ def train_run(config: str, overrides: list[str], label: str, curve_rows: int, lo
             finally:
                 trainer.close()
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # `best` has scored the test split
-    return read_run(run)
+    return {**read_run(run), "reused": reused}
 
 
 def _finished(run: Path, cfg: Any) -> bool:
@@ -212,9 +213,13 @@ def read_run(run: Path) -> dict[str, Any]:
                        **{f"test_{k}": (c.get("test") or {}).get(k) for k in ("auc", "logloss")}})
     best, test = summary.get("best_epoch"), summary.get("test") or {}
     at = next((e for e in epochs if e["epoch"] == best), {})
-    return {"run": str(run), "selected_epoch": best, "valid_auc": at.get("valid_auc"),
+    # Seconds from the records, so that a reused run reports what it took when it ran.
+    seconds = sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0) for r in _jsonl(run / "metrics.jsonl")
+                  if r.get("kind", "epoch") == "epoch") + sum(c.get("seconds") or 0 for c in curves.values())
+    return {"run": str(run), "selected_epoch": best, "seconds": round(seconds, 1), "valid_auc": at.get("valid_auc"),
             "valid_logloss": at.get("valid_logloss"), "test_auc": test.get("auc"), "test_logloss": test.get("logloss"),
             "curve_test_auc": at.get("test_auc"), "epochs": epochs,
+            "train_rows_scored": max(((c.get("train") or {}).get("rows") or 0 for c in curves.values()), default=0),
             "train_seconds": sum(e["train_seconds"] or 0 for e in epochs)}
 
 
@@ -242,11 +247,10 @@ def run_quality(suite: dict[str, Any], out: Path, *, data: str | None = None, th
 
                 cfg = load_config(s["config"], overrides)
                 env = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
-            t0 = time.perf_counter()
             label = f"{variant} seed {seed}"
             r = train_run(s["config"], overrides, label, s["curve_rows"], out / "logs" / f"{variant}-s{seed}.log", say, env)
             r = {"variant": variant, "seed": seed, "overrides": s["variants"][variant], **r,
-                 "seconds": round(time.perf_counter() - t0, 1), "run": os.path.relpath(r["run"], out)}
+                 "run": os.path.relpath(r["run"], out)}
             say(f"{label}: selected epoch {r['selected_epoch']} on valid (AUC {_f(r['valid_auc'])}); test AUC of "
                 f"that model {_f(r['test_auc'])} (scored once)")
             runs.append(r)
@@ -320,20 +324,23 @@ def write_csv(runs: list[dict[str, Any]], path: Path) -> None:
 
 def report(result: dict[str, Any]) -> str:
     m, git, refs = result["machine"], result["machine"].get("git") or {}, result["references"]
+    every = result["run_overrides"] + result["cli_overrides"]
+    reused = sum(r["reused"] for r in result["runs"])
     lines = [f"# Model quality: {result['name']}", ""]
     if result.get("description"):
         lines += [" ".join(str(result["description"]).split()), ""]
     lines += [
         f"- command: `{result['command']}`",
-        f"- when: {result['started']} to {result['finished']}",
+        f"- when: {result['started']} to {result['finished']}"
+        + (f" ({reused} of {len(result['runs'])} runs reused from an earlier call)" if reused else ""),
         f"- machine: {m['kind']}: {m['cpu_model']}, {m['cpu_cores']} cores, {m.get('memory_gb')} GiB, "
         f"GPUs: {', '.join(m['gpus']) or 'none'}",
         f"- software: torch {m['torch']}, torchrec {m.get('torchrec')}, pyarrow {m.get('pyarrow')}, python "
         f"{m['python']}; git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}",
         f"- 1-minute load average around the runs: {result['load_average']['min']:.1f} to "
         f"{result['load_average']['max']:.1f} on {m['cpu_cores']} cores; train.threads={result['threads']}",
-        f"- config `{result['config']}` on `{result['data']}`, {result['epochs']} epochs, seeds "
-        f"{', '.join(map(str, result['seeds']))}; every run: `{' '.join(result['run_overrides'] + result['cli_overrides'])}`",
+        f"- config `{result['config']}` on `{result['data']}`, {result['epochs']} epoch(s), seeds "
+        f"{', '.join(map(str, result['seeds']))}" + (f"; every run: `{' '.join(every)}`" if every else ""),
         "",
         "The epoch is selected on the validation split only; the test split is scored once, with the selected "
         "epoch's model (the reported number). The test curves in the plots are for reading, never for choosing.",
@@ -353,12 +360,14 @@ def report(result: dict[str, Any]) -> str:
     if any(row["seeds"] > 1 for row in result["summary"]):
         lines += ["", "AUCs are means over seeds, +- their standard deviation."]
     lines += ["", "## Runs", "", "| variant | seed | selected epoch | valid AUC | test AUC | train AUC there | "
-              "train s | run s |", "|---|---|---|---|---|---|---|---|"]
+              "train s | train + scoring s |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         at = next((e for e in r["epochs"] if e["epoch"] == r["selected_epoch"]), {})
         lines.append(f"| {r['variant']} | {r['seed']} | {r['selected_epoch']} | {_f(r['valid_auc'])} | {_f(r['test_auc'])} | "
                      f"{_f(at.get('train_auc'))} | {r['train_seconds']:.0f} | {r['seconds']:.0f} |")
-    lines += ["", f"Train AUC: the first {result['curve_rows']:,} train rows (the same ones every epoch).", ""]
+    scored = max((r["train_rows_scored"] for r in result["runs"]), default=0)
+    lines += ["", f"Train AUC: the first {scored:,} train rows in the first epoch's shuffled order, the same ones "
+              f"every epoch (curve_rows {result['curve_rows']:,})." if scored else "No train curve (curve_rows 0).", ""]
     lines += [f"![{p}]({p})" for p in result["plots"]]
     return "\n".join(lines) + "\n"
 
@@ -403,8 +412,11 @@ def plot(result: dict[str, Any], metric: str, out: Path) -> str | None:
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(variants):]:
         ax.axis("off")
-    axes.flat[0].set_ylabel({"auc": "AUC"}.get(metric, metric))
-    fig.suptitle(f"{result['name']}: {metric} per epoch (train: first {result['curve_rows']:,} rows)", fontsize=10)
+    name = {"auc": "AUC"}.get(metric, metric)
+    axes.flat[0].set_ylabel(name)
+    scored = max((r["train_rows_scored"] for r in result["runs"]), default=0)
+    fig.suptitle(f"{result['name']}: {name} per epoch, the epoch selected on valid"
+                 + (f" (train: {scored:,} of its rows)" if scored else ""), fontsize=10)
     axes.flat[0].legend(fontsize=7)
     return _save(fig, out / f"{metric}_vs_epoch.png")
 
@@ -445,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                    "`threads`, else 1)")
     p.add_argument("--only", nargs="+", default=[], metavar="NAME", help="run only these variants")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     # --only takes every word after it; a key=value among them is an override (names hold no "=").
     a.overrides += [o for o in a.only if "=" in o]
     a.only = [o for o in a.only if "=" not in o]
