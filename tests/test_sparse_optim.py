@@ -246,10 +246,11 @@ def test_every_optimiser_trains_either_part_with_either_backend(tiny_config, tmp
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
 def test_row_prior_is_frequency_aware(name):
-    """optim.*.l2 outside FTRL: a touched row's gradient gains l2 * w / (steps that touched it), so
-    over t steps every row, rare or frequent, is shrunk by about l2 * w in total."""
-    l2, lr = 0.5, 0.1
-    rule = row_rule(OptimizerConfig(name=name, lr=lr, l2=l2))
+    """optim.*.l2 outside FTRL: a touched row's gradient gains l2 * k * w / (steps that touched it),
+    k = max(1, steps / steps per pass), so over t steps every row, rare or frequent, is shrunk by
+    about l2 * w per pass."""
+    l2, lr, per_pass = 0.5, 0.1, 2
+    rule = row_rule(OptimizerConfig(name=name, lr=lr, l2=l2), steps_per_pass=per_pass)
     plain = row_rule(OptimizerConfig(name=name, lr=lr))
     assert "touches" in rule.per_row and "touches" not in plain.per_row
     weight = torch.tensor([[1.0, -2.0], [3.0, 0.5], [0.25, 4.0]])
@@ -260,12 +261,30 @@ def test_row_prior_is_frequency_aware(name):
         idx = torch.tensor(rows)
         # the prior as a plain gradient term on the same rule without it
         expect_touches[idx] += 1
-        prior = l2 * w_plain.index_select(0, idx) / expect_touches[idx].unsqueeze(1)
+        passes = max(1.0, (step + 1) / per_pass)
+        prior = l2 * passes * w_plain.index_select(0, idx) / expect_touches[idx].unsqueeze(1)
         plain.apply(w_plain, s_plain, idx, grad + prior)
         rule.apply(weight, state, idx, grad.clone())
         assert torch.equal(state["touches"], expect_touches), step
         torch.testing.assert_close(weight, w_plain)
     assert expect_touches.tolist() == [3.0, 2.0, 1.0]
+
+
+def test_ftrl_l2_counts_once_per_pass():
+    """FTRL's l2 is scaled by the passes over the data made so far: the same as FTRL whose l2 is
+    set to l2 * max(1, steps / steps per pass) at each step."""
+    cfg = OptimizerConfig(name="ftrl", lr=0.3, l1=0.001, l2=0.2, beta=0.5)
+    rule, ref = row_rule(cfg, steps_per_pass=2), row_rule(cfg)
+    w, w_ref = torch.zeros(3, 2), torch.zeros(3, 2)
+    s, s_ref = rule.full_state(3, 2, w.device), ref.full_state(3, 2, w.device)
+    g = torch.tensor([[0.5, -0.25], [1.0, 0.75]])
+    for step, rows in enumerate([[0, 1], [1, 2], [0, 2], [0, 1]]):
+        ref.l2 = 0.2 * max(1.0, (step + 1) / 2)
+        idx = torch.tensor(rows)
+        rule.apply(w, s, idx, g)
+        ref.apply(w_ref, s_ref, idx, g)
+        torch.testing.assert_close(w, w_ref)
+    assert float(s["step"]) == 4
 
 
 def test_row_prior_checks():

@@ -54,6 +54,11 @@ def test_criteo_profile_shape_and_bayes_auc(tmp_path, small_chunks):
     assert m["columns"]["C3"]["vocab_size"] == 10131228  # Kaggle-shaped cardinalities: tens to millions
     assert m["columns"]["C9"]["vocab_size"] == 4
     assert m["planted"]["model"]["crosses"] == [["C6", "C9"], ["C14", "C17"], ["C22", "C23"]]
+    # equal-frequency bucket edges of each dense column, for `buckets: auto` (the train rows' quantiles)
+    i7 = train.column("I7").to_numpy()
+    edges = m["columns"]["I7"]["bucket_edges"]
+    assert len(edges) == synthetic.DENSE_BUCKETS - 1 and edges == sorted(edges)
+    assert edges == pytest.approx(np.quantile(i7, np.arange(1, synthetic.DENSE_BUCKETS) / synthetic.DENSE_BUCKETS))
 
 
 def test_zipf_frequencies():

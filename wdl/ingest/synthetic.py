@@ -35,14 +35,19 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from wdl.data.column_stats import RunningStats
+from wdl.data.hashing import mix64
 from wdl.data.writer import DatasetWriter
 from wdl.errors import DataError
 from wdl.ingest import planted
 from wdl.ingest.criteo_tsv import CATEGORICAL, DENSE, format_hex32
 from wdl.ingest.options import from_args, resolve, seed_problem
 from wdl.ingest.pool import ordered_map
+from wdl.ingest.vocab import Reservoir
 
 CHUNK_ROWS = 1 << 17
+# Equal-frequency buckets of each dense column (edges in the manifest, for `buckets: auto`): enough
+# for the wide part to follow a smooth non-linear effect such as the planted sin(2 I7).
+DENSE_BUCKETS = 20
 AUC_BINS = 1 << 20
 SPLITS = ("train", "valid", "test")
 PROFILES = ("criteo", "movielens")
@@ -237,20 +242,25 @@ def _write_parquet(out, profile: str, rows: int, results, tally: _Tally, opts: G
     """A wdl data set (DatasetWriter); returns the Bayes-optimal test AUC. sizes: users, items."""
     dense_cols = DENSE if profile == "criteo" else ["release_year"]
     stats = {c: RunningStats() for c in dense_cols}
+    samples = {c: Reservoir() for c in dense_cols}  # for the bucket edges, as `wdl data import` writes them
+    position = [0]
     with DatasetWriter(out, name=f"synthetic-{profile}", overwrite=opts.overwrite, row_group_rows=opts.row_group_rows,
                        rows_per_file=opts.rows_per_file) as w:
 
         def write(name, t):
             w.write(name, t)
             if name == "train":
+                keys = mix64(np.arange(position[0], position[0] + t.num_rows, dtype=np.uint64))
+                position[0] += t.num_rows
                 for c in dense_cols:
                     stats[c].update(t.column(c).to_numpy())
+                    samples[c].add(keys, t.column(c).to_numpy().astype(np.float64))
 
         for tables, p, y in results:
             tally.consume(tables, p, y, write)
         if tally.rows["test"] == 0:
             raise DataError(f"{rows} rows leave no test rows at --test-fraction {opts.test_fraction}; ask for more rows")
-        dense_stats = {c: s.result() for c, s in stats.items()}
+        dense_stats = {c: {**s.result(), "bucket_edges": samples[c].quantiles(DENSE_BUCKETS)} for c, s in stats.items()}
         columns = (planted.criteo_columns(dense_stats) if profile == "criteo"
                    else planted.movielens_columns(*sizes, dense_stats["release_year"]))
         days = {"lineage": lineage} if lineage is not None else {}  # the days before: their ids are kept

@@ -202,10 +202,12 @@ def _follows_schedule(optimizer: Any) -> bool:
     return not isinstance(inner, (FTRL, FtrlRule))
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None, capturable: bool = False) -> Optimizers:
+def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None, capturable: bool = False,
+                     steps_per_pass: int = 0) -> Optimizers:
     """One optimiser per part (wide, deep) for dense parameters and one per part for wdl's
     embedding groups; `fused` is TorchRec's in-backward optimiser for its tables, if any;
-    `capturable`: steps will be captured in a CUDA graph.
+    `capturable`: steps will be captured in a CUDA graph; `steps_per_pass`: the steps of an
+    epoch, so that the tables' l2 counts once per pass (wdl.train.sparse_optim).
 
     model: the WideDeep (unwrapped; DDP and DMP keep its parameter objects).
     """
@@ -217,7 +219,8 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: Any = None, capt
         if p.dense:
             out[part] = NamedOptimizer({names[id(x)]: x for x in p.dense}, dense_optimizer(ocfg, p.dense, capturable))
         if p.tables:
-            out[f"{part}_tables"] = SparseTableOptimizer({group_names[id(g)]: g for g in p.tables}, row_rule(ocfg))
+            out[f"{part}_tables"] = SparseTableOptimizer({group_names[id(g)]: g for g in p.tables},
+                                                          row_rule(ocfg, steps_per_pass))
     if fused is not None:
         out["fused"] = fused
     return Optimizers(out)

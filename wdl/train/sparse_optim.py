@@ -10,12 +10,16 @@ Each rule is the per-row form of a known optimiser, written for a block of gathe
     ftrl             FTRL-Proximal per coordinate with L1/L2 (McMahan et al. 2013)
 
 With `l2` (OptimizerConfig.l2), every rule but FTRL (whose closed form has its own) adds a prior
-to a touched row's gradient, l2 * w / c with c the steps that have touched the row so far: a row
-touched in a share c/t of t steps is then shrunk by l2 * w / t per step on average, as if L2 of
-l2 / 2 * |w|^2 were added once to the loss summed over the steps so far, for every row whatever
+to a touched row's gradient, l2 * w * k / c with c the steps that have touched the row so far: a
+row touched in a share c/t of t steps is then shrunk by l2 * k * w / t per step on average, as if
+L2 of l2 / 2 * |w|^2 were added to the loss summed over the steps so far, for every row whatever
 its frequency. That is FTRL's l2 in the same units, and Zhou et al. (2018)'s mini-batch aware
 regularisation with running counts; plain weight decay on touched rows instead shrinks a row in
 proportion to how often it is seen, and leaves rare rows, the ones that overfit, nearly free.
+k = max(1, t / steps_per_pass) counts the passes over the train split: the prior is counted once
+per pass, as each row's data is (FTRL's l2 is scaled the same way), so that more epochs do not
+weaken it and a row seen once per epoch cannot memorise its label. With steps_per_pass 0, k is 1:
+the online form, one prior for everything seen.
 
 A row no batch touches is left exactly as it is. For sgd, adagrad and ftrl that is also what the
 dense optimiser does (a zero gradient changes nothing), so the results equal dense training
@@ -46,23 +50,35 @@ class RowRule:
     scalars: tuple[str, ...] = ()
     lr: float  # read at every step (the learning-rate schedule sets it)
     l2: float = 0.0  # the row prior (module docstring); FTRL applies its own
+    steps_per_pass: int = 0  # steps in a pass over the train split: the prior counts once per pass
     compiled: Any = None  # `update` through torch.compile (see SparseTableOptimizer.compile)
 
     def init_state(self, rows: int, dim: int, device: torch.device) -> State:
         return {}
 
-    def with_prior(self, l2: float) -> "RowRule":
-        """This rule with the row prior `l2` (module docstring): a touch count per row joins its state."""
-        self.l2 = l2
+    def with_prior(self, l2: float, steps_per_pass: int = 0) -> "RowRule":
+        """This rule with the row prior `l2` (module docstring): a touch count per row joins its state
+        (and a step count, to count the passes)."""
+        self.l2, self.steps_per_pass = l2, steps_per_pass
         if l2 > 0:
             self.per_row = type(self).per_row + ("touches",)
+            if steps_per_pass > 0 and "step" not in self.scalars:
+                self.scalars = type(self).scalars + ("step",)
         return self
 
+    def passes(self, s: State) -> Tensor | float:
+        """max(1, steps so far / steps per pass): how many times the prior counts now."""
+        if not self.steps_per_pass or "step" not in s:
+            return 1.0
+        return torch.clamp(s["step"] / self.steps_per_pass, min=1.0)
+
     def full_state(self, rows: int, dim: int, device: torch.device) -> State:
-        """init_state, plus the touch counts the prior needs."""
+        """init_state, plus the touch counts and step count the prior needs."""
         state = self.init_state(rows, dim, device)
         if "touches" in self.per_row:
             state["touches"] = torch.zeros(rows, device=device)
+        for k in self.scalars:
+            state.setdefault(k, torch.zeros((), device=device))
         return state
 
     def update(self, w: Tensor, g: Tensor, s: State) -> tuple[Tensor, State]:
@@ -77,7 +93,7 @@ class RowRule:
         w = weight.index_select(0, rows)
         if "touches" in s:
             touches = s.pop("touches").add_(1)
-            grad = grad.addcmul(w, (self.l2 / touches).unsqueeze(1))
+            grad = grad.addcmul(w, (self.l2 * self.passes(s) / touches).unsqueeze(1))
         update = self.compiled if self.compiled is not None else self.update
         w_new, s_new = update(w, grad, s)
         if "touches" in self.per_row:
@@ -164,8 +180,10 @@ class FtrlRule(RowRule):
 
     per_row = ("z", "n")
 
-    def __init__(self, lr: float, l1: float = 0.0, l2: float = 0.0, beta: float = 1.0) -> None:
-        self.lr, self.l1, self.l2, self.beta = lr, l1, l2, beta
+    def __init__(self, lr: float, l1: float = 0.0, l2: float = 0.0, beta: float = 1.0, steps_per_pass: int = 0) -> None:
+        self.lr, self.l1, self.l2, self.beta, self.steps_per_pass = lr, l1, l2, beta, steps_per_pass
+        if l2 > 0 and steps_per_pass > 0:  # l2 counted once per pass (module docstring)
+            self.scalars = ("step",)
 
     def init_state(self, rows: int, dim: int, device: torch.device) -> State:
         z = torch.zeros((rows, dim), device=device)
@@ -178,13 +196,15 @@ class FtrlRule(RowRule):
         sigma = (sqrt_n - n_old.sqrt()) / self.lr
         z = s["z"] + g - sigma * w
         # -(z - clamp(z, -l1, l1)) is 0 where |z| <= l1 and -(z - sign(z) * l1) elsewhere
-        w_new = (z.clamp(-self.l1, self.l1) - z) / ((self.beta + sqrt_n) / self.lr + self.l2)
+        w_new = (z.clamp(-self.l1, self.l1) - z) / ((self.beta + sqrt_n) / self.lr + self.l2 * self.passes(s))
         return w_new, {"z": z, "n": n}
 
 
-def row_rule(cfg: OptimizerConfig) -> RowRule:
+def row_rule(cfg: OptimizerConfig, steps_per_pass: int = 0) -> RowRule:
+    """The rule `cfg` names; steps_per_pass: steps in a pass over the train split (0: unknown),
+    so that l2 counts once per pass (module docstring)."""
     if cfg.name == "ftrl":
-        return FtrlRule(cfg.lr, cfg.l1, cfg.l2, cfg.beta)
+        return FtrlRule(cfg.lr, cfg.l1, cfg.l2, cfg.beta, steps_per_pass)
     if cfg.name == "adagrad":
         rule: RowRule = AdagradRule(cfg.lr, cfg.eps, cfg.weight_decay, cfg.initial_accumulator_value)
     elif cfg.name == "rowwise_adagrad":
@@ -193,7 +213,7 @@ def row_rule(cfg: OptimizerConfig) -> RowRule:
         rule = LazyAdamRule(cfg.lr, cfg.eps, weight_decay=cfg.weight_decay)
     else:
         rule = SGDRule(cfg.lr, cfg.weight_decay)
-    return rule.with_prior(cfg.l2)
+    return rule.with_prior(cfg.l2, steps_per_pass)
 
 
 class SparseTableOptimizer:

@@ -107,7 +107,8 @@ class Trainer:
         model, model_cfg, self.placed = build_model(cfg, self.spec, env, self.backend, fused)
         self.model = self.placed.model  # what a step calls (maybe wrapped)
         self.wide_deep = model  # the model itself, unwrapped (its parameter objects are the live ones)
-        self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer, capturable=cfg.train.cuda_graph)
+        self.optimizer = build_optimizers(model, cfg.optim, self.placed.fused_optimizer, capturable=cfg.train.cuda_graph,
+                                          steps_per_pass=self.train_loader.steps_per_epoch)
         # The whole step as one CUDA graph (train.cuda_graph), on batches of fixed shapes.
         self.graphed = GraphedStep(self._step, self.optimizer.rates) if cfg.train.cuda_graph else None
         if self.graphed is not None:
