@@ -149,7 +149,12 @@ def test_the_config_fits_the_splits(tmp_path, rows, want):
     assert cfg.model.wide.features == ["user", "item", "price"] and cfg.model.deep.dense == ["price", "age"]
 
 
-def test_one_embedded_column_has_no_interaction(tmp_path):
-    columns = {"user": {"kind": "categorical", "vocab_size": 10}, "price": {"kind": "dense", "bucket_edges": [1.0]}}
-    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": 10, "test": 2}, []))
-    assert load_config(tmp_path / "c.yaml").model.deep.interaction == "none"
+def test_columns_of_mostly_rare_ids_are_not_embedded(tmp_path):
+    """item has more ids than train rows / min_rows_per_embedded_id: wide only; the one column
+    left embedded has no interaction to take part in."""
+    columns = {"user": {"kind": "categorical", "vocab_size": 10}, "item": {"kind": "categorical", "vocab_size": 1000},
+               "price": {"kind": "dense", "bucket_edges": [1.0]}}
+    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": 2000, "test": 2}, []))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.model.deep.embeddings == {"user": 16} and cfg.model.deep.interaction == "none"
+    assert cfg.model.wide.features == ["user", "item", "price"]

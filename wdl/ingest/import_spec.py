@@ -292,6 +292,10 @@ TRAINING_DEFAULTS = {
     # rank-8 user-item interaction with room, is divisible by 4 (FBGEMM's CPU tables) and scored
     # within 0.003 AUC of 32 on MovieLens-100k at half the MLP input.
     "embedding_dim": 16,
+    # Only columns with at least this many train rows per id on average are embedded: an
+    # embedding of mostly rare ids memorises their rows (on the planted Criteo-shaped set, leaving
+    # its seven columns of 47k-209k ids to the wide part raised the test AUC); 0: every column.
+    "min_rows_per_embedded_id": 20,
     "model": {"kind": "wide_deep", "embedding_backend": "torch",
               "deep": {"hidden": [256, 128, 64], "dropout": 0.0, "interaction": "fm"}},
     "optim": {"wide": {"name": "ftrl", "lr": 0.1, "beta": 0.001, "l2": 0.001},
@@ -307,7 +311,8 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
     """A complete training config (YAML) for the data set just written at `out`: every column
     (ids, dense statistics and bucket edges from its manifest), the `crosses` proposed
     (wdl.ingest.cross_proposal), a wide part over ids, bucketed numbers and crosses, a deep part
-    over embeddings of one dimension (fm over all pairs) and the numbers, and `defaults`."""
+    over embeddings of one dimension (fm over all pairs) of the columns with enough rows per id
+    and the numbers, and `defaults`. `rows`: the rows of each split written."""
     sparse = [n for n, c in columns.items() if c["kind"] != "dense"]
     dense = [n for n, c in columns.items() if c["kind"] == "dense"]
     bucketed = [n for n in dense if columns[n].get("bucket_edges")]  # auto buckets need the manifest's edges
@@ -345,11 +350,12 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
         names.append(name)
         lines.append(f"    {_scalar(name)}: {_value({'columns': x['columns'], 'hash_buckets': x['hash_buckets']})}"
                      f"  # z {x['z']:.1f}")
-    dim, model = defaults["embedding_dim"], defaults["model"]
-    deep = {"embeddings": {n: dim for n in sparse}, "dense": dense, **model.get("deep", {})}
-    if len(sparse) < 2 and deep.get("interaction", "none") != "none":
+    dim, model, per_id = defaults["embedding_dim"], defaults["model"], defaults["min_rows_per_embedded_id"]
+    embedded = [n for n in sparse if columns[n]["vocab_size"] * per_id <= max(rows.get("train", 0), 1)]
+    deep = {"embeddings": {n: dim for n in embedded}, "dense": dense, **model.get("deep", {})}
+    if len(embedded) < 2 and deep.get("interaction", "none") != "none":
         deep["interaction"] = "none"  # an interaction needs two embedded columns
-    kind = model.get("kind", "wide_deep") if sparse or dense else "wide"
+    kind = model.get("kind", "wide_deep") if embedded or dense else "wide"
     lines += ["model:", f"  kind: {kind}"]
     lines += [f"  {k}: {_value(v)}" for k, v in model.items() if k not in ("kind", "wide", "deep")]
     lines += [f"  wide: {_value({'features': sparse + bucketed + names, **model.get('wide', {})})}",
