@@ -1,11 +1,15 @@
-"""Reading one work unit of `wdl data import` (a few Parquet row groups or one CSV file) as both
-passes see it: columns cast to the first file's types, labels checked, and each row's split, a
-function of (seed, file, row) or of its time column, never of the batching or the worker.
+"""Reading the input of `wdl data import`: which files the inputs name (`expand_inputs`), and one
+work unit (a few Parquet row groups or one CSV file) as both passes see it: columns cast to the
+first file's types, labels checked, and each row's split, a function of (seed, file, row) or of
+its time column, never of the batching or the worker.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +22,60 @@ from wdl.data.id_encoder import split_strings
 from wdl.errors import DataError, clip, first_line
 from wdl.ingest import import_spec as S
 from wdl.ingest.import_csv import convert_options, quoted, read_error
+
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}  # and .csv.gz
+
+
+def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
+    """(path, format) of every file named by `patterns` (files, folders, globs), in order."""
+    files: list[str] = []
+    seen: set = set()  # real paths and (device, inode): one file named two ways (./a.parquet, a link) is read once
+    for p in patterns:
+        if glob.has_magic(p):
+            found = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
+            if not found:
+                raise DataError(f"input {p!r} matches no files")
+        elif os.path.isdir(p):
+            found = sorted(str(f) for f in Path(p).rglob("*")
+                           if f.is_file() and _format(str(f), "auto") and not _in_data_set(f, Path(p)))
+            if not found:
+                raise DataError(f"input folder {p} holds no .parquet or .csv files (beside wdl data sets)")
+        elif os.path.isfile(p):
+            found = [p]
+        else:
+            raise DataError(f"input {p} does not exist")
+        for f in found:
+            st = os.stat(f)
+            if (real := os.path.realpath(f)) not in seen and (st.st_dev, st.st_ino) not in seen:
+                seen.update([real, (st.st_dev, st.st_ino)])
+                files.append(f)
+    out = []
+    for f in files:
+        kind = _format(f, fmt)
+        if kind is None:
+            raise DataError(f"input {f}: unknown format (name it .parquet or .csv, or pass --format)")
+        out.append((f, kind))
+    if len({k for _, k in out}) > 1:
+        raise DataError("inputs mix Parquet and CSV files; convert them to one format")
+    return out
+
+
+def _format(path: str, fmt: str) -> str | None:
+    if fmt != "auto":
+        return fmt
+    name = path.lower()
+    return "csv" if name.endswith(".csv.gz") else SUFFIXES.get(Path(name).suffix)  # not any .gz: a README.txt.gz
+
+
+def _in_data_set(f: Path, top: Path) -> bool:
+    """`f` lies in a wdl data set below the scanned folder `top` (an earlier import's output, or
+    one being written): its ids are not raw rows."""
+    for parent in f.parents:
+        if parent == top:
+            return False
+        if (parent / "manifest.json").exists() or ".tmp-" in parent.name or ".old-" in parent.name:
+            return True
+    return False
 
 
 @dataclass

@@ -18,7 +18,6 @@ and the output is the same for any --workers.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import sys
@@ -38,12 +37,11 @@ from wdl.ingest import import_spec as S
 from wdl.ingest import leftovers
 from wdl.ingest.import_csv import csv_schema, first_rows
 from wdl.ingest.import_passes import Stats, encode, encode_job, init_worker, keep_freed_memory, stats_job, unspill
-from wdl.ingest.import_read import Plan, Unit
+from wdl.ingest.import_read import Plan, Unit, expand_inputs
 from wdl.ingest.options import resolve
 from wdl.ingest.pool import ordered_map, worker_count
 from wdl.ingest.vocab_from import Parent
 
-SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}  # and .csv.gz
 UNIT_ROWS = 262144  # rows per work unit (whole Parquet row groups): bounds memory per worker
 CSV_POOL_BYTES = 256 << 20  # a CSV file is one unit: larger ones are encoded in-process, streaming
 SAMPLE_ROWS = 100_000  # rows read to infer kinds
@@ -55,47 +53,6 @@ KEPT_SHARE = 1 / 8
 # output, and with this much in hand it writes a split's next file while the last one is finished.
 WRITE_BACKLOG = 64 << 20
 CONFIG_FILE = "train-config.yaml"  # the training config written into the data set folder
-
-
-def expand_inputs(patterns: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
-    """(path, format) of every file named by `patterns` (files, folders, globs), in order."""
-    files: list[str] = []
-    seen: set = set()  # real paths and (device, inode): one file named two ways (./a.parquet, a link) is read once
-    for p in patterns:
-        if glob.has_magic(p):
-            found = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
-            if not found:
-                raise DataError(f"input {p!r} matches no files")
-        elif os.path.isdir(p):
-            found = sorted(str(f) for f in Path(p).rglob("*")
-                           if f.is_file() and _format(str(f), "auto") and not _in_data_set(f, Path(p)))
-            if not found:
-                raise DataError(f"input folder {p} holds no .parquet or .csv files (beside wdl data sets)")
-        elif os.path.isfile(p):
-            found = [p]
-        else:
-            raise DataError(f"input {p} does not exist")
-        for f in found:
-            st = os.stat(f)
-            if (real := os.path.realpath(f)) not in seen and (st.st_dev, st.st_ino) not in seen:
-                seen.update([real, (st.st_dev, st.st_ino)])
-                files.append(f)
-    out = []
-    for f in files:
-        kind = _format(f, fmt)
-        if kind is None:
-            raise DataError(f"input {f}: unknown format (name it .parquet or .csv, or pass --format)")
-        out.append((f, kind))
-    if len({k for _, k in out}) > 1:
-        raise DataError("inputs mix Parquet and CSV files; convert them to one format")
-    return out
-
-
-def _format(path: str, fmt: str) -> str | None:
-    if fmt != "auto":
-        return fmt
-    name = path.lower()
-    return "csv" if name.endswith(".csv.gz") else SUFFIXES.get(Path(name).suffix)  # not any .gz: a README.txt.gz
 
 
 def _first_rows(path: str, fmt: str, rows: int, null_values) -> pa.Table:
@@ -262,17 +219,6 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
     summary.update(unknown_values=unknown_values, training_config=config, config_path=str(Path(out) / CONFIG_FILE),
                    proposed_crosses=[{k: x[k] for k in ("columns", "z", "hash_buckets")} for x in crosses])
     return summary
-
-
-def _in_data_set(f: Path, top: Path) -> bool:
-    """`f` lies in a wdl data set below the scanned folder `top` (an earlier import's output, or
-    one being written): its ids are not raw rows."""
-    for parent in f.parents:
-        if parent == top:
-            return False
-        if (parent / "manifest.json").exists() or ".tmp-" in parent.name or ".old-" in parent.name:
-            return True
-    return False
 
 
 def _input_files(inputs: list[str], split: S.SplitSpec, fmt: str) -> list[tuple[str, str, int | None]]:
