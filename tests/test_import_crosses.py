@@ -86,6 +86,14 @@ def test_the_sample_is_bounded_by_rows_and_ids(monkeypatch):
     assert got == [("c0", "m"), ("c0", "n")]  # the fewest cells first, never two multi_hot, at most 2
 
 
+def test_features_from_the_manifest():
+    """Dense columns by their distinct edges (none: no buckets to cross), lists by their mean length."""
+    got = X.features_of({"p": {"kind": "dense", "bucket_edges": []}, "q": {"kind": "dense", "bucket_edges": [1.0, 1.0, 2.0]},
+                         "t": {"kind": "multi_hot", "vocab_size": 5}}, {"t": 30}, 10)
+    assert [(f.name, f.kind, f.size, f.ids_per_row) for f in got] == [("q", "buckets", 4, 1.0), ("t", "multi_hot", 5, 3.0)]
+    assert got[0].edges.tolist() == [1.0, 2.0]
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> tuple[Path, str]:
     d = tmp_path_factory.mktemp("crosses")

@@ -2,11 +2,11 @@
 the sum of their own effects, as `wdl data import` writes them into the manifest
 (`proposed_crosses`) and the training config it prints.
 
-    sample = TrainSample(features, train_rows)   # a bounded, seeded sample of the train rows
+    sample = TrainSample(features_of(manifest_columns, elements, train_rows), label, train_rows)
     for table in encoded_train_tables:           # as the import writes them (ids, float32 numbers)
         sample.add(table)
     ranked = sample.rank()                       # every candidate pair, most significant first
-    chosen = proposed(ranked)                    # those above MIN_Z, at most MAX_PROPOSED
+    chosen = proposed(ranked)                    # those chosen, with their hash buckets
 
 Candidates are pairs of categorical, multi-hot (one cross id per list element, as the model's
 crosses are) and bucketed dense columns with at most PAIR_CELLS_MAX joint cells; two multi-hot
@@ -47,7 +47,9 @@ MAX_CANDIDATES = 1000  # pairs scored at most, the fewest cells first: bounds th
 # columns, 350 pairs, on one core).
 SAMPLE_ROWS = 300_000
 SAMPLE_IDS = 8_000_000  # ids held at most (int32: 32 MB), so many columns sample fewer rows
-MIN_Z = 5.0  # proposed only above this z (with 1,000 candidates, ~0.03% false positives at z 5)
+# Proposed only above this z: of 1,000 pairs without interaction, one passes z 5 with probability
+# ~0.03% if the test were exact; the main-effects model never is, hence the margin.
+MIN_Z = 5.0
 MAX_PROPOSED = 6  # at most this many crosses proposed, the highest z first
 RANKED_KEPT = 20  # ranked pairs recorded in the manifest
 RESCORED = 32  # after a cross is chosen, the pairs of highest z scored again given it
@@ -136,9 +138,11 @@ class TrainSample:
             chosen.append({**best, "proposed": True})
             model.add(_cross(ids[best["columns"][0]], ids[best["columns"][1]]))
             moments = model.moments()
-            for s in left[1:RESCORED + 1]:  # only these may be chosen next (the same cells: df stays >= 1)
+            for s in left[1:RESCORED + 1]:  # only these may be chosen next
                 key = (s["columns"][0], s["columns"][1])
                 scores[key] = _score(ids[key[0]], ids[key[1]], moments)
+                if scores[key] is None:  # its rows now all certain (p 0 or 1): nothing left to test
+                    del scores[key]
         taken = {tuple(c["columns"]) for c in chosen}
         rest = sorted((s for k, s in scores.items() if k not in taken), key=lambda s: -s["z"])
         return chosen + rest
@@ -150,9 +154,9 @@ def features_of(columns: dict[str, dict], elements: dict[str, int], train_rows: 
     the list elements of each multi-hot column in train."""
     out = []
     for name, c in columns.items():
-        if c["kind"] == "dense":
+        if c["kind"] == "dense":  # without edges (a constant column) it has no buckets to cross
             edges = np.asarray(sorted(set(c.get("bucket_edges") or [])), np.float64)
-            out.append(Feature(name, "buckets", len(edges) + 2, edges))
+            out += [Feature(name, "buckets", len(edges) + 2, edges)] if len(edges) else []
         else:
             out.append(Feature(name, c["kind"], int(c["vocab_size"]), None,
                                elements.get(name, 0) / max(train_rows, 1) if c["kind"] == "multi_hot" else 1.0))
@@ -200,12 +204,15 @@ class _Ids:
 
     @classmethod
     def of(cls, c: _Column, f: Feature) -> "_Ids":
-        ids = np.concatenate(c.ids) if c.ids else np.zeros(0, np.int32)
-        rows = None
+        ids = np.clip(np.concatenate(c.ids) if c.ids else np.zeros(0, np.int32), 0, f.size - 1)
+        rows, size = None, f.size
         if f.kind == "multi_hot":
             lengths = np.concatenate(c.lengths)
             rows = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-        return cls(f.name, f.size, np.clip(ids, 0, f.size - 1), rows)
+        if size > PAIR_CELLS_MAX // 2:  # never in a pair: its weights only for the ids sampled
+            seen, ids = np.unique(ids, return_inverse=True)
+            size = len(seen)
+        return cls(f.name, max(size, 1), ids.astype(np.int32), rows)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """What `wdl data import` reads: the label, each feature column's kind and vocabulary rule, and
 the split. Given as YAML (`--spec columns.yaml`) or inferred from the input's schema and first
 rows, and printed back as YAML so that an inferred spec can be saved, edited and reused. The
-command's other options (ImportOptions) are checked here too.
+command's other options (ImportOptions) are checked here too, and the training config it prints
+at the end is written here (`training_config`; what it does not read from the data is
+TRAINING_DEFAULTS).
 
     label: clicked
     columns:
