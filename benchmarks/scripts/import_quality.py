@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/wdl-import-quality", help="folder for the raw files, the import and the run")
     ap.add_argument("--threads", type=int, default=1, help="train.threads of the one training process")
     ap.add_argument("--lr-auc", type=float, default=None, help="LR's test AUC (default: the planted-ceiling result's)")
-    ap.add_argument("--ceiling-auc", type=float, default=None, help="the ceiling's test AUC (default: as --lr-auc)")
+    ap.add_argument("--ceiling-auc", type=float, default=None, help="the ceiling's test AUC (default: as for --lr-auc)")
     ap.add_argument("--out", default=None, help="folder for results.json and report.md (default: print only)")
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     data, work = Path(args.data), Path(args.work) / Path(args.data).name
     planted = raw_rows(data, work / "raw")
-    lr_auc, ceiling_auc = (args.lr_auc, args.ceiling_auc) if args.lr_auc and args.ceiling_auc else baseline(planted["profile"])
+    given = (args.lr_auc, args.ceiling_auc)
+    lr_auc, ceiling_auc = given if None not in given else [g or b for g, b in zip(given, baseline(planted["profile"]))]
     imported = work / "imported"
     files = [arg for s in ("train", "valid", "test") for arg in (f"--{s}-files", str(work / "raw" / f"{s}.parquet"))]
     import_s, printed = run([*WDL, "data", "import", "--split", "files", *files, "--label", "label",
