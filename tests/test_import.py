@@ -92,7 +92,7 @@ def test_parquet_import_vocabularies_and_splits(imported, raw_dir):
     assert min(train.column("user").to_pylist()) >= 1  # every train user is in the vocabulary
     assert "ts" not in train.column_names  # only the label and the spec's columns are written
     dense = m.columns["price"]
-    assert dense["std"] > 0 and len(dense["bucket_edges"]) == 9 and dense["missing_train"] > 0
+    assert dense["std"] > 0 and len(dense["bucket_edges"]) == 19 and dense["missing_train"] > 0
     assert dense["bucket_edges"] == sorted(dense["bucket_edges"]) and dense["min"] > 0
     unknown = m.raw["unknown_values"]
     assert unknown["train"]["item"]["null"] > 0 and unknown["train"]["item"]["unknown"] >= unknown["train"]["item"]["null"]

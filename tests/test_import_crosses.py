@@ -17,7 +17,7 @@ import yaml
 from wdl.cli import main
 from wdl.config import load_config
 from wdl.ingest import cross_proposal as X
-from wdl.ingest.import_spec import TRAINING_DEFAULTS, training_config
+from wdl.ingest.import_spec import TRAINING_DEFAULTS, batch_size, row_prior, training_config
 
 
 def planted_table(rows: int = 30_000, seed: int = 0) -> pa.Table:
@@ -129,8 +129,11 @@ def test_the_printed_config_is_the_written_one_and_trains_as_printed(imported, t
     assert cfg.data.path == str(out) and cfg.data.valid_split == "valid" and cfg.data.eval_split == "test"
     assert set(cfg.features.crosses) == {"a_x_b", "d_x_tags"} and cfg.features.columns["price"].buckets == "auto"
     assert {"a_x_b", "d_x_tags", "price", "user_id", "tags"} <= set(cfg.model.wide.features)
-    assert set(cfg.model.deep.embeddings.values()) == {TRAINING_DEFAULTS["embedding_dim"]} and cfg.model.deep.interaction == "fm"
-    assert cfg.model.deep.dense == ["price"] and cfg.optim.wide.l2 == TRAINING_DEFAULTS["optim"]["wide"]["l2"]
+    # no column has min_ids_per_embedded_column ids: every pair of them could be crossed
+    assert cfg.model.deep.embeddings == {} and cfg.model.deep.interaction == "none"
+    assert cfg.model.deep.dense == ["price"] and cfg.model.deep.hidden == TRAINING_DEFAULTS["model"]["deep"]["hidden"]
+    assert cfg.optim.wide.l2 == row_prior(cfg.data.batch_size, "wide") > 0
+    assert cfg.optim.deep.l2 == row_prior(cfg.data.batch_size, "deep") > 0
     assert cfg.train.early_stopping.patience == 2
     rc = main(["train", "--config", str(path), f"run.out_dir={tmp_path}", "train.epochs=1", "train.threads=1",
                "train.progress=false"])
@@ -152,17 +155,38 @@ def test_the_config_fits_the_splits(tmp_path, rows, want):
     (tmp_path / "c.yaml").write_text(text)
     cfg = load_config(tmp_path / "c.yaml")
     data = yaml.safe_load(text)["data"]
-    assert data == {"path": str(tmp_path / "ds"), **want}
+    assert data == {"path": str(tmp_path / "ds"), **want, "batch_size": batch_size(rows["train"])}
     assert cfg.features.columns["price"].buckets == "auto" and cfg.features.columns["age"].buckets is None  # no edges
     assert cfg.model.wide.features == ["user", "item", "price"] and cfg.model.deep.dense == ["price", "age"]
 
 
-def test_columns_of_mostly_rare_ids_are_not_embedded(tmp_path):
-    """item has more ids than train rows / min_rows_per_embedded_id: wide only; the one column
-    left embedded has no interaction to take part in."""
-    columns = {"user": {"kind": "categorical", "vocab_size": 10}, "item": {"kind": "categorical", "vocab_size": 1000},
+def test_columns_of_mostly_rare_ids_or_few_ids_are_not_embedded(tmp_path):
+    """Embedded: columns with min_ids_per_embedded_column ids or more and min_rows_per_embedded_id
+    train rows per id; item has too few rows per id, category too few ids (a cross can learn its
+    pairs): wide only. With one column left embedded there is no interaction to take part in."""
+    few, per_id = TRAINING_DEFAULTS["min_ids_per_embedded_column"], TRAINING_DEFAULTS["min_rows_per_embedded_id"]
+    train = 2 * few * per_id
+    columns = {"user": {"kind": "categorical", "vocab_size": few}, "item": {"kind": "categorical", "vocab_size": 4 * few},
+               "category": {"kind": "categorical", "vocab_size": few - 1},
                "price": {"kind": "dense", "bucket_edges": [1.0]}}
-    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": 2000, "test": 2}, []))
+    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": train, "test": 2}, []))
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.model.deep.embeddings == {"user": 16} and cfg.model.deep.interaction == "none"
-    assert cfg.model.wide.features == ["user", "item", "price"]
+    assert cfg.model.wide.features == ["user", "item", "category", "price"]
+    columns["tags"] = {"kind": "multi_hot", "vocab_size": 2 * few}
+    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": train, "test": 2}, []))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.model.deep.embeddings == {"user": 16, "tags": 16} and cfg.model.deep.interaction == "fm"
+
+
+@pytest.mark.parametrize("train, size", [(10**9, 8192), (64 * 8192, 8192), (64 * 8192 - 1, 4096), (2000, 256)])
+def test_the_batch_size_fits_the_train_rows_and_l2_follows_it(tmp_path, train, size):
+    """Batches of the default size unless an epoch would have too few steps; l2 = 2 * lambda / batch."""
+    columns = {"user": {"kind": "categorical", "vocab_size": 10}, "price": {"kind": "dense", "bucket_edges": [1.0]}}
+    text = training_config(str(tmp_path), "y", columns, {}, {"train": train, "test": 2}, [])
+    (tmp_path / "c.yaml").write_text(text)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.batch_size == size and f"data.batch_size ({size})" in text
+    for part in ("wide", "deep"):
+        l2 = getattr(cfg.optim, part).l2
+        assert l2 == pytest.approx(2 * TRAINING_DEFAULTS["prior_lambda"][part] / size, rel=0.05)

@@ -91,7 +91,7 @@ class ImportOptions:
     max_categories: int = 1000
     separator: str = "|"
     null_values: tuple[str, ...] = ("",)  # CSV: the texts read as null (others, "NA" too, are values)
-    buckets: int = 10  # dense columns: equal-frequency buckets whose inner edges are recorded
+    buckets: int = 20  # dense columns: equal-frequency buckets whose inner edges are recorded
     sample_size: int = 65536  # dense values kept for the bucket edges
     overwrite: bool = False
     progress: bool = True
@@ -291,21 +291,47 @@ def spec_yaml(spec: ImportSpec, notes: dict[str, str] | None = None) -> str:
 # are the config's own (wdl/config.py), merged into the model / optim / train sections.
 TRAINING_DEFAULTS = {
     # Every embedded column gets this dimension: fm over all pairs needs one dimension, 16 holds a
-    # rank-8 user-item interaction with room, is divisible by 4 (FBGEMM's CPU tables) and scored
-    # within 0.003 AUC of 32 on MovieLens-100k at half the MLP input.
+    # rank-8 user-item interaction with room and is divisible by 4 (FBGEMM's CPU tables).
     "embedding_dim": 16,
-    # Only columns with at least this many train rows per id on average are embedded: an
-    # embedding of mostly rare ids memorises their rows (on the planted Criteo-shaped set, leaving
-    # its seven columns of 47k-209k ids to the wide part raised the test AUC); 0: every column.
-    "min_rows_per_embedded_id": 20,
-    "model": {"kind": "wide_deep", "embedding_backend": "torch",
-              "deep": {"hidden": [256, 128, 64], "dropout": 0.0, "interaction": "fm"}},
-    "optim": {"wide": {"name": "ftrl", "lr": 0.1, "beta": 0.001, "l2": 0.001},
-              "deep": {"name": "adagrad", "lr": 0.05}},
-    "train": {"epochs": 8, "early_stopping": {"patience": 2}},
+    # Only columns with at least this many train rows per id on average are embedded: an id's
+    # vector has embedding_dim weights, and with fewer than two rows per weight it memorises its
+    # rows (fm over the planted Criteo-shaped set's columns of 21-57 rows per id overfit); 0: all.
+    "min_rows_per_embedded_id": 32,
+    # ... and only columns with at least this many ids: a pair of smaller columns has at most
+    # cross_proposal.PAIR_CELLS_MAX cells, so the cross proposal tests it and a cross learns it
+    # exactly; fm over all pairs of many embedded columns fits noise pairs.
+    "min_ids_per_embedded_column": 316,
+    # Larger batches average out the noise of rarely seen rows' updates (8192 beat 4096 and 1024
+    # on valid); a small train split gets smaller ones, halved until an epoch has enough steps.
+    "batch_size": 8192,
+    "min_batch_size": 256,
+    "min_steps_per_epoch": 64,
+    # optim.*.l2 is a N(0, 1 / (2 lambda)) prior on every table row (wdl/train/sparse_optim.py);
+    # the loss is a batch mean, so l2 = 2 * lambda / batch_size is printed for each optimiser.
+    "prior_lambda": {"wide": 3.0, "deep": 6.0},
+    # hidden []: the deep part is fm plus a linear layer over the embeddings and numbers; an MLP
+    # over many embedded columns memorised rare ids ([256, 128, 64] overfit, [64, 32] no better).
+    "model": {"kind": "wide_deep", "embedding_backend": "torch",  # wdl's tables take the row prior
+              "deep": {"hidden": [], "dropout": 0.0, "interaction": "fm"}},
+    "optim": {"wide": {"name": "ftrl", "lr": 0.1, "beta": 0.001},
+              "deep": {"name": "adam", "lr": 0.01}},
+    "train": {"epochs": 20, "early_stopping": {"patience": 2}},
     "valid_fraction": 0.1,  # of train, to choose the epoch when the import wrote no valid split
     "in_memory_bytes": 4 << 30,  # larger train splits are streamed (data.in_memory: false)
 }
+
+
+def batch_size(train_rows: int, defaults: dict = TRAINING_DEFAULTS) -> int:
+    """defaults' batch size, halved (not below its minimum) until an epoch has its minimum of steps."""
+    size = defaults["batch_size"]
+    while size // 2 >= defaults["min_batch_size"] and train_rows < defaults["min_steps_per_epoch"] * size:
+        size //= 2
+    return size
+
+
+def row_prior(size: int, part: str, defaults: dict = TRAINING_DEFAULTS) -> float:
+    """optim.<part>.l2 for batches of `size` rows, to two significant digits."""
+    return float(f"{2 * defaults['prior_lambda'][part] / size:.2g}")
 
 
 def training_config(out: str, label: str, columns: dict[str, dict], normalize: dict[str, str], rows: dict[str, int],
@@ -313,8 +339,9 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
     """A complete training config (YAML) for the data set just written at `out`: every column
     (ids, dense statistics and bucket edges from its manifest), the `crosses` proposed
     (wdl.ingest.cross_proposal), a wide part over ids, bucketed numbers and crosses, a deep part
-    over embeddings of one dimension (fm over all pairs) of the columns with enough rows per id
-    and the numbers, and `defaults`. `rows`: the rows of each split written."""
+    over embeddings of one dimension (fm over all pairs) of the columns with enough ids and rows
+    per id and the numbers, batches and row priors fitted to the train rows, and `defaults`.
+    `rows`: the rows of each split written."""
     sparse = [n for n, c in columns.items() if c["kind"] != "dense"]
     dense = [n for n, c in columns.items() if c["kind"] == "dense"]
     bucketed = [n for n in dense if columns[n].get("bucket_edges")]  # auto buckets need the manifest's edges
@@ -330,6 +357,7 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
     else:
         data["valid_fraction"] = defaults["valid_fraction"]
     data["eval_split"] = "test" if "test" in present else "valid" if "valid" in present else "train"
+    data["batch_size"] = size = batch_size(rows.get("train", 0), defaults)
     width = 8 * len(sparse) + 4 * len(dense) + 1  # bytes a row holds in memory, about (lists count one id)
     if rows.get("train", 0) * width > defaults["in_memory_bytes"]:
         data["in_memory"] = False
@@ -353,7 +381,8 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
         lines.append(f"    {_scalar(name)}: {_value({'columns': x['columns'], 'hash_buckets': x['hash_buckets']})}"
                      f"  # z {x['z']:.1f}")
     dim, model, per_id = defaults["embedding_dim"], defaults["model"], defaults["min_rows_per_embedded_id"]
-    embedded = [n for n in sparse if columns[n]["vocab_size"] * per_id <= max(rows.get("train", 0), 1)]
+    embedded = [n for n in sparse if columns[n]["vocab_size"] * per_id <= max(rows.get("train", 0), 1)
+                and columns[n]["vocab_size"] >= defaults["min_ids_per_embedded_column"]]
     deep = {"embeddings": {n: dim for n in embedded}, "dense": dense, **model.get("deep", {})}
     if len(embedded) < 2 and deep.get("interaction", "none") != "none":
         deep["interaction"] = "none"  # an interaction needs two embedded columns
@@ -362,7 +391,12 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
     lines += [f"  {k}: {_value(v)}" for k, v in model.items() if k not in ("kind", "wide", "deep")]
     lines += [f"  wide: {_value({'features': sparse + bucketed + names, **model.get('wide', {})})}",
               f"  deep: {_value(deep)}"]
-    for section in ("optim", "train"):
-        lines.append(f"{section}:")
-        lines += [f"  {k}: {_value(v)}" for k, v in defaults[section].items()]
+    lam = defaults["prior_lambda"]
+    lines += ["# optim.*.l2: a N(0, 1/(2 lambda)) prior on every table row, lambda "
+              + ", ".join(f"{lam[k]:g} ({k})" for k in defaults["optim"]) + "; the loss",
+              f"# is a batch mean, so l2 = 2 * lambda / data.batch_size ({size}): scale l2 with the batch size.",
+              "optim:"]
+    lines += [f"  {k}: {_value({**v, 'l2': row_prior(size, k, defaults)})}" for k, v in defaults["optim"].items()]
+    lines.append("train:")
+    lines += [f"  {k}: {_value(v)}" for k, v in defaults["train"].items()]
     return "\n".join(lines) + "\n"
