@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import ROOT, one_line_error, read_split, records, write_tiny_config
+from helpers import ROOT, one_line_error, read_split, records
 from wdl.cli import main
 from wdl.config import load_config
 from wdl.data.manifest import load_manifest
