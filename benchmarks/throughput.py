@@ -33,7 +33,7 @@ from benchmarks.suite import SuiteRun
 from wdl.config import Config, load_config
 from wdl.data.batch import Batch
 
-# The five large columns of configs/synthetic-criteo.yaml (hash_buckets 131072 there).
+# The five large columns of configs/synthetic-criteo-full.yaml (hash_buckets 131072 there).
 LARGE_COLUMNS = ["C3", "C4", "C12", "C16", "C21"]
 
 

@@ -94,7 +94,7 @@ def test_suites_with_the_new_axes_parse():
     assert parts == ["torch", "r4194304"] and fields["table_rows"] == 4194304
     assert "model.embedding_backend=torch" in over and "data.batch_size=1024" in over
     assert {f"features.columns.{c}.hash_buckets=4194304" for c in ("C3", "C4", "C12", "C16", "C21")} <= set(over)
-    load_config("configs/synthetic-criteo.yaml", over)  # the overrides are valid config keys
+    load_config("configs/synthetic-criteo-full.yaml", over)  # the overrides are valid config keys
 
     s = load_suite("throughput", ["systems.0.enabled=false", "systems.1.backends=[torch]", "systems.1.table_rows=[4194304]"])
     assert s["systems"][0]["enabled"] is False and len(axes(s["systems"][1])) == 1

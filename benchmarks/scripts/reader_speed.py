@@ -1,7 +1,7 @@
 """The streaming reader alone: rows/s of the StreamingLoader (Parquet -> Batches) over a data
 set's train split, with no training.
 
-    python -m benchmarks.scripts.reader_speed --config configs/synthetic-criteo.yaml \\
+    python -m benchmarks.scripts.reader_speed --config configs/synthetic-criteo-full.yaml \\
         --data data/bench/synthetic-criteo-1m [--batch-size 65536] [--shuffle-buffer 65536] \\
         [--workers 0] [--epochs 3] [--out F.json]
 
