@@ -48,7 +48,8 @@ def run_main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "out" / f"{suite['name']}-{stamp}"
     result = run_suite(suite, out.resolve(), install_peers=args.install_peers)
     print((out / "report.md").read_text())
-    print(f"bench: results in {out} ({len(result['measurements'])} measurements)")
+    n = len(result.get("measurements", result.get("runs", [])))  # a quality file's result holds runs
+    print(f"bench: results in {out} ({n} measurements)")
     return 0
 
 

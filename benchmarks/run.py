@@ -42,6 +42,10 @@ def run_suite(suite: dict[str, Any], out: Path, *, install_peers: bool = False) 
         from benchmarks.scripts.continual import run_continual
 
         return run_continual(suite, out)
+    if suite.get("runner") == "quality":  # variants selected on validation (benchmarks/scripts/quality.py)
+        from benchmarks.scripts.quality import run_quality
+
+        return run_quality(suite, out, threads=suite.get("threads") or 1, command=f"wdl bench run {suite.get('name', '')}")
     out.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc)
     _data_path_override(suite)
