@@ -11,7 +11,7 @@ from wdl.model.wide_deep import WideDeep, WideDeepTrain
 from wdl.train.evaluate import binary_metrics
 from wdl.train.optim import FTRL
 
-from helpers import TOY_SIZES, needs_compiler, toy_batch
+from helpers import ROOT, TOY_SIZES, needs_compiler, toy_batch
 
 
 def model(kind="wide_deep", backend="torch"):
@@ -176,3 +176,42 @@ def test_a_training_batch_sizes_look_up_tables_outlive_many_other_sizes():
     for key, tensors in kept.items():
         assert all(a is b for a, b in zip(group._bag_cache[key], tensors))
     assert len(group._bag_cache) <= 10
+
+
+def test_mean_pooling_averages_a_rows_ids_in_both_parts():
+    """model.pooling {g: mean}: the wide weight and the deep vector of a multi-hot feature are the
+    mean of its ids' rows (0 for a row with none), the other features still summed; TorchRec's
+    tables (PoolingType.MEAN) compute the same function."""
+    import dataclasses
+
+    b = toy_batch(b=32, seed=5)
+    plain = model("wide")
+    with torch.no_grad():
+        for f, w in plain.wide.embeddings.weights().items():
+            w.normal_(generator=torch.Generator().manual_seed(len(f)))
+    wide = ModelConfig(kind="wide", wide=WideConfig(features=["u", "m", "g", "x"]))
+    mean = WideDeep(dataclasses.replace(wide, pooling={"g": "mean"}), TOY_SIZES, dense_dim=2)
+    mean.load_state_dict(plain.state_dict())
+    lengths = b.sparse["g"].lengths.long()
+    rows = torch.repeat_interleave(torch.arange(32), lengths)
+    g_w = plain.wide.embeddings.weights()["g"].squeeze(1)
+    g_sum = torch.zeros(32).index_add_(0, rows, g_w[b.sparse["g"].values])
+    assert lengths.max() > 1 and wide.pooling == {}
+    torch.testing.assert_close(mean(b), plain(b) - g_sum + g_sum / lengths.clamp(min=1))
+    if torchrec_available():
+        deep = {backend: WideDeep(ModelConfig(kind="deep", embedding_backend=backend, pooling={"g": "mean"},
+                                              deep=DeepConfig(embeddings={"u": 4, "g": 4}, hidden=[8], init_std=0.1)),
+                                  TOY_SIZES, dense_dim=0) for backend in ("torch", "torchrec")}
+        for m in deep.values():
+            m.init_parameters(seed=3)
+        torch.testing.assert_close(deep["torch"](b), deep["torchrec"](b), atol=1e-6, rtol=1e-5)
+
+
+def test_pooling_applies_to_multi_valued_features_only():
+    from wdl.config import load_config
+    from wdl.errors import ConfigError
+
+    config = ROOT / "configs" / "movielens-100k.yaml"
+    assert load_config(config, ["model.pooling={genres: mean, gender_genres: mean}"]).model.pooling["genres"] == "mean"
+    with pytest.raises(ConfigError, match="model.pooling: 'user_id' is not a multi_hot column"):
+        load_config(config, ["model.pooling={user_id: mean}"])

@@ -11,7 +11,7 @@ from wdl.model.init import normal_block
 from wdl.train.optim import FTRL
 from wdl.train.sparse_optim import SparseTableOptimizer, row_rule
 
-from helpers import needs_compiler
+from helpers import ROOT, needs_compiler
 
 ROWS = {"u": 30, "m": 20, "g": 8}
 
@@ -293,9 +293,9 @@ def test_row_prior_checks():
     from wdl.train.optim import fused_table_optimizer
 
     # l2 on adagrad is a row prior now; l1 stays FTRL's
-    assert load_config("configs/movielens-100k.yaml", ["optim.deep.l2=0.01"]).optim.deep.l2 == 0.01
+    assert load_config(ROOT / "configs" / "movielens-100k.yaml", ["optim.deep.l2=0.01"]).optim.deep.l2 == 0.01
     with pytest.raises(ConfigError, match="l1 is FTRL's"):
-        load_config("configs/movielens-100k.yaml", ["optim.deep.l1=0.01"])
+        load_config(ROOT / "configs" / "movielens-100k.yaml", ["optim.deep.l1=0.01"])
     # FBGEMM's kernels cannot apply it: refused, not ignored
     with pytest.raises(ConfigError, match="l2"):
         fused_table_optimizer(OptimizerConfig(name="adagrad", lr=0.1, l2=0.01), "cpu", "deep")

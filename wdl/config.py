@@ -142,6 +142,10 @@ class ModelConfig:
     embedding_backend: Literal["auto", "torchrec", "torch"] = "auto"
     wide: WideConfig = field(default_factory=WideConfig)
     deep: DeepConfig = field(default_factory=DeepConfig)
+    # How a feature with several ids in a row (a multi_hot column, or a cross with one) is pooled
+    # into one value per row, in both parts: sum (default) or mean, e.g. {genres: mean,
+    # gender_genres: mean} when an item's effect is the average over its genres, not their sum.
+    pooling: dict[str, Literal["sum", "mean"]] = field(default_factory=dict)
 
 
 @dataclass

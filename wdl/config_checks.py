@@ -82,6 +82,11 @@ def _validate_model(m: ModelConfig, features: FeaturesConfig, sparse: set[str]) 
             raise ConfigError(f"model.deep.embeddings: {f!r} is not a sparse column or cross")
         if dim < 1:
             raise ConfigError(f"model.deep.embeddings.{f}: dimension must be >= 1")
+    for f in m.pooling:
+        multi = features.crosses[f].columns if f in features.crosses else [f]
+        if f not in wide_ok or not any(c in cols and cols[c].kind == "multi_hot" for c in multi):
+            raise ConfigError(f"model.pooling: {f!r} is not a multi_hot column or a cross with one (only those "
+                              "have several ids in a row to pool)")
     for f in m.deep.dense:
         if f not in cols or cols[f].kind != "dense":
             raise ConfigError(f"model.deep.dense: {f!r} is not a dense column")

@@ -40,6 +40,7 @@ class TableSpec:
     dim: int
     name: str
     init_std: float = 0.0  # N(0, init_std) initial values; 0 starts at zero (the wide part)
+    pooling: str = "sum"  # a row's ids pooled by sum or mean (ModelConfig.pooling)
 
 
 def torchrec_available() -> bool:
@@ -141,8 +142,9 @@ class EmbeddingGroup(nn.Module):
     bias: one more row (the last, starting at 0) that every batch row reads: a linear model's
     bias as a feature that is always on, trained by the group's row optimiser like any other.
 
-    forward: Batch -> [K, B, dim], sum-pooled per (feature, row), features in `keys` order;
-    with sum_features, [B, dim] summed over the features (and the bias row).
+    forward: Batch -> [K, B, dim], sum-pooled per (feature, row) (mean-pooled for a table whose
+    spec says so), features in `keys` order; with sum_features, [B, dim] summed over the features
+    (and the bias row).
     """
 
     def __init__(self, tables: list[TableSpec], device: torch.device | None = None, bias: bool = False) -> None:
@@ -164,6 +166,7 @@ class EmbeddingGroup(nn.Module):
         self._bias_ids: Tensor | None = None
         self._no_ids: Tensor | None = None  # [0]: the empty padding bag of an unpadded feature
         self._pending: tuple[tuple, Tensor] | None = None
+        self.mean_pooled = [t.pooling == "mean" for t in tables]
 
     def forward(self, batch: Batch, sum_features: bool = False) -> Tensor:
         b, k = len(batch), len(self.keys)
@@ -173,7 +176,8 @@ class EmbeddingGroup(nn.Module):
         bags = b + 1 if padded else b  # per feature
         values = cols[0].values if k == 1 else torch.cat([c.values for c in cols])
         base, bag_row, bag_id = self._bag_tables(bags, values.device)  # per bag: table's first row, batch row, itself
-        if all(c.single for c in cols):  # one id per (feature, row): bag i is id i
+        scale = None  # per id: 1 / its bag's length for mean-pooled features
+        if all(c.single for c in cols):  # one id per (feature, row): bag i is id i (its mean is itself)
             ids = values + base
             target = bag_row if sum_features else None
         else:
@@ -181,6 +185,9 @@ class EmbeddingGroup(nn.Module):
             n = values.numel()
             ids = values + torch.repeat_interleave(base, lengths, output_size=n)
             target = torch.repeat_interleave(bag_row if sum_features else bag_id, lengths, output_size=n)
+            if any(self.mean_pooled):
+                per_bag = torch.where(self._mean_bags(bags, values.device), 1.0 / lengths.clamp(min=1), 1.0)
+                scale = torch.repeat_interleave(per_bag, lengths, output_size=n).unsqueeze(1)
         if self.bias_row is not None:
             if not sum_features:
                 raise ValueError("a group with a bias row pools with sum_features=True")
@@ -199,6 +206,8 @@ class EmbeddingGroup(nn.Module):
         # Gather, then sum into bags: index_select and index_add are O(N) both ways, where
         # embedding_bag's backward sorts (5x slower on CPU).
         out = table.index_select(0, idx)
+        if scale is not None:
+            out = out * scale
         if target is not None:
             out = out.new_zeros(bags if sum_features else k * bags, self.dim).index_add(0, target, out)
         if not sum_features:
@@ -207,6 +216,11 @@ class EmbeddingGroup(nn.Module):
         if padded:
             out = out[:b]
         return out if bias is None else out + bias
+
+    def _mean_bags(self, bags: int, device: torch.device) -> Tensor:
+        """[K * bags] bool: the bags of the mean-pooled features."""
+        flags = torch.tensor(self.mean_pooled, device=device)
+        return torch.repeat_interleave(flags, bags)
 
     def _lengths(self, cols: list, padded: bool) -> list[Tensor]:
         """Each feature's lengths; in a padded batch, an empty padding bag after an unpadded
@@ -309,7 +323,8 @@ class TorchRecEmbeddingBags(nn.Module):
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.num_embeddings,
-                                   feature_names=[t.feature], pooling=PoolingType.SUM)
+                                   feature_names=[t.feature],
+                                   pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM)
                 for t in tables
             ],
             device=device,

@@ -64,10 +64,12 @@ class WideArch(nn.Module):
     forward: Batch -> [B] logits
     """
 
-    def __init__(self, features: list[str], num_embeddings: dict[str, int], device: torch.device | None = None) -> None:
+    def __init__(self, features: list[str], num_embeddings: dict[str, int], device: torch.device | None = None,
+                 pooling: dict[str, str] | None = None) -> None:
         super().__init__()
-        self.embeddings = EmbeddingGroup([TableSpec(f, num_embeddings[f], 1, f"wide_{f}") for f in features], device,
-                                         bias=True)
+        pooling = pooling or {}
+        self.embeddings = EmbeddingGroup([TableSpec(f, num_embeddings[f], 1, f"wide_{f}", pooling=pooling.get(f, "sum"))
+                                          for f in features], device, bias=True)
 
     def forward(self, batch: Batch) -> Tensor:
         return self.embeddings(batch, sum_features=True).view(-1)  # [B, 1] -> [B]
@@ -86,11 +88,14 @@ class DeepArch(nn.Module):
     """
 
     def __init__(self, cfg: DeepConfig, num_embeddings: dict[str, int], dense_dim: int, backend: str,
-                 device: torch.device | None = None, table_device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, table_device: torch.device | None = None,
+                 pooling: dict[str, str] | None = None) -> None:
         super().__init__()
         embedding_dims = cfg.embeddings
         self.features = list(embedding_dims)
-        tables = [TableSpec(f, num_embeddings[f], d, f"deep_{f}", cfg.init_std) for f, d in embedding_dims.items()]
+        pooling = pooling or {}
+        tables = [TableSpec(f, num_embeddings[f], d, f"deep_{f}", cfg.init_std, pooling.get(f, "sum"))
+                  for f, d in embedding_dims.items()]
         self.embeddings = build_embedding_bags(tables, backend, table_device) if tables else None
         self.embedding_dropout = ByteDropout(cfg.embedding_dropout) if cfg.embedding_dropout > 0 else None
         self.interaction = (
@@ -182,10 +187,10 @@ class WideDeep(nn.Module):
         self.kind = cfg.kind
         reads = model_reads(cfg)
         table_device = table_device if table_device is not None else device
-        self.wide = WideArch(list(reads.wide_features), num_embeddings, table_device) if reads.wide else None
+        self.wide = WideArch(list(reads.wide_features), num_embeddings, table_device, cfg.pooling) if reads.wide else None
         self.deep = (
             DeepArch(cfg.deep, num_embeddings, dense_dim if reads.dense else 0, cfg.embedding_backend, device,
-                     table_device)
+                     table_device, cfg.pooling)
             if reads.deep else None
         )
         # The bias: the wide part's bias row when there is one, else a parameter of its own.
