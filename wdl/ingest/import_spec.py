@@ -309,6 +309,10 @@ TRAINING_DEFAULTS = {
     # optim.*.l2 is a N(0, 1 / (2 lambda)) prior on every table row (wdl/train/sparse_optim.py);
     # the loss is a batch mean, so l2 = 2 * lambda / batch_size is printed for each optimiser.
     "prior_lambda": {"wide": 3.0, "deep": 6.0},
+    # A list column (and a cross with one) averaged over a row's values rather than summed, so a
+    # row with three values does not weigh their effects three times (on the planted MovieLens-
+    # shaped set, whose genre effects are averages, valid AUC 0.7391 against 0.7360).
+    "multi_hot_pooling": "mean",
     # hidden []: the deep part is fm plus a linear layer over the embeddings and numbers; an MLP
     # over many embedded columns memorised rare ids ([256, 128, 64] overfit, [64, 32] no better).
     "model": {"kind": "wide_deep", "embedding_backend": "torch",  # wdl's tables take the row prior
@@ -387,7 +391,11 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
     if len(embedded) < 2 and deep.get("interaction", "none") != "none":
         deep["interaction"] = "none"  # an interaction needs two embedded columns
     kind = model.get("kind", "wide_deep") if embedded or dense else "wide"
+    multi = {n for n in sparse if columns[n]["kind"] == "multi_hot"}
+    pooled = [n for n in sparse if n in multi] + [n for n, x in zip(names, crosses) if multi & set(x["columns"])]
     lines += ["model:", f"  kind: {kind}"]
+    if pooled and defaults["multi_hot_pooling"] != "sum":
+        lines.append(f"  pooling: {_value({n: defaults['multi_hot_pooling'] for n in pooled})}")
     lines += [f"  {k}: {_value(v)}" for k, v in model.items() if k not in ("kind", "wide", "deep")]
     lines += [f"  wide: {_value({'features': sparse + bucketed + names, **model.get('wide', {})})}",
               f"  deep: {_value(deep)}"]
