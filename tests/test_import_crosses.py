@@ -179,7 +179,7 @@ def test_columns_of_mostly_rare_ids_or_few_ids_are_not_embedded(tmp_path):
     assert cfg.model.deep.embeddings == {"user": 16, "tags": 16} and cfg.model.deep.interaction == "fm"
 
 
-@pytest.mark.parametrize("train, size", [(10**9, 8192), (64 * 8192, 8192), (64 * 8192 - 1, 4096), (2000, 256)])
+@pytest.mark.parametrize("train, size", [(10**9, 4096), (64 * 4096, 4096), (64 * 4096 - 1, 2048), (2000, 256)])
 def test_the_batch_size_fits_the_train_rows_and_l2_follows_it(tmp_path, train, size):
     """Batches of the default size unless an epoch would have too few steps; l2 = 2 * lambda / batch."""
     columns = {"user": {"kind": "categorical", "vocab_size": 10}, "price": {"kind": "dense", "bucket_edges": [1.0]}}
