@@ -161,7 +161,7 @@ class EmbeddingGroup(nn.Module):
         self.bias_row = self.offsets[-1] if bias else None
         self.num_rows = self.offsets[-1] + int(bias)
         self.rows: nn.Module = LocalRows(self.num_rows, self.dim, device)
-        self._bag_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+        self._bag_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
         self._trained_sizes: set[tuple[int, torch.device]] = set()
         self._bias_ids: Tensor | None = None
         self._no_ids: Tensor | None = None  # [0]: the empty padding bag of an unpadded feature
@@ -175,7 +175,8 @@ class EmbeddingGroup(nn.Module):
         padded = any(c.padded for c in cols)
         bags = b + 1 if padded else b  # per feature
         values = cols[0].values if k == 1 else torch.cat([c.values for c in cols])
-        base, bag_row, bag_id = self._bag_tables(bags, values.device)  # per bag: table's first row, batch row, itself
+        # per bag: its table's first row, its batch row, itself, whether its feature is mean-pooled
+        base, bag_row, bag_id, mean_bags = self._bag_tables(bags, values.device)
         scale = None  # per id: 1 / its bag's length for mean-pooled features
         if all(c.single for c in cols):  # one id per (feature, row): bag i is id i (its mean is itself)
             ids = values + base
@@ -185,8 +186,8 @@ class EmbeddingGroup(nn.Module):
             n = values.numel()
             ids = values + torch.repeat_interleave(base, lengths, output_size=n)
             target = torch.repeat_interleave(bag_row if sum_features else bag_id, lengths, output_size=n)
-            if any(self.mean_pooled):
-                per_bag = torch.where(self._mean_bags(bags, values.device), 1.0 / lengths.clamp(min=1), 1.0)
+            if mean_bags is not None:
+                per_bag = torch.where(mean_bags, 1.0 / lengths.clamp(min=1), 1.0)
                 scale = torch.repeat_interleave(per_bag, lengths, output_size=n).unsqueeze(1)
         if self.bias_row is not None:
             if not sum_features:
@@ -217,11 +218,6 @@ class EmbeddingGroup(nn.Module):
             out = out[:b]
         return out if bias is None else out + bias
 
-    def _mean_bags(self, bags: int, device: torch.device) -> Tensor:
-        """[K * bags] bool: the bags of the mean-pooled features."""
-        flags = torch.tensor(self.mean_pooled, device=device)
-        return torch.repeat_interleave(flags, bags)
-
     def _lengths(self, cols: list, padded: bool) -> list[Tensor]:
         """Each feature's lengths; in a padded batch, an empty padding bag after an unpadded
         feature's rows, so that every feature has b + 1 bags (concatenated in one `cat`)."""
@@ -245,8 +241,9 @@ class EmbeddingGroup(nn.Module):
         pending, self._pending = self._pending, None
         return pending
 
-    def _bag_tables(self, b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Per bag (feature-major, K*B of them): its table's first row, its batch row, its index."""
+    def _bag_tables(self, b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Per bag (feature-major, K*B of them): its table's first row, its batch row, its index, and
+        whether its feature is mean-pooled (None when none is)."""
         key = (b, device)
         if self.training:
             self._trained_sizes.add(key)
@@ -256,8 +253,10 @@ class EmbeddingGroup(nn.Module):
                 self._bag_cache = {k: v for k, v in self._bag_cache.items() if k in self._trained_sizes}
             k = len(self.keys)
             starts = torch.tensor(self.offsets[:-1], dtype=torch.int64, device=device)
+            mean = (torch.tensor(self.mean_pooled, device=device).repeat_interleave(b)
+                    if any(self.mean_pooled) else None)
             self._bag_cache[key] = (starts.repeat_interleave(b), torch.arange(b, device=device).repeat(k),
-                                    torch.arange(k * b, device=device))
+                                    torch.arange(k * b, device=device), mean)
         return self._bag_cache[key]
 
     @torch.no_grad()
