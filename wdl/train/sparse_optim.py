@@ -59,12 +59,17 @@ class RowRule:
     def with_prior(self, l2: float, steps_per_pass: int = 0) -> "RowRule":
         """This rule with the row prior `l2` (module docstring): a touch count per row joins its state
         (and a step count, to count the passes)."""
-        self.l2, self.steps_per_pass = l2, steps_per_pass
+        self.l2 = l2
         if l2 > 0:
             self.per_row = type(self).per_row + ("touches",)
-            if steps_per_pass > 0 and "step" not in self.scalars:
-                self.scalars = type(self).scalars + ("step",)
+            self.count_passes(steps_per_pass)
         return self
+
+    def count_passes(self, steps_per_pass: int) -> None:
+        """Count the steps (a scalar of the state), so that passes() knows how many passes were made."""
+        self.steps_per_pass = steps_per_pass
+        if steps_per_pass > 0 and "step" not in self.scalars:
+            self.scalars = type(self).scalars + ("step",)
 
     def passes(self, s: State) -> Tensor | float:
         """max(1, steps so far / steps per pass): how many times the prior counts now."""
@@ -181,9 +186,9 @@ class FtrlRule(RowRule):
     per_row = ("z", "n")
 
     def __init__(self, lr: float, l1: float = 0.0, l2: float = 0.0, beta: float = 1.0, steps_per_pass: int = 0) -> None:
-        self.lr, self.l1, self.l2, self.beta, self.steps_per_pass = lr, l1, l2, beta, steps_per_pass
-        if l2 > 0 and steps_per_pass > 0:  # l2 counted once per pass (module docstring)
-            self.scalars = ("step",)
+        self.lr, self.l1, self.l2, self.beta = lr, l1, l2, beta
+        if l2 > 0:  # l2 counted once per pass (module docstring)
+            self.count_passes(steps_per_pass)
 
     def init_state(self, rows: int, dim: int, device: torch.device) -> State:
         z = torch.zeros((rows, dim), device=device)
