@@ -321,9 +321,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}{_yaml_where(e)}: invalid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, apply_overrides(raw, overrides), "")
     from wdl.config_checks import validate  # the checks read this module's classes
 
     validate(cfg)
@@ -341,6 +339,23 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     if problem:
         return f"{context}, {problem}" if context else problem
     return str(e).splitlines()[0]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`raw`, a config file's mapping, with each `a.b=c` applied (in place) as load_config applies it."""
+    for item in overrides:
+        _apply_override(raw, item)
+    return raw
+
+
+def key_type(key: str) -> Any:
+    """The type of the value at the dotted `key` of the config tree, or None where there is no such place."""
+    tp: Any = Config
+    for part in key.split("."):
+        tp = _child_type(tp, part) if part else None
+        if tp is None:
+            return None
+    return tp
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -33,20 +33,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from wdl.config import Config, load_config
+from wdl.config import Config, apply_overrides, key_type, load_config
 from wdl.errors import ConfigError, TrainingError, WdlError, first_line
 
 KINDS = ("log_uniform", "uniform", "int")
@@ -89,7 +87,7 @@ def load_space(path: str | Path) -> dict[str, Spec]:
 
 def _spec(path: Path, key: str, v: Any) -> Spec:
     where = f"space file {path}: {key}"
-    if not _known_key(key):
+    if key_type(key) is None:
         raise ConfigError(f"{where}: not a config key (see `wdl config show`)")
     if any(key == r or r.startswith(key + ".") for r in RESERVED):
         raise ConfigError(f"{where}: set by the search itself ({', '.join(RESERVED)} are)")
@@ -110,24 +108,6 @@ def _spec(path: Path, key: str, v: Any) -> Spec:
         return Spec(kind, list(bounds))
     raise ConfigError(f"{where}: {v!r} is neither a list of values nor one of "
                       f"{', '.join('{' + k + ': [lo, hi]}' for k in KINDS)}")
-
-
-def _known_key(key: str) -> bool:
-    """Whether `key` names a place in the config tree (a section's field, or any name in a mapping)."""
-    tp: Any = Config
-    for part in key.split("."):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) is typing.Union and len(args) == 1:
-            tp = args[0]
-        if dataclasses.is_dataclass(tp):
-            tp = typing.get_type_hints(tp).get(part)
-            if tp is None:
-                return False
-        elif typing.get_origin(tp) is dict and part:
-            tp = typing.get_args(tp)[1]
-        else:
-            return False
-    return True
 
 
 def override(key: str, value: Any) -> str:
@@ -275,14 +255,14 @@ class Search:
     def write_best(self, winner: Trial, trials: list[Trial]) -> Path:
         """best.yaml: the config file with the base and the winner's overrides applied, and a header."""
         path, resolved = self.out / "best.yaml", load_config(self.config, self.base + winner.overrides)
-        raw = _with_overrides(yaml.safe_load(self.config.read_text()) or {}, self.base + winner.overrides)
-        text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110) if raw is not None else ""
+        raw = apply_overrides(yaml.safe_load(self.config.read_text()) or {}, self.base + winner.overrides)
+        text = yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)
         path.write_text(text)
         try:
-            same = raw is not None and load_config(path).to_dict() == resolved.to_dict()
+            same = load_config(path).to_dict() == resolved.to_dict()
         except ConfigError:
             same = False
-        if not same:  # an override a plain key walk places otherwise (a section given whole): the resolved tree
+        if not same:  # a value YAML does not write back as it was read: the resolved tree
             text = yaml.safe_dump(resolved.to_dict(), sort_keys=False, default_flow_style=None, width=110)
         ranked = _ranked(trials)
         head = [f"Launch: wdl train --config {path}",
@@ -321,20 +301,6 @@ class Search:
         path = self.out / "report.md"
         path.write_text("\n".join(lines) + "\n")
         return path
-
-
-def _with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any] | None:
-    """The config file's mapping with each `key=value` set at its place (None where a key runs
-    through a value that is not a mapping)."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = raw
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                return None
-        node[key.split(".")[-1]] = yaml.safe_load(value)
-    return raw
 
 
 def _ranked(trials: list[Trial]) -> list[Trial]:
