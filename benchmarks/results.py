@@ -143,6 +143,14 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
         w.writerows(rows)
 
 
+def write_report(out: str | Path, result: dict[str, Any], text: str) -> None:
+    """A script's result as `out`/results.json and its report as `out`/report.md (`out` made if missing)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "report.md").write_text(text)
+
+
 def load_result(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from benchmarks.machine import ROOT, describe
+from benchmarks.results import write_report
 
 CEILING = ROOT / "benchmarks/results/cpu-x86_64-2c/planted-ceiling-2026-11-28"
 WDL = [sys.executable, "-m", "wdl.cli"]
@@ -127,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(r, command)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
-        (out / "report.md").write_text(text)
+        write_report(args.out, r, text)
     return 0
 
 

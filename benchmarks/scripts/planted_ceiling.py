@@ -57,6 +57,8 @@ import torch
 import torch.nn as nn
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.results import write_report
+
 SPLITS = ("train", "valid", "test")
 SETTINGS = ("l2", "penalty", "train_rows", "epochs", "patience", "lr", "batch", "dim", "seed")
 DEFAULT_L2 = {"prior": "0.3,1,3,10", "touched": "0.0003,0.001,0.003,0.01"}
@@ -416,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(r, command)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
-        (out / "report.md").write_text(text)
+        write_report(args.out, r, text)
     return 0
 
 

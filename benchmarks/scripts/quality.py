@@ -185,9 +185,9 @@ def train_run(config: str, overrides: list[str], label: str, curve_rows: int, lo
 
 
 def _finished(run: Path, cfg: Any) -> bool:
+    """The run ended (its summary is written last) with this config (the trainer saves it first)."""
     from wdl.config import load_config
 
-    """The run ended (its summary is written last) with this config (the trainer saves it first)."""
     if not all((run / f).exists() for f in ("summary.json", "curves.jsonl", "config.yaml")) or \
             (run / "config-2.yaml").exists():
         return False
