@@ -129,8 +129,9 @@ def test_the_printed_config_is_the_written_one_and_trains_as_printed(imported, t
     assert cfg.data.path == str(out) and cfg.data.valid_split == "valid" and cfg.data.eval_split == "test"
     assert set(cfg.features.crosses) == {"a_x_b", "d_x_tags"} and cfg.features.columns["price"].buckets == "auto"
     assert {"a_x_b", "d_x_tags", "price", "user_id", "tags"} <= set(cfg.model.wide.features)
-    # no column has min_ids_per_embedded_column ids: every pair of them could be crossed
+    # no column has min_ids_per_embedded_column ids (every pair of them could be crossed): no fm pair
     assert cfg.model.deep.embeddings == {} and cfg.model.deep.interaction == "none"
+    assert "proposed fm pairs (manifest: proposed_fm_pairs): none" in printed
     assert cfg.model.deep.dense == ["price"] and cfg.model.deep.hidden == TRAINING_DEFAULTS["model"]["deep"]["hidden"]
     assert cfg.optim.wide.l2 == row_prior(cfg.data.batch_size, "wide") > 0
     assert cfg.optim.deep.l2 == row_prior(cfg.data.batch_size, "deep") > 0
@@ -158,25 +159,6 @@ def test_the_config_fits_the_splits(tmp_path, rows, want):
     assert data == {"path": str(tmp_path / "ds"), **want, "batch_size": batch_size(rows["train"])}
     assert cfg.features.columns["price"].buckets == "auto" and cfg.features.columns["age"].buckets is None  # no edges
     assert cfg.model.wide.features == ["user", "item", "price"] and cfg.model.deep.dense == ["price", "age"]
-
-
-def test_columns_of_mostly_rare_ids_or_few_ids_are_not_embedded(tmp_path):
-    """Embedded: columns with min_ids_per_embedded_column ids or more and min_rows_per_embedded_id
-    train rows per id; item has too few rows per id, category too few ids (a cross can learn its
-    pairs): wide only. With one column left embedded there is no interaction to take part in."""
-    few, per_id = TRAINING_DEFAULTS["min_ids_per_embedded_column"], TRAINING_DEFAULTS["min_rows_per_embedded_id"]
-    train = 2 * few * per_id
-    columns = {"user": {"kind": "categorical", "vocab_size": few}, "item": {"kind": "categorical", "vocab_size": 4 * few},
-               "category": {"kind": "categorical", "vocab_size": few - 1},
-               "price": {"kind": "dense", "bucket_edges": [1.0]}}
-    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": train, "test": 2}, []))
-    cfg = load_config(tmp_path / "c.yaml")
-    assert cfg.model.deep.embeddings == {"user": 16} and cfg.model.deep.interaction == "none"
-    assert cfg.model.wide.features == ["user", "item", "category", "price"]
-    columns["tags"] = {"kind": "multi_hot", "vocab_size": 2 * few}
-    (tmp_path / "c.yaml").write_text(training_config(str(tmp_path), "y", columns, {}, {"train": train, "test": 2}, []))
-    cfg = load_config(tmp_path / "c.yaml")
-    assert cfg.model.deep.embeddings == {"user": 16, "tags": 16} and cfg.model.deep.interaction == "fm"
 
 
 @pytest.mark.parametrize("train, size", [(10**9, 4096), (64 * 4096, 4096), (64 * 4096 - 1, 2048), (2000, 256)])

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
          "epochs_run": summary["epochs"], "lr_auc": lr_auc, "ceiling_auc": ceiling_auc,
          "gap_share": (auc - lr_auc) / (ceiling_auc - lr_auc), "bayes_auc": json.loads((data / "manifest.json").read_text()).get("bayes_optimal_auc"),
          "proposed_crosses": manifest["proposed_crosses"], "planted_crosses": planted_pairs, "planted_found": found,
+         "proposed_fm_pairs": manifest.get("proposed_fm_pairs"), "planted_latent": planted["model"].get("latent_interaction"),
          "import_seconds": import_s, "train_seconds": train_s, "config": config.read_text(),
          "import_output": printed, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": describe()}
     command = "python -m benchmarks.scripts.import_quality " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -160,11 +161,30 @@ Scored {pc_['candidates']} candidate pairs on {pc_['sample_rows']:,} sampled tra
 |---|---:|---:|---:|---|
 {ranked}
 
+{_fm_pairs(r)}
+
 ## The config
 
 ```yaml
 {r['config']}```
 """
+
+
+def _fm_pairs(r: dict) -> str:
+    """The fm pairs proposed beside the planted latent pair, and the best ten scored."""
+    fm = r.get("proposed_fm_pairs")
+    if not fm:
+        return "No fm pair was scored (fewer than two columns with enough ids and rows per id)."
+    latent = r.get("planted_latent") or []
+    rows = "\n".join(f"| {' x '.join(s['columns'])} | {s['z']:.1f} | {s['gain']:.5f} | {'yes' if s.get('proposed') else ''} |"
+                     for s in fm["ranked"][:10])
+    return f"""fm pairs proposed: {', '.join(' x '.join(c) for c in fm['proposed']) or 'none'}; planted latent pair:
+{' x '.join(latent) or 'none'}. Scored {fm['candidates']} pairs of embeddable columns ({fm['sample_rows'] - fm['held_out_rows']:,} rows
+fitted, {fm['held_out_rows']:,} held out); the best ten:
+
+| pair | z | held-out gain (nats a row) | proposed |
+|---|---:|---:|---|
+{rows}"""
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ class TrainSample:
         self.rng = np.random.default_rng(seed)
         self.y: list[np.ndarray] = []
         self.cols = {f.name: _Column() for f in features}
+        # After rank(): the labels and the main-effects model's columns (the chosen crosses last),
+        # which the fm pair proposal (wdl.ingest.fm_pairs) fits its offsets on.
+        self.labels: np.ndarray = np.zeros(0, np.float32)
+        self.model_columns: list[Ids] = []
 
     def add(self, t: pa.Table) -> None:
         """Sample the rows of one encoded train table."""
@@ -120,11 +124,12 @@ class TrainSample:
         of highest z (at least MIN_Z) joins the model, the others are scored again given it, and
         so on up to MAX_PROPOSED, so that a pair that only echoes a chosen one (a movie's genres
         stand for the movie) is not chosen too. A pair's z is given the crosses chosen before it."""
-        y = np.concatenate(self.y) if self.y else np.zeros(0)
+        y = np.concatenate(self.y) if self.y else np.zeros(0, np.float32)
+        ids = {f.name: Ids.of(self.cols[f.name], f) for f in self.features}
+        self.labels, self.model_columns = y, list(ids.values())
         if len(y) == 0 or y.min() == y.max():
             return []
-        ids = {f.name: _Ids.of(self.cols[f.name], f) for f in self.features}
-        model = _MainEffects(y, list(ids.values()))
+        model = MainEffects(y, list(ids.values()))
         moments = model.moments()
         scores = {pair: _score(ids[pair[0]], ids[pair[1]], moments) for pair in candidates(self.features)}
         scores = {k: v for k, v in scores.items() if v is not None}
@@ -137,6 +142,7 @@ class TrainSample:
             best = left[0]
             chosen.append({**best, "proposed": True})
             model.add(_cross(ids[best["columns"][0]], ids[best["columns"][1]]))
+            self.model_columns = list(model.columns)
             moments = model.moments()
             for s in left[1:RESCORED + 1]:  # only these may be chosen next
                 key = (s["columns"][0], s["columns"][1])
@@ -195,7 +201,9 @@ def cross_buckets(joint_cardinality: int) -> int:
 
 # ------------------------------------------------------------------------------- the statistics
 @dataclass
-class _Ids:
+class Ids:
+    """A column's ids in the sample, one weight each in the main-effects model."""
+
     name: str
     size: int
     ids: np.ndarray  # per row, or per element
@@ -203,7 +211,7 @@ class _Ids:
     parts: tuple = ()  # a cross: its two columns, in the order of its cells
 
     @classmethod
-    def of(cls, c: _Column, f: Feature) -> "_Ids":
+    def of(cls, c: _Column, f: Feature) -> "Ids":
         ids = np.clip(np.concatenate(c.ids) if c.ids else np.zeros(0, np.int32), 0, f.size - 1)
         rows, size = None, f.size
         if f.kind == "multi_hot":
@@ -214,27 +222,42 @@ class _Ids:
             size = len(seen)
         return cls(f.name, max(size, 1), ids.astype(np.int32), rows)
 
+    def take(self, keep: np.ndarray) -> "Ids":
+        """The same column over the rows where the boolean `keep` holds (renumbered from 0)."""
+        if self.rows is None:
+            return Ids(self.name, self.size, self.ids[keep], None, self.parts)
+        kept = keep[self.rows]
+        return Ids(self.name, self.size, self.ids[kept], (np.cumsum(keep) - 1)[self.rows[kept]].astype(np.int32), self.parts)
+
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-class _MainEffects:
+class MainEffects:
     """A ridge-penalised logistic model with one weight per id of each column (a multi_hot row
     sums its elements' weights), fitted by Gauss-Seidel Newton sweeps over the columns; a column
     added later (a chosen cross) is fitted from where the model stands."""
 
-    def __init__(self, y: np.ndarray, columns: list[_Ids]) -> None:
+    def __init__(self, y: np.ndarray, columns: list[Ids]) -> None:
         rate = y.mean()
         self.y, self.columns, self.weights = y, list(columns), [np.zeros(c.size) for c in columns]
         # float32: numpy's exp is ten times faster on it, and the sums (bincount) are float64
         self.eta = np.full(len(y), math.log(rate / (1 - rate)), np.float32)
+        self.bias = float(self.eta[0]) if len(y) else 0.0  # the intercept, as eta holds it
         self.fit(SWEEPS)
 
-    def add(self, c: _Ids) -> None:
+    def add(self, c: Ids) -> None:
         self.columns.append(c)
         self.weights.append(np.zeros(c.size))
         self.fit(REFIT_SWEEPS)
+
+    def logits(self, columns: list[Ids], rows: int) -> np.ndarray:
+        """The model's logits for `rows` other rows, given as `columns` (this model's, in its order)."""
+        eta = np.full(rows, self.bias)
+        for c, a in zip(columns, self.weights):
+            eta += a[c.ids] if c.rows is None else np.bincount(c.rows, a[c.ids], rows)
+        return eta
 
     def residuals(self) -> tuple[np.ndarray, np.ndarray]:
         p = _sigmoid(self.eta)
@@ -262,23 +285,25 @@ class _MainEffects:
                 a += step
                 eta += (step[c.ids] if c.rows is None else np.bincount(c.rows, step[c.ids], len(y))).astype(np.float32)
             r, w = self.residuals()
-            eta += np.float32(r.sum(dtype=np.float64) / w.sum(dtype=np.float64))  # the intercept
+            step = r.sum(dtype=np.float64) / w.sum(dtype=np.float64)
+            eta += np.float32(step)  # the intercept
+            self.bias += float(np.float32(step))
             if np.abs(eta - before).mean() < 0.01:
                 break
 
 
-def _cross(a: _Ids, b: _Ids) -> _Ids:
+def _cross(a: Ids, b: Ids) -> Ids:
     """The cross of two columns as a column of its own, one id per joint cell: first.ids *
     second.size + second.ids, the multi_hot one (at most one) second, its elements the cells'."""
     if a.rows is not None:
         a, b = b, a
     ids = (a.ids if b.rows is None else a.ids[b.rows]).astype(np.int64) * b.size + b.ids
-    return _Ids(f"{a.name} x {b.name}", a.size * b.size, ids, b.rows, (a, b))
+    return Ids(f"{a.name} x {b.name}", a.size * b.size, ids, b.rows, (a, b))
 
 
-def _score(a: _Ids, b: _Ids, moments: np.ndarray) -> dict | None:
+def _score(a: Ids, b: Ids, moments: np.ndarray) -> dict | None:
     """The score test of a cross of `a` and `b` given the main-effects model's `moments` per row
-    (_MainEffects.moments); None when the pair has no degree of freedom."""
+    (MainEffects.moments); None when the pair has no degree of freedom."""
     names = [a.name, b.name]
     cross = _cross(a, b)
     (a, b), n = cross.parts, cross.size

@@ -103,6 +103,8 @@ def format_summary(out, s: dict) -> str:
         lines += ["  new values per column (ids after the parent's):", *growth_lines(s["vocab_growth"])]
     crosses = [f"{' x '.join(x['columns'])} (z {x['z']:.1f})" for x in s.get("proposed_crosses", [])]
     lines.append(f"  proposed crosses (manifest: proposed_crosses): {', '.join(crosses) or 'none'}")
+    pairs = [f"{' x '.join(x['columns'])} (z {x['z']:.1f})" for x in s.get("proposed_fm_pairs", [])]
+    lines.append(f"  proposed fm pairs (manifest: proposed_fm_pairs): {', '.join(pairs) or 'none'}")
     lines.append(f"  {s['seconds']:.1f} s, {s['rows_per_second']:,.0f} rows/s with {s['workers']} worker(s)")
     if "config_path" in s:
         lines.append(f"  training config: {s['config_path']} (wdl train --config {s['config_path']})")

@@ -290,16 +290,17 @@ def spec_yaml(spec: ImportSpec, notes: dict[str, str] | None = None) -> str:
 # does not read from the data: one place to change the model every import proposes. The keys
 # are the config's own (wdl/config.py), merged into the model / optim / train sections.
 TRAINING_DEFAULTS = {
-    # Every embedded column gets this dimension: fm over all pairs needs one dimension, 16 holds a
-    # rank-8 user-item interaction with room and is divisible by 4 (FBGEMM's CPU tables).
+    # The deep part embeds the columns of the fm pairs proposed from the data (wdl.ingest.fm_pairs)
+    # and only those: fm over every pair of many embedded columns fits the pairs without
+    # interaction too. Each gets this dimension: fm needs one, 16 holds a rank-8 user-item
+    # interaction with room and is divisible by 4 (FBGEMM's CPU tables).
     "embedding_dim": 16,
-    # Only columns with at least this many train rows per id on average are embedded: an id's
-    # vector has embedding_dim weights, and with fewer than two rows per weight it memorises its
-    # rows (fm over the planted Criteo-shaped set's columns of 21-57 rows per id overfit); 0: all.
+    # Candidates for an fm pair: columns with at least this many train rows per id on average (an
+    # id's vector has embedding_dim weights; with fewer than two rows per weight it memorises its
+    # rows: fm over the planted Criteo-shaped set's columns of 21-57 rows per id overfit); 0: all.
     "min_rows_per_embedded_id": 32,
-    # ... and only columns with at least this many ids: a pair of smaller columns has at most
-    # cross_proposal.PAIR_CELLS_MAX cells, so the cross proposal tests it and a cross learns it
-    # exactly; fm over all pairs of many embedded columns fits noise pairs.
+    # ... and with at least this many ids: a pair of smaller columns has at most
+    # cross_proposal.PAIR_CELLS_MAX cells, so the cross proposal tests it and a cross learns it exactly.
     "min_ids_per_embedded_column": 316,
     # Larger batches average out the noise of rarely seen rows' updates: 4096 had the best valid
     # AUC over both planted sets re-imported (8192 was better on one, worse on the other); a small
@@ -309,7 +310,9 @@ TRAINING_DEFAULTS = {
     "min_steps_per_epoch": 64,
     # optim.*.l2 is a N(0, 1 / (2 lambda)) prior on every table row (wdl/train/sparse_optim.py);
     # the loss is a batch mean, so l2 = 2 * lambda / batch_size is printed for each optimiser.
-    "prior_lambda": {"wide": 3.0, "deep": 6.0},
+    # lambda 3 for both had the best summed valid AUC over the planted sets re-imported (against
+    # deep 6, and both at batch 8192): benchmarks/results/cpu-x86_64-2c/import-quality-2026-12-08.
+    "prior_lambda": {"wide": 3.0, "deep": 3.0},
     # A list column (and a cross with one) averaged over a row's values rather than summed, so a
     # row with three values does not weigh their effects three times (on the planted MovieLens-
     # shaped set, whose genre effects are averages, valid AUC 0.7391 against 0.7360).
@@ -339,21 +342,29 @@ def row_prior(size: int, part: str, defaults: dict = TRAINING_DEFAULTS) -> float
     return float(f"{2 * defaults['prior_lambda'][part] / size:.2g}")
 
 
+def fm_candidates(columns: dict[str, dict], train_rows: int, defaults: dict = TRAINING_DEFAULTS) -> list[str]:
+    """The columns an fm pair may join: categorical or list columns with enough ids and train rows per id."""
+    per_id, fewest = defaults["min_rows_per_embedded_id"], defaults["min_ids_per_embedded_column"]
+    return [n for n, c in columns.items() if c["kind"] != "dense"
+            and c["vocab_size"] * per_id <= max(train_rows, 1) and c["vocab_size"] >= fewest]
+
+
 def training_config(out: str, label: str, columns: dict[str, dict], normalize: dict[str, str], rows: dict[str, int],
-                    crosses: list[dict], defaults: dict = TRAINING_DEFAULTS) -> str:
+                    crosses: list[dict], fm_pairs: list[list[str]] = (), defaults: dict = TRAINING_DEFAULTS) -> str:
     """A complete training config (YAML) for the data set just written at `out`: every column
     (ids, dense statistics and bucket edges from its manifest), the `crosses` proposed
     (wdl.ingest.cross_proposal), a wide part over ids, bucketed numbers and crosses, a deep part
-    over embeddings of one dimension (fm over all pairs) of the columns with enough ids and rows
-    per id and the numbers, batches and row priors fitted to the train rows, and `defaults`.
-    `rows`: the rows of each split written."""
+    over the numbers and embeddings of one dimension of the columns in the `fm_pairs` proposed
+    (wdl.ingest.fm_pairs) with fm over those pairs, batches and row priors fitted to the train
+    rows, and `defaults`. `rows`: the rows of each split written."""
     sparse = [n for n, c in columns.items() if c["kind"] != "dense"]
     dense = [n for n, c in columns.items() if c["kind"] == "dense"]
     bucketed = [n for n in dense if columns[n].get("bucket_edges")]  # auto buckets need the manifest's edges
     lines = [f"# wdl train --config {_scalar(str(Path(out) / 'train-config.yaml'))}",
              "# Written by `wdl data import`: ids, dense statistics and bucket edges come from the data set's",
              "# manifest; the crosses are its proposed_crosses (z: how far the pair's joint label rate is",
-             "# from what the columns explain alone).",
+             "# from what the columns explain alone), the fm pairs its proposed_fm_pairs (z: the held-out",
+             "# gain of a latent term for the pair).",
              f"run: {{name: {_scalar(Path(out).name or 'import')}}}"]
     present = {k for k, n in rows.items() if n}
     data = {"path": str(out)}
@@ -385,12 +396,13 @@ def training_config(out: str, label: str, columns: dict[str, dict], normalize: d
         names.append(name)
         lines.append(f"    {_scalar(name)}: {_value({'columns': x['columns'], 'hash_buckets': x['hash_buckets']})}"
                      f"  # z {x['z']:.1f}")
-    dim, model, per_id = defaults["embedding_dim"], defaults["model"], defaults["min_rows_per_embedded_id"]
-    embedded = [n for n in sparse if columns[n]["vocab_size"] * per_id <= max(rows.get("train", 0), 1)
-                and columns[n]["vocab_size"] >= defaults["min_ids_per_embedded_column"]]
+    dim, model = defaults["embedding_dim"], defaults["model"]
+    embedded = [n for n in sparse if any(n in p for p in fm_pairs)]
     deep = {"embeddings": {n: dim for n in embedded}, "dense": dense, **model.get("deep", {})}
-    if len(embedded) < 2 and deep.get("interaction", "none") != "none":
-        deep["interaction"] = "none"  # an interaction needs two embedded columns
+    if fm_pairs:
+        deep["interaction_pairs"] = [list(p) for p in fm_pairs]
+    else:
+        deep["interaction"] = "none"  # no pair interacts: the deep part is a linear layer over the numbers
     kind = model.get("kind", "wide_deep") if embedded or dense else "wide"
     multi = {n for n in sparse if columns[n]["kind"] == "multi_hot"}
     pooled = [n for n in sparse if n in multi] + [n for n, x in zip(names, crosses) if multi & set(x["columns"])]

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from wdl.data.writer import DatasetWriter
 from wdl.errors import ConfigError, DataError, first_line
 from wdl.ingest import cross_proposal as X
+from wdl.ingest import fm_pairs
 from wdl.ingest import import_spec as S
 from wdl.ingest import leftovers
 from wdl.ingest.import_csv import csv_schema, first_rows
@@ -205,7 +206,9 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
         ranked = sample.rank()
         crosses = X.proposed(ranked)
         summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
-        config = S.training_config(str(out), spec.label, columns, normalize, summary["rows"], crosses)
+        ranked_pairs = fm_pairs.ranked_pairs(sample, S.fm_candidates(columns, summary["rows"].get("train", 0)))
+        pairs = fm_pairs.proposed(ranked_pairs)
+        config = S.training_config(str(out), spec.label, columns, normalize, summary["rows"], crosses, pairs)
         (w.tmp / CONFIG_FILE).write_text(config, encoding="utf-8")
         summary |= {"vocab_growth": parent.growth} if parent is not None else {}
         unknown_values = {k: {n: dict(zip(("values", "unknown", "null"), map(int, u[i]))) for n, u in unknown.items()}
@@ -215,9 +218,11 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
         w.commit(source=source, label=spec.label, columns=columns, split=_split_info(split, files),
                  extra={"counts": summary, "unknown_values": unknown_values,
                         "proposed_crosses": X.manifest_entry(sample, ranked),
+                        "proposed_fm_pairs": fm_pairs.manifest_entry(sample, ranked_pairs),
                         **(parent.manifest_entries() if parent is not None else {})})
     summary.update(unknown_values=unknown_values, training_config=config, config_path=str(Path(out) / CONFIG_FILE),
-                   proposed_crosses=[{k: x[k] for k in ("columns", "z", "hash_buckets")} for x in crosses])
+                   proposed_crosses=[{k: x[k] for k in ("columns", "z", "hash_buckets")} for x in crosses],
+                   proposed_fm_pairs=[{k: x[k] for k in ("columns", "z")} for x in ranked_pairs if x.get("proposed")])
     return summary
 
 
