@@ -114,3 +114,17 @@ def test_refuses_an_ablation_without_a_validation_split(tmp_path, flipped, capsy
     one_line_error(capsys.readouterr().err, "no validation split to select on")
     assert main([ablation(tmp_path, flipped), "--only", "nope"]) == 2
     one_line_error(capsys.readouterr().err, "--only nope: no such variant")
+
+
+def test_a_refit_variant_reports_the_refit_test_auc(tmp_path, flipped, capsys):
+    """train.refit in a variant: the run is refitted as `wdl train` refits it, its test AUC in a column of its own."""
+    out = tmp_path / "out"
+    suite = ablation(tmp_path, flipped, run_overrides=["data.valid_fraction=0.2"], variants={"refit": ["train.refit=true"]})
+    assert main([suite, "--out", str(out)]) == 0
+    run, = json.loads((out / "results.json").read_text())["runs"]
+    summary = json.loads((out / run["run"] / "summary.json").read_text())
+    assert run["refit_test_auc"] == summary["refit"]["test"]["auc"] and summary["refit"]["epochs"] == run["selected_epoch"]
+    assert run["test_auc"] == summary["test"]["auc"] != run["refit_test_auc"]
+    assert not (out / run["run"] / "refit" / "checkpoints").exists()
+    report = (out / "report.md").read_text()
+    assert "refit test AUC |" in report and f"| {run['refit_test_auc']:.4f} |" in report

@@ -210,7 +210,14 @@ def train_main(args: argparse.Namespace) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, env)
-        trainer.train()
+        summary = trainer.train()
+        if cfg.train.refit:  # a new model on every train row for the epochs chosen (wdl/train/refit.py)
+            from wdl.train.refit import refit
+
+            run_dir = trainer.run_dir
+            trainer.close()
+            trainer = None
+            refit(cfg, env, run_dir, summary)
     finally:
         if trainer is not None:
             trainer.close()

@@ -221,6 +221,10 @@ class TrainConfig:
     divergence_ratio: float = 10.0
     tensorboard: bool = False  # also write the records to <run folder>/tensorboard (needs tensorboard)
     progress: bool = True  # a bar per epoch, on a terminal only
+    # After the epoch is chosen on the rows data.valid_fraction holds out, train a new model on
+    # every train row for that many epochs and score the test split once with it, in the run
+    # folder's refit/ (wdl/train/refit.py): the run's final model, trained on a tenth more rows.
+    refit: bool = False
     # Only evaluate the model state (e.g. a checkpoint given by checkpoint.resume) and write
     # eval.json in the run folder; no training.
     eval_only: bool = False

@@ -18,6 +18,7 @@ def validate(cfg: Config) -> None:
     _validate_distributed(cfg.distributed)
     _validate_training(cfg)
     _validate_selection(cfg.data, cfg.train.early_stopping)
+    _validate_refit(cfg)
     _validate_schedule(cfg.optim.schedule, cfg.data)
     _validate_optim(cfg.optim)
     _validate_interaction(cfg.model.deep)
@@ -179,6 +180,22 @@ def _validate_selection(d: DataConfig, es: EarlyStoppingConfig) -> None:
     if es.patience and not (d.valid_split or d.valid_fraction):
         raise ConfigError("train.early_stopping.patience needs a validation split: set data.valid_split or "
                           "data.valid_fraction (stopping on the test split would select on it)")
+
+
+def _validate_refit(cfg: Config) -> None:
+    """train.refit retrains on the rows a held-out fraction took, for the epochs chosen on them."""
+    if not cfg.train.refit:
+        return
+    d, t = cfg.data, cfg.train
+    if d.valid_split or not d.valid_fraction:
+        raise ConfigError("train.refit retrains on the train rows data.valid_fraction held out: set data.valid_fraction "
+                          "(a valid split of its own, data.valid_split, is not trained on)")
+    if t.eval_every_steps:
+        raise ConfigError("train.refit trains the epochs chosen on validation: evaluate at epoch ends (train.eval_every_steps=0)")
+    if cfg.optim.schedule.plateau_factor < 1:
+        raise ConfigError("train.refit cannot repeat optim.schedule's plateau decays: the refit has no validation to decay on")
+    if t.eval_only or t.max_steps:
+        raise ConfigError("train.refit trains whole epochs after a full run: not with train.eval_only or train.max_steps")
 
 
 def _validate_schedule(sc: ScheduleConfig, d: DataConfig) -> None:

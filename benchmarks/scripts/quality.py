@@ -177,10 +177,15 @@ def train_run(config: str, overrides: list[str], label: str, curve_rows: int, lo
             trainer = curve_trainer()(cfg, env)
             trainer.curve_rows, trainer.say, trainer.label = curve_rows, say, label
             try:
-                trainer.train()
+                summary = trainer.train()
             finally:
                 trainer.close()
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # `best` has scored the test split
+            if cfg.train.refit:  # as `wdl train` does: every train row for the epochs chosen
+                from wdl.train.refit import refit
+
+                refit(cfg, env, run, summary)
+    for folder in (run, run / "refit"):
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the test split is scored
     return {**read_run(run), "reused": reused}
 
 
@@ -190,6 +195,8 @@ def _finished(run: Path, cfg: Any) -> bool:
 
     if not all((run / f).exists() for f in ("summary.json", "curves.jsonl", "config.yaml")) or \
             (run / "config-2.yaml").exists():
+        return False
+    if cfg.train.refit and "refit" not in json.loads((run / "summary.json").read_text()):
         return False
     try:
         return load_config(run / "config.yaml").to_dict() == cfg.to_dict()
@@ -218,6 +225,7 @@ def read_run(run: Path) -> dict[str, Any]:
                   if r.get("kind", "epoch") == "epoch") + sum(c.get("seconds") or 0 for c in curves.values())
     return {"run": str(run), "selected_epoch": best, "seconds": round(seconds, 1), "valid_auc": at.get("valid_auc"),
             "valid_logloss": at.get("valid_logloss"), "test_auc": test.get("auc"), "test_logloss": test.get("logloss"),
+            "refit_test_auc": ((summary.get("refit") or {}).get("test") or {}).get("auc"),
             "curve_test_auc": at.get("test_auc"), "epochs": epochs,
             "train_rows_scored": max(((c.get("train") or {}).get("rows") or 0 for c in curves.values()), default=0),
             "train_seconds": sum(e["train_seconds"] or 0 for e in epochs)}
@@ -292,8 +300,8 @@ def summarise(runs: list[dict[str, Any]], refs: dict[str, float]) -> list[dict[s
         mine = [r for r in runs if r["variant"] == variant]
         row: dict[str, Any] = {"variant": variant, "seeds": len(mine),
                                "selected_epochs": [r["selected_epoch"] for r in mine]}
-        for key in ("valid_auc", "test_auc", "test_logloss"):
-            vals = [r[key] for r in mine if r[key] is not None]
+        for key in ("valid_auc", "test_auc", "test_logloss", "refit_test_auc"):
+            vals = [r[key] for r in mine if r.get(key) is not None]
             row[key] = statistics.fmean(vals) if vals else None
             row[f"{key}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
         if rows and row["test_auc"] is not None and rows[0]["test_auc"] is not None:
@@ -326,6 +334,7 @@ def report(result: dict[str, Any]) -> str:
     m, git, refs = result["machine"], result["machine"].get("git") or {}, result["references"]
     every = result["run_overrides"] + result["cli_overrides"]
     reused = sum(r["reused"] for r in result["runs"])
+    refit = any(r.get("refit_test_auc") is not None for r in result["runs"])  # train.refit: its own column
     lines = [f"# Model quality: {result['name']}", ""]
     if result.get("description"):
         lines += [" ".join(str(result["description"]).split()), ""]
@@ -343,14 +352,18 @@ def report(result: dict[str, Any]) -> str:
         f"{', '.join(map(str, result['seeds']))}" + (f"; every run: `{' '.join(every)}`" if every else ""),
         "",
         "The epoch is selected on the validation split only; the test split is scored once, with the selected "
-        "epoch's model (the reported number). The test curves in the plots are for reading, never for choosing.",
+        "epoch's model (the reported number). The test curves in the plots are for reading, never for choosing."
+        + (" Refit (train.refit): a new model on every train row for the selected epochs, scored once on test."
+           if refit else ""),
         "", "| variant | overrides | selected epoch | valid AUC | test AUC | test logloss | vs first |"
+        + " refit test AUC |" * refit
         + "".join(f" gap to {n} closed |" for n in refs if n != "lr_baseline" and "lr_baseline" in refs),
-        "|---|---|---|---|---|---|---|" + "---|" * sum(n != "lr_baseline" and "lr_baseline" in refs for n in refs)]
+        "|---|---|---|---|---|---|---|" + "---|" * (refit + sum(n != "lr_baseline" and "lr_baseline" in refs for n in refs))]
     for row in result["summary"]:
         cells = [row["variant"], "`" + " ".join(result["variants"][row["variant"]]) + "`" if result["variants"][row["variant"]]
                  else "(base)", ", ".join(map(str, row["selected_epochs"])), _pm(row, "valid_auc"), _pm(row, "test_auc"),
                  _pm(row, "test_logloss"), f"{row['test_auc_vs_first']:+.4f}" if "test_auc_vs_first" in row else ""]
+        cells += [_pm(row, "refit_test_auc")] * refit
         cells += [f"{row[f'gap_closed_{n}']:.1%}" if f"gap_closed_{n}" in row else "-"
                   for n in refs if n != "lr_baseline" and "lr_baseline" in refs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -359,12 +372,13 @@ def report(result: dict[str, Any]) -> str:
                   + (". Gap closed: (test AUC - lr_baseline) / (reference - lr_baseline)." if "lr_baseline" in refs else ".")]
     if any(row["seeds"] > 1 for row in result["summary"]):
         lines += ["", "AUCs are means over seeds, +- their standard deviation."]
-    lines += ["", "## Runs", "", "| variant | seed | selected epoch | valid AUC | test AUC | train AUC there | "
-              "train s | train + scoring s |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| variant | seed | selected epoch | valid AUC | test AUC |" + " refit test AUC |" * refit
+              + " train AUC there | train s | train + scoring s |", "|---|---|---|---|---|---|---|---|" + "---|" * refit]
     for r in result["runs"]:
         at = next((e for e in r["epochs"] if e["epoch"] == r["selected_epoch"]), {})
         lines.append(f"| {r['variant']} | {r['seed']} | {r['selected_epoch']} | {_f(r['valid_auc'])} | {_f(r['test_auc'])} | "
-                     f"{_f(at.get('train_auc'))} | {r['train_seconds']:.0f} | {r['seconds']:.0f} |")
+                     + f"{_f(r.get('refit_test_auc'))} | " * refit
+                     + f"{_f(at.get('train_auc'))} | {r['train_seconds']:.0f} | {r['seconds']:.0f} |")
     scored = max((r["train_rows_scored"] for r in result["runs"]), default=0)
     lines += ["", f"Train AUC: the first {scored:,} train rows in the first epoch's shuffled order, the same ones "
               f"every epoch (curve_rows {result['curve_rows']:,})." if scored else "No train curve (curve_rows 0).", ""]

@@ -131,11 +131,16 @@ class MetricsLogger:
             summary["best_epoch"], summary["best_step"] = selection.best_epoch, selection.best_step
             summary[f"best_{selection.cfg.metric}"] = selection.best_value
             summary["test_split"], summary["test"] = test_split, test
+        elif test is not None:  # a run without selection scored once at its end (train.refit)
+            summary["test_split"], summary["test"] = test_split, test
         if self.enabled:
             self.summary_path.write_text(finite_json(summary, indent=2) + "\n")
             if selection is not None and selection.best_epoch is not None and test is not None:
                 print(f"best {selection.describe()}; {test_split} AUC of that model {_num(test['auc'])} "
                       f"(scored once); results in {self.path.parent}")
+            elif selection is None and test is not None:
+                print(f"{test_split} AUC {_num(test['auc'])} after {len(epochs)} epochs (scored once); "
+                      f"results in {self.path.parent}")
             elif best:
                 where = f"epoch {best['epoch']}" if best.get("kind", "epoch") == "epoch" else \
                     f"step {best['step']} (epoch {best['epoch']})"

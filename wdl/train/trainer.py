@@ -166,7 +166,7 @@ class Trainer:
             if complete:
                 self.epoch, self.batches_done = self.epoch + 1, 0
             self.end_epoch(stats, complete)
-        test = self.score_selected() if self.selecting else None
+        test = self.score_final()
         return self.metrics.write_summary({"steps": self.step, "world_size": self.env.world_size,
                                            "device": str(self.device), "peak_rss_mb": _peak_rss_mb(),
                                            "unknown_ids": self.unknown},
@@ -214,6 +214,10 @@ class Trainer:
         if ck.every_steps and self.step % ck.every_steps == 0 and not (at_end and ck.at_epoch_end) \
                 and self.saved_at != self.step:
             self.save_checkpoint()
+
+    def score_final(self) -> dict[str, Any] | None:
+        """The test split's one score: the selected model's, with a validation split; else none."""
+        return self.score_selected() if self.selecting else None
 
     def score_selected(self) -> dict[str, Any] | None:
         """Score the test split once, with the model of the best validation evaluation."""
