@@ -158,7 +158,8 @@ def run_wdl(*, config: str, overrides: list[str], out: Path, name: str, world_si
     if world_size > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
     cmd += [str(ROOT / "launch" / "train.py"), "--config", config, *overrides,
-            f"run.out_dir={out}", f"run.name={name}", "train.progress=false"]
+            f"run.out_dir={out}", f"run.name={name}", "train.progress=false",
+            "train.refit=false"]  # the run timed and scored here; a refit would be a second run in its folder
     run_dir = out / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BenchError(f"{run_dir} already holds a run; give `wdl bench run` a fresh --out")

@@ -156,7 +156,8 @@ def protocol_overrides(suite: dict[str, Any], system: dict[str, Any], fraction: 
     """The trainer overrides of what `valid_fraction` asks (`fraction` if given, else the system's
     or the suite's): none when unset; else `data.valid_fraction=F` (F = 0: every train row trains),
     and `data.valid_split=` when the config (with the system's and the command line's overrides)
-    names a validation split, so that the suite's setting is the only split held out (never two)."""
+    names a validation split, so that the suite's setting is the only split held out (never two);
+    with F = 0 also `train.refit=false`."""
     fraction = valid_fraction(suite, system) if fraction is None else fraction
     if fraction is None:
         return []
@@ -164,7 +165,9 @@ def protocol_overrides(suite: dict[str, Any], system: dict[str, Any], fraction: 
         named = bool(load_config(*system_config(suite, system)).data.valid_split)
     except ConfigError:  # e.g. early stopping, valid only with the split asked for here: clearing costs nothing
         named = True
-    return [f"data.valid_fraction={fraction:g}", *(["data.valid_split="] if named else [])]
+    # nothing held out, nothing to refit on (train.refit): the run already trains every row
+    return [f"data.valid_fraction={fraction:g}", *(["data.valid_split="] if named else []),
+            *(["train.refit=false"] if fraction == 0 else [])]
 
 
 def abs_path(path: str | Path) -> Path:

@@ -172,9 +172,10 @@ def test_valid_fraction_setting(tmp_path, capsys):
     assert _protocol(run, suite["systems"][0]) == ["data.valid_fraction=0.2"]  # the system's own first
     assert _protocol(run, suite["systems"][2]) == ["data.valid_fraction=0.1"]  # else the suite's
     suite = load_suite(str(path), ["valid_fraction=0"])  # the whole train split, whatever the config holds out
-    assert _protocol(SuiteRun(suite, tmp_path), suite["systems"][0]) == ["data.valid_fraction=0"]
+    assert _protocol(SuiteRun(suite, tmp_path), suite["systems"][0]) == ["data.valid_fraction=0", "train.refit=false"]
     suite = load_suite(str(path), ["valid_fraction=0", "config=configs/example-import.yaml"])  # names data.valid_split
-    assert _protocol(SuiteRun(suite, tmp_path), suite["systems"][0]) == ["data.valid_fraction=0", "data.valid_split="]
+    assert _protocol(SuiteRun(suite, tmp_path), suite["systems"][0]) == [
+        "data.valid_fraction=0", "data.valid_split=", "train.refit=false"]
     for items, why in ((["systems.1.valid_fraction=0.1"], "not to kind mlp_floor"),
                        (["valid_fraction=1.5"], "must be in [0, 1)"), (["valid_fraction=a"], "must be a number"),
                        (["systems.2.valid_fraction=0"], "a tune system always selects on validation")):

@@ -188,8 +188,8 @@ def _validate_refit(cfg: Config) -> None:
         return
     d, t = cfg.data, cfg.train
     if d.valid_split or not d.valid_fraction:
-        raise ConfigError("train.refit retrains on the train rows data.valid_fraction held out: set data.valid_fraction "
-                          "(a valid split of its own, data.valid_split, is not trained on)")
+        raise ConfigError("train.refit retrains on the train rows data.valid_fraction held out: set data.valid_fraction, "
+                          "or train.refit=false (a valid split of its own, data.valid_split, is not trained on)")
     if t.eval_every_steps:
         raise ConfigError("train.refit trains the epochs chosen on validation: evaluate at epoch ends (train.eval_every_steps=0)")
     if cfg.optim.schedule.plateau_factor < 1:

@@ -248,9 +248,15 @@ class Search:
         with log_path.open("a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             trainer = (TrialTrainer if trial else Trainer)(cfg, self.env)
             try:
-                return trainer.train()
+                summary = trainer.train()
             finally:
                 trainer.close()
+            if not trial and cfg.train.refit:  # as `wdl train` does (wdl/train/refit.py)
+                from wdl.train.refit import refit
+
+                result = refit(cfg, self.env, trainer.run_dir, summary)
+                summary["refit"] = {"epochs": summary.get("best_epoch"), "test": (result or {}).get("test")}
+            return summary
 
     def write_best(self, winner: Trial, trials: list[Trial]) -> Path:
         """best.yaml: the config file with the base and the winner's overrides applied, and a header."""
@@ -298,6 +304,9 @@ class Search:
             lines += ["", f"Trained again from `best.yaml` ({final['run']}): best valid AUC {_fmt(final.get('best_auc'))}"
                       f" at epoch {final.get('best_epoch')}; {final.get('test_split')} AUC of that model "
                       f"{_fmt(test.get('auc'))}, logloss {_fmt(test.get('logloss'))} (scored once)."]
+            if final.get("refit"):
+                lines += ["", f"Refit (train.refit) on every train row for {final['refit']['epochs']} epochs: test AUC "
+                          f"{_fmt((final['refit'].get('test') or {}).get('auc'))} (scored once), in `{final['run']}/refit`."]
         path = self.out / "report.md"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -416,9 +425,11 @@ def final_run(s: Search, winner: Trial, trials: list[Trial], refused: list) -> d
     summary["run"] = str(s.out / "final")
     s.write_report(trials, refused, winner, summary)
     test = summary.get("test") or {}
+    refitted = summary.get("refit") or {}
     s.log(f"final: best valid AUC {_fmt(summary.get('best_auc'))} at epoch {summary.get('best_epoch')}; "
-          f"{summary.get('test_split')} AUC of that model {_fmt(test.get('auc'))} (scored once); "
-          f"report in {s.out / 'report.md'}")
+          f"{summary.get('test_split')} AUC of that model {_fmt(test.get('auc'))} (scored once)"
+          + (f"; refit on every train row: {_fmt((refitted.get('test') or {}).get('auc'))}" if refitted else "")
+          + f"; report in {s.out / 'report.md'}")
     return summary
 
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if run is None:
         # One epoch is enough: latency does not depend on what the weights are.
         subprocess.run([PY, "-m", "wdl.cli", "train", "--config", "configs/movielens-100k.yaml", "train.epochs=1",
-                        f"run.out_dir={work}", "run.device=cpu", "train.progress=false"], check=True, cwd=ROOT)
+                        f"run.out_dir={work}", "run.device=cpu", "train.progress=false", "train.refit=false"],
+                       check=True, cwd=ROOT)
         run = work / "movielens-100k"
     subprocess.run([PY, "-m", "wdl.cli", "export", str(run), "--out", str(work / "exported")], check=True, cwd=ROOT)
     scorer = Scorer.load(work / "exported")
