@@ -183,7 +183,10 @@ def train_run(config: str, overrides: list[str], label: str, curve_rows: int, lo
             if cfg.train.refit:  # as `wdl train` does: every train row for the epochs chosen
                 from wdl.train.refit import refit
 
-                refit(cfg, env, run, summary)
+                done = refit(cfg, env, run, summary)
+                if done is not None:
+                    say(f"{label}: refit on every train row for {summary.get('best_epoch')} epoch(s): "
+                        f"test AUC {_f((done.get('test') or {}).get('auc'))} (scored once)")
     for folder in (run, run / "refit"):
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the test split is scored
     return {**read_run(run), "reused": reused}
