@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side with torchrun children
 
-from helpers import TINY_CONFIG, make_tiny_dataset, write_tiny_config  # noqa: E402,F401 (TINY_CONFIG: older imports)
+from helpers import TINY_CONFIG, UNINTERRUPTED, make_tiny_dataset, ok, torchrun, write_tiny_config  # noqa: E402,F401 (TINY_CONFIG: older imports)
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,31 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path, tiny_data) -> Path:
     return write_tiny_config(tmp_path, tiny_data)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory, tiny_data):
+    """An uninterrupted 2-process torchrun run of the tiny config per back-end, 2 epochs with a
+    checkpoint every 4 steps (helpers.UNINTERRUPTED). A launch costs about 15 s of two CPUs, so
+    each back-end's is made once a session, by the first test that asks, and only read after:
+    test_distributed checks it and compares its cut and killed runs with it, test_plan compares
+    its plan.txt with `wdl plan`'s, test_continual warm-starts one process from it.
+
+    Called with the back-end's overrides (helpers.RUN_FUSED, RUN_TORCHREC): (run folder, the
+    launch's output)."""
+    config = write_tiny_config(tmp_path_factory.mktemp("two-rank"), tiny_data)
+    done: dict[tuple[str, ...], tuple[Path, object]] = {}
+
+    def run(backend: list[str]):
+        key = tuple(backend)
+        if key not in done:
+            name = f"full-{len(done)}"
+            proc = torchrun(config, 2, *backend, *UNINTERRUPTED, f"run.name={name}")
+            ok(proc)
+            done[key] = config.parent / "runs" / name, proc
+        return done[key]
+
+    return run
 
 
 def _refusal(folder: Path) -> str | None:

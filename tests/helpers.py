@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +156,42 @@ def write_lines(path: Path, lines: list[str], gz: bool = False) -> Path:
     data = "".join(lines).encode()
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
+
+
+# ------------------------------------------------------------------- torchrun launches (CPU, gloo)
+def torchrun(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`launch/train.py --config config args` under torchrun with `nproc` processes, as a user
+    launches it: the finished process (stdout, stderr, returncode); a launch still going after
+    `timeout` seconds fails the test with the end of its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}"]
+    # a stuck collective fails with a traceback well before the test's own timeout
+    cmd += [str(ROOT / "launch" / "train.py"), "--config", str(config), "run.collective_timeout_s=90", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:  # show where it stood, not just that it timed out
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd[-6:])}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}")
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+# The two table back-ends as the torchrun tests run them. TorchRec sharding where it is installed:
+# the user table column-wise, the others table-wise, so one launch covers two of the sharding types
+# the CPU offers. The user table is 256 wide because TorchRec's column shards are at least 128
+# columns: narrower, "column_wise" is one shard on one rank and nothing is split. Elsewhere (a
+# torch-only machine) the same runs go through plain DDP.
+RUN_TORCHREC = ["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05",
+                "model.deep.embeddings={user_id: 256, movie_id: 8, genres: 4}",
+                "distributed.sharding=table_wise", "distributed.tables={deep_user_id: column_wise}"]
+# wdl's own fused tables, split row-wise over the ranks (any machine), dense layers in DDP.
+RUN_FUSED = ["model.embedding_backend=torch"]
+# The shared uninterrupted 2-process runs (conftest.py's two_rank_run): 2 epochs, a checkpoint every 4 steps.
+UNINTERRUPTED = ["train.epochs=2", "checkpoint.every_steps=4"]
 
 
 # torch.compile on a CPU builds C++ kernels: its tests need a compiler

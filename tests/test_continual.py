@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import ROOT, one_line_error, read_split, records
+from helpers import ROOT, RUN_FUSED, RUN_TORCHREC, one_line_error, read_split, records
 from wdl.cli import main
 from wdl.config import load_config
 from wdl.data.manifest import load_manifest
@@ -296,11 +296,8 @@ def test_eval_before_training_scores_the_incoming_model_on_the_new_rows(tiny_con
 
 # ---------------------------------------------------------- across world sizes (torchrun)
 # The backends as tests/test_distributed.py runs them: TorchRec's user table split column-wise.
-TORCHREC = (["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05",
-             "model.deep.embeddings={user_id: 256, movie_id: 8, genres: 4}",
-             "distributed.sharding=table_wise", "distributed.tables={deep_user_id: column_wise}"]
-            if torchrec_available() else [])
-FUSED = ["model.embedding_backend=torch"]
+TORCHREC = RUN_TORCHREC if torchrec_available() else []
+FUSED = RUN_FUSED
 
 
 def launch(config: Path, nproc: int, *args: str) -> None:
@@ -314,21 +311,22 @@ def launch(config: Path, nproc: int, *args: str) -> None:
 
 
 @pytest.mark.slow
-def test_warm_start_across_world_sizes(tiny_config, tiny_data, tmp_path):
+def test_warm_start_across_world_sizes(tiny_config, tiny_data, tmp_path, two_rank_run):
     """2 ranks -> 1 with wdl's row-split tables and 1 rank -> 2 with TorchRec's (where it is
     installed; every rank takes part in each grown table's load, or DCP hangs): the warm-started model, its tables grown, scores the test rows as
-    the model it started from did."""
+    the model it started from did. The 2-rank run is the session's uninterrupted one (conftest.py's
+    two_rank_run: the tiny config with wdl's tables, 2 epochs), which test_distributed.py checks."""
     runs = tiny_config.parent / "runs"
     grown = grown_copy(tiny_data, tmp_path / "grown", {"user_id": 7, "movie_id": 3})
     two_to_one, one_to_two = FUSED, TORCHREC or FUSED
-    launch(tiny_config, 2, *two_to_one, "train.epochs=1", "run.name=two")
+    two, _ = two_rank_run(two_to_one)
     assert main(["train", "--config", str(tiny_config), *two_to_one, f"data.path={grown}", "train.eval_only=true",
-                 f"train.init_from={runs / 'two'}", "run.name=two-to-one"]) == 0
+                 f"train.init_from={two}", "run.name=two-to-one"]) == 0
     assert main(["train", "--config", str(tiny_config), *one_to_two, "train.epochs=1", "run.name=one"]) == 0
     launch(tiny_config, 2, *one_to_two, f"data.path={grown}", "train.eval_only=true",
            f"train.init_from={runs / 'one'}", "run.name=one-to-two")
-    for src, dst in (("two", "two-to-one"), ("one", "one-to-two")):
-        before, after = records(runs / src)[-1], json.loads((runs / dst / "eval.json").read_text())
+    for src, dst in ((two, "two-to-one"), (runs / "one", "one-to-two")):
+        before, after = records(src)[-1], json.loads((runs / dst / "eval.json").read_text())
         assert after["auc"] == pytest.approx(before["auc"], abs=1e-6), src
         assert after["logloss"] == pytest.approx(before["logloss"], abs=1e-6), src
 

@@ -2,7 +2,8 @@
 
 Each 2-process launch runs `launch/train.py` exactly as a user would, and costs about 20 s of
 two CPUs (most of it importing torch and torchrec in each rank), so each one checks several
-things: the two uninterrupted runs (one per backend) are made once and read by every test that
+things: the two uninterrupted runs (one per backend) are made once a session (conftest.py's
+two_rank_run; test_plan.py and test_continual.py read them too) and read by every test that
 compares against them. What needs no second process (checking a 2-process checkpoint in one
 process, errors at start) runs `wdl train` in this process; single-process error cases are in
 test_run_safety.py.
@@ -11,50 +12,24 @@ test_run_safety.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import ROOT, records, write_tiny_config
+from helpers import RUN_FUSED, RUN_TORCHREC, UNINTERRUPTED, ok, records, torchrun as launch
 from wdl.cli import main
 from wdl.errors import ConfigError
 from wdl.model.embeddings import torchrec_available
 
-# TorchRec sharding where it is installed: the user table column-wise, the others table-wise, so
-# one launch covers two of the sharding types the CPU offers. The user table is 256 wide because
-# TorchRec's column shards are at least 128 columns: narrower, "column_wise" is one shard on one
-# rank and nothing is split. Elsewhere (a torch-only machine) the same runs go through plain DDP,
+# TorchRec's tables (the user table column-wise, the others table-wise; helpers.RUN_TORCHREC)
+# where it is installed. Elsewhere (a torch-only machine) the same runs go through plain DDP,
 # which must resume, reload and survive a kill just the same.
-TORCHREC = (["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05",
-             "model.deep.embeddings={user_id: 256, movie_id: 8, genres: 4}",
-             "distributed.sharding=table_wise", "distributed.tables={deep_user_id: column_wise}"]
-            if torchrec_available() else ["model.embedding_backend=torch"])
+TORCHREC = RUN_TORCHREC if torchrec_available() else RUN_FUSED
 # wdl's own fused tables, split row-wise over the ranks (any machine), dense layers in DDP.
-FUSED = ["model.embedding_backend=torch"]
+FUSED = RUN_FUSED
 BACKENDS = pytest.mark.parametrize("backend", [TORCHREC, FUSED] if torchrec_available() else [FUSED],
                                    ids=lambda b: b[0].split("=")[1])
-
-
-def launch(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}"]
-    # a stuck collective fails with a traceback well before the test's own timeout
-    cmd += [str(ROOT / "launch" / "train.py"), "--config", str(config), "run.collective_timeout_s=90", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:  # show where it stood, not just that it timed out
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd[-6:])}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}")
-
-
-def ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def train_here(config: Path, *args: str) -> int:
@@ -69,28 +44,6 @@ def evaluated_in_one_process(config: Path, run: Path, name: str, backend: list[s
     return json.loads((config.parent / "runs" / name / "eval.json").read_text())
 
 
-UNINTERRUPTED = ["train.epochs=2", "checkpoint.every_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_data):
-    """An uninterrupted 2-process run per backend (2 epochs, a checkpoint every 4 steps), made
-    once: (run folder, the launch's output)."""
-    config = write_tiny_config(tmp_path_factory.mktemp("uninterrupted"), tiny_data)
-    done: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
-
-    def run(backend: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
-        key = backend[0]
-        if key not in done:
-            name = f"full-{len(done)}"
-            proc = launch(config, 2, *backend, *UNINTERRUPTED, f"run.name={name}")
-            ok(proc)
-            done[key] = config.parent / "runs" / name, proc
-        return done[key]
-
-    return run
-
-
 def assert_same_epochs(whole: list[dict], resumed: list[dict]) -> None:
     """A cut or killed run that resumed logs the uninterrupted run's two epochs."""
     assert [r["epoch"] for r in resumed] == [1, 2]
@@ -102,10 +55,10 @@ def assert_same_epochs(whole: list[dict], resumed: list[dict]) -> None:
 
 @pytest.mark.slow
 @BACKENDS
-def test_two_process_training(backend, uninterrupted):
+def test_two_process_training(backend, two_rank_run):
     """Every row once per epoch across the ranks, a model that learns, tables split (none
     replicated), one console table."""
-    run, proc = uninterrupted(backend)
+    run, proc = two_rank_run(backend)
     recs = records(run)
     assert [r["epoch"] for r in recs] == [1, 2]
     for r in recs:
@@ -125,7 +78,7 @@ def test_two_process_training(backend, uninterrupted):
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterrupted):
+def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, two_rank_run):
     """wdl's row-split tables: a run cut at step 6 (mid-epoch 1) and resumed by a new launch logs
     the uninterrupted run's epochs; its 2-rank checkpoint reloads whole into one process and
     scores the same global AUC (one AUC, whatever the number of processes)."""
@@ -134,7 +87,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterru
     proc = launch(tiny_config, 2, *common, "run.name=cut", "--resume", "auto")
     ok(proc)
     assert "step-00000006" in proc.stdout  # the newest complete checkpoint: mid-epoch 1
-    full, cut = records(uninterrupted(FUSED)[0]), records(tmp_path / "runs" / "cut")
+    full, cut = records(two_rank_run(FUSED)[0]), records(tmp_path / "runs" / "cut")
     assert_same_epochs(full, cut)
     one = evaluated_in_one_process(tiny_config, tmp_path / "runs" / "cut", "eval1", FUSED)
     assert one["rows"] == 600 and one["world_size"] == 1
@@ -143,7 +96,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, uninterru
 
 
 @pytest.mark.slow
-def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted, monkeypatch):
+def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, two_rank_run, monkeypatch):
     """TorchRec's sharded tables (or plain DDP without TorchRec): the last rank SIGKILLs itself
     after step 13 (mid-epoch 2; WDL_TEST_KILL_AT_STEP, inherited by the launch); torchrun restarts
     the group, which resumes from step 12 and logs the uninterrupted run's epochs. The checkpoint
@@ -153,7 +106,7 @@ def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, uninterrupted,
     ok(proc)
     assert "exitcode: -9" in proc.stderr or "SIGKILL" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000012" in proc.stdout
-    clean, killed = records(uninterrupted(TORCHREC)[0]), records(tmp_path / "runs" / "killed")
+    clean, killed = records(two_rank_run(TORCHREC)[0]), records(tmp_path / "runs" / "killed")
     assert_same_epochs(clean, killed)
     one = evaluated_in_one_process(tiny_config, tmp_path / "runs" / "killed", "eval1", TORCHREC)
     assert one["rows"] == 600 and one["auc"] == pytest.approx(killed[-1]["auc"], abs=1e-6)

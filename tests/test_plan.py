@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("torchrec")
 
+from helpers import RUN_FUSED, RUN_TORCHREC  # noqa: E402
 from wdl.cli import main  # noqa: E402
 
 ML_ROWS = ["user_id=944", "movie_id=1683", "age_bucket=8", "gender=3", "occupation=22", "zip_prefix=383",
@@ -112,42 +113,33 @@ def test_plan_takes_given_bandwidths(capsys, tmp_path):
 # --------------------------------------------------------------------------------------------
 # A run's plan.txt is the plan `wdl plan` prints for the same ranks, memory and batch size.
 
-RUN_TORCHREC = ["model.embedding_backend=torchrec", "optim.deep.name=adagrad", "optim.deep.lr=0.05",
-                "model.deep.embeddings={user_id: 256, movie_id: 8, genres: 4}", "distributed.sharding=table_wise",
-                "distributed.tables={deep_user_id: column_wise}"]  # 256 wide: column_wise splits it over 2 ranks
-RUN_FUSED = ["model.embedding_backend=torch"]  # wdl's row blocks only, deep tables included
+# helpers.RUN_TORCHREC's user table is 256 wide: column_wise splits it over 2 ranks;
+# helpers.RUN_FUSED is wdl's row blocks only, deep tables included.
 SHORT = ["train.epochs=1", "train.max_steps=1"]
 
 
-def _run_plan_txt(config, world_size: int, backend: list[str], name: str) -> str:
-    """plan.txt of a real run: in this process (1 rank) or under torchrun with gloo (2 ranks)."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
-    args = ["--config", str(config), *backend, *SHORT, f"run.name={name}"]
+def _run_plan_txt(config, world_size: int, backend: list[str], name: str, two_rank_run) -> str:
+    """plan.txt of a real run: in this process (1 rank), or the session's uninterrupted torchrun
+    run with gloo (2 ranks; conftest.py's two_rank_run, the same config and back-end, which
+    test_distributed.py trains and resumes against: its plan.txt is written at the start, before
+    any step)."""
     if world_size == 1:
-        assert main(["train", *args]) == 0
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-               str(ROOT / "launch" / "train.py"), *args, "run.collective_timeout_s=90"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return (config.parent / "runs" / name / "plan.txt").read_text()
+        assert main(["train", "--config", str(config), *backend, *SHORT, f"run.name={name}"]) == 0
+        return (config.parent / "runs" / name / "plan.txt").read_text()
+    assert world_size == 2
+    run, _ = two_rank_run(backend)
+    return (run / "plan.txt").read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("backend", [RUN_TORCHREC, RUN_FUSED], ids=["torchrec", "torch"])
-def test_a_runs_plan_is_wdl_plans(capsys, tiny_config, world_size, backend):
+def test_a_runs_plan_is_wdl_plans(capsys, tiny_config, world_size, backend, two_rank_run):
     """One planner for both: the same tables, sharding types, ranks, bytes, memory per rank and
     step estimate, given the run's own capacity (the host's memory it measured)."""
     from wdl.distributed.plan_report import render
 
-    txt = _run_plan_txt(tiny_config, world_size, backend, f"plan{world_size}")
+    txt = _run_plan_txt(tiny_config, world_size, backend, f"plan{world_size}", two_rank_run)
     host_gib = txt.split("capacity per rank: ")[1].split(" host")[0].split(", ")[1]
     capsys.readouterr()
     rc = main(["plan", "--config", str(tiny_config), *backend, "--device", "cpu", "--world-size", str(world_size),
