@@ -54,3 +54,15 @@ def test_a_refit_it_cannot_do_is_refused(tiny_config, overrides, needle, capsys)
         load_config(tiny_config, overrides)
     assert main(["train", "--config", str(tiny_config), *overrides]) == 2
     one_line_error(capsys.readouterr().err, "train.refit", needle)
+
+
+def test_a_resumed_run_continues_its_refit_in_the_same_folder(tiny_config):
+    """--resume auto (a torchrun restart) finds the finished run and continues its refit, not a new one."""
+    assert main(["train", "--config", str(tiny_config), *REFIT]) == 0
+    run = tiny_config.parent / "runs" / "tiny"
+    first = json.loads((run / "summary.json").read_text())["refit"]
+    assert main(["train", "--config", str(tiny_config), *REFIT, "--resume", "auto"]) == 0
+    again = json.loads((run / "summary.json").read_text())["refit"]
+    for r in (first, again):
+        r["test"].pop("eval_seconds")
+    assert again == first and not (run / "refit-1").exists()

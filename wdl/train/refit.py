@@ -39,13 +39,14 @@ class RefitTrainer(Trainer):
 
 def refit_config(cfg: Config, run_dir: Path, epochs: int) -> Config:
     """`cfg` for the refit: every train row (no held-out fraction), `epochs` epochs, no early
-    stopping, in `run_dir`/refit."""
+    stopping, in `run_dir`/refit (continued there with checkpoint.resume=auto)."""
     c = copy.deepcopy(cfg)
     c.run.out_dir, c.run.name = str(run_dir), FOLDER
     c.data.valid_fraction = 0.0
     c.train.epochs, c.train.refit, c.train.init_from = epochs, False, ""
     c.train.early_stopping.patience = 0
-    c.checkpoint.resume = ""
+    # `auto` (a torchrun restart) continues the refit's own checkpoints too; a path named the run's
+    c.checkpoint.resume = "auto" if cfg.checkpoint.resume == "auto" else ""
     validate(c)
     return c
 
