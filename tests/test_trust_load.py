@@ -25,7 +25,7 @@ import pytest
 
 from wdl.cli import main
 
-from helpers import ROOT, one_line_error
+from helpers import ROOT, one_line_error, write_tiny_config
 
 WDL = [sys.executable, "-m", "wdl.cli"]
 
@@ -107,10 +107,22 @@ def test_torchs_own_metadata_loads_through_the_allow_list(run):
     assert "model.model.wide.embeddings.rows.weight" in read_metadata(ckpt / ".metadata").state_dict_metadata
 
 
+@pytest.fixture(scope="module")
+def pristine_export(tmp_path_factory, tiny_data) -> Path:
+    """The export of a finished 1-epoch run of the tiny config (as `run`), made once: a test that
+    crafts an export crafts its own copy of it (`exported`)."""
+    root = tmp_path_factory.mktemp("export")
+    config = write_tiny_config(root, tiny_data)
+    assert train(config, "run.name=base", "train.epochs=1") == 0
+    assert main(["export", str(root / "runs" / "base"), "--out", str(root / "exported")]) == 0
+    return root / "exported"
+
+
 @pytest.fixture
-def exported(run, tmp_path) -> Path:
+def exported(pristine_export, tmp_path) -> Path:
+    """A fresh copy of the module's export, this test's to alter."""
     out = tmp_path / "exported"
-    assert main(["export", str(run), "--out", str(out)]) == 0
+    shutil.copytree(pristine_export, out)
     return out
 
 
