@@ -158,6 +158,20 @@ def write_lines(path: Path, lines: list[str], gz: bool = False) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- subprocesses
+def side_by_side(*calls):
+    """Each of `calls` (functions of no arguments that start a subprocess and wait for it, such
+    as `lambda: subprocess.run(...)`) called at once, each in its own thread: their results, in
+    order (the first exception raised, if any). A new Python spends most of its seconds importing
+    torch on one core; commands that do not depend on each other take the second core instead of
+    waiting in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(c) for c in calls]
+        return [f.result() for f in futures]
+
+
 # ------------------------------------------------------------------- torchrun launches (CPU, gloo)
 def torchrun(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
     """`launch/train.py --config config args` under torchrun with `nproc` processes, as a user

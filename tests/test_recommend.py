@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import ROOT, read_split
+from helpers import ROOT, read_split, side_by_side
 from wdl.cli import main
 from wdl.ingest.movielens import ML100K_GENRES, prepare_movielens
 
@@ -229,7 +229,7 @@ def test_imported_set_users_file_and_refusals(shop, tmp_path, capsys):
         assert rc == 2 and says in err and err.count("\n") == 1, err
 
 
-@pytest.mark.slow  # three subprocesses that import torch and TorchRec: about 30 s
+@pytest.mark.slow  # three subprocesses that import torch and TorchRec, side by side: about 12 s
 def test_documented_commands_print_no_library_warnings(shop, tmp_path):
     """predict, export and recommend keep torch's and TorchRec's warnings (e.g. DCP's ShardedTensor
     deprecation when loading TorchRec tables) off the console: only wdl's own lines."""
@@ -240,8 +240,9 @@ def test_documented_commands_print_no_library_warnings(shop, tmp_path):
     commands = [["predict", str(run), "--data", str(raw), "--raw", "--out", str(tmp_path / "p.parquet")],
                 ["export", str(run), "--out", str(tmp_path / "exported")],
                 ["recommend", str(run), "--user", "u3", "--user-column", "user", "--item-column", "item"]]
-    for args in commands:
-        done = subprocess.run([sys.executable, "-m", "wdl.cli", *args], capture_output=True, text=True, timeout=300)
+    runs = [lambda args=args: subprocess.run([sys.executable, "-m", "wdl.cli", *args], capture_output=True, text=True,
+                                             timeout=300) for args in commands]
+    for args, done in zip(commands, side_by_side(*runs)):  # three readers of one run: at once
         assert done.returncode == 0, done.stderr
         for line in (done.stdout + done.stderr).splitlines():
             assert line.startswith(("wdl:", "rank ", " ")) and "Warning" not in line, (args[0], line)
