@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, one_line_error, records
+from helpers import ROOT, one_line_error, records, side_by_side
 from wdl.distributed import threads as T
 from wdl.errors import ConfigError
 
@@ -125,14 +125,15 @@ def _train(tmp_path, config, env_changes, *overrides):
 
 @pytest.mark.slow
 def test_a_run_says_its_choice_once_and_train_threads_overrides(tmp_path, tiny_config):
-    auto = _train(tmp_path, tiny_config, {}, "run.name=auto")
+    auto, fixed = side_by_side(lambda: _train(tmp_path, tiny_config, {}, "run.name=auto"),
+                               lambda: _train(tmp_path, tiny_config, {"OMP_NUM_THREADS": "3"}, "run.name=fixed",
+                                              "train.threads=1"))
     assert auto.returncode == 0, auto.stderr
     lines = [x for x in auto.stdout.splitlines() if "intra-op threads" in x]
     cores = len(os.sched_getaffinity(0))
     assert len(lines) == 1 and lines[0].startswith(f"wdl: {cores} intra-op threads ({cores} cores in this process"), lines
     assert 1 <= records(tmp_path / "runs" / "auto")[0]["intra_op_threads"] <= cores
 
-    fixed = _train(tmp_path, tiny_config, {"OMP_NUM_THREADS": "3"}, "run.name=fixed", "train.threads=1")
     assert fixed.returncode == 0, fixed.stderr
     assert [x for x in fixed.stdout.splitlines() if "intra-op threads" in x] == ["wdl: 1 intra-op threads (train.threads)"]
     assert records(tmp_path / "runs" / "fixed")[0]["intra_op_threads"] == 1
