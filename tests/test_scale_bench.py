@@ -9,11 +9,13 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from benchmarks.scripts.scale_report import count_rows, expected_rows
+from helpers import side_by_side
 from wdl.ingest.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,12 +79,18 @@ def test_loader_partition_counts():
 
 
 def test_bad_input_is_one_line(tmp_path):
-    proc = scale("--out", str(tmp_path / "out"), f"data.path={tmp_path / 'none'}", timeout=60)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    items = ("kill_at=1.5", "world_size=1")
+
+    def through_bench(item: str) -> subprocess.CompletedProcess:  # through `wdl bench run` as well
+        return subprocess.run([sys.executable, "-m", "benchmarks", "run", "scale", "--out", str(tmp_path / "o"), item],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    # three refusals, independent of each other: at once
+    proc, *refused = side_by_side(lambda: scale("--out", str(tmp_path / "out"), f"data.path={tmp_path / 'none'}", timeout=60),
+                                  *(partial(through_bench, item) for item in items))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no data set at" in proc.stderr
     assert not (tmp_path / "out").exists()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for item in ("kill_at=1.5", "world_size=1"):  # through `wdl bench run` as well
-        proc = subprocess.run([sys.executable, "-m", "benchmarks", "run", "scale", "--out", str(tmp_path / "o"), item],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    for item, proc in zip(items, refused):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith(f"error: suite 'scale': {item.split('=')[0]}=")
