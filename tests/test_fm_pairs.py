@@ -127,7 +127,7 @@ def test_the_import_proposes_the_latent_pair_and_the_printed_config_trains(tmp_p
                    "--test-fraction", "0.1", "--out", str(out), "--no-progress"])
     assert rc == 0
     m = json.loads((out / "manifest.json").read_text())["proposed_fm_pairs"]
-    assert [set(p) for p in m["proposed"]] == [{"user", "item"}] and m["candidates"] == 3
+    assert [set(p) for p in m["proposed"]] == [{"user", "item"}] and m["candidates"] == 3 and m["seconds"] > 0
     n = m["sample_rows"]
     assert abs(m["held_out_rows"] - P.HOLDOUT * n) < 4 * (n * P.HOLDOUT * (1 - P.HOLDOUT)) ** 0.5
     assert "proposed fm pairs (manifest: proposed_fm_pairs): user x item (z " in printed.getvalue()

@@ -155,7 +155,7 @@ Share of the gap LR -> ceiling closed: **{r['gap_share']:.1%}**
 
 Crosses proposed: {', '.join(' x '.join(c) for c in pc_['proposed']) or 'none'}; planted:
 {', '.join(' x '.join(c) for c in r['planted_crosses'])} ({len(r['planted_found'])} of {len(r['planted_crosses'])} proposed).
-Scored {pc_['candidates']} candidate pairs on {pc_['sample_rows']:,} sampled train rows; the best ten:
+Scored {pc_['candidates']} candidate pairs on {pc_['sample_rows']:,} sampled train rows{_took(pc_)}; the best ten:
 
 | pair | z | df | cells | proposed |
 |---|---:|---:|---:|---|
@@ -170,6 +170,11 @@ Scored {pc_['candidates']} candidate pairs on {pc_['sample_rows']:,} sampled tra
 """
 
 
+def _took(entry: dict) -> str:
+    """`, in S s` for a proposal whose manifest entry records its time."""
+    return f", in {entry['seconds']:g} s" if "seconds" in entry else ""
+
+
 def _fm_pairs(r: dict) -> str:
     """The fm pairs proposed beside the planted latent pair, and the best ten scored."""
     fm = r.get("proposed_fm_pairs")
@@ -180,7 +185,7 @@ def _fm_pairs(r: dict) -> str:
                      for s in fm["ranked"][:10])
     return f"""fm pairs proposed: {', '.join(' x '.join(c) for c in fm['proposed']) or 'none'}; planted latent pair:
 {' x '.join(latent) or 'none'}. Scored {fm['candidates']} pairs of embeddable columns ({fm['sample_rows'] - fm['held_out_rows']:,} rows
-fitted, {fm['held_out_rows']:,} held out); the best ten:
+fitted, {fm['held_out_rows']:,} held out){_took(fm)}; the best ten:
 
 | pair | z | held-out gain (nats a row) | proposed |
 |---|---:|---:|---|

@@ -203,11 +203,14 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
         sample = X.TrainSample(X.features_of(columns, elements, int(agg.rows[0])), spec.label, int(agg.rows[0]))
         unknown, promised = _write_rows(w, units, plan, workers, opts.progress, int(agg.rows.sum()), split, sample)
         shutil.rmtree(handover)
+        seconds = [time.perf_counter()]  # the two proposals' time, in the manifest
         ranked = sample.rank()
         crosses = X.proposed(ranked)
-        summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
-        ranked_pairs = fm_pairs.ranked_pairs(sample, S.fm_candidates(columns, summary["rows"].get("train", 0)))
+        seconds.append(time.perf_counter())
+        ranked_pairs = fm_pairs.ranked_pairs(sample, S.fm_candidates(columns, int(agg.rows[0])))
         pairs = fm_pairs.proposed(ranked_pairs)
+        seconds.append(time.perf_counter())
+        summary = _summary(agg, columns, promised, workers, time.perf_counter() - start)
         config = S.training_config(str(out), spec.label, columns, normalize, summary["rows"], crosses, pairs)
         (w.tmp / CONFIG_FILE).write_text(config, encoding="utf-8")
         summary |= {"vocab_growth": parent.growth} if parent is not None else {}
@@ -217,8 +220,9 @@ def import_data(inputs: list[str], out, opts: S.ImportOptions | None = None, **o
                   "spec": S.spec_yaml(spec)}
         w.commit(source=source, label=spec.label, columns=columns, split=_split_info(split, files),
                  extra={"counts": summary, "unknown_values": unknown_values,
-                        "proposed_crosses": X.manifest_entry(sample, ranked),
-                        "proposed_fm_pairs": fm_pairs.manifest_entry(sample, ranked_pairs),
+                        "proposed_crosses": {**X.manifest_entry(sample, ranked), "seconds": round(seconds[1] - seconds[0], 1)},
+                        "proposed_fm_pairs": {**fm_pairs.manifest_entry(sample, ranked_pairs),
+                                              "seconds": round(seconds[2] - seconds[1], 1)},
                         **(parent.manifest_entries() if parent is not None else {})})
     summary.update(unknown_values=unknown_values, training_config=config, config_path=str(Path(out) / CONFIG_FILE),
                    proposed_crosses=[{k: x[k] for k in ("columns", "z", "hash_buckets")} for x in crosses],
