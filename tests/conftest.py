@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side with torchrun children
 
-from helpers import TINY_CONFIG, UNINTERRUPTED, make_tiny_dataset, ok, torchrun, write_tiny_config  # noqa: E402,F401 (TINY_CONFIG: older imports)
+from helpers import (TINY_CONFIG, RUN_FUSED, RUN_TORCHREC, UNINTERRUPTED, make_tiny_dataset, ok,  # noqa: E402,F401 (TINY_CONFIG: older imports)
+                     side_by_side, torchrun, write_tiny_config)
 
 
 @pytest.fixture(scope="session")
@@ -32,23 +35,31 @@ def tiny_config(tmp_path, tiny_data) -> Path:
 def two_rank_run(tmp_path_factory, tiny_data):
     """An uninterrupted 2-process torchrun run of the tiny config per back-end, 2 epochs with a
     checkpoint every 4 steps (helpers.UNINTERRUPTED). A launch costs about 15 s of two CPUs, so
-    each back-end's is made once a session, by the first test that asks, and only read after:
-    test_distributed checks it and compares its cut and killed runs with it, test_plan compares
-    its plan.txt with `wdl plan`'s, test_continual warm-starts one process from it.
+    each back-end's is made once a session and only read after: test_distributed checks it and
+    compares its cut and killed runs with it, test_plan compares its plan.txt with `wdl plan`'s,
+    test_continual warm-starts one process from it. The first test that asks launches both
+    back-ends' runs side by side (much of a launch is one process importing torch: two at once
+    take less than two in turn); every user of one of them uses the other too.
 
     Called with the back-end's overrides (helpers.RUN_FUSED, RUN_TORCHREC): (run folder, the
     launch's output)."""
-    config = write_tiny_config(tmp_path_factory.mktemp("two-rank"), tiny_data)
-    done: dict[tuple[str, ...], tuple[Path, object]] = {}
+    from wdl.model.embeddings import torchrec_available
 
-    def run(backend: list[str]):
-        key = tuple(backend)
-        if key not in done:
-            name = f"full-{len(done)}"
-            proc = torchrun(config, 2, *backend, *UNINTERRUPTED, f"run.name={name}")
-            ok(proc)
-            done[key] = config.parent / "runs" / name, proc
-        return done[key]
+    config = write_tiny_config(tmp_path_factory.mktemp("two-rank"), tiny_data)
+    done: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def launch(backend: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+        name = "full-" + "-".join(o.split("=")[1] for o in backend if o.startswith("model.embedding_backend="))
+        return config.parent / "runs" / name, torchrun(config, 2, *backend, *UNINTERRUPTED, f"run.name={name}")
+
+    def run(backend: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+        if not done:
+            both = [RUN_FUSED, *([RUN_TORCHREC] if torchrec_available() else [])]
+            done.update(zip(map(tuple, both), side_by_side(*(partial(launch, b) for b in both))))
+        if tuple(backend) not in done:
+            done[tuple(backend)] = launch(backend)
+        ok(done[tuple(backend)][1])  # a failed launch fails each test that reads it
+        return done[tuple(backend)]
 
     return run
 
