@@ -173,15 +173,17 @@ def side_by_side(*calls):
 
 
 # ------------------------------------------------------------------- torchrun launches (CPU, gloo)
-def torchrun(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(config: Path, nproc: int, *args: str, max_restarts: int = 0, timeout: int = 240,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`launch/train.py --config config args` under torchrun with `nproc` processes, as a user
-    launches it: the finished process (stdout, stderr, returncode); a launch still going after
-    `timeout` seconds fails the test with the end of its output."""
+    launches it (`env`: variables set for it besides this process's): the finished process
+    (stdout, stderr, returncode); a launch still going after `timeout` seconds fails the test
+    with the end of its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}"]
     # a stuck collective fails with a traceback well before the test's own timeout
     cmd += [str(ROOT / "launch" / "train.py"), "--config", str(config), "run.collective_timeout_s=90", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:  # show where it stood, not just that it timed out

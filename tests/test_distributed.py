@@ -12,12 +12,14 @@ test_run_safety.py.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import RUN_FUSED, RUN_TORCHREC, UNINTERRUPTED, ok, records, torchrun as launch
+from helpers import (RUN_FUSED, RUN_TORCHREC, UNINTERRUPTED, ok, records, side_by_side, torchrun as launch,
+                     write_tiny_config)
 from wdl.cli import main
 from wdl.errors import ConfigError
 from wdl.model.embeddings import torchrec_available
@@ -77,38 +79,59 @@ def test_two_process_training(backend, two_rank_run):
     assert proc.stdout.count("best test AUC") == 1  # only rank 0 prints
 
 
+@pytest.fixture(scope="module")
+def broken_off(tmp_path_factory, tiny_data):
+    """The two runs broken off mid-way, their launches side by side (independent of each other;
+    much of a launch is one process importing torch on one core): `cut`, wdl's row-split tables
+    stopped at step 6 (mid-epoch 1) by train.max_steps, then continued by a new launch; `killed`,
+    TorchRec's sharded tables (or plain DDP without TorchRec), its last rank SIGKILLing itself
+    after step 13 (mid-epoch 2; WDL_TEST_KILL_AT_STEP, set for that launch) and torchrun
+    restarting the group once. {name: (config, run folder, its launches' outputs)}."""
+    config = write_tiny_config(tmp_path_factory.mktemp("broken-off"), tiny_data)
+
+    def cut() -> list[subprocess.CompletedProcess]:
+        common = [*FUSED, *UNINTERRUPTED, "run.name=cut"]
+        first = launch(config, 2, *common, "train.max_steps=6")
+        return [first] if first.returncode else [first, launch(config, 2, *common, "--resume", "auto")]
+
+    def killed() -> list[subprocess.CompletedProcess]:
+        return [launch(config, 2, *TORCHREC, *UNINTERRUPTED, "run.name=killed", "--resume", "auto", max_restarts=1,
+                       env={"WDL_TEST_KILL_AT_STEP": "13"})]
+
+    return {name: (config, config.parent / "runs" / name, procs)
+            for name, procs in zip(("cut", "killed"), side_by_side(cut, killed))}
+
+
 @pytest.mark.slow
-def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, two_rank_run):
+def test_resume_mid_epoch_matches_uninterrupted(broken_off, two_rank_run):
     """wdl's row-split tables: a run cut at step 6 (mid-epoch 1) and resumed by a new launch logs
     the uninterrupted run's epochs; its 2-rank checkpoint reloads whole into one process and
     scores the same global AUC (one AUC, whatever the number of processes)."""
-    common = [*FUSED, *UNINTERRUPTED]
-    ok(launch(tiny_config, 2, *common, "run.name=cut", "train.max_steps=6"))
-    proc = launch(tiny_config, 2, *common, "run.name=cut", "--resume", "auto")
-    ok(proc)
-    assert "step-00000006" in proc.stdout  # the newest complete checkpoint: mid-epoch 1
-    full, cut = records(two_rank_run(FUSED)[0]), records(tmp_path / "runs" / "cut")
+    config, run, procs = broken_off["cut"]
+    for proc in procs:
+        ok(proc)
+    assert "step-00000006" in procs[1].stdout  # the newest complete checkpoint: mid-epoch 1
+    full, cut = records(two_rank_run(FUSED)[0]), records(run)
     assert_same_epochs(full, cut)
-    one = evaluated_in_one_process(tiny_config, tmp_path / "runs" / "cut", "eval1", FUSED)
+    one = evaluated_in_one_process(config, run, "eval-cut", FUSED)
     assert one["rows"] == 600 and one["world_size"] == 1
     assert one["auc"] == pytest.approx(cut[-1]["auc"], abs=1e-6)
     assert one["logloss"] == pytest.approx(cut[-1]["logloss"], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_killed_rank_restarts_and_finishes(tiny_config, tmp_path, two_rank_run, monkeypatch):
+def test_killed_rank_restarts_and_finishes(broken_off, two_rank_run):
     """TorchRec's sharded tables (or plain DDP without TorchRec): the last rank SIGKILLs itself
-    after step 13 (mid-epoch 2; WDL_TEST_KILL_AT_STEP, inherited by the launch); torchrun restarts
-    the group, which resumes from step 12 and logs the uninterrupted run's epochs. The checkpoint
-    (a column-wise and table-wise sharded TorchRec state) reloads whole into one process with the same AUC."""
-    monkeypatch.setenv("WDL_TEST_KILL_AT_STEP", "13")
-    proc = launch(tiny_config, 2, *TORCHREC, *UNINTERRUPTED, "run.name=killed", "--resume", "auto", max_restarts=1)
+    after step 13 (mid-epoch 2); torchrun restarts the group, which resumes from step 12 and logs
+    the uninterrupted run's epochs. The checkpoint (a column-wise and table-wise sharded TorchRec
+    state) reloads whole into one process with the same AUC."""
+    config, run, (proc,) = broken_off["killed"]
     ok(proc)
     assert "exitcode: -9" in proc.stderr or "SIGKILL" in proc.stderr
     assert "resumed from" in proc.stdout and "step-00000012" in proc.stdout
-    clean, killed = records(two_rank_run(TORCHREC)[0]), records(tmp_path / "runs" / "killed")
+    clean, killed = records(two_rank_run(TORCHREC)[0]), records(run)
     assert_same_epochs(clean, killed)
-    one = evaluated_in_one_process(tiny_config, tmp_path / "runs" / "killed", "eval1", TORCHREC)
+    one = evaluated_in_one_process(config, run, "eval-killed", TORCHREC)
     assert one["rows"] == 600 and one["auc"] == pytest.approx(killed[-1]["auc"], abs=1e-6)
 
 
