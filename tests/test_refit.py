@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import one_line_error, records
-from test_distributed import launch, ok
+from helpers import ok, one_line_error, records, torchrun
 
 from wdl.cli import main
 from wdl.config import load_config
@@ -35,7 +34,7 @@ def test_the_refit_trains_every_train_row_for_the_chosen_epochs_and_scores_test_
 
 
 def test_the_refit_runs_on_every_rank_under_torchrun(tiny_config):
-    ok(launch(tiny_config, 2, *REFIT[:3], "distributed.sharding=auto"))
+    ok(torchrun(tiny_config, 2, *REFIT[:3], "distributed.sharding=auto"))
     run = tiny_config.parent / "runs" / "tiny"
     parent, child = (json.loads((d / "summary.json").read_text()) for d in (run, run / "refit"))
     assert child["world_size"] == 2 and parent["refit"]["epochs"] == child["epochs"] == parent["best_epoch"]
