@@ -254,8 +254,7 @@ class Search:
             if not trial and cfg.train.refit:  # as `wdl train` does (wdl/train/refit.py)
                 from wdl.train.refit import refit
 
-                result = refit(cfg, self.env, trainer.run_dir, summary)
-                summary["refit"] = {"epochs": summary.get("best_epoch"), "test": (result or {}).get("test")}
+                summary["refit"] = refit(cfg, self.env, trainer.run_dir, summary)
             return summary
 
     def write_best(self, winner: Trial, trials: list[Trial]) -> Path:

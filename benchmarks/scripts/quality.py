@@ -185,8 +185,8 @@ def train_run(config: str, overrides: list[str], label: str, curve_rows: int, lo
 
                 done = refit(cfg, env, run, summary)
                 if done is not None:
-                    say(f"{label}: refit on every train row for {summary.get('best_epoch')} epoch(s): "
-                        f"test AUC {_f((done.get('test') or {}).get('auc'))} (scored once)")
+                    say(f"{label}: refit on every train row for {done['epochs']} epoch(s): "
+                        f"test AUC {_f((done['test'] or {}).get('auc'))} (scored once)")
     for folder in (run, run / "refit"):
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the test split is scored
     return {**read_run(run), "reused": reused}

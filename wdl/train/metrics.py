@@ -130,8 +130,7 @@ class MetricsLogger:
         if selection is not None:
             summary["best_epoch"], summary["best_step"] = selection.best_epoch, selection.best_step
             summary[f"best_{selection.cfg.metric}"] = selection.best_value
-            summary["test_split"], summary["test"] = test_split, test
-        elif test is not None:  # a run without selection scored once at its end (train.refit)
+        if selection is not None or test is not None:  # without selection: scored once at its end (train.refit)
             summary["test_split"], summary["test"] = test_split, test
         if self.enabled:
             self.summary_path.write_text(finite_json(summary, indent=2) + "\n")

@@ -53,7 +53,8 @@ def refit_config(cfg: Config, run_dir: Path, epochs: int) -> Config:
 
 def refit(cfg: Config, env: DistEnv, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
     """Train and score the refit of the run in `run_dir` whose `summary` selected an epoch; the
-    refit's summary, also written into the run's summary.json as `refit`."""
+    entry it writes into the run's summary.json as `refit` ({run, epochs, test_split, test}),
+    None when there was no epoch to refit for."""
     epochs = summary.get("best_epoch")
     if not epochs:
         if env.is_main:
@@ -67,10 +68,9 @@ def refit(cfg: Config, env: DistEnv, run_dir: Path, summary: dict[str, Any]) -> 
         result = trainer.train()
     finally:
         trainer.close()
+    entry = {"run": str(run_dir / FOLDER), "epochs": epochs, "test_split": result.get("test_split"),
+             "test": result.get("test")}
     if env.is_main:
         path = run_dir / "summary.json"
-        parent = json.loads(path.read_text())
-        parent["refit"] = {"run": str(run_dir / FOLDER), "epochs": epochs, "test_split": result.get("test_split"),
-                           "test": result.get("test")}
-        path.write_text(finite_json(parent, indent=2) + "\n")
-    return result
+        path.write_text(finite_json({**json.loads(path.read_text()), "refit": entry}, indent=2) + "\n")
+    return entry
